@@ -1,0 +1,4 @@
+//! interceptor: an eBPF replacement for istio-init's iptables traffic interception, with an
+//! iptables/nftables fallback that emits exactly what istio-iptables would.
+
+pub mod backend;
