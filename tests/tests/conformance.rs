@@ -37,7 +37,14 @@ fn run(
             .raw
             .parse()
             .unwrap_or_else(|e| panic!("{}: config rejected: {e}", case.name));
-        let got = render(&cfg);
+        // A panicking renderer counts as a mismatch of that case, not an abort of the run.
+        let got = match std::panic::catch_unwind(|| render(&cfg)) {
+            Ok(got) => got,
+            Err(_) => {
+                eprintln!("--- {kind}/{}: renderer panicked", case.name);
+                continue;
+            }
+        };
         if got.trim() == want.trim() {
             ok += 1;
         } else {
