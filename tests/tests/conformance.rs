@@ -38,7 +38,7 @@ fn run(
             .parse()
             .unwrap_or_else(|e| panic!("{}: config rejected: {e}", case.name));
         // A panicking renderer counts as a mismatch of that case, not an abort of the run.
-        let got = match std::panic::catch_unwind(|| render(&cfg)) {
+        let got = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| render(&cfg))) {
             Ok(got) => got,
             Err(_) => {
                 eprintln!("--- {kind}/{}: renderer panicked", case.name);
