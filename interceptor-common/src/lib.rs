@@ -9,3 +9,8 @@ pub mod maps;
 
 #[cfg(feature = "user")]
 pub mod config;
+
+pub mod decision;
+
+#[cfg(feature = "user")]
+pub mod policy;

@@ -1,0 +1,305 @@
+//! The outbound decision model: Istio's `ISTIO_OUTPUT` chain as one pure function.
+//!
+//! `decide` walks the chain in istio-iptables' emission order. It is `no_std` and generic over
+//! `PodTables` (the set lookups: ports, CIDRs, local addresses, groups) so that the eBPF
+//! programs call it with map-backed lookups and userspace (`explain`, tests) with in-memory
+//! sets: there is exactly one implementation of "is this connection redirected, and where".
+
+/// Most proxy uids (or gids) one pod may list; Istio injects one.
+pub const MAX_IDS: usize = 8;
+
+/// `PodPolicy::flags` bits.
+pub mod flags {
+    /// IPv6 rules are installed (istio-iptables' EnableIPv6).
+    pub const IPV6: u32 = 1 << 0;
+    /// DNS capture is on and has something to capture (servers known, or capture-all).
+    pub const DNS: u32 = 1 << 1;
+    /// Capture DNS to every server, not only the resolv.conf ones.
+    pub const DNS_CAPTURE_ALL: u32 = 1 << 2;
+    /// `-i '*'`: every destination not returned earlier is redirected.
+    pub const INCLUDE_ALL: u32 = 1 << 3;
+    /// An include CIDR lies in 127.0.0.0/8: Istio then omits the "app over lo → RETURN" rule.
+    pub const LOOPBACK_INCLUDED: u32 = 1 << 4;
+    /// Owner groups: only listed groups are captured.
+    pub const GROUPS_INCLUDE: u32 = 1 << 5;
+    /// Owner groups: listed groups are not captured.
+    pub const GROUPS_EXCLUDE: u32 = 1 << 6;
+}
+
+/// One pod's interception policy: the scalar part of `Config`; the set-valued parts live in
+/// lookups keyed by `pod_id`. Stored in the eBPF `POD_POLICY` map keyed by netns cookie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodPolicy {
+    pub pod_id: u32,
+    pub flags: u32,
+    pub proxy_port: u16,
+    pub inbound_capture_port: u16,
+    pub inbound_tunnel_port: u16,
+    pub dns_port: u16,
+    /// `ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR`, host byte order.
+    pub loopback_v4_addr: u32,
+    pub loopback_v4_prefix: u32,
+    pub n_uids: u32,
+    pub uids: [u32; MAX_IDS],
+    pub n_gids: u32,
+    pub gids: [u32; MAX_IDS],
+}
+
+impl PodPolicy {
+    pub const fn has(&self, flag: u32) -> bool {
+        self.flags & flag != 0
+    }
+}
+
+/// A destination or source address. IPv4 in host byte order; IPv6 as 16 bytes in network order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Addr {
+    V4(u32),
+    V6([u8; 16]),
+}
+
+impl Addr {
+    /// `::ffff:a.b.c.d` travels as IPv4 on the wire, so Istio's v4 rules decide it.
+    pub fn unmapped(self) -> Addr {
+        match self {
+            Addr::V6(b) if b[..10] == [0; 10] && b[10] == 0xff && b[11] == 0xff => {
+                Addr::V4(u32::from_be_bytes([b[12], b[13], b[14], b[15]]))
+            }
+            a => a,
+        }
+    }
+
+    /// Loopback in the kernel's sense (127.0.0.0/8, ::1): always routed over `lo`.
+    pub fn is_loopback(self) -> bool {
+        match self {
+            Addr::V4(a) => a >> 24 == 127,
+            Addr::V6(b) => b == V6_LOOPBACK,
+        }
+    }
+}
+
+const V6_LOOPBACK: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+/// Envoy's inbound passthrough source, 127.0.0.6 / ::6.
+const PASSTHROUGH_V4: u32 = 0x7f00_0006;
+const PASSTHROUGH_V6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 6];
+pub const DNS_PORT: u16 = 53;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+/// The connection being decided, as the connect hook sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conn {
+    pub proto: Proto,
+    pub dst: Addr,
+    pub dport: u16,
+    /// The socket's bound source address, if it was bound before connect.
+    pub src: Option<Addr>,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// The set-valued parts of a pod's config. All lookups are O(1) or O(prefix length), so the
+/// cost of a decision does not grow with the number of configured ports or CIDRs.
+pub trait PodTables {
+    /// `-o`: outbound ports never redirected.
+    fn port_excluded(&self, port: u16) -> bool;
+    /// `-q`: outbound ports always redirected.
+    fn port_included(&self, port: u16) -> bool;
+    /// `-x`: destination inside an excluded CIDR.
+    fn cidr_excluded(&self, dst: Addr) -> bool;
+    /// `-i` list: destination inside an included CIDR.
+    fn cidr_included(&self, dst: Addr) -> bool;
+    /// The destination is one of the pod's own addresses (the route goes over `lo`).
+    fn is_local(&self, dst: Addr) -> bool;
+    /// The destination is one of the resolv.conf DNS servers.
+    fn is_dns_server(&self, dst: Addr) -> bool;
+    /// The gid is in the owner-groups list (include or exclude, per the policy flags).
+    fn group_listed(&self, gid: u32) -> bool;
+}
+
+/// Which rule of the chain decided (or that none matched).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Reason {
+    /// No rule matched: the connection leaves untouched.
+    NoMatch = 0,
+    /// IPv6 destination while the pod's IPv6 rules are off.
+    Ipv6Disabled,
+    /// `-o` excluded port.
+    ExcludedPort,
+    /// Source 127.0.0.6 over lo (Envoy's inbound passthrough).
+    PassthroughSource,
+    /// Proxy uid over lo to a non-loopback-CIDR address: through inbound handling.
+    ProxyUidToLocal,
+    /// Proxy gid over lo to a non-loopback-CIDR address: through inbound handling.
+    ProxyGidToLocal,
+    /// A non-proxy uid talking over lo.
+    AppOverLoopbackUid,
+    /// A non-proxy gid talking over lo.
+    AppOverLoopbackGid,
+    /// The proxy's own uid.
+    ProxyUid,
+    /// The proxy's own gid.
+    ProxyGid,
+    /// The socket's group is not captured (owner groups).
+    OwnerGroup,
+    /// DNS capture.
+    Dns,
+    /// Destination in the loopback CIDR.
+    LoopbackCidr,
+    /// `-x` excluded CIDR.
+    ExcludedCidr,
+    /// `-q` included port.
+    IncludedPort,
+    /// `-i '*'`.
+    IncludeAll,
+    /// `-i` included CIDR.
+    IncludedCidr,
+    /// Not TCP (and not captured DNS).
+    NotTcp,
+}
+
+/// What happens to the connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Leave the destination alone.
+    Pass(Reason),
+    /// Rewrite the destination to loopback at this port.
+    Redirect { port: u16, reason: Reason },
+}
+
+impl Verdict {
+    pub fn reason(self) -> Reason {
+        match self {
+            Verdict::Pass(r) | Verdict::Redirect { reason: r, .. } => r,
+        }
+    }
+}
+
+fn in_v4_cidr(addr: u32, net: u32, prefix: u32) -> bool {
+    let mask = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - prefix.min(32))
+    };
+    addr & mask == net & mask
+}
+
+/// Istio's `ISTIO_OUTPUT` chain for one outbound connect, in rule order.
+#[inline(always)]
+pub fn decide<T: PodTables>(p: &PodPolicy, t: &T, c: &Conn) -> Verdict {
+    let dst = c.dst.unmapped();
+    let v6 = matches!(dst, Addr::V6(_));
+    if v6 && !p.has(flags::IPV6) {
+        return Verdict::Pass(Reason::Ipv6Disabled);
+    }
+    let tcp = c.proto == Proto::Tcp;
+    // "-o lo": the route to a loopback or own address is the loopback device.
+    let over_lo = dst.is_loopback() || t.is_local(dst);
+    let in_lo_cidr = match dst {
+        Addr::V4(a) => in_v4_cidr(a, p.loopback_v4_addr, p.loopback_v4_prefix),
+        Addr::V6(b) => b == V6_LOOPBACK,
+    };
+    let dns = p.has(flags::DNS);
+
+    if t.port_excluded(c.dport) {
+        return Verdict::Pass(Reason::ExcludedPort);
+    }
+    let passthrough_src = match c.src.map(Addr::unmapped) {
+        Some(Addr::V4(s)) => s == PASSTHROUGH_V4,
+        Some(Addr::V6(s)) => s == PASSTHROUGH_V6,
+        None => false,
+    };
+    if over_lo && passthrough_src {
+        return Verdict::Pass(Reason::PassthroughSource);
+    }
+    // The proxy calling its own pod IP (or any local address outside the loopback CIDR) goes
+    // through inbound handling. Istio's uid rule also skips port 53 when DNS is on; its gid rule
+    // does not.
+    let to_inbound_gid = over_lo && !in_lo_cidr && tcp && c.dport != p.inbound_tunnel_port;
+    let to_inbound_uid = to_inbound_gid && !(dns && c.dport == DNS_PORT);
+    // Apps talking over lo are left alone; with DNS on only TCP to ports other than 53 is
+    // ("-p tcp ! --dport 53"), and an include CIDR inside 127/8 drops the rule altogether.
+    let app_lo_exempt =
+        over_lo && !p.has(flags::LOOPBACK_INCLUDED) && (!dns || (tcp && c.dport != DNS_PORT));
+    let mut i = 0;
+    while i < MAX_IDS && i < p.n_uids as usize {
+        let u = p.uids[i];
+        if to_inbound_uid && c.uid == u {
+            return Verdict::Redirect {
+                port: p.inbound_capture_port,
+                reason: Reason::ProxyUidToLocal,
+            };
+        }
+        if app_lo_exempt && c.uid != u {
+            return Verdict::Pass(Reason::AppOverLoopbackUid);
+        }
+        if c.uid == u {
+            return Verdict::Pass(Reason::ProxyUid);
+        }
+        i += 1;
+    }
+    let mut i = 0;
+    while i < MAX_IDS && i < p.n_gids as usize {
+        let g = p.gids[i];
+        if to_inbound_gid && c.gid == g {
+            return Verdict::Redirect {
+                port: p.inbound_capture_port,
+                reason: Reason::ProxyGidToLocal,
+            };
+        }
+        if app_lo_exempt && c.gid != g {
+            return Verdict::Pass(Reason::AppOverLoopbackGid);
+        }
+        if c.gid == g {
+            return Verdict::Pass(Reason::ProxyGid);
+        }
+        i += 1;
+    }
+    if p.has(flags::GROUPS_INCLUDE) && !t.group_listed(c.gid) {
+        return Verdict::Pass(Reason::OwnerGroup);
+    }
+    if p.has(flags::GROUPS_EXCLUDE) && t.group_listed(c.gid) {
+        return Verdict::Pass(Reason::OwnerGroup);
+    }
+    if dns && c.dport == DNS_PORT && (p.has(flags::DNS_CAPTURE_ALL) || t.is_dns_server(dst)) {
+        return Verdict::Redirect {
+            port: p.dns_port,
+            reason: Reason::Dns,
+        };
+    }
+    if in_lo_cidr {
+        return Verdict::Pass(Reason::LoopbackCidr);
+    }
+    if t.cidr_excluded(dst) {
+        return Verdict::Pass(Reason::ExcludedCidr);
+    }
+    // Everything below jumps to ISTIO_REDIRECT, which only redirects TCP.
+    if !tcp {
+        return Verdict::Pass(Reason::NotTcp);
+    }
+    if t.port_included(c.dport) {
+        return Verdict::Redirect {
+            port: p.proxy_port,
+            reason: Reason::IncludedPort,
+        };
+    }
+    if p.has(flags::INCLUDE_ALL) {
+        return Verdict::Redirect {
+            port: p.proxy_port,
+            reason: Reason::IncludeAll,
+        };
+    }
+    if t.cidr_included(dst) {
+        return Verdict::Redirect {
+            port: p.proxy_port,
+            reason: Reason::IncludedCidr,
+        };
+    }
+    Verdict::Pass(Reason::NoMatch)
+}

@@ -1,0 +1,386 @@
+//! From the typed `Config` to the decision model's inputs: the scalar `PodPolicy` and an
+//! in-memory `PodTables` (what `explain` and the tests use; the eBPF loader writes the same
+//! sets into maps).
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::config::{CidrSelection, Config, InterceptionMode, OwnerGroups};
+use crate::decision::{self, flags, Addr, PodPolicy, PodTables, MAX_IDS};
+
+/// Istio's DNS proxy port (not configurable in istio-iptables either).
+pub const DNS_PROXY_PORT: u16 = 15053;
+
+impl From<IpAddr> for Addr {
+    fn from(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(a) => Addr::V4(u32::from(a)),
+            IpAddr::V6(a) => Addr::V6(a.octets()),
+        }
+    }
+}
+
+impl From<Addr> for IpAddr {
+    fn from(a: Addr) -> Self {
+        match a {
+            Addr::V4(a) => IpAddr::V4(a.into()),
+            Addr::V6(b) => IpAddr::V6(b.into()),
+        }
+    }
+}
+
+/// Whether DNS capture has anything to capture (Istio silently disables it otherwise).
+pub fn dns_enabled(cfg: &Config) -> bool {
+    cfg.redirect_dns
+        && (cfg.capture_all_dns || !cfg.dns_servers_v4.is_empty() || !cfg.dns_servers_v6.is_empty())
+}
+
+fn ids(list: &[u32]) -> (u32, [u32; MAX_IDS]) {
+    let mut out = [0; MAX_IDS];
+    for (o, v) in out.iter_mut().zip(list) {
+        *o = *v;
+    }
+    (list.len().min(MAX_IDS) as u32, out)
+}
+
+/// Why the eBPF path cannot honour this config, if it cannot (the caller then falls back to
+/// iptables/nftables or refuses, but never diverges silently).
+pub fn ebpf_unsupported(cfg: &Config) -> Option<String> {
+    if !cfg.exclude_interfaces.is_empty() {
+        return Some(format!(
+            "--istio-exclude-interfaces={} needs per-interface matching, which connect hooks cannot see",
+            cfg.exclude_interfaces.join(",")
+        ));
+    }
+    if !cfg.reroute_virtual_interfaces.is_empty() {
+        return Some(format!(
+            "--kube-virt-interfaces={} reroutes forwarded traffic, which cgroup hooks do not see",
+            cfg.reroute_virtual_interfaces.join(",")
+        ));
+    }
+    if cfg.inbound_interception_mode == InterceptionMode::Tproxy {
+        return Some(
+            "--istio-inbound-interception-mode=TPROXY needs marks and policy routing".into(),
+        );
+    }
+    if !cfg.inbound_ports_include.is_empty() {
+        return Some(
+            "inbound capture (--istio-inbound-ports) is not yet supported on the eBPF path".into(),
+        );
+    }
+    if dns_enabled(cfg) {
+        return Some("DNS capture (--redirect-dns) is not yet supported on the eBPF path".into());
+    }
+    if cfg.drop_invalid {
+        return Some(
+            "--drop-invalid matches conntrack state, which the eBPF path does not use".into(),
+        );
+    }
+    if cfg.proxy_uid.len() > MAX_IDS || cfg.proxy_gid.len() > MAX_IDS {
+        return Some(format!("more than {MAX_IDS} proxy uids or gids"));
+    }
+    None
+}
+
+/// The scalar policy of one pod.
+pub fn pod_policy(cfg: &Config, pod_id: u32) -> PodPolicy {
+    let mut f = 0;
+    if cfg.enable_ipv6 {
+        f |= flags::IPV6;
+    }
+    if dns_enabled(cfg) {
+        f |= flags::DNS;
+        if cfg.capture_all_dns {
+            f |= flags::DNS_CAPTURE_ALL;
+        }
+    }
+    match &cfg.outbound_ip_ranges_include {
+        CidrSelection::All => f |= flags::INCLUDE_ALL,
+        CidrSelection::List(l) => {
+            if l.iter().any(|n| n.addr().is_loopback()) {
+                f |= flags::LOOPBACK_INCLUDED;
+            }
+        }
+    }
+    match cfg.owner_groups {
+        OwnerGroups::All => {}
+        OwnerGroups::Include(_) => f |= flags::GROUPS_INCLUDE,
+        OwnerGroups::Exclude(_) => f |= flags::GROUPS_EXCLUDE,
+    }
+    let (n_uids, uids) = ids(&cfg.proxy_uid);
+    let (n_gids, gids) = ids(&cfg.proxy_gid);
+    PodPolicy {
+        pod_id,
+        flags: f,
+        proxy_port: cfg.proxy_port,
+        inbound_capture_port: cfg.inbound_capture_port,
+        inbound_tunnel_port: cfg.inbound_tunnel_port,
+        dns_port: DNS_PROXY_PORT,
+        loopback_v4_addr: u32::from(cfg.host_ipv4_loopback_cidr.addr()),
+        loopback_v4_prefix: u32::from(cfg.host_ipv4_loopback_cidr.prefix_len()),
+        n_uids,
+        uids,
+        n_gids,
+        gids,
+    }
+}
+
+/// Resolves owner-group entries (names or numbers) to gids; unknown names are an error.
+pub fn resolve_groups(
+    groups: &[String],
+    lookup: impl Fn(&str) -> Option<u32>,
+) -> Result<Vec<u32>, String> {
+    groups
+        .iter()
+        .map(|g| {
+            g.parse::<u32>()
+                .ok()
+                .or_else(|| lookup(g))
+                .ok_or_else(|| g.clone())
+        })
+        .collect()
+}
+
+/// In-memory `PodTables` for one pod.
+#[derive(Debug, Clone, Default)]
+pub struct MemTables {
+    pub ports_excluded: HashSet<u16>,
+    pub ports_included: HashSet<u16>,
+    pub cidrs_excluded: Vec<IpNet>,
+    pub cidrs_included: Vec<IpNet>,
+    pub local: HashSet<IpAddr>,
+    pub dns_servers: HashSet<IpAddr>,
+    pub groups: HashSet<u32>,
+}
+
+impl MemTables {
+    /// `local` are the pod's own addresses; `groups` the resolved owner-group gids.
+    pub fn new(cfg: &Config, local: &[IpAddr], groups: &[u32]) -> Self {
+        let v6_on = cfg.enable_ipv6;
+        // Istio only emits v6 rules when IPv6 is on; drop v6 entries otherwise.
+        let keep = |n: &&IpNet| v6_on || matches!(n, IpNet::V4(_));
+        Self {
+            ports_excluded: cfg.outbound_ports_exclude.iter().copied().collect(),
+            ports_included: cfg.outbound_ports_include.iter().copied().collect(),
+            cidrs_excluded: cfg
+                .outbound_ip_ranges_exclude
+                .iter()
+                .filter(keep)
+                .copied()
+                .collect(),
+            cidrs_included: match &cfg.outbound_ip_ranges_include {
+                CidrSelection::All => vec![],
+                CidrSelection::List(l) => l.iter().filter(keep).copied().collect(),
+            },
+            local: local.iter().copied().collect(),
+            dns_servers: cfg
+                .dns_servers_v4
+                .iter()
+                .chain(&cfg.dns_servers_v6)
+                .map(|s| s.addr)
+                .collect(),
+            groups: groups.iter().copied().collect(),
+        }
+    }
+}
+
+fn contains(nets: &[IpNet], a: Addr) -> bool {
+    let ip = IpAddr::from(a);
+    nets.iter().any(|n| n.contains(&ip))
+}
+
+impl PodTables for MemTables {
+    fn port_excluded(&self, port: u16) -> bool {
+        self.ports_excluded.contains(&port)
+    }
+    fn port_included(&self, port: u16) -> bool {
+        self.ports_included.contains(&port)
+    }
+    fn cidr_excluded(&self, dst: Addr) -> bool {
+        contains(&self.cidrs_excluded, dst)
+    }
+    fn cidr_included(&self, dst: Addr) -> bool {
+        contains(&self.cidrs_included, dst)
+    }
+    fn is_local(&self, dst: Addr) -> bool {
+        self.local.contains(&IpAddr::from(dst))
+    }
+    fn is_dns_server(&self, dst: Addr) -> bool {
+        self.dns_servers.contains(&IpAddr::from(dst))
+    }
+    fn group_listed(&self, gid: u32) -> bool {
+        self.groups.contains(&gid)
+    }
+}
+
+/// The decision for one connection, computed in userspace from the config.
+pub fn explain(cfg: &Config, tables: &MemTables, conn: &decision::Conn) -> decision::Verdict {
+    decision::decide(&pod_policy(cfg, 0), tables, conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RawConfig;
+    use crate::decision::{Conn, Proto, Reason, Verdict};
+
+    fn conn(dst: &str, port: u16, uid: u32) -> Conn {
+        Conn {
+            proto: Proto::Tcp,
+            dst: dst.parse::<IpAddr>().unwrap().into(),
+            dport: port,
+            src: None,
+            uid,
+            gid: uid,
+        }
+    }
+
+    fn sidecar() -> Config {
+        RawConfig {
+            outbound_ip_ranges_include: "*".into(),
+            outbound_ip_ranges_exclude: "10.96.0.0/12".into(),
+            outbound_ports_exclude: "5555".into(),
+            ..Default::default()
+        }
+        .parse()
+        .unwrap()
+    }
+
+    fn decide(cfg: &Config, c: Conn) -> Verdict {
+        let local: Vec<IpAddr> = vec!["10.1.0.5".parse().unwrap()];
+        explain(cfg, &MemTables::new(cfg, &local, &[]), &c)
+    }
+
+    #[test]
+    fn app_outbound_is_redirected() {
+        let v = decide(&sidecar(), conn("10.200.0.2", 80, 1000));
+        assert_eq!(
+            v,
+            Verdict::Redirect {
+                port: 15001,
+                reason: Reason::IncludeAll
+            }
+        );
+    }
+
+    #[test]
+    fn proxy_uid_passes() {
+        assert_eq!(
+            decide(&sidecar(), conn("10.200.0.2", 80, 1337)),
+            Verdict::Pass(Reason::ProxyUid)
+        );
+    }
+
+    #[test]
+    fn proxy_to_own_pod_ip_goes_inbound() {
+        let v = decide(&sidecar(), conn("10.1.0.5", 8080, 1337));
+        assert_eq!(
+            v,
+            Verdict::Redirect {
+                port: 15006,
+                reason: Reason::ProxyUidToLocal
+            }
+        );
+        // ...but not to the tunnel port, and not to the loopback CIDR.
+        assert_eq!(
+            decide(&sidecar(), conn("10.1.0.5", 15008, 1337)),
+            Verdict::Pass(Reason::ProxyUid)
+        );
+        assert_eq!(
+            decide(&sidecar(), conn("127.0.0.1", 80, 1337)),
+            Verdict::Pass(Reason::ProxyUid)
+        );
+        // 127.0.0.6 is over lo and outside 127.0.0.1/32.
+        assert_eq!(
+            decide(&sidecar(), conn("127.0.0.6", 80, 1337)),
+            Verdict::Redirect {
+                port: 15006,
+                reason: Reason::ProxyUidToLocal
+            }
+        );
+    }
+
+    #[test]
+    fn app_over_lo_and_exclusions_pass() {
+        let c = sidecar();
+        assert_eq!(
+            decide(&c, conn("127.0.0.1", 80, 1000)),
+            Verdict::Pass(Reason::AppOverLoopbackUid)
+        );
+        assert_eq!(
+            decide(&c, conn("10.1.0.5", 80, 1000)),
+            Verdict::Pass(Reason::AppOverLoopbackUid)
+        );
+        assert_eq!(
+            decide(&c, conn("10.200.0.2", 5555, 1000)),
+            Verdict::Pass(Reason::ExcludedPort)
+        );
+        assert_eq!(
+            decide(&c, conn("10.96.0.10", 80, 1000)),
+            Verdict::Pass(Reason::ExcludedCidr)
+        );
+    }
+
+    #[test]
+    fn ipv6_off_leaves_v6_alone_but_mapped_v4_is_decided() {
+        let c = sidecar();
+        assert_eq!(
+            decide(&c, conn("fd00::2", 80, 1000)),
+            Verdict::Pass(Reason::Ipv6Disabled)
+        );
+        assert_eq!(
+            decide(&c, conn("::ffff:10.200.0.2", 80, 1000)),
+            Verdict::Redirect {
+                port: 15001,
+                reason: Reason::IncludeAll
+            }
+        );
+    }
+
+    #[test]
+    fn empty_include_captures_nothing_but_ports() {
+        let c: Config = RawConfig {
+            outbound_ports_include: "9000".into(),
+            ..Default::default()
+        }
+        .parse()
+        .unwrap();
+        assert_eq!(
+            decide(&c, conn("10.200.0.2", 80, 1000)),
+            Verdict::Pass(Reason::NoMatch)
+        );
+        assert_eq!(
+            decide(&c, conn("10.200.0.2", 9000, 1000)),
+            Verdict::Redirect {
+                port: 15001,
+                reason: Reason::IncludedPort
+            }
+        );
+    }
+
+    #[test]
+    fn multiple_uids_follow_rule_order() {
+        // With uids 3,4 the "lo && uid != 3 → RETURN" rule fires for uid 4 before its own
+        // inbound rule: Istio's order, reproduced.
+        let c: Config = RawConfig {
+            proxy_uid: "3,4".into(),
+            proxy_gid: "3,4".into(),
+            ..Default::default()
+        }
+        .parse()
+        .unwrap();
+        assert_eq!(
+            decide(&c, conn("10.1.0.5", 80, 4)),
+            Verdict::Pass(Reason::AppOverLoopbackUid)
+        );
+        assert_eq!(
+            decide(&c, conn("10.1.0.5", 80, 3)),
+            Verdict::Redirect {
+                port: 15006,
+                reason: Reason::ProxyUidToLocal
+            }
+        );
+    }
+}
