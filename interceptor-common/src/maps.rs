@@ -1,31 +1,117 @@
-//! `#[repr(C)]` values stored in the eBPF maps. Layouts are shared byte for byte with the programs.
+//! `#[repr(C)]` keys and values of the eBPF maps, shared byte for byte with the programs.
 
-/// Proxy ports and identities of one meshed pod, keyed in `POD_CONFIG` by netns cookie.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PodConfig {
-    /// Outbound redirect target (`-p`), host byte order.
-    pub proxy_port: u16,
-    /// Inbound capture port (`-z`), host byte order.
-    pub inbound_capture_port: u16,
-    /// Bit flags, see `POD_FLAG_*`.
-    pub flags: u32,
+/// Map names, shared so the loader and the programs cannot drift apart.
+pub mod names {
+    pub const POD_POLICY: &str = "POD_POLICY";
+    pub const PORTS: &str = "PORTS";
+    pub const ADDRS: &str = "ADDRS";
+    pub const GROUPS: &str = "GROUPS";
+    pub const CIDR4_EXCL: &str = "CIDR4_EXCL";
+    pub const CIDR4_INCL: &str = "CIDR4_INCL";
+    pub const CIDR6_EXCL: &str = "CIDR6_EXCL";
+    pub const CIDR6_INCL: &str = "CIDR6_INCL";
+    pub const ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
+    pub const ORIG_BY_TUPLE: &str = "ORIG_BY_TUPLE";
 }
 
-/// Original destination of a redirected connection, keyed by socket cookie.
+/// `PortKey::kind` values.
+pub const PORT_EXCLUDED: u16 = 1;
+pub const PORT_INCLUDED: u16 = 2;
+
+/// An outbound port of one pod: `-o` (excluded) or `-q` (included).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortKey {
+    pub pod_id: u32,
+    pub port: u16,
+    pub kind: u16,
+}
+
+/// `AddrKey::kind` values.
+pub const ADDR_LOCAL: u32 = 1;
+pub const ADDR_DNS: u32 = 2;
+
+/// An address of one pod: its own (local) addresses or its DNS servers. IPv4 is stored as
+/// `::ffff:a.b.c.d` so one key type serves both families.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AddrKey {
+    pub pod_id: u32,
+    pub kind: u32,
+    pub addr: [u8; 16],
+}
+
+/// An owner group of one pod.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GroupKey {
+    pub pod_id: u32,
+    pub gid: u32,
+}
+
+/// LPM-trie data for IPv4 CIDRs: pod id then address, both big-endian, so that a prefix of
+/// `32 + len` bits matches exactly one pod's CIDR.
+pub type Cidr4Data = [u8; 8];
+/// The same for IPv6.
+pub type Cidr6Data = [u8; 20];
+
+/// The original destination of a redirected connection (and where it was sent).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OrigDst {
-    /// IPv4 address in network byte order (as in `bpf_sock_addr.user_ip4`).
-    pub ip4: u32,
-    /// Port in network byte order.
+    /// Original destination; IPv4 as `::ffff:a.b.c.d`.
+    pub addr: [u8; 16],
+    /// Original destination port, host byte order.
     pub port: u16,
-    pub _pad: u16,
+    /// The proxy port the connection was redirected to, host byte order.
+    pub redirect_port: u16,
+    /// AF_INET or AF_INET6: the family of the original destination as the app gave it.
+    pub family: u32,
+}
+
+/// A redirected connection as seen from both ends: the app's socket (local → proxy) and the
+/// proxy's accepted socket (proxy ← peer), qualified by netns.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TupleKey {
+    pub netns: u64,
+    /// The app side's address (IPv4 as `::ffff:a.b.c.d`) and port (host order).
+    pub client_addr: [u8; 16],
+    pub client_port: u32,
+    /// The proxy's listening port (host order).
+    pub proxy_port: u32,
+}
+
+/// IPv4 in network byte order (as the kernel stores it) → `::ffff:a.b.c.d`.
+#[inline(always)]
+pub fn mapped_v4(be: u32) -> [u8; 16] {
+    let b = be.to_ne_bytes();
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3]]
+}
+
+/// IPv6 as the kernel's four network-order words → 16 bytes.
+#[inline(always)]
+pub fn v6_bytes(words: [u32; 4]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = words[i].to_ne_bytes();
+        out[i * 4] = b[0];
+        out[i * 4 + 1] = b[1];
+        out[i * 4 + 2] = b[2];
+        out[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    out
 }
 
 #[cfg(feature = "user")]
 mod pod_impls {
-    // SAFETY: plain old data, no padding holes that the kernel would read uninitialised.
-    unsafe impl aya::Pod for super::PodConfig {}
+    // SAFETY: plain old data with explicit layouts.
+    unsafe impl aya::Pod for super::PortKey {}
+    unsafe impl aya::Pod for super::AddrKey {}
+    unsafe impl aya::Pod for super::GroupKey {}
     unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::TupleKey {}
+    unsafe impl aya::Pod for crate::decision::PodPolicy {}
 }

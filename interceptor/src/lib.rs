@@ -1,4 +1,8 @@
 //! interceptor: an eBPF replacement for istio-init's iptables traffic interception, with an
 //! iptables/nftables fallback that emits exactly what istio-iptables would.
 
+pub mod apply;
 pub mod backend;
+pub mod cli;
+pub mod config;
+pub mod netns;

@@ -1,1 +1,27 @@
-fn main() {}
+use std::process::ExitCode;
+
+use clap::Parser;
+use interceptor::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Apply(args) => interceptor::apply::run(args),
+    };
+    match result {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        // Bad input: named flag and value, nothing applied; exit 2 like a usage error.
+        Ok(Err(e)) => {
+            eprintln!("interceptor: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("interceptor: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

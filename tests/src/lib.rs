@@ -1,7 +1,10 @@
 //! Shared fixtures of the e2e and conformance tests: Istio's golden cases and the network
 //! topology (pod / sidecar / upstream in their own network namespaces).
 
+pub mod bin;
 pub mod conformance;
+pub mod sidecar;
+pub mod topology;
 
 use std::path::PathBuf;
 

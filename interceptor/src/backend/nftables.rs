@@ -6,3 +6,6 @@ use interceptor_common::config::Config;
 pub fn render(_cfg: &Config) -> String {
     unimplemented!("nftables emitter")
 }
+
+/// The tables this backend owns.
+pub const TABLES: &[&str] = &["istio-proxy-nat", "istio-proxy-mangle", "istio-proxy-raw"];

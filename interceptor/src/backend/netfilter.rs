@@ -1,0 +1,312 @@
+//! Applying the iptables and nftables fallbacks inside a netns with istio-iptables' state
+//! handling: nothing to do when identical, re-apply on drift only with --reconcile, --force-apply,
+//! --cleanup-only.
+//!
+//! "Identical" is decided by applying the wanted rules in a private scratch netns and comparing
+//! the tool's own listing of both, so no hand-written normaliser has to guess how
+//! iptables-save or nft prints a rule.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use interceptor_common::config::Config;
+
+use super::exec::{self, in_scratch, run};
+use super::{iptables, nftables};
+use crate::cli::IptablesFlavor;
+
+/// What to do about existing rules.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Mode {
+    pub reconcile: bool,
+    pub force_apply: bool,
+    pub cleanup_only: bool,
+}
+
+/// What happened, for the user.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Applied,
+    AlreadyInPlace,
+    Reconciled,
+    Removed,
+    NothingToRemove,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum State {
+    Clean,
+    Identical,
+    Drifted,
+}
+
+// ---------------------------------------------------------------- iptables
+
+/// The iptables binaries of one variant (`iptables-legacy`, `iptables-nft` or plain).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Binaries {
+    pub suffix: &'static str,
+}
+
+impl Binaries {
+    /// `iptables-save` → `iptables-nft-save` (the variant goes before the verb).
+    fn name(&self, base: &str) -> String {
+        match base.split_once('-') {
+            Some((tool, verb)) => format!("{tool}{}-{verb}", self.suffix),
+            None => format!("{base}{}", self.suffix),
+        }
+    }
+}
+
+/// Istio's binary choice: forced, else legacy if it already holds rules in the netns, else nft
+/// if usable, else plain `iptables`.
+pub fn choose_binaries(netns: Option<&Path>, forced: Option<IptablesFlavor>) -> Binaries {
+    match forced {
+        Some(IptablesFlavor::Legacy) => return Binaries { suffix: "-legacy" },
+        Some(IptablesFlavor::Nft) => return Binaries { suffix: "-nft" },
+        None => {}
+    }
+    if exec::available("iptables-legacy-save") {
+        if let Ok(out) = run(netns, "iptables-legacy-save", &[], None) {
+            if out.lines().any(|l| l.starts_with("-A ")) {
+                return Binaries { suffix: "-legacy" };
+            }
+        }
+    }
+    if exec::available("iptables-nft-save") && run(netns, "iptables-nft-save", &[], None).is_ok() {
+        return Binaries { suffix: "-nft" };
+    }
+    Binaries { suffix: "" }
+}
+
+/// `-A` lines and `:CHAIN` declarations per table from an iptables-save dump (counters dropped).
+fn parse_save(dump: &str) -> BTreeMap<String, Vec<String>> {
+    let mut tables: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut table = String::new();
+    for line in dump.lines() {
+        if let Some(t) = line.strip_prefix('*') {
+            table = t.trim().to_string();
+        } else if let Some(decl) = line.strip_prefix(':') {
+            let name = decl.split_whitespace().next().unwrap_or("");
+            tables.entry(table.clone()).or_default().push(format!(":{name}"));
+        } else if line.starts_with("-A ") {
+            tables.entry(table.clone()).or_default().push(line.trim().to_string());
+        }
+    }
+    tables
+}
+
+fn is_builtin(chain: &str) -> bool {
+    matches!(chain, "PREROUTING" | "INPUT" | "FORWARD" | "OUTPUT" | "POSTROUTING")
+}
+
+/// The part of a table's dump that belongs to us: ISTIO_* chains and their rules, jumps to
+/// them, and any builtin-chain rule the wanted config would add (`ours`).
+fn owned_lines(lines: &[String], ours: &[String]) -> Vec<String> {
+    lines
+        .iter()
+        .filter(|l| l.contains("ISTIO_") || ours.contains(l))
+        .cloned()
+        .collect()
+}
+
+fn iptables_family(
+    netns: Option<&Path>,
+    bin: &Binaries,
+    v6: bool,
+    doc: Option<&str>,
+    mode: Mode,
+) -> Result<Outcome> {
+    let (save, restore) = if v6 {
+        (bin.name("ip6tables-save"), bin.name("ip6tables-restore"))
+    } else {
+        (bin.name("iptables-save"), bin.name("iptables-restore"))
+    };
+    let current = parse_save(&run(netns, &save, &[], None)?);
+    // What the wanted rules look like once applied, as this very tool prints them.
+    let wanted = match doc {
+        Some(doc) => {
+            let (doc, save2, restore2) = (doc.to_string(), save.clone(), restore.clone());
+            let dump = in_scratch(move || {
+                run(None, &restore2, &["--noflush"], Some(&doc))?;
+                run(None, &save2, &[], None)
+            })
+            .with_context(|| format!("{restore} rejected the generated rules"))?;
+            parse_save(&dump)
+        }
+        None => BTreeMap::new(),
+    };
+    let ours_builtin: Vec<String> = wanted
+        .values()
+        .flatten()
+        .filter(|l| l.split_whitespace().nth(1).is_some_and(is_builtin))
+        .cloned()
+        .collect();
+    let (mut have_any, mut same) = (false, true);
+    let mut owned: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for table in current.keys().chain(wanted.keys()) {
+        let have = owned_lines(current.get(table).map_or(&[][..], |v| v), &ours_builtin);
+        let want = owned_lines(wanted.get(table).map_or(&[][..], |v| v), &ours_builtin);
+        have_any |= !have.is_empty();
+        same &= have == want;
+        owned.insert(table.clone(), have);
+    }
+    let state = match (have_any, same && doc.is_some()) {
+        (false, _) => State::Clean,
+        (true, true) => State::Identical,
+        (true, false) => State::Drifted,
+    };
+    let cleanup = || -> Result<()> {
+        let doc = iptables_cleanup_doc(&owned);
+        if !doc.is_empty() {
+            run(netns, &restore, &["--noflush"], Some(&doc))
+                .with_context(|| format!("removing existing rules with {restore}"))?;
+        }
+        Ok(())
+    };
+    let Some(doc) = doc else {
+        return Ok(if state == State::Clean {
+            Outcome::NothingToRemove
+        } else {
+            cleanup()?;
+            Outcome::Removed
+        });
+    };
+    let apply = || run(netns, &restore, &["--noflush"], Some(doc)).map(|_| ());
+    match state {
+        State::Clean => apply().map(|_| Outcome::Applied),
+        State::Identical if !mode.force_apply => Ok(Outcome::AlreadyInPlace),
+        State::Identical => {
+            cleanup()?;
+            apply().map(|_| Outcome::Reconciled)
+        }
+        State::Drifted if mode.reconcile || mode.force_apply => {
+            cleanup()?;
+            apply().map(|_| Outcome::Reconciled)
+        }
+        State::Drifted => bail!(
+            "{} rules in this netns differ from the wanted ones; rerun with --reconcile to replace them",
+            if v6 { "ip6tables" } else { "iptables" }
+        ),
+    }
+}
+
+/// A restore document deleting our builtin-chain rules, then flushing and deleting our chains.
+fn iptables_cleanup_doc(owned: &BTreeMap<String, Vec<String>>) -> String {
+    let mut out = String::new();
+    for (table, lines) in owned {
+        if lines.is_empty() {
+            continue;
+        }
+        let chains: Vec<&str> = lines
+            .iter()
+            .filter_map(|l| l.strip_prefix(':'))
+            .filter(|c| c.starts_with("ISTIO_"))
+            .collect();
+        out.push_str(&format!("*{table}\n"));
+        for l in lines {
+            if let Some(rest) = l.strip_prefix("-A ") {
+                if rest.split_whitespace().next().is_some_and(is_builtin) {
+                    out.push_str(&format!("-D {rest}\n"));
+                }
+            }
+        }
+        for c in &chains {
+            out.push_str(&format!("-F {c}\n"));
+        }
+        for c in &chains {
+            out.push_str(&format!("-X {c}\n"));
+        }
+        out.push_str("COMMIT\n");
+    }
+    out
+}
+
+/// Applies (or with `cleanup_only` removes) the iptables rules for `cfg` in the netns.
+pub fn apply_iptables(netns: Option<&Path>, cfg: &Config, bin: &Binaries, mode: Mode) -> Result<Outcome> {
+    let docs = iptables::render(cfg);
+    let v4 = iptables_family(netns, bin, false, (!mode.cleanup_only).then_some(docs.v4.as_str()), mode)?;
+    let v6 = match (&docs.v6, mode.cleanup_only) {
+        (Some(doc), false) => Some(iptables_family(netns, bin, true, Some(doc), mode)?),
+        // Clean up v6 too, but a node without IPv6 netfilter must not fail.
+        (_, true) => iptables_family(netns, bin, true, None, mode).ok(),
+        (None, false) => None,
+    };
+    Ok(merge(v4, v6))
+}
+
+fn merge(a: Outcome, b: Option<Outcome>) -> Outcome {
+    use Outcome::*;
+    match (a, b) {
+        (a, None) => a,
+        (Reconciled, _) | (_, Some(Reconciled)) => Reconciled,
+        (Applied, _) | (_, Some(Applied)) => Applied,
+        (Removed, _) | (_, Some(Removed)) => Removed,
+        (a, _) => a,
+    }
+}
+
+// ---------------------------------------------------------------- nftables
+
+fn nft_list(netns: Option<&Path>) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for table in nftables::TABLES {
+        if let Ok(text) = run(netns, "nft", &["list", "table", "inet", table], None) {
+            // Counters change with traffic; they are not part of the rules' identity.
+            let norm: Vec<String> = text
+                .lines()
+                .map(|l| {
+                    let mut l = l.trim().to_string();
+                    while let Some(i) = l.find("counter packets ") {
+                        let end = l[i..].find(" bytes ").map(|j| i + j + 7).unwrap_or(l.len());
+                        let rest = &l[end..];
+                        let rest = rest.split_once(' ').map(|x| x.1).unwrap_or("");
+                        l = format!("{}counter {}", &l[..i], rest).trim_end().to_string();
+                    }
+                    l
+                })
+                .collect();
+            out.insert(table.to_string(), norm.join("\n"));
+        }
+    }
+    Ok(out)
+}
+
+/// Applies (or removes) the nftables rules for `cfg` in the netns, as one `nft -f -` transaction.
+pub fn apply_nftables(netns: Option<&Path>, cfg: &Config, mode: Mode) -> Result<Outcome> {
+    let current = nft_list(netns)?;
+    let delete: String = current.keys().map(|t| format!("delete table inet {t}\n")).collect();
+    if mode.cleanup_only {
+        if current.is_empty() {
+            return Ok(Outcome::NothingToRemove);
+        }
+        run(netns, "nft", &["-f", "-"], Some(&delete))?;
+        return Ok(Outcome::Removed);
+    }
+    let tx = nftables::render(cfg);
+    let wanted = nft_scratch_list(&tx).context("nft rejected the generated rules")?;
+    if current.is_empty() {
+        run(netns, "nft", &["-f", "-"], Some(&tx))?;
+        return Ok(Outcome::Applied);
+    }
+    let identical = current == wanted;
+    if identical && !mode.force_apply {
+        return Ok(Outcome::AlreadyInPlace);
+    }
+    if !identical && !mode.reconcile && !mode.force_apply {
+        bail!("nftables rules in this netns differ from the wanted ones; rerun with --reconcile to replace them");
+    }
+    // Deleting and re-adding in one transaction: no window without interception.
+    run(netns, "nft", &["-f", "-"], Some(&format!("{delete}{tx}")))?;
+    Ok(Outcome::Reconciled)
+}
+
+/// Applies `tx` in a scratch netns and lists our tables there.
+fn nft_scratch_list(tx: &str) -> Result<BTreeMap<String, String>> {
+    let tx = tx.to_string();
+    in_scratch(move || {
+        run(None, "nft", &["-f", "-"], Some(&tx))?;
+        nft_list(None)
+    })
+}

@@ -1,0 +1,141 @@
+//! Command-line surface. `ApplyArgs` accepts istio-iptables' flags verbatim (long and short
+//! forms, defaults, environment variables; the flag wins over the env).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(name = "interceptor", version, about = "eBPF replacement for istio-init's traffic interception")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Install a pod's interception (istio-iptables' flags and env are accepted verbatim).
+    // As with istio-iptables (pflag), a repeated flag is not an error: the last one wins.
+    #[command(args_override_self = true)]
+    Apply(Box<ApplyArgs>),
+}
+
+/// Which mechanism installs the interception.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    /// eBPF where the kernel and the config allow it, else iptables, else nftables.
+    Auto,
+    Ebpf,
+    Iptables,
+    Nftables,
+}
+
+/// `--force-iptables-binary` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum IptablesFlavor {
+    Legacy,
+    Nft,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ApplyArgs {
+    /// Outbound redirect target port.
+    #[arg(short = 'p', long = "envoy-port", default_value = "15001")]
+    pub envoy_port: String,
+    /// Inbound redirect / TPROXY target port.
+    #[arg(short = 'z', long, env = "INBOUND_CAPTURE_PORT", default_value = "15006")]
+    pub inbound_capture_port: String,
+    /// HBONE tunnel port, always excluded from inbound capture.
+    #[arg(short = 'e', long, env = "INBOUND_TUNNEL_PORT", default_value = "15008")]
+    pub inbound_tunnel_port: String,
+    /// Comma list of proxy uids never redirected (default: uid of $ENVOY_USER, else 1337).
+    #[arg(short = 'u', long, env = "PROXY_UID")]
+    pub proxy_uid: Option<String>,
+    /// Comma list of proxy gids (default: the uid list).
+    #[arg(short = 'g', long, env = "PROXY_GID")]
+    pub proxy_gid: Option<String>,
+    /// Inbound interception mode: REDIRECT or TPROXY.
+    #[arg(short = 'm', long, env = "ISTIO_INBOUND_INTERCEPTION_MODE", default_value = "")]
+    pub istio_inbound_interception_mode: String,
+    /// Inbound ports to capture: `*` for all, a comma list, or empty for none.
+    #[arg(short = 'b', long, env = "ISTIO_INBOUND_PORTS", default_value = "", allow_hyphen_values = true)]
+    pub istio_inbound_ports: String,
+    /// Inbound ports not captured when `-b '*'`.
+    #[arg(short = 'd', long, env = "ISTIO_LOCAL_EXCLUDE_PORTS", default_value = "")]
+    pub istio_local_exclude_ports: String,
+    /// Interfaces skipped in both directions.
+    #[arg(short = 'c', long, env = "ISTIO_EXCLUDE_INTERFACES", default_value = "")]
+    pub istio_exclude_interfaces: String,
+    /// Outbound CIDRs to capture: `*` for all, a comma list, or empty for none.
+    #[arg(short = 'i', long, env = "ISTIO_SERVICE_CIDR", default_value = "")]
+    pub istio_service_cidr: String,
+    /// Outbound CIDRs never captured.
+    #[arg(short = 'x', long, env = "ISTIO_SERVICE_EXCLUDE_CIDR", default_value = "")]
+    pub istio_service_exclude_cidr: String,
+    /// Outbound ports always captured.
+    #[arg(short = 'q', long, env = "ISTIO_OUTBOUND_PORTS", default_value = "")]
+    pub istio_outbound_ports: String,
+    /// Outbound ports never captured (tcp and udp).
+    #[arg(short = 'o', long, env = "ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE", default_value = "")]
+    pub istio_local_outbound_ports_exclude: String,
+    /// Interfaces whose inbound traffic is treated as outbound.
+    #[arg(short = 'k', long, env = "KUBE_VIRT_INTERFACES", default_value = "")]
+    pub kube_virt_interfaces: String,
+    /// TPROXY mark.
+    #[arg(short = 't', long, env = "ISTIO_INBOUND_TPROXY_MARK", default_value = "1337")]
+    pub istio_inbound_tproxy_mark: String,
+    /// TPROXY routing table.
+    #[arg(short = 'r', long, env = "ISTIO_INBOUND_TPROXY_ROUTE_TABLE", default_value = "133")]
+    pub istio_inbound_tproxy_route_table: String,
+    /// Print what would be applied; apply nothing.
+    #[arg(short = 'n', long, env = "DRY_RUN")]
+    pub dry_run: bool,
+    /// Redirect DNS to the proxy's DNS port 15053 (also env ISTIO_META_DNS_CAPTURE).
+    #[arg(long, env = "REDIRECT_DNS")]
+    pub redirect_dns: bool,
+    /// Capture all port-53 traffic, not only to the resolv.conf servers.
+    #[arg(long, env = "CAPTURE_ALL_DNS")]
+    pub capture_all_dns: bool,
+    /// Drop conntrack-INVALID packets (also env INVALID_DROP).
+    #[arg(long, env = "DROP_INVALID")]
+    pub drop_invalid: bool,
+    /// Check that redirection works; apply nothing.
+    #[arg(long, env = "RUN_VALIDATION")]
+    pub run_validation: bool,
+    /// Validation probe port.
+    #[arg(long, default_value = "15002")]
+    pub iptables_probe_port: String,
+    /// Validation timeout (Go duration, e.g. 5s).
+    #[arg(long, default_value = "5s")]
+    pub probe_timeout: String,
+    /// Skip applying rules.
+    #[arg(long, env = "SKIP_RULE_APPLY")]
+    pub skip_rule_apply: bool,
+    /// Apply inside this network namespace (a path such as /var/run/netns/NAME).
+    #[arg(long, env = "NETWORK_NAMESPACE")]
+    pub network_namespace: Option<PathBuf>,
+    /// Re-apply when the installed rules drifted from the wanted ones.
+    #[arg(long, env = "RECONCILE")]
+    pub reconcile: bool,
+    /// Remove every rule and chain this tool owns, then stop.
+    #[arg(long, env = "CLEANUP_ONLY")]
+    pub cleanup_only: bool,
+    /// Re-apply even when the installed rules are identical.
+    #[arg(long, env = "FORCE_APPLY")]
+    pub force_apply: bool,
+    /// Use nftables instead of iptables (Istio's flag; the same as --backend nftables).
+    #[arg(long, env = "NATIVE_NFTABLES")]
+    pub native_nftables: bool,
+    /// Force the iptables variant: legacy or nft.
+    #[arg(long, env = "FORCE_IPTABLES_BINARY", value_enum)]
+    pub force_iptables_binary: Option<IptablesFlavor>,
+    /// Interception backend.
+    #[arg(long, env = "INTERCEPTOR_BACKEND", value_enum, default_value = "auto")]
+    pub backend: BackendKind,
+    /// IPv6 rules on or off (default: detected from the target netns's addresses, as Istio does).
+    #[arg(long, value_parser = clap::builder::BoolishValueParser::new())]
+    pub ipv6: Option<bool>,
+    /// DNS servers to capture, comma list of v4/v6 (default: the resolv.conf in effect).
+    #[arg(long)]
+    pub dns_servers: Option<String>,
+}

@@ -1,0 +1,51 @@
+//! Network namespaces: run Rust code or a command inside a netns given by path.
+
+use std::fs::File;
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{anyhow, Context, Result};
+use nix::sched::{setns, CloneFlags};
+
+/// Runs `f` on a fresh thread that has entered the netns at `path` (or the current one).
+/// A dedicated thread keeps the caller's own namespace untouched.
+pub fn run_in<T: Send + 'static>(
+    path: Option<&Path>,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let file = path
+        .map(|p| File::open(p).with_context(|| format!("opening netns {}", p.display())))
+        .transpose()?;
+    std::thread::spawn(move || {
+        if let Some(file) = file {
+            setns(&file, CloneFlags::CLONE_NEWNET).context("setns(CLONE_NEWNET)")?;
+        }
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow!("netns worker thread panicked"))?
+}
+
+/// A command that runs inside the netns at `path` (via nsenter), or here when `None`.
+pub fn command(path: Option<&Path>, program: &str) -> Command {
+    match path {
+        Some(p) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net={}", p.display())).arg("--").arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+/// Whether `path` is a network namespace handle (nsfs inode of type net).
+pub fn is_netns(path: &Path) -> bool {
+    File::open(path)
+        .ok()
+        .and_then(|f| {
+            // NS_GET_NSTYPE ioctl = _IO(0xb7, 0x3); returns CLONE_NEWNET for a netns.
+            let r = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&f), 0xb703) };
+            (r >= 0).then_some(r)
+        })
+        .is_some_and(|t| t == libc::CLONE_NEWNET)
+}
