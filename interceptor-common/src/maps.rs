@@ -70,16 +70,21 @@ pub struct OrigDst {
 }
 
 /// A redirected connection as seen from both ends: the app's socket (local → proxy) and the
-/// proxy's accepted socket (proxy ← peer), qualified by netns.
+/// proxy's accepted socket (proxy ← peer), qualified by netns. The app's address enters as its
+/// last 32 bits (the IPv4 address, or the tail of the IPv6 one): the verifier only lets a
+/// getsockopt program load single fields of a socket, and the port pair already all but
+/// determines the connection.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TupleKey {
     pub netns: u64,
-    /// The app side's address (IPv4 as `::ffff:a.b.c.d`) and port (host order).
-    pub client_addr: [u8; 16],
+    /// Last 32 bits of the app side's address, network byte order.
+    pub client_addr_tail: u32,
+    /// The app side's port, host byte order.
     pub client_port: u32,
-    /// The proxy's listening port (host order).
+    /// The proxy's listening port, host byte order.
     pub proxy_port: u32,
+    pub _pad: u32,
 }
 
 /// IPv4 in network byte order (as the kernel stores it) → `::ffff:a.b.c.d`.

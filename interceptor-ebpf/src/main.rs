@@ -10,7 +10,7 @@
 #![no_std]
 #![no_main]
 
-use core::ptr::{addr_of_mut, write_volatile};
+use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use aya_ebpf::{
     bindings::{bpf_sock, BPF_SOCK_OPS_STATE_CB_FLAG},
@@ -166,10 +166,18 @@ fn on_connect(ctx: &SockAddrContext, v6: bool) {
     let src = if sk.is_null() {
         None
     } else if v6 {
-        let s = Addr::V6(v6_bytes(unsafe { (*sk).src_ip6 })).unmapped();
+        let w = unsafe {
+            [
+                read_volatile(addr_of!((*sk).src_ip6[0])),
+                read_volatile(addr_of!((*sk).src_ip6[1])),
+                read_volatile(addr_of!((*sk).src_ip6[2])),
+                read_volatile(addr_of!((*sk).src_ip6[3])),
+            ]
+        };
+        let s = Addr::V6(v6_bytes(w)).unmapped();
         (s != Addr::V6([0; 16]) && s != Addr::V4(0)).then_some(s)
     } else {
-        let s = unsafe { (*sk).src_ip4 };
+        let s = unsafe { read_volatile(addr_of!((*sk).src_ip4)) };
         (s != 0).then_some(Addr::V4(u32::from_be(s)))
     };
     let ug = bpf_get_current_uid_gid();
@@ -220,12 +228,24 @@ pub fn ic_sockops(ctx: SockOpsContext) -> u32 {
     };
     let orig = *orig;
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let client_addr = if ctx.family() == AF_INET6 {
-        v6_bytes(ctx.local_ip6())
-    } else {
-        mapped_v4(ctx.local_ip4())
+    // Read every context field once with a volatile load: LLVM otherwise selects between field
+    // addresses and the verifier rejects dereferencing a modified ctx pointer.
+    let ops = ctx.ops;
+    let (family, ip4, ip6_tail, lport) = unsafe {
+        (
+            read_volatile(addr_of!((*ops).family)),
+            read_volatile(addr_of!((*ops).local_ip4)),
+            read_volatile(addr_of!((*ops).local_ip6[3])),
+            read_volatile(addr_of!((*ops).local_port)),
+        )
     };
-    let key = TupleKey { netns, client_addr, client_port: ctx.local_port(), proxy_port: u32::from(orig.redirect_port) };
+    let key = TupleKey {
+        netns,
+        client_addr_tail: if family == AF_INET6 { ip6_tail } else { ip4 },
+        client_port: lport,
+        proxy_port: u32::from(orig.redirect_port),
+        _pad: 0,
+    };
     match op {
         // Ask for state callbacks so the entries go away when the connection does, even if
         // it never establishes.
@@ -257,15 +277,19 @@ pub fn ic_getsockopt(ctx: SockoptContext) -> i32 {
         if sk.is_null() {
             return 1;
         }
-        let family = (*sk).family;
+        // One constant-offset load per field: the verifier forbids arithmetic on sock pointers.
+        let family = read_volatile(addr_of!((*sk).family));
+        // Load both, then choose: a branch would let LLVM select the offset instead.
+        let tail6 = read_volatile(addr_of!((*sk).dst_ip6[3]));
+        let tail4 = read_volatile(addr_of!((*sk).dst_ip4));
+        let client_addr_tail = if family == AF_INET6 { tail6 } else { tail4 };
         // On the proxy's accepted socket the peer is the app's socket.
-        let client_addr =
-            if family == AF_INET6 { v6_bytes((*sk).dst_ip6) } else { mapped_v4((*sk).dst_ip4) };
         let key = TupleKey {
             netns: bpf_get_netns_cookie(ctx.as_ptr()),
-            client_addr,
-            client_port: u32::from(u16::from_be((*sk).dst_port)),
-            proxy_port: (*sk).src_port,
+            client_addr_tail,
+            client_port: u32::from(u16::from_be(read_volatile(addr_of!((*sk).dst_port)))),
+            proxy_port: read_volatile(addr_of!((*sk).src_port)),
+            _pad: 0,
         };
         let Some(orig) = ORIG_BY_TUPLE.get(&key) else {
             return 1;

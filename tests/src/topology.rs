@@ -299,36 +299,51 @@ pub fn inbound_connect(
     connect_as(topo.upstream_netns(), 0, 0, dst, bind_src, DEFAULT_TIMEOUT)
 }
 
-/// Removes namespaces left by test processes that died without running their destructors
-/// (SIGKILL, Ctrl-C): names of our exact form `ic-<tag>-<pid>-<n>-(pod|up)` whose `<pid>` no
-/// longer exists. Best effort; called by [`Topology::new`].
+/// Removes what test processes that died without running their destructors (SIGKILL, Ctrl-C)
+/// left behind: namespaces named exactly `ic-<tag>-<pid>-<n>-(pod|up)` and (empty) cgroups
+/// named `ic-<tag>-<pid>-<n>` under the cgroup2 mount, whose `<pid>` no longer exists.
+/// Best effort; called by [`Topology::new`].
 pub fn reap_stale() {
-    let Ok(entries) = std::fs::read_dir(NETNS_DIR) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        let Some(pid) = stale_owner(name) else {
-            continue;
-        };
-        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = ip(&["netns", "del", name]);
+    let dead = |pid: u32| pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists();
+    for name in dir_names(Path::new(NETNS_DIR)) {
+        let owner = name
+            .strip_suffix("-pod")
+            .or_else(|| name.strip_suffix("-up"))
+            .and_then(stale_owner);
+        if owner.is_some_and(dead) {
+            let _ = ip(&["netns", "del", &name]);
+        }
+    }
+    if let Some(mount) = cgroup2_mount() {
+        for name in dir_names(&mount) {
+            if stale_owner(&name).is_some_and(dead) {
+                // rmdir only succeeds on an empty cgroup, which is what a dead test leaves.
+                let _ = std::fs::remove_dir(mount.join(&name));
+            }
         }
     }
 }
 
-/// The owning pid of a harness namespace name, or None if `name` is not of our form.
+fn dir_names(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect()
+}
+
+/// The owning pid of a harness name prefix `ic-<tag>-<pid>-<n>`, or None if `name` is not of
+/// that form.
 fn stale_owner(name: &str) -> Option<u32> {
     let rest = name.strip_prefix(NAME_PREFIX)?;
-    let mut parts = rest.rsplitn(4, '-');
-    let side = parts.next()?;
+    let mut parts = rest.rsplitn(3, '-');
     let n = parts.next()?;
     let pid = parts.next()?;
     let tag = parts.next()?;
-    let ok = matches!(side, "pod" | "up")
+    let ok = !n.is_empty()
         && n.bytes().all(|b| b.is_ascii_digit())
-        && !n.is_empty()
         && !tag.is_empty()
         && tag.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
     ok.then(|| pid.parse().ok()).flatten()
@@ -710,6 +725,9 @@ pub fn connect_with(netns: &Path, dst: SocketAddr, opts: &ConnectOpts) -> Result
         return Err(std::io::Error::last_os_error()).context("fork");
     }
     if pid == 0 {
+        // Should anything in the child panic, unwinding must never return into the test code
+        // (that would run the rest of the test twice): this guard `_exit`s while unwinding.
+        let _guard = ExitOnUnwind;
         let report = child_main(&plan);
         // SAFETY: `report` is a plain repr(C) value; writing its bytes to our pipe end.
         unsafe {
@@ -752,6 +770,16 @@ pub fn connect_with(netns: &Path, dst: SocketAddr, opts: &ConnectOpts) -> Result
         local: from_sockaddr(&report.local, report.local_len)
             .ok_or_else(|| anyhow!("bad getsockname address"))?,
     })
+}
+
+/// Ends the forked child if it unwinds (see [`connect_with`]).
+struct ExitOnUnwind;
+
+impl Drop for ExitOnUnwind {
+    fn drop(&mut self) {
+        // SAFETY: terminating the forked child without running any further user code.
+        unsafe { libc::_exit(127) }
+    }
 }
 
 /// Reads the child's report; Ok(None) if the pipe closed early, Err on timeout.
@@ -1058,12 +1086,13 @@ mod tests {
 
     #[test]
     fn stale_names() {
-        assert_eq!(stale_owner("ic-redir_v4-123-4-pod"), Some(123));
-        assert_eq!(stale_owner("ic-a-1-0-up"), Some(1));
-        assert_eq!(stale_owner("ic-a-1-0-x"), None);
-        assert_eq!(stale_owner("ic-1-0-up"), None);
-        assert_eq!(stale_owner("other-a-1-0-up"), None);
-        assert_eq!(stale_owner("ic-a-b-0-up"), None);
+        assert_eq!(stale_owner("ic-redir_v4-123-4"), Some(123));
+        assert_eq!(stale_owner("ic-a-1-0"), Some(1));
+        assert_eq!(stale_owner("ic-a-1-x"), None);
+        assert_eq!(stale_owner("ic-1-0"), None);
+        assert_eq!(stale_owner("other-a-1-0"), None);
+        assert_eq!(stale_owner("ic-a-b-0"), None);
+        assert_eq!(stale_owner("ic-a-b-1-0"), None);
     }
 
     #[test]

@@ -106,9 +106,10 @@ fn inbound_connection_reaches_app() {
     }
 }
 
-#[test]
-fn iptables_redirect_reaches_sidecar_with_original_dst() {
-    let topo = Topology::new("redir").unwrap();
+/// A hand-written Istio-like outbound REDIRECT, applied with the given iptables variant
+/// (`nft` or `legacy`) inside the pod namespace.
+fn redirect_reaches_sidecar(variant: &str) {
+    let topo = Topology::new(&format!("redir_{variant}")).unwrap();
     let sidecar = Sidecar::start(&topo).unwrap();
     let _upstream = TagServer::upstream(&topo, UPSTREAM_PORT).unwrap();
 
@@ -116,12 +117,20 @@ fn iptables_redirect_reaches_sidecar_with_original_dst() {
     let rules = "*nat\n\
                  -A OUTPUT -p tcp -m owner ! --uid-owner 1337 -j REDIRECT --to-ports 15001\n\
                  COMMIT\n";
-    topo.pod_exec("iptables-nft-restore", &["--noflush"], Some(rules))
-        .unwrap();
-    topo.pod_exec("ip6tables-nft-restore", &["--noflush"], Some(rules))
-        .unwrap();
+    topo.pod_exec(
+        &format!("iptables-{variant}-restore"),
+        &["--noflush"],
+        Some(rules),
+    )
+    .unwrap();
+    topo.pod_exec(
+        &format!("ip6tables-{variant}-restore"),
+        &["--noflush"],
+        Some(rules),
+    )
+    .unwrap();
     let saved = topo
-        .pod_exec("iptables-nft-save", &["-t", "nat"], None)
+        .pod_exec(&format!("iptables-{variant}-save"), &["-t", "nat"], None)
         .unwrap();
     assert!(saved.contains("--to-ports 15001"), "{saved}");
 
@@ -156,6 +165,16 @@ fn iptables_redirect_reaches_sidecar_with_original_dst() {
         assert_eq!(out.reply, "upstream:8080", "{dst}");
         assert!(sidecar.records().is_empty());
     }
+}
+
+#[test]
+fn iptables_nft_redirect_reaches_sidecar_with_original_dst() {
+    redirect_reaches_sidecar("nft");
+}
+
+#[test]
+fn iptables_legacy_redirect_reaches_sidecar_with_original_dst() {
+    redirect_reaches_sidecar("legacy");
 }
 
 #[test]

@@ -4,7 +4,8 @@
 //! address family from the config, and [`restore_doc`] serialises such a list into an
 //! `iptables-restore --noflush` document. Byte-for-byte equality with Istio's goldens depends on
 //! both the order of the rule groups below and the exact parameter spelling inside each rule
-//! (`--to-ports` vs `--to-port`, `-p` before or after `-d`, ...), so both are kept as Istio has them.
+//! (`--to-ports` vs `--to-port`, `-p` before or after `-d`, ...), so both are kept exactly as
+//! Istio has them, quirks included.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -427,7 +428,7 @@ fn inbound_capture(b: &mut Builder) {
     b.append(table, "PREROUTING", &format!("-p tcp -j {ISTIO_INBOUND}"));
 
     // Each listed port (or, for `*`, all remaining traffic) gets the same capture rules.
-    let capture = |b: &mut Builder, dport: &str| {
+    let capture_rules = |b: &mut Builder, dport: &str| {
         if tproxy {
             b.append(
                 Table::Mangle,
@@ -459,11 +460,11 @@ fn inbound_capture(b: &mut Builder) {
                     &format!("-p tcp --dport {port} -j RETURN"),
                 );
             }
-            capture(b, "");
+            capture_rules(b, "");
         }
         PortSelection::List(ports) => {
             for port in ports {
-                capture(b, &format!("--dport {port}"));
+                capture_rules(b, &format!("--dport {port}"));
             }
         }
     }
@@ -501,17 +502,16 @@ fn proxy_owner_rules(b: &mut Builder) {
     for (owner, id) in b.proxy_owners() {
         // With DNS capture, the agent's DNS to a local resolver must not loop through inbound.
         // Istio does this for uids only; gids keep the plain tunnel-port exclusion.
-        let not_to_self_ports = if b.dns && owner == "--uid-owner" {
+        let ports = if b.dns && owner == "--uid-owner" {
             format!("-m multiport ! --dports 53,{tunnel}")
         } else {
             format!("! --dport {tunnel}")
         };
+        let to_own_pod = format!("-o lo ! -d {lo} -p tcp {ports}");
         b.append(
             Table::Nat,
             ISTIO_OUTPUT,
-            &format!(
-                "-o lo ! -d {lo} -p tcp {not_to_self_ports} -m owner {owner} {id} -j {ISTIO_IN_REDIRECT}"
-            ),
+            &format!("{to_own_pod} -m owner {owner} {id} -j {ISTIO_IN_REDIRECT}"),
         );
 
         // Apps talking to each other over lo are not captured, unless the user explicitly

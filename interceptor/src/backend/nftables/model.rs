@@ -130,7 +130,9 @@ impl Table {
         for (op, r) in self.ops() {
             let _ = match op {
                 Op::Add => writeln!(out, "add rule inet {t} {} {}", r.chain, r.body),
-                Op::Insert(i) => writeln!(out, "insert rule inet {t} {} index {i} {}", r.chain, r.body),
+                Op::Insert(i) => {
+                    writeln!(out, "insert rule inet {t} {} index {i} {}", r.chain, r.body)
+                }
             };
         }
     }
