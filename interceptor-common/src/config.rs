@@ -19,7 +19,7 @@ pub struct ConfigError {
 impl ConfigError {
     pub fn new(flag: &'static str, value: impl Into<String>, reason: impl Into<String>) -> Self {
         Self {
-            flag: flag,
+            flag,
             value: value.into(),
             reason: reason.into(),
         }
@@ -214,18 +214,9 @@ fn parse_ids(flag: &'static str, s: &str) -> Result<Vec<u32>, ConfigError> {
 }
 
 fn parse_cidr(flag: &'static str, item: &str) -> Result<IpNet, ConfigError> {
-    if let Ok(net) = item.parse::<IpNet>() {
-        return Ok(net);
-    }
-    // Istio accepts a bare address as a host route.
-    match item.parse::<IpAddr>() {
-        Ok(addr) => Ok(IpNet::from(addr)),
-        Err(_) => Err(ConfigError::new(
-            flag,
-            item,
-            "not a CIDR (a.b.c.d/n or v6/n)",
-        )),
-    }
+    // As istio-iptables (netip.ParsePrefix): a prefix length is required.
+    item.parse::<IpNet>()
+        .map_err(|_| ConfigError::new(flag, item, "not a CIDR (a.b.c.d/n or v6/n)"))
 }
 
 fn parse_cidrs(flag: &'static str, s: &str) -> Result<Vec<IpNet>, ConfigError> {
@@ -379,7 +370,7 @@ impl RawConfig {
                 "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE",
                 &self.owner_groups_exclude,
             )?)
-        } else if include == "*" || include.is_empty() {
+        } else if include == "*" {
             OwnerGroups::All
         } else {
             let groups = parse_groups("ISTIO_OUTBOUND_OWNER_GROUPS", include)?;

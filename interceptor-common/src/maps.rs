@@ -91,7 +91,9 @@ pub struct TupleKey {
 #[inline(always)]
 pub fn mapped_v4(be: u32) -> [u8; 16] {
     let b = be.to_ne_bytes();
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3]]
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3],
+    ]
 }
 
 /// IPv6 as the kernel's four network-order words → 16 bytes.

@@ -78,7 +78,11 @@ impl MapTables {
             Addr::V4(h) => mapped_v4(h.to_be()),
             Addr::V6(b) => b,
         };
-        AddrKey { pod_id: self.pod_id, kind, addr }
+        AddrKey {
+            pod_id: self.pod_id,
+            kind,
+            addr,
+        }
     }
 
     #[inline(always)]
@@ -103,11 +107,25 @@ impl MapTables {
 impl PodTables for MapTables {
     #[inline(always)]
     fn port_excluded(&self, port: u16) -> bool {
-        unsafe { PORTS.get(&PortKey { pod_id: self.pod_id, port, kind: PORT_EXCLUDED }) }.is_some()
+        unsafe {
+            PORTS.get(&PortKey {
+                pod_id: self.pod_id,
+                port,
+                kind: PORT_EXCLUDED,
+            })
+        }
+        .is_some()
     }
     #[inline(always)]
     fn port_included(&self, port: u16) -> bool {
-        unsafe { PORTS.get(&PortKey { pod_id: self.pod_id, port, kind: PORT_INCLUDED }) }.is_some()
+        unsafe {
+            PORTS.get(&PortKey {
+                pod_id: self.pod_id,
+                port,
+                kind: PORT_INCLUDED,
+            })
+        }
+        .is_some()
     }
     #[inline(always)]
     fn cidr_excluded(&self, dst: Addr) -> bool {
@@ -127,7 +145,13 @@ impl PodTables for MapTables {
     }
     #[inline(always)]
     fn group_listed(&self, gid: u32) -> bool {
-        unsafe { GROUPS.get(&GroupKey { pod_id: self.pod_id, gid }) }.is_some()
+        unsafe {
+            GROUPS.get(&GroupKey {
+                pod_id: self.pod_id,
+                gid,
+            })
+        }
+        .is_some()
     }
 }
 
@@ -156,7 +180,10 @@ fn on_connect(ctx: &SockAddrContext, v6: bool) {
         _ => return,
     };
     let (dst, family) = if v6 {
-        (Addr::V6(v6_bytes(unsafe { (*sa).user_ip6 })).unmapped(), AF_INET6)
+        (
+            Addr::V6(v6_bytes(unsafe { (*sa).user_ip6 })).unmapped(),
+            AF_INET6,
+        )
     } else {
         (Addr::V4(u32::from_be(unsafe { (*sa).user_ip4 })), AF_INET)
     };
@@ -181,9 +208,21 @@ fn on_connect(ctx: &SockAddrContext, v6: bool) {
         (s != 0).then_some(Addr::V4(u32::from_be(s)))
     };
     let ug = bpf_get_current_uid_gid();
-    let conn = Conn { proto, dst, dport, src, uid: ug as u32, gid: (ug >> 32) as u32 };
-    let Verdict::Redirect { port, .. } = decide(policy, &MapTables { pod_id: policy.pod_id }, &conn)
-    else {
+    let conn = Conn {
+        proto,
+        dst,
+        dport,
+        src,
+        uid: ug as u32,
+        gid: (ug >> 32) as u32,
+    };
+    let Verdict::Redirect { port, .. } = decide(
+        policy,
+        &MapTables {
+            pod_id: policy.pod_id,
+        },
+        &conn,
+    ) else {
         return;
     };
     let addr = match dst {
@@ -191,7 +230,12 @@ fn on_connect(ctx: &SockAddrContext, v6: bool) {
         Addr::V6(b) => b,
     };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let orig = OrigDst { addr, port: dport, redirect_port: port, family };
+    let orig = OrigDst {
+        addr,
+        port: dport,
+        redirect_port: port,
+        family,
+    };
     if ORIG_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
         // Without the original destination the proxy could not route it: leave it alone.
         return;
@@ -219,7 +263,10 @@ fn on_connect(ctx: &SockAddrContext, v6: bool) {
 #[sock_ops]
 pub fn ic_sockops(ctx: SockOpsContext) -> u32 {
     let op = ctx.op();
-    if op != SOCK_OPS_TCP_CONNECT_CB && op != SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != SOCK_OPS_STATE_CB {
+    if op != SOCK_OPS_TCP_CONNECT_CB
+        && op != SOCK_OPS_ACTIVE_ESTABLISHED_CB
+        && op != SOCK_OPS_STATE_CB
+    {
         return 1;
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -368,7 +415,8 @@ fn on_getpeername(ctx: &SockAddrContext, v6: bool) {
                 i += 1;
             }
         } else {
-            let w = u32::from_ne_bytes([orig.addr[12], orig.addr[13], orig.addr[14], orig.addr[15]]);
+            let w =
+                u32::from_ne_bytes([orig.addr[12], orig.addr[13], orig.addr[14], orig.addr[15]]);
             write_volatile(addr_of_mut!((*sa).user_ip4), w);
         }
         write_volatile(addr_of_mut!((*sa).user_port), u32::from(orig.port.to_be()));

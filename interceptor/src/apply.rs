@@ -23,7 +23,12 @@ pub fn choose_backend(args: &ApplyArgs, _cfg: &Config) -> Result<Choice, ConfigE
             format!("conflicts with --backend {:?}", args.backend).to_lowercase(),
         ));
     }
-    let choice = |backend, why: &str| Ok(Choice { backend, why: why.to_string() });
+    let choice = |backend, why: &str| {
+        Ok(Choice {
+            backend,
+            why: why.to_string(),
+        })
+    };
     match args.backend {
         BackendKind::Ebpf => Err(ConfigError::new(
             "--backend",
@@ -32,13 +37,17 @@ pub fn choose_backend(args: &ApplyArgs, _cfg: &Config) -> Result<Choice, ConfigE
         )),
         BackendKind::Iptables => choice(BackendKind::Iptables, "requested with --backend iptables"),
         BackendKind::Nftables => choice(BackendKind::Nftables, "requested with --backend nftables"),
-        BackendKind::Auto if args.native_nftables => choice(BackendKind::Nftables, "--native-nftables"),
-        BackendKind::Auto if exec::available("iptables-restore") => {
-            choice(BackendKind::Iptables, "eBPF backend not yet available; iptables-restore found")
+        BackendKind::Auto if args.native_nftables => {
+            choice(BackendKind::Nftables, "--native-nftables")
         }
-        BackendKind::Auto if exec::available("nft") => {
-            choice(BackendKind::Nftables, "eBPF backend not yet available; nft found")
-        }
+        BackendKind::Auto if exec::available("iptables-restore") => choice(
+            BackendKind::Iptables,
+            "eBPF backend not yet available; iptables-restore found",
+        ),
+        BackendKind::Auto if exec::available("nft") => choice(
+            BackendKind::Nftables,
+            "eBPF backend not yet available; nft found",
+        ),
         BackendKind::Auto => Err(ConfigError::new(
             "--backend",
             "auto",
@@ -86,7 +95,11 @@ pub fn run(args: &ApplyArgs) -> Result<Result<(), ConfigError>> {
         return Ok(Ok(()));
     }
     let netns = args.network_namespace.as_deref();
-    let mode = Mode { reconcile: args.reconcile, force_apply: args.force_apply, cleanup_only: args.cleanup_only };
+    let mode = Mode {
+        reconcile: args.reconcile,
+        force_apply: args.force_apply,
+        cleanup_only: args.cleanup_only,
+    };
     let outcome = match choice.backend {
         BackendKind::Nftables => netfilter::apply_nftables(netns, &cfg, mode)?,
         _ => {
@@ -101,6 +114,9 @@ pub fn run(args: &ApplyArgs) -> Result<Result<(), ConfigError>> {
         Outcome::Removed => "rules removed",
         Outcome::NothingToRemove => "no rules of ours found; nothing to remove",
     };
-    eprintln!("interceptor: {what} ({:?} backend: {})", choice.backend, choice.why);
+    eprintln!(
+        "interceptor: {what} ({:?} backend: {})",
+        choice.backend, choice.why
+    );
     Ok(Ok(()))
 }

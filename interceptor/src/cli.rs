@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
-#[command(name = "interceptor", version, about = "eBPF replacement for istio-init's traffic interception")]
+#[command(
+    name = "interceptor",
+    version,
+    about = "eBPF replacement for istio-init's traffic interception"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -43,10 +47,20 @@ pub struct ApplyArgs {
     #[arg(short = 'p', long = "envoy-port", default_value = "15001")]
     pub envoy_port: String,
     /// Inbound redirect / TPROXY target port.
-    #[arg(short = 'z', long, env = "INBOUND_CAPTURE_PORT", default_value = "15006")]
+    #[arg(
+        short = 'z',
+        long,
+        env = "INBOUND_CAPTURE_PORT",
+        default_value = "15006"
+    )]
     pub inbound_capture_port: String,
     /// HBONE tunnel port, always excluded from inbound capture.
-    #[arg(short = 'e', long, env = "INBOUND_TUNNEL_PORT", default_value = "15008")]
+    #[arg(
+        short = 'e',
+        long,
+        env = "INBOUND_TUNNEL_PORT",
+        default_value = "15008"
+    )]
     pub inbound_tunnel_port: String,
     /// Comma list of proxy uids never redirected (default: uid of $ENVOY_USER, else 1337).
     #[arg(short = 'u', long, env = "PROXY_UID")]
@@ -55,37 +69,78 @@ pub struct ApplyArgs {
     #[arg(short = 'g', long, env = "PROXY_GID")]
     pub proxy_gid: Option<String>,
     /// Inbound interception mode: REDIRECT or TPROXY.
-    #[arg(short = 'm', long, env = "ISTIO_INBOUND_INTERCEPTION_MODE", default_value = "")]
+    #[arg(
+        short = 'm',
+        long,
+        env = "ISTIO_INBOUND_INTERCEPTION_MODE",
+        default_value = ""
+    )]
     pub istio_inbound_interception_mode: String,
     /// Inbound ports to capture: `*` for all, a comma list, or empty for none.
-    #[arg(short = 'b', long, env = "ISTIO_INBOUND_PORTS", default_value = "", allow_hyphen_values = true)]
+    #[arg(
+        short = 'b',
+        long,
+        env = "ISTIO_INBOUND_PORTS",
+        default_value = "",
+        allow_hyphen_values = true
+    )]
     pub istio_inbound_ports: String,
     /// Inbound ports not captured when `-b '*'`.
-    #[arg(short = 'd', long, env = "ISTIO_LOCAL_EXCLUDE_PORTS", default_value = "")]
+    #[arg(
+        short = 'd',
+        long,
+        env = "ISTIO_LOCAL_EXCLUDE_PORTS",
+        default_value = ""
+    )]
     pub istio_local_exclude_ports: String,
     /// Interfaces skipped in both directions.
-    #[arg(short = 'c', long, env = "ISTIO_EXCLUDE_INTERFACES", default_value = "")]
+    #[arg(
+        short = 'c',
+        long,
+        env = "ISTIO_EXCLUDE_INTERFACES",
+        default_value = ""
+    )]
     pub istio_exclude_interfaces: String,
     /// Outbound CIDRs to capture: `*` for all, a comma list, or empty for none.
     #[arg(short = 'i', long, env = "ISTIO_SERVICE_CIDR", default_value = "")]
     pub istio_service_cidr: String,
     /// Outbound CIDRs never captured.
-    #[arg(short = 'x', long, env = "ISTIO_SERVICE_EXCLUDE_CIDR", default_value = "")]
+    #[arg(
+        short = 'x',
+        long,
+        env = "ISTIO_SERVICE_EXCLUDE_CIDR",
+        default_value = ""
+    )]
     pub istio_service_exclude_cidr: String,
     /// Outbound ports always captured.
     #[arg(short = 'q', long, env = "ISTIO_OUTBOUND_PORTS", default_value = "")]
     pub istio_outbound_ports: String,
     /// Outbound ports never captured (tcp and udp).
-    #[arg(short = 'o', long, env = "ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE", default_value = "")]
+    #[arg(
+        short = 'o',
+        long,
+        env = "ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE",
+        default_value = ""
+    )]
     pub istio_local_outbound_ports_exclude: String,
     /// Interfaces whose inbound traffic is treated as outbound.
     #[arg(short = 'k', long, env = "KUBE_VIRT_INTERFACES", default_value = "")]
     pub kube_virt_interfaces: String,
     /// TPROXY mark.
-    #[arg(short = 't', long, env = "ISTIO_INBOUND_TPROXY_MARK", default_value = "1337")]
+    #[arg(
+        short = 't',
+        long,
+        env = "ISTIO_INBOUND_TPROXY_MARK",
+        default_value = "1337"
+    )]
     pub istio_inbound_tproxy_mark: String,
     /// TPROXY routing table.
-    #[arg(short = 'r', long, env = "ISTIO_INBOUND_TPROXY_ROUTE_TABLE", default_value = "133")]
+    #[arg(
+        short = 'r',
+        long,
+        env = "ISTIO_INBOUND_TPROXY_ROUTE_TABLE",
+        default_value = "133"
+    )]
     pub istio_inbound_tproxy_route_table: String,
     /// Print what would be applied; apply nothing.
     #[arg(short = 'n', long, env = "DRY_RUN")]

@@ -11,7 +11,8 @@ use crate::cli::ApplyArgs;
 use crate::netns;
 
 fn env_true(name: &str) -> bool {
-    std::env::var(name).is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "true" | "1" | "yes" | "on"))
+    std::env::var(name)
+        .is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "true" | "1" | "yes" | "on"))
 }
 
 fn env_or(name: &str, default: &str) -> String {
@@ -78,7 +79,11 @@ pub fn resolv_conf_servers(netns: Option<&Path>) -> String {
 pub fn raw_config(a: &ApplyArgs) -> Result<RawConfig, ConfigError> {
     if let Some(ns) = &a.network_namespace {
         if !ns.exists() {
-            return Err(ConfigError::new("--network-namespace", ns.display().to_string(), "does not exist"));
+            return Err(ConfigError::new(
+                "--network-namespace",
+                ns.display().to_string(),
+                "does not exist",
+            ));
         }
         if !netns::is_netns(ns) {
             return Err(ConfigError::new(
@@ -94,7 +99,11 @@ pub fn raw_config(a: &ApplyArgs) -> Result<RawConfig, ConfigError> {
     let enable_ipv6 = match a.ipv6 {
         Some(v) => v,
         None => detect_ipv6(netns).map_err(|e| {
-            ConfigError::new("--ipv6", "", format!("cannot detect IPv6 from the netns ({e:#}); pass --ipv6 true|false"))
+            ConfigError::new(
+                "--ipv6",
+                "",
+                format!("cannot detect IPv6 from the netns ({e:#}); pass --ipv6 true|false"),
+            )
         })?,
     };
     // Istio reads resolv.conf only when it will use it.
@@ -138,9 +147,20 @@ pub fn load(a: &ApplyArgs) -> Result<Config, ConfigError> {
         .parse::<u16>()
         .ok()
         .filter(|p| *p != 0)
-        .ok_or_else(|| ConfigError::new("--iptables-probe-port", &a.iptables_probe_port, "not a port number (1-65535)"))?;
-    parse_go_duration(&a.probe_timeout)
-        .ok_or_else(|| ConfigError::new("--probe-timeout", &a.probe_timeout, "not a duration such as 5s or 500ms"))?;
+        .ok_or_else(|| {
+            ConfigError::new(
+                "--iptables-probe-port",
+                &a.iptables_probe_port,
+                "not a port number (1-65535)",
+            )
+        })?;
+    parse_go_duration(&a.probe_timeout).ok_or_else(|| {
+        ConfigError::new(
+            "--probe-timeout",
+            &a.probe_timeout,
+            "not a duration such as 5s or 500ms",
+        )
+    })?;
     Ok(cfg)
 }
 

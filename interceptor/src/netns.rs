@@ -31,7 +31,9 @@ pub fn command(path: Option<&Path>, program: &str) -> Command {
     match path {
         Some(p) => {
             let mut c = Command::new("nsenter");
-            c.arg(format!("--net={}", p.display())).arg("--").arg(program);
+            c.arg(format!("--net={}", p.display()))
+                .arg("--")
+                .arg(program);
             c
         }
         None => Command::new(program),

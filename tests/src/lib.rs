@@ -2,6 +2,7 @@
 //! topology (pod / sidecar / upstream in their own network namespaces).
 
 pub mod bin;
+pub mod cases;
 pub mod conformance;
 pub mod sidecar;
 pub mod topology;

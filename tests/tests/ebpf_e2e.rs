@@ -26,28 +26,60 @@ fn connect_is_rewritten_to_the_sidecar_with_original_destination() {
     .unwrap();
     let local = [IpAddr::V4(topo.pod_v4()), IpAddr::V6(topo.pod_v6())];
     let baseline = dp.connection_entries().unwrap();
-    dp.register_pod(topo.pod_netns(), &cfg, &local, &[]).expect("register pod");
+    dp.register_pod(topo.pod_netns(), &cfg, &local, &[])
+        .expect("register pod");
 
-    for up in [SocketAddr::new(topo.upstream_v4().into(), 8080), SocketAddr::new(topo.upstream_v6().into(), 8080)] {
+    for up in [
+        SocketAddr::new(topo.upstream_v4().into(), 8080),
+        SocketAddr::new(topo.upstream_v6().into(), 8080),
+    ] {
         // An app uid is redirected; the sidecar sees the original destination.
         let out = topo.connect_from_pod(1000, 1000, up).expect("app connect");
-        assert_eq!(out.reply, "sidecar:15001", "app connection to {up} was not redirected");
-        assert_eq!(out.peer, up, "the app's getpeername() must show the original peer");
+        assert_eq!(
+            out.reply, "sidecar:15001",
+            "app connection to {up} was not redirected"
+        );
+        assert_eq!(
+            out.peer, up,
+            "the app's getpeername() must show the original peer"
+        );
         let rec = sidecar.take_records();
         assert_eq!(rec.len(), 1, "{rec:?}");
-        assert_eq!(rec[0].original_dst, Some(up), "SO_ORIGINAL_DST on the sidecar's socket");
+        assert_eq!(
+            rec[0].original_dst,
+            Some(up),
+            "SO_ORIGINAL_DST on the sidecar's socket"
+        );
 
         // The proxy's own uid goes straight out.
-        let out = topo.connect_from_pod(1337, 1337, up).expect("proxy connect");
-        assert_eq!(out.reply, "upstream:8080", "proxy uid must not be redirected");
+        let out = topo
+            .connect_from_pod(1337, 1337, up)
+            .expect("proxy connect");
+        assert_eq!(
+            out.reply, "upstream:8080",
+            "proxy uid must not be redirected"
+        );
     }
     // An unregistered netns is untouched.
     let other = Topology::new("ebpfu").expect("second topology");
     let _up2 = TagServer::upstream(&other, 8080).unwrap();
-    let out = other.connect_from_pod(1000, 1000, SocketAddr::new(other.upstream_v4().into(), 8080)).unwrap();
-    assert_eq!(out.reply, "upstream:8080", "a netns that is not registered must be untouched");
+    let out = other
+        .connect_from_pod(
+            1000,
+            1000,
+            SocketAddr::new(other.upstream_v4().into(), 8080),
+        )
+        .unwrap();
+    assert_eq!(
+        out.reply, "upstream:8080",
+        "a netns that is not registered must be untouched"
+    );
 
     // Per-connection state is gone once connections close.
     std::thread::sleep(std::time::Duration::from_millis(200));
-    assert_eq!(dp.connection_entries().unwrap(), baseline, "per-connection map entries leaked");
+    assert_eq!(
+        dp.connection_entries().unwrap(),
+        baseline,
+        "per-connection map entries leaked"
+    );
 }

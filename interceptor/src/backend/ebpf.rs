@@ -13,8 +13,8 @@ use aya::Ebpf;
 use interceptor_common::config::Config;
 use interceptor_common::decision::PodPolicy;
 use interceptor_common::maps::{
-    mapped_v4, names, AddrKey, OrigDst, TupleKey, Cidr4Data, Cidr6Data, GroupKey, PortKey, ADDR_DNS, ADDR_LOCAL,
-    PORT_EXCLUDED, PORT_INCLUDED,
+    mapped_v4, names, AddrKey, Cidr4Data, Cidr6Data, GroupKey, OrigDst, PortKey, TupleKey,
+    ADDR_DNS, ADDR_LOCAL, PORT_EXCLUDED, PORT_INCLUDED,
 };
 use interceptor_common::policy;
 use ipnet::IpNet;
@@ -59,10 +59,19 @@ pub fn netns_cookie(path: Option<&Path>) -> Result<u64> {
         let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
         // SO_NETNS_COOKIE = 71 (Linux 5.14+).
         let r = unsafe {
-            libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, 71, (&mut cookie as *mut u64).cast(), &mut len)
+            libc::getsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                71,
+                (&mut cookie as *mut u64).cast(),
+                &mut len,
+            )
         };
         if r != 0 {
-            bail!("getsockopt(SO_NETNS_COOKIE): {}", std::io::Error::last_os_error());
+            bail!(
+                "getsockopt(SO_NETNS_COOKIE): {}",
+                std::io::Error::last_os_error()
+            );
         }
         Ok(cookie)
     })
@@ -85,7 +94,10 @@ pub struct PodHandle {
 fn v4_cidr_key(pod_id: u32, net: &ipnet::Ipv4Net) -> Key<Cidr4Data> {
     let id = pod_id.to_be_bytes();
     let a = net.network().octets();
-    Key::new(32 + u32::from(net.prefix_len()), [id[0], id[1], id[2], id[3], a[0], a[1], a[2], a[3]])
+    Key::new(
+        32 + u32::from(net.prefix_len()),
+        [id[0], id[1], id[2], id[3], a[0], a[1], a[2], a[3]],
+    )
 }
 
 fn v6_cidr_key(pod_id: u32, net: &ipnet::Ipv6Net) -> Key<Cidr6Data> {
@@ -106,39 +118,60 @@ impl Datapath {
     /// Loads every program and attaches it at `cgroup` (a cgroup v2 directory).
     pub fn load_and_attach(cgroup: &Path) -> Result<Self> {
         let mut ebpf = Ebpf::load(OBJECT).context("loading the eBPF object")?;
-        let cg = File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        let cg =
+            File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
         for name in PROGRAMS {
-            let prog = ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))?;
+            let prog = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the object"))?;
             let res = match prog {
-                aya::programs::Program::CgroupSockAddr(p) => {
-                    load_attach(p.load(), || p.attach(&cg, CgroupAttachMode::Single).map(|_| ()))
-                }
-                aya::programs::Program::SockOps(p) => {
-                    load_attach(p.load(), || p.attach(&cg, CgroupAttachMode::Single).map(|_| ()))
-                }
-                aya::programs::Program::CgroupSockopt(p) => {
-                    load_attach(p.load(), || p.attach(&cg, CgroupAttachMode::Single).map(|_| ()))
-                }
+                aya::programs::Program::CgroupSockAddr(p) => load_attach(p.load(), || {
+                    p.attach(&cg, CgroupAttachMode::Single).map(|_| ())
+                }),
+                aya::programs::Program::SockOps(p) => load_attach(p.load(), || {
+                    p.attach(&cg, CgroupAttachMode::Single).map(|_| ())
+                }),
+                aya::programs::Program::CgroupSockopt(p) => load_attach(p.load(), || {
+                    p.attach(&cg, CgroupAttachMode::Single).map(|_| ())
+                }),
                 _ => Err(anyhow!("unexpected program type")),
             };
             res.with_context(|| format!("loading/attaching {name}"))?;
         }
-        Ok(Self { ebpf, next_pod_id: 1 })
+        Ok(Self {
+            ebpf,
+            next_pod_id: 1,
+        })
     }
 
-    fn hash<K: aya::Pod, V: aya::Pod>(&mut self, name: &str) -> Result<HashMap<&mut MapData, K, V>> {
-        let map = self.ebpf.map_mut(name).ok_or_else(|| anyhow!("map {name} missing"))?;
+    fn hash<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &str,
+    ) -> Result<HashMap<&mut MapData, K, V>> {
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or_else(|| anyhow!("map {name} missing"))?;
         Ok(HashMap::try_from(map)?)
     }
 
     fn lpm<K: aya::Pod>(&mut self, name: &str) -> Result<LpmTrie<&mut MapData, K, u8>> {
-        let map = self.ebpf.map_mut(name).ok_or_else(|| anyhow!("map {name} missing"))?;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or_else(|| anyhow!("map {name} missing"))?;
         Ok(LpmTrie::try_from(map)?)
     }
 
     /// Registers the pod whose netns is at `netns` with its config and own addresses. Sets
     /// are written first and the policy last, so a connect never sees half a pod.
-    pub fn register_pod(&mut self, netns: &Path, cfg: &Config, local: &[IpAddr], groups: &[u32]) -> Result<PodHandle> {
+    pub fn register_pod(
+        &mut self,
+        netns: &Path,
+        cfg: &Config,
+        local: &[IpAddr],
+        groups: &[u32],
+    ) -> Result<PodHandle> {
         if let Some(why) = policy::ebpf_unsupported(cfg) {
             bail!("the eBPF backend cannot honour this config: {why}");
         }
@@ -149,19 +182,51 @@ impl Datapath {
         {
             let mut ports = self.hash::<PortKey, u8>(names::PORTS)?;
             for p in &tables.ports_excluded {
-                ports.insert(PortKey { pod_id, port: *p, kind: PORT_EXCLUDED }, 1, 0)?;
+                ports.insert(
+                    PortKey {
+                        pod_id,
+                        port: *p,
+                        kind: PORT_EXCLUDED,
+                    },
+                    1,
+                    0,
+                )?;
             }
             for p in &tables.ports_included {
-                ports.insert(PortKey { pod_id, port: *p, kind: PORT_INCLUDED }, 1, 0)?;
+                ports.insert(
+                    PortKey {
+                        pod_id,
+                        port: *p,
+                        kind: PORT_INCLUDED,
+                    },
+                    1,
+                    0,
+                )?;
             }
         }
         {
             let mut addrs = self.hash::<AddrKey, u8>(names::ADDRS)?;
             for a in &tables.local {
-                addrs.insert(AddrKey { pod_id, kind: ADDR_LOCAL, addr: addr16(*a) }, 1, 0)?;
+                addrs.insert(
+                    AddrKey {
+                        pod_id,
+                        kind: ADDR_LOCAL,
+                        addr: addr16(*a),
+                    },
+                    1,
+                    0,
+                )?;
             }
             for a in &tables.dns_servers {
-                addrs.insert(AddrKey { pod_id, kind: ADDR_DNS, addr: addr16(*a) }, 1, 0)?;
+                addrs.insert(
+                    AddrKey {
+                        pod_id,
+                        kind: ADDR_DNS,
+                        addr: addr16(*a),
+                    },
+                    1,
+                    0,
+                )?;
             }
         }
         {
@@ -176,21 +241,37 @@ impl Datapath {
         ] {
             for net in nets {
                 match net {
-                    IpNet::V4(n) => self.lpm::<Cidr4Data>(n4)?.insert(&v4_cidr_key(pod_id, n), 1, 0)?,
-                    IpNet::V6(n) => self.lpm::<Cidr6Data>(n6)?.insert(&v6_cidr_key(pod_id, n), 1, 0)?,
+                    IpNet::V4(n) => {
+                        self.lpm::<Cidr4Data>(n4)?
+                            .insert(&v4_cidr_key(pod_id, n), 1, 0)?
+                    }
+                    IpNet::V6(n) => {
+                        self.lpm::<Cidr6Data>(n6)?
+                            .insert(&v6_cidr_key(pod_id, n), 1, 0)?
+                    }
                 }
             }
         }
         let pol: PodPolicy = policy::pod_policy(cfg, pod_id);
-        self.hash::<u64, PodPolicy>(names::POD_POLICY)?.insert(cookie, pol, 0)?;
-        Ok(PodHandle { netns_cookie: cookie, pod_id })
+        self.hash::<u64, PodPolicy>(names::POD_POLICY)?
+            .insert(cookie, pol, 0)?;
+        Ok(PodHandle {
+            netns_cookie: cookie,
+            pod_id,
+        })
     }
 
     /// Entries of the per-connection maps (by cookie, by tuple): they must return to their
     /// baseline once connections close.
     pub fn connection_entries(&mut self) -> Result<(usize, usize)> {
-        let by_cookie = self.hash::<u64, OrigDst>(names::ORIG_BY_COOKIE)?.keys().count();
-        let by_tuple = self.hash::<TupleKey, OrigDst>(names::ORIG_BY_TUPLE)?.keys().count();
+        let by_cookie = self
+            .hash::<u64, OrigDst>(names::ORIG_BY_COOKIE)?
+            .keys()
+            .count();
+        let by_tuple = self
+            .hash::<TupleKey, OrigDst>(names::ORIG_BY_TUPLE)?
+            .keys()
+            .count();
         Ok((by_cookie, by_tuple))
     }
 }

@@ -89,16 +89,25 @@ fn parse_save(dump: &str) -> BTreeMap<String, Vec<String>> {
             table = t.trim().to_string();
         } else if let Some(decl) = line.strip_prefix(':') {
             let name = decl.split_whitespace().next().unwrap_or("");
-            tables.entry(table.clone()).or_default().push(format!(":{name}"));
+            tables
+                .entry(table.clone())
+                .or_default()
+                .push(format!(":{name}"));
         } else if line.starts_with("-A ") {
-            tables.entry(table.clone()).or_default().push(line.trim().to_string());
+            tables
+                .entry(table.clone())
+                .or_default()
+                .push(line.trim().to_string());
         }
     }
     tables
 }
 
 fn is_builtin(chain: &str) -> bool {
-    matches!(chain, "PREROUTING" | "INPUT" | "FORWARD" | "OUTPUT" | "POSTROUTING")
+    matches!(
+        chain,
+        "PREROUTING" | "INPUT" | "FORWARD" | "OUTPUT" | "POSTROUTING"
+    )
 }
 
 /// The part of a table's dump that belongs to us: ISTIO_* chains and their rules, jumps to
@@ -224,9 +233,20 @@ fn iptables_cleanup_doc(owned: &BTreeMap<String, Vec<String>>) -> String {
 }
 
 /// Applies (or with `cleanup_only` removes) the iptables rules for `cfg` in the netns.
-pub fn apply_iptables(netns: Option<&Path>, cfg: &Config, bin: &Binaries, mode: Mode) -> Result<Outcome> {
+pub fn apply_iptables(
+    netns: Option<&Path>,
+    cfg: &Config,
+    bin: &Binaries,
+    mode: Mode,
+) -> Result<Outcome> {
     let docs = iptables::render(cfg);
-    let v4 = iptables_family(netns, bin, false, (!mode.cleanup_only).then_some(docs.v4.as_str()), mode)?;
+    let v4 = iptables_family(
+        netns,
+        bin,
+        false,
+        (!mode.cleanup_only).then_some(docs.v4.as_str()),
+        mode,
+    )?;
     let v6 = match (&docs.v6, mode.cleanup_only) {
         (Some(doc), false) => Some(iptables_family(netns, bin, true, Some(doc), mode)?),
         // Clean up v6 too, but a node without IPv6 netfilter must not fail.
@@ -262,7 +282,9 @@ fn nft_list(netns: Option<&Path>) -> Result<BTreeMap<String, String>> {
                         let end = l[i..].find(" bytes ").map(|j| i + j + 7).unwrap_or(l.len());
                         let rest = &l[end..];
                         let rest = rest.split_once(' ').map(|x| x.1).unwrap_or("");
-                        l = format!("{}counter {}", &l[..i], rest).trim_end().to_string();
+                        l = format!("{}counter {}", &l[..i], rest)
+                            .trim_end()
+                            .to_string();
                     }
                     l
                 })
@@ -276,7 +298,10 @@ fn nft_list(netns: Option<&Path>) -> Result<BTreeMap<String, String>> {
 /// Applies (or removes) the nftables rules for `cfg` in the netns, as one `nft -f -` transaction.
 pub fn apply_nftables(netns: Option<&Path>, cfg: &Config, mode: Mode) -> Result<Outcome> {
     let current = nft_list(netns)?;
-    let delete: String = current.keys().map(|t| format!("delete table inet {t}\n")).collect();
+    let delete: String = current
+        .keys()
+        .map(|t| format!("delete table inet {t}\n"))
+        .collect();
     if mode.cleanup_only {
         if current.is_empty() {
             return Ok(Outcome::NothingToRemove);

@@ -120,7 +120,7 @@ impl Builder {
     }
 }
 
-/// Appends to `table.chain` only when IPv6 is on (Istio's `AppendV6RuleIfSupported`).
+/// Runs `table.append(..)` / `table.insert(..)` only when IPv6 is on (Istio's `*V6RuleIfSupported`).
 macro_rules! v6 {
     ($b:expr, $table:ident . $op:ident ( $($arg:expr),* $(,)? )) => {
         if $b.ipv6 {
