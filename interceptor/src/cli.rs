@@ -22,6 +22,57 @@ pub enum Command {
     // As with istio-iptables (pflag), a repeated flag is not an error: the last one wins.
     #[command(args_override_self = true)]
     Apply(Box<ApplyArgs>),
+    /// Unregister a pod from the eBPF datapath (its netns is left untouched otherwise).
+    Remove(RemoveArgs),
+    /// Detach and unpin every eBPF program, link and map of ours.
+    Cleanup(EbpfArgs),
+    /// Which backend `auto` would use and why: the kernel features each hook needs.
+    Doctor(EbpfArgs),
+    /// The verdict for one connection of a pod (redirect to which port, or pass) and the rule
+    /// that decided it, from the same decision model the eBPF programs follow.
+    Explain(Box<ExplainArgs>),
+}
+
+/// Where the eBPF state lives.
+#[derive(Args, Debug, Clone)]
+pub struct EbpfArgs {
+    /// bpffs folder holding our pinned programs, links and maps.
+    #[arg(long, env = "INTERCEPTOR_BPFFS", default_value = "/sys/fs/bpf/interceptor")]
+    pub bpffs: PathBuf,
+    /// cgroup v2 directory the programs attach to (default: the cgroup v2 root, detected).
+    #[arg(long, env = "INTERCEPTOR_CGROUP")]
+    pub cgroup: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RemoveArgs {
+    /// The pod's network namespace.
+    #[arg(long, env = "NETWORK_NAMESPACE")]
+    pub network_namespace: PathBuf,
+    #[command(flatten)]
+    pub ebpf: EbpfArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ExplainArgs {
+    /// uid of the connecting process.
+    #[arg(long)]
+    pub uid: u32,
+    /// gid of the connecting process (default: the uid).
+    #[arg(long)]
+    pub gid: Option<u32>,
+    /// Destination IP:PORT ([v6]:port for IPv6).
+    #[arg(long)]
+    pub dst: std::net::SocketAddr,
+    /// Source address the socket is bound to, if any (e.g. 127.0.0.6).
+    #[arg(long)]
+    pub src: Option<std::net::IpAddr>,
+    /// Decide for UDP instead of TCP.
+    #[arg(long)]
+    pub udp: bool,
+    /// The pod's interception config, exactly as for `apply`.
+    #[command(flatten)]
+    pub apply: ApplyArgs,
 }
 
 /// Which mechanism installs the interception.
@@ -193,4 +244,9 @@ pub struct ApplyArgs {
     /// DNS servers to capture, comma list of v4/v6 (default: the resolv.conf in effect).
     #[arg(long)]
     pub dns_servers: Option<String>,
+    /// Log decisions from the eBPF programs (compiled out of the hot path unless set at load).
+    #[arg(long, env = "INTERCEPTOR_EBPF_LOG")]
+    pub ebpf_log: bool,
+    #[command(flatten)]
+    pub ebpf: EbpfArgs,
 }
