@@ -20,6 +20,7 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockOpsContext, SockoptContext},
     EbpfContext,
 };
+use aya_log_ebpf::info;
 use interceptor_common::{
     decision::{decide, Addr, Conn, PodPolicy, PodTables, Proto, Verdict},
     maps::{
@@ -41,6 +42,16 @@ const SOCK_OPS_STATE_CB: u32 = 10;
 const TCP_CLOSE: u32 = 7;
 
 const MAX_PODS: u32 = 4096;
+
+/// Set by the loader (`--ebpf-log`). It lives in .rodata, which the loader freezes, so the
+/// verifier knows its value and prunes every log call when it is 0: the hot path pays nothing.
+#[unsafe(no_mangle)]
+static LOG_ENABLED: u8 = 0;
+
+#[inline(always)]
+fn log_enabled() -> bool {
+    unsafe { core::ptr::read_volatile(&LOG_ENABLED) != 0 }
+}
 
 #[map]
 static POD_POLICY: HashMap<u64, PodPolicy> = HashMap::with_max_entries(MAX_PODS, 0);
@@ -216,13 +227,15 @@ fn on_connect(ctx: &SockAddrContext, v6: bool) {
         uid: ug as u32,
         gid: (ug >> 32) as u32,
     };
-    let Verdict::Redirect { port, .. } = decide(
-        policy,
-        &MapTables {
-            pod_id: policy.pod_id,
-        },
-        &conn,
-    ) else {
+    let verdict = decide(policy, &MapTables { pod_id: policy.pod_id }, &conn);
+    if log_enabled() {
+        let (port, reason) = match verdict {
+            Verdict::Redirect { port, reason } => (port, reason as u32),
+            Verdict::Pass(reason) => (0, reason as u32),
+        };
+        info!(ctx, "connect netns={} uid={} dport={} -> port={} rule={}", netns, conn.uid, dport, port, reason);
+    }
+    let Verdict::Redirect { port, .. } = verdict else {
         return;
     };
     let addr = match dst {

@@ -1,11 +1,15 @@
 //! `interceptor apply`: validate, choose the backend, then print (dry run) or install.
 
 use anyhow::{bail, Result};
+use std::path::Path;
+
 use interceptor_common::config::{Config, ConfigError};
+use interceptor_common::policy;
 
 use crate::backend::netfilter::{self, Mode, Outcome};
+use crate::backend::ebpf::{detect_cgroup2_root, Pins};
 use crate::backend::{exec, iptables, nftables};
-use crate::cli::{ApplyArgs, BackendKind};
+use crate::cli::{ApplyArgs, BackendKind, EbpfArgs, RemoveArgs};
 
 /// The backend that will serve the pod, and why it was chosen.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -14,8 +18,10 @@ pub struct Choice {
     pub why: String,
 }
 
-/// Resolves `--backend` (and Istio's `--native-nftables`) to a concrete backend.
-pub fn choose_backend(args: &ApplyArgs, _cfg: &Config) -> Result<Choice, ConfigError> {
+/// Resolves `--backend` (and Istio's `--native-nftables`) to a concrete backend. `auto` takes
+/// eBPF when the kernel offers every hook and the config needs nothing eBPF cannot do, and says
+/// why when it falls back.
+pub fn choose_backend(args: &ApplyArgs, cfg: &Config) -> Result<Choice, ConfigError> {
     if args.native_nftables && !matches!(args.backend, BackendKind::Auto | BackendKind::Nftables) {
         return Err(ConfigError::new(
             "--native-nftables",
@@ -23,43 +29,59 @@ pub fn choose_backend(args: &ApplyArgs, _cfg: &Config) -> Result<Choice, ConfigE
             format!("conflicts with --backend {:?}", args.backend).to_lowercase(),
         ));
     }
-    let choice = |backend, why: &str| {
-        Ok(Choice {
-            backend,
-            why: why.to_string(),
-        })
+    let choice = |backend, why: String| Ok(Choice { backend, why });
+    let netfilter = |why: String| {
+        if exec::available("iptables-restore") {
+            choice(BackendKind::Iptables, format!("{why}; iptables-restore found"))
+        } else if exec::available("nft") {
+            choice(BackendKind::Nftables, format!("{why}; nft found"))
+        } else {
+            Err(ConfigError::new("--backend", "auto", format!("{why}, and neither iptables-restore nor nft is installed")))
+        }
     };
     match args.backend {
-        BackendKind::Ebpf => Err(ConfigError::new(
-            "--backend",
-            "ebpf",
-            "the eBPF backend is not yet supported by this build; use iptables or nftables",
-        )),
-        BackendKind::Iptables => choice(BackendKind::Iptables, "requested with --backend iptables"),
-        BackendKind::Nftables => choice(BackendKind::Nftables, "requested with --backend nftables"),
-        BackendKind::Auto if args.native_nftables => {
-            choice(BackendKind::Nftables, "--native-nftables")
+        BackendKind::Ebpf => match policy::ebpf_unsupported(cfg) {
+            Some(why) => Err(ConfigError::new("--backend", "ebpf", format!("refused: {why}"))),
+            None => choice(BackendKind::Ebpf, "requested with --backend ebpf".into()),
+        },
+        BackendKind::Iptables => choice(BackendKind::Iptables, "requested with --backend iptables".into()),
+        BackendKind::Nftables => choice(BackendKind::Nftables, "requested with --backend nftables".into()),
+        BackendKind::Auto if args.native_nftables => choice(BackendKind::Nftables, "--native-nftables".into()),
+        BackendKind::Auto => {
+            if let Some(why) = policy::ebpf_unsupported(cfg) {
+                return netfilter(format!("eBPF cannot honour this config ({why})"));
+            }
+            match crate::doctor::ebpf_missing(&args.ebpf) {
+                Some(why) => netfilter(format!("eBPF unavailable ({why})")),
+                None => choice(BackendKind::Ebpf, "the kernel supports every eBPF hook needed".into()),
+            }
         }
-        BackendKind::Auto if exec::available("iptables-restore") => choice(
-            BackendKind::Iptables,
-            "eBPF backend not yet available; iptables-restore found",
-        ),
-        BackendKind::Auto if exec::available("nft") => choice(
-            BackendKind::Nftables,
-            "eBPF backend not yet available; nft found",
-        ),
-        BackendKind::Auto => Err(ConfigError::new(
-            "--backend",
-            "auto",
-            "no usable backend: neither iptables-restore nor nft is installed",
-        )),
     }
 }
 
-/// What `--dry-run` prints: exactly the documents that would be fed to the tools.
-pub fn render(backend: BackendKind, cfg: &Config) -> String {
-    match backend {
+/// What `--dry-run` prints: exactly the documents that would be fed to the tools, or for eBPF
+/// the map entries that would be written.
+pub fn render(backend: BackendKind, cfg: &Config, netns: Option<&Path>) -> Result<String> {
+    Ok(match backend {
         BackendKind::Nftables => nftables::render(cfg),
+        BackendKind::Ebpf => {
+            let t = crate::explain::pod_tables(cfg, netns)?;
+            let p = policy::pod_policy(cfg, 0);
+            let mut out = format!("# eBPF map entries for this pod (keyed by its netns cookie)\npolicy: {p:?}\n");
+            let mut sorted = |name: &str, items: Vec<String>| {
+                let mut items = items;
+                items.sort();
+                out.push_str(&format!("{name}: [{}]\n", items.join(", ")));
+            };
+            sorted("ports_excluded", t.ports_excluded.iter().map(u16::to_string).collect());
+            sorted("ports_included", t.ports_included.iter().map(u16::to_string).collect());
+            sorted("cidrs_excluded", t.cidrs_excluded.iter().map(ToString::to_string).collect());
+            sorted("cidrs_included", t.cidrs_included.iter().map(ToString::to_string).collect());
+            sorted("local_addrs", t.local.iter().map(ToString::to_string).collect());
+            sorted("dns_servers", t.dns_servers.iter().map(ToString::to_string).collect());
+            sorted("owner_gids", t.groups.iter().map(u32::to_string).collect());
+            out
+        }
         _ => {
             let docs = iptables::render(cfg);
             let mut out = docs.v4;
@@ -68,7 +90,55 @@ pub fn render(backend: BackendKind, cfg: &Config) -> String {
             }
             out
         }
+    })
+}
+
+fn cgroup_of(a: &EbpfArgs) -> Result<std::path::PathBuf> {
+    match &a.cgroup {
+        Some(c) => Ok(c.clone()),
+        None => detect_cgroup2_root(),
     }
+}
+
+/// The netns a command targets: the given one, else this process's own.
+fn netns_or_self(p: Option<&Path>) -> &Path {
+    p.unwrap_or(Path::new("/proc/self/ns/net"))
+}
+
+fn apply_ebpf(args: &ApplyArgs, cfg: &Config) -> Result<&'static str> {
+    let pins = Pins::new(&args.ebpf.bpffs);
+    let netns = netns_or_self(args.network_namespace.as_deref());
+    if args.cleanup_only {
+        if !pins.loaded() {
+            return Ok("eBPF programs not loaded; nothing to remove");
+        }
+        return Ok(if pins.maps()?.remove(netns)? { "pod unregistered" } else { "pod was not registered" });
+    }
+    let loaded = pins.ensure_loaded(&cgroup_of(&args.ebpf)?, args.ebpf_log)?;
+    let tables = crate::explain::pod_tables(cfg, Some(netns))?;
+    let local: Vec<_> = tables.local.iter().copied().collect();
+    let groups: Vec<_> = tables.groups.iter().copied().collect();
+    let handle = pins.maps()?.register(netns, cfg, &local, &groups)?;
+    tracing::info!(cookie = handle.netns_cookie, pod_id = handle.pod_id, "pod registered");
+    Ok(if loaded { "programs loaded and attached; pod registered" } else { "pod registered" })
+}
+
+/// `interceptor remove`: unregisters a pod from the eBPF datapath.
+pub fn remove(args: &RemoveArgs) -> Result<()> {
+    let pins = Pins::new(&args.ebpf.bpffs);
+    if !pins.loaded() {
+        bail!("the eBPF programs are not loaded under {}", args.ebpf.bpffs.display());
+    }
+    let removed = pins.maps()?.remove(&args.network_namespace)?;
+    eprintln!("interceptor: {}", if removed { "pod unregistered" } else { "pod was not registered" });
+    Ok(())
+}
+
+/// `interceptor cleanup`: detaches and unpins every program, link and map of ours.
+pub fn cleanup(args: &EbpfArgs) -> Result<()> {
+    let removed = Pins::new(&args.bpffs).cleanup(&cgroup_of(args)?)?;
+    eprintln!("interceptor: {}", if removed { "eBPF programs detached and unpinned" } else { "nothing to clean up" });
+    Ok(())
 }
 
 /// Runs `apply` after validation. Validation errors come back as `Err(ConfigError)` so that
@@ -87,7 +157,7 @@ pub fn run(args: &ApplyArgs) -> Result<Result<(), ConfigError>> {
     }
     if args.dry_run {
         eprintln!("# backend: {:?} ({})", choice.backend, choice.why);
-        print!("{}", render(choice.backend, &cfg));
+        print!("{}", render(choice.backend, &cfg, args.network_namespace.as_deref())?);
         return Ok(Ok(()));
     }
     if args.skip_rule_apply {
@@ -100,6 +170,11 @@ pub fn run(args: &ApplyArgs) -> Result<Result<(), ConfigError>> {
         force_apply: args.force_apply,
         cleanup_only: args.cleanup_only,
     };
+    if choice.backend == BackendKind::Ebpf {
+        let what = apply_ebpf(args, &cfg)?;
+        eprintln!("interceptor: {what} (Ebpf backend: {})", choice.why);
+        return Ok(Ok(()));
+    }
     let outcome = match choice.backend {
         BackendKind::Nftables => netfilter::apply_nftables(netns, &cfg, mode)?,
         _ => {

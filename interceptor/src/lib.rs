@@ -5,4 +5,6 @@ pub mod apply;
 pub mod backend;
 pub mod cli;
 pub mod config;
+pub mod doctor;
+pub mod explain;
 pub mod netns;

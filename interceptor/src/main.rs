@@ -11,6 +11,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Apply(args) => interceptor::apply::run(args),
+        Command::Remove(args) => interceptor::apply::remove(args).map(Ok),
+        Command::Cleanup(args) => interceptor::apply::cleanup(args).map(Ok),
+        Command::Doctor(args) => interceptor::doctor::run(args).map(Ok),
+        Command::Explain(args) => interceptor::explain::run(args),
     };
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,

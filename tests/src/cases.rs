@@ -7,6 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use anyhow::{ensure, Context, Result};
 
 use crate::bin;
+use crate::ebpf::EbpfInstall;
 use crate::sidecar::{Sidecar, TagServer};
 use crate::topology::Topology;
 
@@ -44,10 +45,11 @@ pub const EXCLUDED_OUT_PORT: u16 = 9999;
 pub const INCLUDED_OUT_PORT: u16 = 7777;
 pub const APP_UID: u32 = 1000;
 
-/// Runs `interceptor apply` in the pod netns; panics with its stderr on failure.
-pub fn apply(topo: &Topology, flavor: Flavor, extra: &[&str]) -> Result<String> {
-    let ns = topo.pod_netns().to_str().context("netns path")?.to_string();
-    let mut args = vec!["apply", "--network-namespace", ns.as_str()];
+/// Runs `interceptor apply` for the pod with `flavor`; an error carries its stderr.
+pub fn apply(pod: &Pod, flavor: Flavor, extra: &[&str]) -> Result<String> {
+    let ns = pod.topo.pod_netns().to_str().context("netns path")?.to_string();
+    let bpffs = pod.ebpf.dir().to_str().context("bpffs path")?.to_string();
+    let mut args = vec!["apply", "--network-namespace", ns.as_str(), "--bpffs", bpffs.as_str()];
     args.extend_from_slice(flavor.args());
     args.extend_from_slice(extra);
     let out = bin::run(&args, &[]);
@@ -100,6 +102,8 @@ pub fn ruleset(topo: &Topology) -> String {
 
 /// The pod: sidecar, app servers and upstream servers running.
 pub struct Pod {
+    /// Declared first so it is dropped last among the servers but before the topology.
+    pub ebpf: EbpfInstall,
     pub topo: Topology,
     pub sidecar: Sidecar,
     _app: TagServer,
@@ -123,6 +127,7 @@ impl Pod {
             None,
         )?;
         Ok(Self {
+            ebpf: EbpfInstall::new(tag),
             topo,
             sidecar,
             _app: app,
@@ -169,7 +174,7 @@ pub fn outbound_defaults(flavor: Flavor) -> Result<usize> {
     if flavor.has_inbound() {
         flags.extend_from_slice(&["-b", "*", "-d", "9081,15090,15021,15020"]);
     }
-    apply(t, flavor, &flags)?;
+    apply(&pod, flavor, &flags)?;
     let mut checked = 0;
     for up in [
         sa(t.upstream_v4(), UPSTREAM_PORT),
@@ -258,7 +263,7 @@ pub fn outbound_includes(flavor: Flavor) -> Result<usize> {
     let t = &pod.topo;
     let include = format!("{}/32,{}/128", t.upstream_v4(), t.upstream_v6());
     let port = INCLUDED_OUT_PORT.to_string();
-    apply(t, flavor, &["-i", &include, "-q", &port, "--ipv6", "true"])?;
+    apply(&pod, flavor, &["-i", &include, "-q", &port, "--ipv6", "true"])?;
     let mut checked = 0;
     for (up, ex) in [
         (IpAddr::from(t.upstream_v4()), IpAddr::from(t.excluded_v4())),

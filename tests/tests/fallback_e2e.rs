@@ -32,11 +32,11 @@ fn lifecycle(flavor: Flavor) {
     let t = &pod.topo;
     let before = ruleset(t);
     let flags = ["-i", "*", "-b", "*", "-d", "15020", "--ipv6", "true"];
-    let first = apply(t, flavor, &flags).unwrap();
+    let first = apply(&pod, flavor, &flags).unwrap();
     assert!(first.contains("rules applied"), "{flavor:?}: {first}");
     let installed = ruleset(t);
     assert_ne!(installed, before, "{flavor:?}: nothing was installed");
-    let second = apply(t, flavor, &flags).unwrap();
+    let second = apply(&pod, flavor, &flags).unwrap();
     assert!(
         second.contains("already in place"),
         "{flavor:?}: second apply was not a no-op: {second}"
@@ -49,7 +49,7 @@ fn lifecycle(flavor: Flavor) {
     // A different config is drift: refused without --reconcile, replaced with it.
     let drift = ["-i", "*", "-b", "*", "-d", "15021", "--ipv6", "true"];
     assert!(
-        apply(t, flavor, &drift).is_err(),
+        apply(&pod, flavor, &drift).is_err(),
         "{flavor:?}: drift applied without --reconcile"
     );
     assert_eq!(
@@ -59,7 +59,7 @@ fn lifecycle(flavor: Flavor) {
     );
     let mut with = drift.to_vec();
     with.push("--reconcile");
-    let out = apply(t, flavor, &with).unwrap();
+    let out = apply(&pod, flavor, &with).unwrap();
     assert!(out.contains("replaced"), "{flavor:?}: {out}");
     assert!(
         ruleset(t).contains("15021"),
@@ -68,13 +68,13 @@ fn lifecycle(flavor: Flavor) {
     let mut force = drift.to_vec();
     force.push("--force-apply");
     assert!(
-        apply(t, flavor, &force).unwrap().contains("replaced"),
+        apply(&pod, flavor, &force).unwrap().contains("replaced"),
         "{flavor:?}: --force-apply"
     );
     let mut clean = drift.to_vec();
     clean.push("--cleanup-only");
     assert!(
-        apply(t, flavor, &clean).unwrap().contains("removed"),
+        apply(&pod, flavor, &clean).unwrap().contains("removed"),
         "{flavor:?}: cleanup"
     );
     assert_eq!(
@@ -83,7 +83,7 @@ fn lifecycle(flavor: Flavor) {
         "{flavor:?}: cleanup did not restore the ruleset"
     );
     assert!(
-        apply(t, flavor, &clean)
+        apply(&pod, flavor, &clean)
             .unwrap()
             .contains("nothing to remove"),
         "{flavor:?}: second cleanup"
@@ -113,7 +113,7 @@ fn ipv6_disabled_node_does_not_fail() {
     t.pod_exec("sysctl", &["-qw", "net.ipv6.conf.all.disable_ipv6=1"], None)
         .unwrap();
     for flavor in [Flavor::IptablesNft, Flavor::Nftables] {
-        apply(t, flavor, &["-i", "*"]).unwrap_or_else(|e| panic!("{flavor:?}: {e:#}"));
+        apply(&pod, flavor, &["-i", "*"]).unwrap_or_else(|e| panic!("{flavor:?}: {e:#}"));
         let v6 = t
             .pod_exec("ip6tables-nft-save", &[], None)
             .unwrap_or_default();
@@ -121,7 +121,7 @@ fn ipv6_disabled_node_does_not_fail() {
             !v6.contains("ISTIO"),
             "{flavor:?}: IPv6 rules installed although IPv6 is off"
         );
-        apply(t, flavor, &["-i", "*", "--cleanup-only"])
+        apply(&pod, flavor, &["-i", "*", "--cleanup-only"])
             .unwrap_or_else(|e| panic!("{flavor:?}: {e:#}"));
     }
 }

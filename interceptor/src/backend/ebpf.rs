@@ -1,20 +1,26 @@
-//! The eBPF backend: loads interceptor-ebpf's programs, attaches them at a cgroup v2 root and
-//! registers pods (by netns cookie) in the maps the programs read.
+//! The eBPF backend: loads interceptor-ebpf's programs once, attaches them at a cgroup v2 root
+//! and pins programs, links and maps under a bpffs folder of ours so they outlive the process;
+//! pods are registered (by netns cookie) with a few map writes.
+//!
+//! Layout under the bpffs folder: `maps/<MAP>`, `links/<program>` (bpf_link pins: unpinning
+//! detaches), `progs/ic_getsockopt`. aya 0.14 cannot turn a cgroup-sockopt link into a
+//! pinnable `FdLink`, so getsockopt is attached with `BPF_PROG_ATTACH` (multi mode), which
+//! lives until `cleanup` detaches it.
 
 use std::fs::File;
 use std::net::IpAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use aya::maps::{lpm_trie::Key, HashMap, LpmTrie, MapData};
-use aya::programs::CgroupAttachMode;
-use aya::Ebpf;
+use aya::maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData};
+use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSockopt, Program};
+use aya::{Ebpf, EbpfLoader};
 use interceptor_common::config::Config;
 use interceptor_common::decision::PodPolicy;
 use interceptor_common::maps::{
-    mapped_v4, names, AddrKey, Cidr4Data, Cidr6Data, GroupKey, OrigDst, PortKey, TupleKey,
-    ADDR_DNS, ADDR_LOCAL, PORT_EXCLUDED, PORT_INCLUDED,
+    mapped_v4, names, AddrKey, Cidr4Data, Cidr6Data, GroupKey, OrigDst, PortKey, TupleKey, ADDR_DNS,
+    ADDR_LOCAL, PORT_EXCLUDED, PORT_INCLUDED,
 };
 use interceptor_common::policy;
 use ipnet::IpNet;
@@ -24,15 +30,29 @@ use crate::netns;
 /// The object built by build.rs from interceptor-ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/interceptor"));
 
-/// Every program and the hook it attaches to.
-pub const PROGRAMS: &[&str] = &[
-    "ic_connect4",
-    "ic_connect6",
-    "ic_sockops",
-    "ic_getsockopt",
-    "ic_getpeername4",
-    "ic_getpeername6",
+/// Programs attached with a pinnable bpf_link.
+pub const LINKED_PROGRAMS: &[&str] =
+    &["ic_connect4", "ic_connect6", "ic_sockops", "ic_getpeername4", "ic_getpeername6"];
+/// The program attached with BPF_PROG_ATTACH (see the module docs).
+pub const GETSOCKOPT_PROGRAM: &str = "ic_getsockopt";
+/// Every map the programs use.
+pub const MAPS: &[&str] = &[
+    names::POD_POLICY,
+    names::PORTS,
+    names::ADDRS,
+    names::GROUPS,
+    names::CIDR4_EXCL,
+    names::CIDR4_INCL,
+    names::CIDR6_EXCL,
+    names::CIDR6_INCL,
+    names::ORIG_BY_COOKIE,
+    names::ORIG_BY_TUPLE,
 ];
+
+const BPF_PROG_ATTACH: libc::c_long = 8;
+const BPF_PROG_DETACH: libc::c_long = 9;
+const BPF_CGROUP_GETSOCKOPT: u32 = 21;
+const BPF_F_ALLOW_MULTI: u32 = 2;
 
 /// The cgroup v2 mount point: `/sys/fs/cgroup` on unified hosts, `/sys/fs/cgroup/unified` on
 /// hybrid ones. Read from /proc/mounts rather than guessed.
@@ -49,6 +69,15 @@ pub fn detect_cgroup2_root() -> Result<PathBuf> {
         .ok_or_else(|| anyhow!("no cgroup v2 mount found in /proc/mounts (cgroup v2 is required)"))
 }
 
+/// Whether a bpffs is mounted at or above `dir`.
+pub fn bpffs_mounted(dir: &Path) -> bool {
+    let Ok(mounts) = std::fs::read_to_string("/proc/mounts") else { return false };
+    mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        matches!((f.next(), f.next(), f.next()), (Some(_), Some(m), Some("bpf")) if dir.starts_with(m))
+    })
+}
+
 /// SO_NETNS_COOKIE of a socket created inside the netns at `path`.
 pub fn netns_cookie(path: Option<&Path>) -> Result<u64> {
     netns::run_in(path, || {
@@ -59,45 +88,177 @@ pub fn netns_cookie(path: Option<&Path>) -> Result<u64> {
         let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
         // SO_NETNS_COOKIE = 71 (Linux 5.14+).
         let r = unsafe {
-            libc::getsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                71,
-                (&mut cookie as *mut u64).cast(),
-                &mut len,
-            )
+            libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, 71, (&mut cookie as *mut u64).cast(), &mut len)
         };
         if r != 0 {
-            bail!(
-                "getsockopt(SO_NETNS_COOKIE): {}",
-                std::io::Error::last_os_error()
-            );
+            bail!("getsockopt(SO_NETNS_COOKIE): {}", std::io::Error::last_os_error());
         }
         Ok(cookie)
     })
 }
 
-/// Loaded and attached programs plus their maps, for the life of this value (dropping it
-/// detaches everything).
-pub struct Datapath {
-    ebpf: Ebpf,
-    next_pod_id: u32,
+fn prog_attach(cmd: libc::c_long, cgroup: BorrowedFd<'_>, prog: BorrowedFd<'_>, flags: u32) -> std::io::Result<()> {
+    // union bpf_attr for BPF_PROG_ATTACH/DETACH: target_fd, attach_bpf_fd, attach_type, attach_flags.
+    let mut attr = [0u32; 8];
+    attr[0] = cgroup.as_raw_fd() as u32;
+    attr[1] = prog.as_raw_fd() as u32;
+    attr[2] = BPF_CGROUP_GETSOCKOPT;
+    attr[3] = flags;
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of_val(&attr)) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
-/// A registered pod.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PodHandle {
-    pub netns_cookie: u64,
-    pub pod_id: u32,
+/// The pinned state of one interceptor installation.
+#[derive(Debug, Clone)]
+pub struct Pins {
+    pub dir: PathBuf,
+}
+
+impl Pins {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+    fn map(&self, name: &str) -> PathBuf {
+        self.dir.join("maps").join(name)
+    }
+    fn link(&self, prog: &str) -> PathBuf {
+        self.dir.join("links").join(prog)
+    }
+    fn prog(&self, prog: &str) -> PathBuf {
+        self.dir.join("progs").join(prog)
+    }
+
+    /// Whether every program is attached (all link pins and the getsockopt pin exist).
+    pub fn loaded(&self) -> bool {
+        LINKED_PROGRAMS.iter().all(|p| self.link(p).exists()) && self.prog(GETSOCKOPT_PROGRAM).exists()
+    }
+
+    /// Loads the programs and attaches them at `cgroup` unless already loaded; returns whether
+    /// it loaded them now. Maps already pinned are reused (their entries survive).
+    pub fn ensure_loaded(&self, cgroup: &Path, log: bool) -> Result<bool> {
+        if self.loaded() {
+            return Ok(false);
+        }
+        if !bpffs_mounted(&self.dir) {
+            bail!("no bpffs mounted above {} (mount -t bpf bpf /sys/fs/bpf)", self.dir.display());
+        }
+        // A half-finished earlier attempt: start from a clean slate, keeping pinned maps.
+        self.detach_all(Some(cgroup));
+        for sub in ["maps", "links", "progs"] {
+            std::fs::create_dir_all(self.dir.join(sub)).with_context(|| format!("creating {}", self.dir.display()))?;
+        }
+        let map_paths: Vec<(&str, PathBuf)> = MAPS.iter().map(|m| (*m, self.map(m))).collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        // Read-only global: with logging off the verifier prunes every log call.
+        let log_flag: u8 = u8::from(log);
+        loader.set_global("LOG_ENABLED", &log_flag, true);
+        let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
+        let result = self.attach(&mut ebpf, cgroup);
+        if result.is_err() {
+            self.detach_all(Some(cgroup));
+        }
+        result.map(|_| true)
+    }
+
+    fn attach(&self, ebpf: &mut Ebpf, cgroup: &Path) -> Result<()> {
+        let cg = File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        for name in LINKED_PROGRAMS {
+            let prog = ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))?;
+            let link: FdLink = match prog {
+                Program::CgroupSockAddr(p) => {
+                    p.load().with_context(|| format!("loading {name}"))?;
+                    let id = p.attach(&cg, CgroupAttachMode::Single).with_context(|| format!("attaching {name}"))?;
+                    p.take_link(id)?.try_into()?
+                }
+                Program::SockOps(p) => {
+                    p.load().with_context(|| format!("loading {name}"))?;
+                    let id = p.attach(&cg, CgroupAttachMode::Single).with_context(|| format!("attaching {name}"))?;
+                    p.take_link(id)?.try_into()?
+                }
+                _ => bail!("{name}: unexpected program type"),
+            };
+            link.pin(self.link(name)).with_context(|| format!("pinning the link of {name}"))?;
+        }
+        let prog: &mut CgroupSockopt = ebpf
+            .program_mut(GETSOCKOPT_PROGRAM)
+            .ok_or_else(|| anyhow!("program {GETSOCKOPT_PROGRAM} missing"))?
+            .try_into()?;
+        prog.load().with_context(|| format!("loading {GETSOCKOPT_PROGRAM}"))?;
+        prog.pin(self.prog(GETSOCKOPT_PROGRAM))?;
+        let fd = prog.fd()?.as_fd();
+        prog_attach(BPF_PROG_ATTACH, cg.as_fd(), fd, BPF_F_ALLOW_MULTI)
+            .with_context(|| format!("attaching {GETSOCKOPT_PROGRAM}"))?;
+        Ok(())
+    }
+
+    /// Detaches every program (unpinning links detaches them) and, with `cgroup`, the
+    /// getsockopt program. Best effort: used for cleanup and to recover from half-loads.
+    fn detach_all(&self, cgroup: Option<&Path>) {
+        for name in LINKED_PROGRAMS {
+            let _ = std::fs::remove_file(self.link(name));
+        }
+        let pin = self.prog(GETSOCKOPT_PROGRAM);
+        if let (Some(cg), Ok(prog)) = (cgroup, CgroupSockopt::from_pin(&pin, aya::programs::CgroupSockoptAttachType::Get)) {
+            if let (Ok(cg), Ok(fd)) = (File::open(cg), prog.fd()) {
+                let _ = prog_attach(BPF_PROG_DETACH, cg.as_fd(), fd.as_fd(), 0);
+            }
+        }
+        let _ = std::fs::remove_file(pin);
+    }
+
+    /// Detaches and unpins everything of ours, maps included.
+    pub fn cleanup(&self, cgroup: &Path) -> Result<bool> {
+        if !self.dir.exists() {
+            return Ok(false);
+        }
+        self.detach_all(Some(cgroup));
+        for m in MAPS.iter().chain(["AYA_LOGS"].iter()) {
+            let _ = std::fs::remove_file(self.map(m));
+        }
+        for sub in ["maps", "links", "progs"] {
+            let _ = std::fs::remove_dir(self.dir.join(sub));
+        }
+        std::fs::remove_dir(&self.dir).with_context(|| format!("removing {}", self.dir.display()))?;
+        Ok(true)
+    }
+
+    /// Opens the pinned maps for writing pod entries.
+    pub fn maps(&self) -> Result<PodMaps> {
+        if !self.loaded() {
+            bail!("the eBPF programs are not loaded under {}", self.dir.display());
+        }
+        PodMaps::open(self)
+    }
+}
+
+fn open_map(pins: &Pins, name: &str) -> Result<MapData> {
+    let path = pins.map(name);
+    MapData::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))
+}
+
+/// The maps a pod's registration writes, opened from their pins.
+pub struct PodMaps {
+    policy: HashMap<MapData, u64, PodPolicy>,
+    ports: HashMap<MapData, PortKey, u8>,
+    addrs: HashMap<MapData, AddrKey, u8>,
+    groups: HashMap<MapData, GroupKey, u8>,
+    cidr4: [LpmTrie<MapData, Cidr4Data, u8>; 2],
+    cidr6: [LpmTrie<MapData, Cidr6Data, u8>; 2],
+    by_cookie: HashMap<MapData, u64, OrigDst>,
+    by_tuple: HashMap<MapData, TupleKey, OrigDst>,
 }
 
 fn v4_cidr_key(pod_id: u32, net: &ipnet::Ipv4Net) -> Key<Cidr4Data> {
     let id = pod_id.to_be_bytes();
     let a = net.network().octets();
-    Key::new(
-        32 + u32::from(net.prefix_len()),
-        [id[0], id[1], id[2], id[3], a[0], a[1], a[2], a[3]],
-    )
+    Key::new(32 + u32::from(net.prefix_len()), [id[0], id[1], id[2], id[3], a[0], a[1], a[2], a[3]])
 }
 
 fn v6_cidr_key(pod_id: u32, net: &ipnet::Ipv6Net) -> Key<Cidr6Data> {
@@ -114,173 +275,127 @@ fn addr16(ip: IpAddr) -> [u8; 16] {
     }
 }
 
-impl Datapath {
-    /// Loads every program and attaches it at `cgroup` (a cgroup v2 directory).
-    pub fn load_and_attach(cgroup: &Path) -> Result<Self> {
-        let mut ebpf = Ebpf::load(OBJECT).context("loading the eBPF object")?;
-        let cg =
-            File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
-        for name in PROGRAMS {
-            let prog = ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("program {name} missing from the object"))?;
-            let res = match prog {
-                aya::programs::Program::CgroupSockAddr(p) => load_attach(p.load(), || {
-                    p.attach(&cg, CgroupAttachMode::Single).map(|_| ())
-                }),
-                aya::programs::Program::SockOps(p) => load_attach(p.load(), || {
-                    p.attach(&cg, CgroupAttachMode::Single).map(|_| ())
-                }),
-                aya::programs::Program::CgroupSockopt(p) => load_attach(p.load(), || {
-                    p.attach(&cg, CgroupAttachMode::Single).map(|_| ())
-                }),
-                _ => Err(anyhow!("unexpected program type")),
-            };
-            res.with_context(|| format!("loading/attaching {name}"))?;
-        }
+/// A registered pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PodHandle {
+    pub netns_cookie: u64,
+    pub pod_id: u32,
+}
+
+impl PodMaps {
+    fn open(pins: &Pins) -> Result<Self> {
         Ok(Self {
-            ebpf,
-            next_pod_id: 1,
+            policy: HashMap::try_from(Map::HashMap(open_map(pins, names::POD_POLICY)?))?,
+            ports: HashMap::try_from(Map::HashMap(open_map(pins, names::PORTS)?))?,
+            addrs: HashMap::try_from(Map::HashMap(open_map(pins, names::ADDRS)?))?,
+            groups: HashMap::try_from(Map::HashMap(open_map(pins, names::GROUPS)?))?,
+            cidr4: [
+                LpmTrie::try_from(Map::LpmTrie(open_map(pins, names::CIDR4_EXCL)?))?,
+                LpmTrie::try_from(Map::LpmTrie(open_map(pins, names::CIDR4_INCL)?))?,
+            ],
+            cidr6: [
+                LpmTrie::try_from(Map::LpmTrie(open_map(pins, names::CIDR6_EXCL)?))?,
+                LpmTrie::try_from(Map::LpmTrie(open_map(pins, names::CIDR6_INCL)?))?,
+            ],
+            by_cookie: HashMap::try_from(Map::LruHashMap(open_map(pins, names::ORIG_BY_COOKIE)?))?,
+            by_tuple: HashMap::try_from(Map::LruHashMap(open_map(pins, names::ORIG_BY_TUPLE)?))?,
         })
     }
 
-    fn hash<K: aya::Pod, V: aya::Pod>(
-        &mut self,
-        name: &str,
-    ) -> Result<HashMap<&mut MapData, K, V>> {
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or_else(|| anyhow!("map {name} missing"))?;
-        Ok(HashMap::try_from(map)?)
-    }
-
-    fn lpm<K: aya::Pod>(&mut self, name: &str) -> Result<LpmTrie<&mut MapData, K, u8>> {
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or_else(|| anyhow!("map {name} missing"))?;
-        Ok(LpmTrie::try_from(map)?)
-    }
-
-    /// Registers the pod whose netns is at `netns` with its config and own addresses. Sets
-    /// are written first and the policy last, so a connect never sees half a pod.
-    pub fn register_pod(
-        &mut self,
-        netns: &Path,
-        cfg: &Config,
-        local: &[IpAddr],
-        groups: &[u32],
-    ) -> Result<PodHandle> {
+    /// Registers (or re-registers) the pod whose netns is at `netns`. Set entries are written
+    /// first and the policy last, so a connect never sees half a pod; a re-registration
+    /// replaces the old entries.
+    pub fn register(&mut self, netns: &Path, cfg: &Config, local: &[IpAddr], groups: &[u32]) -> Result<PodHandle> {
         if let Some(why) = policy::ebpf_unsupported(cfg) {
             bail!("the eBPF backend cannot honour this config: {why}");
         }
         let cookie = netns_cookie(Some(netns))?;
-        let pod_id = self.next_pod_id;
-        self.next_pod_id += 1;
+        let old = self.policy.get(&cookie, 0).ok().map(|p| p.pod_id);
+        // A fresh id: the old entries stay valid until the policy switches over.
+        let pod_id = self.policy.iter().filter_map(|r| r.ok()).map(|(_, p)| p.pod_id).max().unwrap_or(0) + 1;
         let tables = policy::MemTables::new(cfg, local, groups);
-        {
-            let mut ports = self.hash::<PortKey, u8>(names::PORTS)?;
-            for p in &tables.ports_excluded {
-                ports.insert(
-                    PortKey {
-                        pod_id,
-                        port: *p,
-                        kind: PORT_EXCLUDED,
-                    },
-                    1,
-                    0,
-                )?;
-            }
-            for p in &tables.ports_included {
-                ports.insert(
-                    PortKey {
-                        pod_id,
-                        port: *p,
-                        kind: PORT_INCLUDED,
-                    },
-                    1,
-                    0,
-                )?;
-            }
+        for p in &tables.ports_excluded {
+            self.ports.insert(PortKey { pod_id, port: *p, kind: PORT_EXCLUDED }, 1, 0)?;
         }
-        {
-            let mut addrs = self.hash::<AddrKey, u8>(names::ADDRS)?;
-            for a in &tables.local {
-                addrs.insert(
-                    AddrKey {
-                        pod_id,
-                        kind: ADDR_LOCAL,
-                        addr: addr16(*a),
-                    },
-                    1,
-                    0,
-                )?;
-            }
-            for a in &tables.dns_servers {
-                addrs.insert(
-                    AddrKey {
-                        pod_id,
-                        kind: ADDR_DNS,
-                        addr: addr16(*a),
-                    },
-                    1,
-                    0,
-                )?;
-            }
+        for p in &tables.ports_included {
+            self.ports.insert(PortKey { pod_id, port: *p, kind: PORT_INCLUDED }, 1, 0)?;
         }
-        {
-            let mut g = self.hash::<GroupKey, u8>(names::GROUPS)?;
-            for gid in &tables.groups {
-                g.insert(GroupKey { pod_id, gid: *gid }, 1, 0)?;
-            }
+        for a in &tables.local {
+            self.addrs.insert(AddrKey { pod_id, kind: ADDR_LOCAL, addr: addr16(*a) }, 1, 0)?;
         }
-        for (nets, n4, n6) in [
-            (&tables.cidrs_excluded, names::CIDR4_EXCL, names::CIDR6_EXCL),
-            (&tables.cidrs_included, names::CIDR4_INCL, names::CIDR6_INCL),
-        ] {
+        for a in &tables.dns_servers {
+            self.addrs.insert(AddrKey { pod_id, kind: ADDR_DNS, addr: addr16(*a) }, 1, 0)?;
+        }
+        for gid in &tables.groups {
+            self.groups.insert(GroupKey { pod_id, gid: *gid }, 1, 0)?;
+        }
+        for (i, nets) in [&tables.cidrs_excluded, &tables.cidrs_included].into_iter().enumerate() {
             for net in nets {
                 match net {
-                    IpNet::V4(n) => {
-                        self.lpm::<Cidr4Data>(n4)?
-                            .insert(&v4_cidr_key(pod_id, n), 1, 0)?
-                    }
-                    IpNet::V6(n) => {
-                        self.lpm::<Cidr6Data>(n6)?
-                            .insert(&v6_cidr_key(pod_id, n), 1, 0)?
-                    }
+                    IpNet::V4(n) => self.cidr4[i].insert(&v4_cidr_key(pod_id, n), 1, 0)?,
+                    IpNet::V6(n) => self.cidr6[i].insert(&v6_cidr_key(pod_id, n), 1, 0)?,
                 }
             }
         }
-        let pol: PodPolicy = policy::pod_policy(cfg, pod_id);
-        self.hash::<u64, PodPolicy>(names::POD_POLICY)?
-            .insert(cookie, pol, 0)?;
-        Ok(PodHandle {
-            netns_cookie: cookie,
-            pod_id,
-        })
+        self.policy.insert(cookie, policy::pod_policy(cfg, pod_id), 0)?;
+        if let Some(old) = old {
+            self.purge(old)?;
+        }
+        Ok(PodHandle { netns_cookie: cookie, pod_id })
     }
 
-    /// Entries of the per-connection maps (by cookie, by tuple): they must return to their
+    /// Unregisters the pod of `netns`; returns whether it was registered.
+    pub fn remove(&mut self, netns: &Path) -> Result<bool> {
+        let cookie = netns_cookie(Some(netns))?;
+        self.remove_cookie(cookie)
+    }
+
+    /// Unregisters a pod by netns cookie (the policy first, so connects stop at once).
+    pub fn remove_cookie(&mut self, cookie: u64) -> Result<bool> {
+        let Ok(p) = self.policy.get(&cookie, 0) else { return Ok(false) };
+        self.policy.remove(&cookie)?;
+        self.purge(p.pod_id)?;
+        Ok(true)
+    }
+
+    /// Deletes every set entry of `pod_id`.
+    fn purge(&mut self, pod_id: u32) -> Result<()> {
+        let keys: Vec<PortKey> = self.ports.keys().filter_map(|k| k.ok()).filter(|k| k.pod_id == pod_id).collect();
+        for k in keys {
+            self.ports.remove(&k)?;
+        }
+        let keys: Vec<AddrKey> = self.addrs.keys().filter_map(|k| k.ok()).filter(|k| k.pod_id == pod_id).collect();
+        for k in keys {
+            self.addrs.remove(&k)?;
+        }
+        let keys: Vec<GroupKey> = self.groups.keys().filter_map(|k| k.ok()).filter(|k| k.pod_id == pod_id).collect();
+        for k in keys {
+            self.groups.remove(&k)?;
+        }
+        let id = pod_id.to_be_bytes();
+        for t in &mut self.cidr4 {
+            let keys: Vec<_> = t.keys().filter_map(|k| k.ok()).filter(|k| k.data()[..4] == id).collect();
+            for k in keys {
+                t.remove(&k)?;
+            }
+        }
+        for t in &mut self.cidr6 {
+            let keys: Vec<_> = t.keys().filter_map(|k| k.ok()).filter(|k| k.data()[..4] == id).collect();
+            for k in keys {
+                t.remove(&k)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Registered pods: netns cookie → policy.
+    pub fn pods(&self) -> Vec<(u64, PodPolicy)> {
+        self.policy.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    /// Entries of the per-connection maps (by cookie, by tuple): they return to their
     /// baseline once connections close.
-    pub fn connection_entries(&mut self) -> Result<(usize, usize)> {
-        let by_cookie = self
-            .hash::<u64, OrigDst>(names::ORIG_BY_COOKIE)?
-            .keys()
-            .count();
-        let by_tuple = self
-            .hash::<TupleKey, OrigDst>(names::ORIG_BY_TUPLE)?
-            .keys()
-            .count();
-        Ok((by_cookie, by_tuple))
+    pub fn connection_entries(&self) -> (usize, usize) {
+        (self.by_cookie.keys().count(), self.by_tuple.keys().count())
     }
-}
-
-fn load_attach(
-    load: Result<(), aya::programs::ProgramError>,
-    attach: impl FnOnce() -> Result<(), aya::programs::ProgramError>,
-) -> Result<()> {
-    load?;
-    attach()?;
-    Ok(())
 }
