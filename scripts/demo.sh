@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
-# The main job on a built-in default: the rules interceptor would install for a pod injected
-# with Istio's default sidecar flags (a dry run: prints, applies nothing).
+# The main job on a built-in default: a demo pod (app, sidecar, upstream in their own network
+# namespaces) intercepted by the eBPF backend and by the iptables backend, side by side.
+# Needs root (network namespaces, eBPF). Cleans up after itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh >/dev/null
 cargo build -q -p interceptor
-exec ./target/debug/interceptor apply --dry-run \
-  -p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x '' -b '*' -d 15090,15021,15020 \
-  --ipv6 false "$@"
+exec cargo xtask demo "$@"

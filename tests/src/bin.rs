@@ -12,13 +12,13 @@ pub fn interceptor_bin() -> PathBuf {
         if let Ok(p) = std::env::var("INTERCEPTOR_BIN") {
             return PathBuf::from(p);
         }
-        // Test binaries live in target/<profile>/deps; the binary in target/<profile>.
+        // Test binaries live in target/<profile>/deps, xtask in target/<profile>; the
+        // interceptor binary in target/<profile>.
         let exe = std::env::current_exe().expect("current_exe");
-        let dir = exe
-            .parent()
-            .and_then(|d| d.parent())
-            .expect("target dir")
-            .to_path_buf();
+        let mut dir = exe.parent().expect("exe dir").to_path_buf();
+        if dir.file_name().is_some_and(|n| n == "deps") {
+            dir.pop();
+        }
         let bin = dir.join("interceptor");
         let release = dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());

@@ -158,7 +158,7 @@ impl Pins {
         }
         // Read-only global: with logging off the verifier prunes every log call.
         let log_flag: u8 = u8::from(log);
-        loader.set_global("LOG_ENABLED", &log_flag, true);
+        loader.override_global("LOG_ENABLED", &log_flag, true);
         let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
         let result = self.attach(&mut ebpf, cgroup);
         if result.is_err() {
