@@ -227,13 +227,27 @@ fn on_connect(ctx: &SockAddrContext, v6: bool) {
         uid: ug as u32,
         gid: (ug >> 32) as u32,
     };
-    let verdict = decide(policy, &MapTables { pod_id: policy.pod_id }, &conn);
+    let verdict = decide(
+        policy,
+        &MapTables {
+            pod_id: policy.pod_id,
+        },
+        &conn,
+    );
     if log_enabled() {
         let (port, reason) = match verdict {
             Verdict::Redirect { port, reason } => (port, reason as u32),
             Verdict::Pass(reason) => (0, reason as u32),
         };
-        info!(ctx, "connect netns={} uid={} dport={} -> port={} rule={}", netns, conn.uid, dport, port, reason);
+        info!(
+            ctx,
+            "connect netns={} uid={} dport={} -> port={} rule={}",
+            netns,
+            conn.uid,
+            dport,
+            port,
+            reason
+        );
     }
     let Verdict::Redirect { port, .. } = verdict else {
         return;

@@ -1,15 +1,15 @@
 //! `interceptor apply`: validate, choose the backend, then print (dry run) or install.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use std::path::Path;
 
 use interceptor_common::config::{Config, ConfigError};
 use interceptor_common::policy;
 
-use crate::backend::netfilter::{self, Mode, Outcome};
 use crate::backend::ebpf::{detect_cgroup2_root, Pins};
+use crate::backend::netfilter::{self, Mode, Outcome};
 use crate::backend::{exec, iptables, nftables};
-use crate::cli::{ApplyArgs, BackendKind, EbpfArgs, RemoveArgs};
+use crate::cli::{ApplyArgs, BackendKind, EbpfArgs, LogsArgs, RemoveArgs};
 
 /// The backend that will serve the pod, and why it was chosen.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,28 +32,50 @@ pub fn choose_backend(args: &ApplyArgs, cfg: &Config) -> Result<Choice, ConfigEr
     let choice = |backend, why: String| Ok(Choice { backend, why });
     let netfilter = |why: String| {
         if exec::available("iptables-restore") {
-            choice(BackendKind::Iptables, format!("{why}; iptables-restore found"))
+            choice(
+                BackendKind::Iptables,
+                format!("{why}; iptables-restore found"),
+            )
         } else if exec::available("nft") {
             choice(BackendKind::Nftables, format!("{why}; nft found"))
         } else {
-            Err(ConfigError::new("--backend", "auto", format!("{why}, and neither iptables-restore nor nft is installed")))
+            Err(ConfigError::new(
+                "--backend",
+                "auto",
+                format!("{why}, and neither iptables-restore nor nft is installed"),
+            ))
         }
     };
     match args.backend {
         BackendKind::Ebpf => match policy::ebpf_unsupported(cfg) {
-            Some(why) => Err(ConfigError::new("--backend", "ebpf", format!("refused: {why}"))),
+            Some(why) => Err(ConfigError::new(
+                "--backend",
+                "ebpf",
+                format!("refused: {why}"),
+            )),
             None => choice(BackendKind::Ebpf, "requested with --backend ebpf".into()),
         },
-        BackendKind::Iptables => choice(BackendKind::Iptables, "requested with --backend iptables".into()),
-        BackendKind::Nftables => choice(BackendKind::Nftables, "requested with --backend nftables".into()),
-        BackendKind::Auto if args.native_nftables => choice(BackendKind::Nftables, "--native-nftables".into()),
+        BackendKind::Iptables => choice(
+            BackendKind::Iptables,
+            "requested with --backend iptables".into(),
+        ),
+        BackendKind::Nftables => choice(
+            BackendKind::Nftables,
+            "requested with --backend nftables".into(),
+        ),
+        BackendKind::Auto if args.native_nftables => {
+            choice(BackendKind::Nftables, "--native-nftables".into())
+        }
         BackendKind::Auto => {
             if let Some(why) = policy::ebpf_unsupported(cfg) {
                 return netfilter(format!("eBPF cannot honour this config ({why})"));
             }
             match crate::doctor::ebpf_missing(&args.ebpf) {
                 Some(why) => netfilter(format!("eBPF unavailable ({why})")),
-                None => choice(BackendKind::Ebpf, "the kernel supports every eBPF hook needed".into()),
+                None => choice(
+                    BackendKind::Ebpf,
+                    "the kernel supports every eBPF hook needed".into(),
+                ),
             }
         }
     }
@@ -67,18 +89,38 @@ pub fn render(backend: BackendKind, cfg: &Config, netns: Option<&Path>) -> Resul
         BackendKind::Ebpf => {
             let t = crate::explain::pod_tables(cfg, netns)?;
             let p = policy::pod_policy(cfg, 0);
-            let mut out = format!("# eBPF map entries for this pod (keyed by its netns cookie)\npolicy: {p:?}\n");
+            let mut out = format!(
+                "# eBPF map entries for this pod (keyed by its netns cookie)\npolicy: {p:?}\n"
+            );
             let mut sorted = |name: &str, items: Vec<String>| {
                 let mut items = items;
                 items.sort();
                 out.push_str(&format!("{name}: [{}]\n", items.join(", ")));
             };
-            sorted("ports_excluded", t.ports_excluded.iter().map(u16::to_string).collect());
-            sorted("ports_included", t.ports_included.iter().map(u16::to_string).collect());
-            sorted("cidrs_excluded", t.cidrs_excluded.iter().map(ToString::to_string).collect());
-            sorted("cidrs_included", t.cidrs_included.iter().map(ToString::to_string).collect());
-            sorted("local_addrs", t.local.iter().map(ToString::to_string).collect());
-            sorted("dns_servers", t.dns_servers.iter().map(ToString::to_string).collect());
+            sorted(
+                "ports_excluded",
+                t.ports_excluded.iter().map(u16::to_string).collect(),
+            );
+            sorted(
+                "ports_included",
+                t.ports_included.iter().map(u16::to_string).collect(),
+            );
+            sorted(
+                "cidrs_excluded",
+                t.cidrs_excluded.iter().map(ToString::to_string).collect(),
+            );
+            sorted(
+                "cidrs_included",
+                t.cidrs_included.iter().map(ToString::to_string).collect(),
+            );
+            sorted(
+                "local_addrs",
+                t.local.iter().map(ToString::to_string).collect(),
+            );
+            sorted(
+                "dns_servers",
+                t.dns_servers.iter().map(ToString::to_string).collect(),
+            );
             sorted("owner_gids", t.groups.iter().map(u32::to_string).collect());
             out
         }
@@ -112,32 +154,61 @@ fn apply_ebpf(args: &ApplyArgs, cfg: &Config) -> Result<&'static str> {
         if !pins.loaded() {
             return Ok("eBPF programs not loaded; nothing to remove");
         }
-        return Ok(if pins.maps()?.remove(netns)? { "pod unregistered" } else { "pod was not registered" });
+        return Ok(if pins.maps()?.remove(netns)? {
+            "pod unregistered"
+        } else {
+            "pod was not registered"
+        });
     }
     let loaded = pins.ensure_loaded(&cgroup_of(&args.ebpf)?, args.ebpf_log)?;
     let tables = crate::explain::pod_tables(cfg, Some(netns))?;
     let local: Vec<_> = tables.local.iter().copied().collect();
     let groups: Vec<_> = tables.groups.iter().copied().collect();
     let handle = pins.maps()?.register(netns, cfg, &local, &groups)?;
-    tracing::info!(cookie = handle.netns_cookie, pod_id = handle.pod_id, "pod registered");
-    Ok(if loaded { "programs loaded and attached; pod registered" } else { "pod registered" })
+    tracing::info!(
+        cookie = handle.netns_cookie,
+        pod_id = handle.pod_id,
+        "pod registered"
+    );
+    Ok(if loaded {
+        "programs loaded and attached; pod registered"
+    } else {
+        "pod registered"
+    })
 }
 
 /// `interceptor remove`: unregisters a pod from the eBPF datapath.
 pub fn remove(args: &RemoveArgs) -> Result<()> {
     let pins = Pins::new(&args.ebpf.bpffs);
     if !pins.loaded() {
-        bail!("the eBPF programs are not loaded under {}", args.ebpf.bpffs.display());
+        bail!(
+            "the eBPF programs are not loaded under {}",
+            args.ebpf.bpffs.display()
+        );
     }
     let removed = pins.maps()?.remove(&args.network_namespace)?;
-    eprintln!("interceptor: {}", if removed { "pod unregistered" } else { "pod was not registered" });
+    eprintln!(
+        "interceptor: {}",
+        if removed {
+            "pod unregistered"
+        } else {
+            "pod was not registered"
+        }
+    );
     Ok(())
 }
 
 /// `interceptor cleanup`: detaches and unpins every program, link and map of ours.
 pub fn cleanup(args: &EbpfArgs) -> Result<()> {
     let removed = Pins::new(&args.bpffs).cleanup(&cgroup_of(args)?)?;
-    eprintln!("interceptor: {}", if removed { "eBPF programs detached and unpinned" } else { "nothing to clean up" });
+    eprintln!(
+        "interceptor: {}",
+        if removed {
+            "eBPF programs detached and unpinned"
+        } else {
+            "nothing to clean up"
+        }
+    );
     Ok(())
 }
 
@@ -157,7 +228,10 @@ pub fn run(args: &ApplyArgs) -> Result<Result<(), ConfigError>> {
     }
     if args.dry_run {
         eprintln!("# backend: {:?} ({})", choice.backend, choice.why);
-        print!("{}", render(choice.backend, &cfg, args.network_namespace.as_deref())?);
+        print!(
+            "{}",
+            render(choice.backend, &cfg, args.network_namespace.as_deref())?
+        );
         return Ok(Ok(()));
     }
     if args.skip_rule_apply {
@@ -194,4 +268,25 @@ pub fn run(args: &ApplyArgs) -> Result<Result<(), ConfigError>> {
         choice.backend, choice.why
     );
     Ok(Ok(()))
+}
+
+/// `interceptor logs`: drains the programs' aya-log ring buffer to stderr. The programs only
+/// write to it when loaded with `--ebpf-log`.
+pub fn logs(args: &LogsArgs) -> Result<()> {
+    let id = Pins::new(&args.ebpf.bpffs).connect4_program_id()?;
+    let mut logger =
+        aya_log::EbpfLogger::init_from_id(id).context("opening the programs' log buffer")?;
+    eprintln!(
+        "interceptor: reading eBPF logs (empty unless the programs were loaded with --ebpf-log)"
+    );
+    let start = std::time::Instant::now();
+    while args
+        .seconds
+        .is_none_or(|s| start.elapsed().as_secs_f64() < s)
+    {
+        logger.flush();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    logger.flush();
+    Ok(())
 }

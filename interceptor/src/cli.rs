@@ -26,6 +26,8 @@ pub enum Command {
     Remove(RemoveArgs),
     /// Detach and unpin every eBPF program, link and map of ours.
     Cleanup(EbpfArgs),
+    /// Print the eBPF programs' decision log (programs loaded with `apply --ebpf-log`).
+    Logs(LogsArgs),
     /// Which backend `auto` would use and why: the kernel features each hook needs.
     Doctor(EbpfArgs),
     /// The verdict for one connection of a pod (redirect to which port, or pass) and the rule
@@ -37,11 +39,24 @@ pub enum Command {
 #[derive(Args, Debug, Clone)]
 pub struct EbpfArgs {
     /// bpffs folder holding our pinned programs, links and maps.
-    #[arg(long, env = "INTERCEPTOR_BPFFS", default_value = "/sys/fs/bpf/interceptor")]
+    #[arg(
+        long,
+        env = "INTERCEPTOR_BPFFS",
+        default_value = "/sys/fs/bpf/interceptor"
+    )]
     pub bpffs: PathBuf,
     /// cgroup v2 directory the programs attach to (default: the cgroup v2 root, detected).
     #[arg(long, env = "INTERCEPTOR_CGROUP")]
     pub cgroup: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LogsArgs {
+    /// Stop after this many seconds (default: run until interrupted).
+    #[arg(long)]
+    pub seconds: Option<f64>,
+    #[command(flatten)]
+    pub ebpf: EbpfArgs,
 }
 
 #[derive(Args, Debug, Clone)]

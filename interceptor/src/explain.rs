@@ -16,7 +16,10 @@ pub fn owner_gids(cfg: &Config) -> Result<Vec<u32>> {
         OwnerGroups::Include(g) | OwnerGroups::Exclude(g) => g,
     };
     policy::resolve_groups(groups, |name| {
-        nix::unistd::Group::from_name(name).ok().flatten().map(|g| g.gid.as_raw())
+        nix::unistd::Group::from_name(name)
+            .ok()
+            .flatten()
+            .map(|g| g.gid.as_raw())
     })
     .map_err(|g| anyhow!("owner group {g:?} does not exist"))
 }
@@ -30,7 +33,9 @@ pub fn pod_tables(cfg: &Config, netns: Option<&std::path::Path>) -> Result<MemTa
 /// Human- and test-readable verdict: `verdict: redirect PORT` or `verdict: pass`, then `rule: …`.
 pub fn format(v: Verdict) -> String {
     match v {
-        Verdict::Redirect { port, reason } => format!("verdict: redirect {port}\nrule: {reason:?}\n"),
+        Verdict::Redirect { port, reason } => {
+            format!("verdict: redirect {port}\nrule: {reason:?}\n")
+        }
         Verdict::Pass(reason) => format!("verdict: pass\nrule: {reason:?}\n"),
     }
 }

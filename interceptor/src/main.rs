@@ -5,7 +5,10 @@ use interceptor::cli::{Cli, Command};
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -13,6 +16,7 @@ fn main() -> ExitCode {
         Command::Apply(args) => interceptor::apply::run(args),
         Command::Remove(args) => interceptor::apply::remove(args).map(Ok),
         Command::Cleanup(args) => interceptor::apply::cleanup(args).map(Ok),
+        Command::Logs(args) => interceptor::apply::logs(args).map(Ok),
         Command::Doctor(args) => interceptor::doctor::run(args).map(Ok),
         Command::Explain(args) => interceptor::explain::run(args),
     };

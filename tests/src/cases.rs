@@ -47,9 +47,20 @@ pub const APP_UID: u32 = 1000;
 
 /// Runs `interceptor apply` for the pod with `flavor`; an error carries its stderr.
 pub fn apply(pod: &Pod, flavor: Flavor, extra: &[&str]) -> Result<String> {
-    let ns = pod.topo.pod_netns().to_str().context("netns path")?.to_string();
+    let ns = pod
+        .topo
+        .pod_netns()
+        .to_str()
+        .context("netns path")?
+        .to_string();
     let bpffs = pod.ebpf.dir().to_str().context("bpffs path")?.to_string();
-    let mut args = vec!["apply", "--network-namespace", ns.as_str(), "--bpffs", bpffs.as_str()];
+    let mut args = vec![
+        "apply",
+        "--network-namespace",
+        ns.as_str(),
+        "--bpffs",
+        bpffs.as_str(),
+    ];
     args.extend_from_slice(flavor.args());
     args.extend_from_slice(extra);
     let out = bin::run(&args, &[]);
@@ -263,7 +274,11 @@ pub fn outbound_includes(flavor: Flavor) -> Result<usize> {
     let t = &pod.topo;
     let include = format!("{}/32,{}/128", t.upstream_v4(), t.upstream_v6());
     let port = INCLUDED_OUT_PORT.to_string();
-    apply(&pod, flavor, &["-i", &include, "-q", &port, "--ipv6", "true"])?;
+    apply(
+        &pod,
+        flavor,
+        &["-i", &include, "-q", &port, "--ipv6", "true"],
+    )?;
     let mut checked = 0;
     for (up, ex) in [
         (IpAddr::from(t.upstream_v4()), IpAddr::from(t.excluded_v4())),

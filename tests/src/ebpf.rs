@@ -18,7 +18,10 @@ impl EbpfInstall {
     pub fn new(tag: &str) -> Self {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let dir = PathBuf::from(format!("/sys/fs/bpf/ic-{tag}-{}-{n}", std::process::id()));
-        Self { pins: Pins::new(dir), cgroup: detect_cgroup2_root().expect("cgroup v2") }
+        Self {
+            pins: Pins::new(dir),
+            cgroup: detect_cgroup2_root().expect("cgroup v2"),
+        }
     }
 
     pub fn dir(&self) -> &Path {

@@ -26,17 +26,62 @@ fn pods_are_isolated_and_removable() {
     apply(&a, Flavor::Ebpf, &["-i", "*", "--ipv6", "true"]).unwrap();
     let b_ns = b.topo.pod_netns().to_str().unwrap().to_string();
     let out = interceptor_tests::bin::run(
-        &["apply", "--backend", "ebpf", "--bpffs", &bpffs, "--network-namespace", &b_ns, "-i", "*", "-o", "8080"],
+        &[
+            "apply",
+            "--backend",
+            "ebpf",
+            "--bpffs",
+            &bpffs,
+            "--network-namespace",
+            &b_ns,
+            "-i",
+            "*",
+            "-o",
+            "8080",
+        ],
         &[],
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let up = |p: &Pod| SocketAddr::new(p.topo.upstream_v4().into(), 8080);
-    assert_eq!(a.outbound(1000, up(&a)).unwrap().0, "sidecar:15001", "pod a is captured");
-    assert_eq!(b.outbound(1000, up(&b)).unwrap().0, "upstream:8080", "pod b excludes port 8080");
-    assert_eq!(c.outbound(1000, up(&c)).unwrap().0, "upstream:8080", "pod c is not registered");
-    let out = interceptor_tests::bin::run(&["remove", "--bpffs", &bpffs, "--network-namespace", a.topo.pod_netns().to_str().unwrap()], &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(a.outbound(1000, up(&a)).unwrap().0, "upstream:8080", "pod a after remove");
+    assert_eq!(
+        a.outbound(1000, up(&a)).unwrap().0,
+        "sidecar:15001",
+        "pod a is captured"
+    );
+    assert_eq!(
+        b.outbound(1000, up(&b)).unwrap().0,
+        "upstream:8080",
+        "pod b excludes port 8080"
+    );
+    assert_eq!(
+        c.outbound(1000, up(&c)).unwrap().0,
+        "upstream:8080",
+        "pod c is not registered"
+    );
+    let out = interceptor_tests::bin::run(
+        &[
+            "remove",
+            "--bpffs",
+            &bpffs,
+            "--network-namespace",
+            a.topo.pod_netns().to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        a.outbound(1000, up(&a)).unwrap().0,
+        "upstream:8080",
+        "pod a after remove"
+    );
 }
 
 /// Per-connection state is removed when connections close: after thousands of redirected
@@ -53,7 +98,9 @@ fn connection_state_returns_to_baseline() {
         // Same-process connects are as real to the hooks as forked clients, and much faster.
         let mut ok = 0;
         for _ in 0..n {
-            if let Ok(mut s) = std::net::TcpStream::connect_timeout(&up, std::time::Duration::from_secs(2)) {
+            if let Ok(mut s) =
+                std::net::TcpStream::connect_timeout(&up, std::time::Duration::from_secs(2))
+            {
                 let mut buf = [0u8; 32];
                 let _ = std::io::Read::read(&mut s, &mut buf);
                 if buf.starts_with(b"sidecar:15001") {
@@ -69,4 +116,39 @@ fn connection_state_returns_to_baseline() {
     println!("{redirected}/{n} connections redirected; per-connection entries before {baseline:?}, after {after:?}");
     assert_eq!(redirected, n, "every connection must be redirected");
     assert_eq!(after, baseline, "per-connection map entries leaked");
+}
+
+/// `--ebpf-log` turns the programs' decision log on; `interceptor logs` prints it. Without the
+/// flag the log calls are pruned by the verifier and nothing is logged.
+#[test]
+fn ebpf_log_is_off_unless_asked_for() {
+    for (log, want) in [(true, true), (false, false)] {
+        let pod = Pod::new("elog").unwrap();
+        let mut flags = vec!["-i", "*", "--ipv6", "true"];
+        if log {
+            flags.push("--ebpf-log");
+        }
+        apply(&pod, Flavor::Ebpf, &flags).unwrap();
+        let bpffs = pod.ebpf.dir().to_str().unwrap().to_string();
+        let bin = interceptor_tests::bin::interceptor_bin();
+        let child = std::process::Command::new(bin)
+            .args(["logs", "--seconds", "1.5", "--bpffs", &bpffs])
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let up = SocketAddr::new(pod.topo.upstream_v4().into(), 8080);
+        assert_eq!(pod.outbound(1000, up).unwrap().0, "sidecar:15001");
+        let out = child.wait_with_output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(text.contains("connect netns="), want, "log={log}: {text}");
+        if want {
+            assert!(text.contains("dport=8080 -> port=15001"), "{text}");
+        }
+    }
 }

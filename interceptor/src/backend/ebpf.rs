@@ -19,8 +19,8 @@ use aya::{Ebpf, EbpfLoader};
 use interceptor_common::config::Config;
 use interceptor_common::decision::PodPolicy;
 use interceptor_common::maps::{
-    mapped_v4, names, AddrKey, Cidr4Data, Cidr6Data, GroupKey, OrigDst, PortKey, TupleKey, ADDR_DNS,
-    ADDR_LOCAL, PORT_EXCLUDED, PORT_INCLUDED,
+    mapped_v4, names, AddrKey, Cidr4Data, Cidr6Data, GroupKey, OrigDst, PortKey, TupleKey,
+    ADDR_DNS, ADDR_LOCAL, PORT_EXCLUDED, PORT_INCLUDED,
 };
 use interceptor_common::policy;
 use ipnet::IpNet;
@@ -31,8 +31,13 @@ use crate::netns;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/interceptor"));
 
 /// Programs attached with a pinnable bpf_link.
-pub const LINKED_PROGRAMS: &[&str] =
-    &["ic_connect4", "ic_connect6", "ic_sockops", "ic_getpeername4", "ic_getpeername6"];
+pub const LINKED_PROGRAMS: &[&str] = &[
+    "ic_connect4",
+    "ic_connect6",
+    "ic_sockops",
+    "ic_getpeername4",
+    "ic_getpeername6",
+];
 /// The program attached with BPF_PROG_ATTACH (see the module docs).
 pub const GETSOCKOPT_PROGRAM: &str = "ic_getsockopt";
 /// Every map the programs use.
@@ -71,7 +76,9 @@ pub fn detect_cgroup2_root() -> Result<PathBuf> {
 
 /// Whether a bpffs is mounted at or above `dir`.
 pub fn bpffs_mounted(dir: &Path) -> bool {
-    let Ok(mounts) = std::fs::read_to_string("/proc/mounts") else { return false };
+    let Ok(mounts) = std::fs::read_to_string("/proc/mounts") else {
+        return false;
+    };
     mounts.lines().any(|l| {
         let mut f = l.split_whitespace();
         matches!((f.next(), f.next(), f.next()), (Some(_), Some(m), Some("bpf")) if dir.starts_with(m))
@@ -88,23 +95,44 @@ pub fn netns_cookie(path: Option<&Path>) -> Result<u64> {
         let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
         // SO_NETNS_COOKIE = 71 (Linux 5.14+).
         let r = unsafe {
-            libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, 71, (&mut cookie as *mut u64).cast(), &mut len)
+            libc::getsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                71,
+                (&mut cookie as *mut u64).cast(),
+                &mut len,
+            )
         };
         if r != 0 {
-            bail!("getsockopt(SO_NETNS_COOKIE): {}", std::io::Error::last_os_error());
+            bail!(
+                "getsockopt(SO_NETNS_COOKIE): {}",
+                std::io::Error::last_os_error()
+            );
         }
         Ok(cookie)
     })
 }
 
-fn prog_attach(cmd: libc::c_long, cgroup: BorrowedFd<'_>, prog: BorrowedFd<'_>, flags: u32) -> std::io::Result<()> {
+fn prog_attach(
+    cmd: libc::c_long,
+    cgroup: BorrowedFd<'_>,
+    prog: BorrowedFd<'_>,
+    flags: u32,
+) -> std::io::Result<()> {
     // union bpf_attr for BPF_PROG_ATTACH/DETACH: target_fd, attach_bpf_fd, attach_type, attach_flags.
     let mut attr = [0u32; 8];
     attr[0] = cgroup.as_raw_fd() as u32;
     attr[1] = prog.as_raw_fd() as u32;
     attr[2] = BPF_CGROUP_GETSOCKOPT;
     attr[3] = flags;
-    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of_val(&attr)) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
     if r < 0 {
         Err(std::io::Error::last_os_error())
     } else {
@@ -125,7 +153,8 @@ impl Pins {
     fn map(&self, name: &str) -> PathBuf {
         self.dir.join("maps").join(name)
     }
-    fn link(&self, prog: &str) -> PathBuf {
+    /// The bpf_link pin of a program.
+    pub fn link(&self, prog: &str) -> PathBuf {
         self.dir.join("links").join(prog)
     }
     fn prog(&self, prog: &str) -> PathBuf {
@@ -134,7 +163,8 @@ impl Pins {
 
     /// Whether every program is attached (all link pins and the getsockopt pin exist).
     pub fn loaded(&self) -> bool {
-        LINKED_PROGRAMS.iter().all(|p| self.link(p).exists()) && self.prog(GETSOCKOPT_PROGRAM).exists()
+        LINKED_PROGRAMS.iter().all(|p| self.link(p).exists())
+            && self.prog(GETSOCKOPT_PROGRAM).exists()
     }
 
     /// Loads the programs and attaches them at `cgroup` unless already loaded; returns whether
@@ -144,12 +174,16 @@ impl Pins {
             return Ok(false);
         }
         if !bpffs_mounted(&self.dir) {
-            bail!("no bpffs mounted above {} (mount -t bpf bpf /sys/fs/bpf)", self.dir.display());
+            bail!(
+                "no bpffs mounted above {} (mount -t bpf bpf /sys/fs/bpf)",
+                self.dir.display()
+            );
         }
         // A half-finished earlier attempt: start from a clean slate, keeping pinned maps.
         self.detach_all(Some(cgroup));
         for sub in ["maps", "links", "progs"] {
-            std::fs::create_dir_all(self.dir.join(sub)).with_context(|| format!("creating {}", self.dir.display()))?;
+            std::fs::create_dir_all(self.dir.join(sub))
+                .with_context(|| format!("creating {}", self.dir.display()))?;
         }
         let map_paths: Vec<(&str, PathBuf)> = MAPS.iter().map(|m| (*m, self.map(m))).collect();
         let mut loader = EbpfLoader::new();
@@ -168,29 +202,38 @@ impl Pins {
     }
 
     fn attach(&self, ebpf: &mut Ebpf, cgroup: &Path) -> Result<()> {
-        let cg = File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        let cg =
+            File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
         for name in LINKED_PROGRAMS {
-            let prog = ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))?;
+            let prog = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the object"))?;
             let link: FdLink = match prog {
                 Program::CgroupSockAddr(p) => {
                     p.load().with_context(|| format!("loading {name}"))?;
-                    let id = p.attach(&cg, CgroupAttachMode::Single).with_context(|| format!("attaching {name}"))?;
+                    let id = p
+                        .attach(&cg, CgroupAttachMode::Single)
+                        .with_context(|| format!("attaching {name}"))?;
                     p.take_link(id)?.try_into()?
                 }
                 Program::SockOps(p) => {
                     p.load().with_context(|| format!("loading {name}"))?;
-                    let id = p.attach(&cg, CgroupAttachMode::Single).with_context(|| format!("attaching {name}"))?;
+                    let id = p
+                        .attach(&cg, CgroupAttachMode::Single)
+                        .with_context(|| format!("attaching {name}"))?;
                     p.take_link(id)?.try_into()?
                 }
                 _ => bail!("{name}: unexpected program type"),
             };
-            link.pin(self.link(name)).with_context(|| format!("pinning the link of {name}"))?;
+            link.pin(self.link(name))
+                .with_context(|| format!("pinning the link of {name}"))?;
         }
         let prog: &mut CgroupSockopt = ebpf
             .program_mut(GETSOCKOPT_PROGRAM)
             .ok_or_else(|| anyhow!("program {GETSOCKOPT_PROGRAM} missing"))?
             .try_into()?;
-        prog.load().with_context(|| format!("loading {GETSOCKOPT_PROGRAM}"))?;
+        prog.load()
+            .with_context(|| format!("loading {GETSOCKOPT_PROGRAM}"))?;
         prog.pin(self.prog(GETSOCKOPT_PROGRAM))?;
         let fd = prog.fd()?.as_fd();
         prog_attach(BPF_PROG_ATTACH, cg.as_fd(), fd, BPF_F_ALLOW_MULTI)
@@ -205,7 +248,10 @@ impl Pins {
             let _ = std::fs::remove_file(self.link(name));
         }
         let pin = self.prog(GETSOCKOPT_PROGRAM);
-        if let (Some(cg), Ok(prog)) = (cgroup, CgroupSockopt::from_pin(&pin, aya::programs::CgroupSockoptAttachType::Get)) {
+        if let (Some(cg), Ok(prog)) = (
+            cgroup,
+            CgroupSockopt::from_pin(&pin, aya::programs::CgroupSockoptAttachType::Get),
+        ) {
             if let (Ok(cg), Ok(fd)) = (File::open(cg), prog.fd()) {
                 let _ = prog_attach(BPF_PROG_DETACH, cg.as_fd(), fd.as_fd(), 0);
             }
@@ -225,14 +271,25 @@ impl Pins {
         for sub in ["maps", "links", "progs"] {
             let _ = std::fs::remove_dir(self.dir.join(sub));
         }
-        std::fs::remove_dir(&self.dir).with_context(|| format!("removing {}", self.dir.display()))?;
+        std::fs::remove_dir(&self.dir)
+            .with_context(|| format!("removing {}", self.dir.display()))?;
         Ok(true)
+    }
+
+    /// Kernel id of the pinned connect4 program (whose log ring buffer `logs` reads).
+    pub fn connect4_program_id(&self) -> Result<u32> {
+        let link = aya::programs::links::PinnedLink::from_pin(self.link("ic_connect4"))
+            .with_context(|| format!("no programs loaded under {}", self.dir.display()))?;
+        Ok(FdLink::from(link).info()?.program_id())
     }
 
     /// Opens the pinned maps for writing pod entries.
     pub fn maps(&self) -> Result<PodMaps> {
         if !self.loaded() {
-            bail!("the eBPF programs are not loaded under {}", self.dir.display());
+            bail!(
+                "the eBPF programs are not loaded under {}",
+                self.dir.display()
+            );
         }
         PodMaps::open(self)
     }
@@ -258,7 +315,10 @@ pub struct PodMaps {
 fn v4_cidr_key(pod_id: u32, net: &ipnet::Ipv4Net) -> Key<Cidr4Data> {
     let id = pod_id.to_be_bytes();
     let a = net.network().octets();
-    Key::new(32 + u32::from(net.prefix_len()), [id[0], id[1], id[2], id[3], a[0], a[1], a[2], a[3]])
+    Key::new(
+        32 + u32::from(net.prefix_len()),
+        [id[0], id[1], id[2], id[3], a[0], a[1], a[2], a[3]],
+    )
 }
 
 fn v6_cidr_key(pod_id: u32, net: &ipnet::Ipv6Net) -> Key<Cidr6Data> {
@@ -305,31 +365,79 @@ impl PodMaps {
     /// Registers (or re-registers) the pod whose netns is at `netns`. Set entries are written
     /// first and the policy last, so a connect never sees half a pod; a re-registration
     /// replaces the old entries.
-    pub fn register(&mut self, netns: &Path, cfg: &Config, local: &[IpAddr], groups: &[u32]) -> Result<PodHandle> {
+    pub fn register(
+        &mut self,
+        netns: &Path,
+        cfg: &Config,
+        local: &[IpAddr],
+        groups: &[u32],
+    ) -> Result<PodHandle> {
         if let Some(why) = policy::ebpf_unsupported(cfg) {
             bail!("the eBPF backend cannot honour this config: {why}");
         }
         let cookie = netns_cookie(Some(netns))?;
         let old = self.policy.get(&cookie, 0).ok().map(|p| p.pod_id);
         // A fresh id: the old entries stay valid until the policy switches over.
-        let pod_id = self.policy.iter().filter_map(|r| r.ok()).map(|(_, p)| p.pod_id).max().unwrap_or(0) + 1;
+        let pod_id = self
+            .policy
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(|(_, p)| p.pod_id)
+            .max()
+            .unwrap_or(0)
+            + 1;
         let tables = policy::MemTables::new(cfg, local, groups);
         for p in &tables.ports_excluded {
-            self.ports.insert(PortKey { pod_id, port: *p, kind: PORT_EXCLUDED }, 1, 0)?;
+            self.ports.insert(
+                PortKey {
+                    pod_id,
+                    port: *p,
+                    kind: PORT_EXCLUDED,
+                },
+                1,
+                0,
+            )?;
         }
         for p in &tables.ports_included {
-            self.ports.insert(PortKey { pod_id, port: *p, kind: PORT_INCLUDED }, 1, 0)?;
+            self.ports.insert(
+                PortKey {
+                    pod_id,
+                    port: *p,
+                    kind: PORT_INCLUDED,
+                },
+                1,
+                0,
+            )?;
         }
         for a in &tables.local {
-            self.addrs.insert(AddrKey { pod_id, kind: ADDR_LOCAL, addr: addr16(*a) }, 1, 0)?;
+            self.addrs.insert(
+                AddrKey {
+                    pod_id,
+                    kind: ADDR_LOCAL,
+                    addr: addr16(*a),
+                },
+                1,
+                0,
+            )?;
         }
         for a in &tables.dns_servers {
-            self.addrs.insert(AddrKey { pod_id, kind: ADDR_DNS, addr: addr16(*a) }, 1, 0)?;
+            self.addrs.insert(
+                AddrKey {
+                    pod_id,
+                    kind: ADDR_DNS,
+                    addr: addr16(*a),
+                },
+                1,
+                0,
+            )?;
         }
         for gid in &tables.groups {
             self.groups.insert(GroupKey { pod_id, gid: *gid }, 1, 0)?;
         }
-        for (i, nets) in [&tables.cidrs_excluded, &tables.cidrs_included].into_iter().enumerate() {
+        for (i, nets) in [&tables.cidrs_excluded, &tables.cidrs_included]
+            .into_iter()
+            .enumerate()
+        {
             for net in nets {
                 match net {
                     IpNet::V4(n) => self.cidr4[i].insert(&v4_cidr_key(pod_id, n), 1, 0)?,
@@ -337,11 +445,15 @@ impl PodMaps {
                 }
             }
         }
-        self.policy.insert(cookie, policy::pod_policy(cfg, pod_id), 0)?;
+        self.policy
+            .insert(cookie, policy::pod_policy(cfg, pod_id), 0)?;
         if let Some(old) = old {
             self.purge(old)?;
         }
-        Ok(PodHandle { netns_cookie: cookie, pod_id })
+        Ok(PodHandle {
+            netns_cookie: cookie,
+            pod_id,
+        })
     }
 
     /// Unregisters the pod of `netns`; returns whether it was registered.
@@ -352,7 +464,9 @@ impl PodMaps {
 
     /// Unregisters a pod by netns cookie (the policy first, so connects stop at once).
     pub fn remove_cookie(&mut self, cookie: u64) -> Result<bool> {
-        let Ok(p) = self.policy.get(&cookie, 0) else { return Ok(false) };
+        let Ok(p) = self.policy.get(&cookie, 0) else {
+            return Ok(false);
+        };
         self.policy.remove(&cookie)?;
         self.purge(p.pod_id)?;
         Ok(true)
@@ -360,27 +474,50 @@ impl PodMaps {
 
     /// Deletes every set entry of `pod_id`.
     fn purge(&mut self, pod_id: u32) -> Result<()> {
-        let keys: Vec<PortKey> = self.ports.keys().filter_map(|k| k.ok()).filter(|k| k.pod_id == pod_id).collect();
+        let keys: Vec<PortKey> = self
+            .ports
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.pod_id == pod_id)
+            .collect();
         for k in keys {
             self.ports.remove(&k)?;
         }
-        let keys: Vec<AddrKey> = self.addrs.keys().filter_map(|k| k.ok()).filter(|k| k.pod_id == pod_id).collect();
+        let keys: Vec<AddrKey> = self
+            .addrs
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.pod_id == pod_id)
+            .collect();
         for k in keys {
             self.addrs.remove(&k)?;
         }
-        let keys: Vec<GroupKey> = self.groups.keys().filter_map(|k| k.ok()).filter(|k| k.pod_id == pod_id).collect();
+        let keys: Vec<GroupKey> = self
+            .groups
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.pod_id == pod_id)
+            .collect();
         for k in keys {
             self.groups.remove(&k)?;
         }
         let id = pod_id.to_be_bytes();
         for t in &mut self.cidr4 {
-            let keys: Vec<_> = t.keys().filter_map(|k| k.ok()).filter(|k| k.data()[..4] == id).collect();
+            let keys: Vec<_> = t
+                .keys()
+                .filter_map(|k| k.ok())
+                .filter(|k| k.data()[..4] == id)
+                .collect();
             for k in keys {
                 t.remove(&k)?;
             }
         }
         for t in &mut self.cidr6 {
-            let keys: Vec<_> = t.keys().filter_map(|k| k.ok()).filter(|k| k.data()[..4] == id).collect();
+            let keys: Vec<_> = t
+                .keys()
+                .filter_map(|k| k.ok())
+                .filter(|k| k.data()[..4] == id)
+                .collect();
             for k in keys {
                 t.remove(&k)?;
             }
