@@ -101,7 +101,14 @@ pub struct Config {
     pub enable_ipv6: bool,
     pub dns_servers_v4: Vec<IpText>,
     pub dns_servers_v6: Vec<IpText>,
+    /// Ports only the proxy may bind (eBPF bind guard); empty disables the guard. Not an
+    /// istio-iptables flag: Istio has no such guard.
+    pub bind_guard_ports: Vec<u16>,
 }
+
+/// The proxy's ports guarded by default: outbound, inbound, tunnel, DNS, Prometheus, health,
+/// agent (plus whatever `-p`/`-z`/`-e` say).
+pub const DEFAULT_BIND_GUARD_PORTS: &str = "15001,15006,15008,15053,15090,15021,15020";
 
 impl Default for Config {
     /// Istio's defaults (`config.DefaultConfig()` plus uid/gid 1337); no capture at all.
@@ -138,6 +145,7 @@ pub struct RawConfig {
     pub enable_ipv6: bool,
     /// Comma list of v4 and v6 servers (already resolved from resolv.conf when not given).
     pub dns_servers: String,
+    pub bind_guard_ports: String,
 }
 
 impl Default for RawConfig {
@@ -167,6 +175,7 @@ impl Default for RawConfig {
             host_ipv4_loopback_cidr: "127.0.0.1/32".into(),
             enable_ipv6: false,
             dns_servers: String::new(),
+            bind_guard_ports: DEFAULT_BIND_GUARD_PORTS.into(),
         }
     }
 }
@@ -425,7 +434,14 @@ impl RawConfig {
                 IpAddr::V6(_) => dns_servers_v6.push(entry),
             }
         }
+        let mut bind_guard_ports = parse_ports("--bind-guard-ports", &self.bind_guard_ports)?;
+        if !bind_guard_ports.is_empty() {
+            bind_guard_ports.extend([proxy_port, inbound_capture_port, inbound_tunnel_port]);
+            bind_guard_ports.sort_unstable();
+            bind_guard_ports.dedup();
+        }
         Ok(Config {
+            bind_guard_ports,
             proxy_port,
             inbound_capture_port,
             inbound_tunnel_port,

@@ -24,6 +24,12 @@ pub mod flags {
     pub const GROUPS_INCLUDE: u32 = 1 << 5;
     /// Owner groups: listed groups are not captured.
     pub const GROUPS_EXCLUDE: u32 = 1 << 6;
+    /// `-b '*'`: every inbound port is captured except `-d` ports and the tunnel port.
+    pub const INBOUND_ALL: u32 = 1 << 7;
+    /// `-b LIST`: only the listed inbound ports are captured.
+    pub const INBOUND_LIST: u32 = 1 << 8;
+    /// Only the proxy uid/gid may bind the proxy's own ports.
+    pub const BIND_GUARD: u32 = 1 << 9;
 }
 
 /// One pod's interception policy: the scalar part of `Config`; the set-valued parts live in
@@ -52,37 +58,61 @@ impl PodPolicy {
     }
 }
 
-/// A destination or source address. IPv4 in host byte order; IPv6 as 16 bytes in network order.
+/// A destination or source address, always in IPv6 form: IPv4 is `::ffff:a.b.c.d`. One fully
+/// initialised representation (no enum with undefined payload bytes, which the eBPF verifier
+/// rejects when LLVM speculates on them), and `::ffff:a.b.c.d` from an AF_INET6 socket is
+/// decided as the IPv4 address it is on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Addr {
-    V4(u32),
-    V6([u8; 16]),
-}
+pub struct Addr(pub [u8; 16]);
+
+const MAPPED_PREFIX: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
 
 impl Addr {
-    /// `::ffff:a.b.c.d` travels as IPv4 on the wire, so Istio's v4 rules decide it.
-    pub fn unmapped(self) -> Addr {
-        match self {
-            Addr::V6(b) if b[..10] == [0; 10] && b[10] == 0xff && b[11] == 0xff => {
-                Addr::V4(u32::from_be_bytes([b[12], b[13], b[14], b[15]]))
-            }
-            a => a,
-        }
+    /// IPv4 from its host-order value.
+    #[inline(always)]
+    pub const fn v4(host: u32) -> Addr {
+        let b = host.to_be_bytes();
+        Addr([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3]])
+    }
+
+    /// IPv6 (or v4-mapped) from its 16 bytes.
+    #[inline(always)]
+    pub const fn v6(bytes: [u8; 16]) -> Addr {
+        Addr(bytes)
+    }
+
+    #[inline(always)]
+    pub fn is_v4(self) -> bool {
+        self.0[..12] == MAPPED_PREFIX
+    }
+
+    /// The IPv4 address in host order, if this is one.
+    #[inline(always)]
+    pub fn v4_host(self) -> Option<u32> {
+        self.is_v4().then(|| u32::from_be_bytes([self.0[12], self.0[13], self.0[14], self.0[15]]))
     }
 
     /// Loopback in the kernel's sense (127.0.0.0/8, ::1): always routed over `lo`.
+    #[inline(always)]
     pub fn is_loopback(self) -> bool {
-        match self {
-            Addr::V4(a) => a >> 24 == 127,
-            Addr::V6(b) => b == V6_LOOPBACK,
+        if self.is_v4() {
+            self.0[12] == 127
+        } else {
+            self.0 == V6_LOOPBACK
         }
+    }
+
+    /// The unspecified address (0.0.0.0 or ::).
+    #[inline(always)]
+    pub fn is_unspecified(self) -> bool {
+        self.0 == [0; 16] || self.v4_host() == Some(0)
     }
 }
 
 const V6_LOOPBACK: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 /// Envoy's inbound passthrough source, 127.0.0.6 / ::6.
-const PASSTHROUGH_V4: u32 = 0x7f00_0006;
-const PASSTHROUGH_V6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 6];
+const PASSTHROUGH_V4: Addr = Addr::v4(0x7f00_0006);
+const PASSTHROUGH_V6: Addr = Addr([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 6]);
 pub const DNS_PORT: u16 = 53;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,6 +150,10 @@ pub trait PodTables {
     fn is_dns_server(&self, dst: Addr) -> bool;
     /// The gid is in the owner-groups list (include or exclude, per the policy flags).
     fn group_listed(&self, gid: u32) -> bool;
+    /// `-d` (with `-b '*'`) or `-b` list membership, per the policy flags.
+    fn inbound_port_listed(&self, port: u16) -> bool;
+    /// One of the proxy's own ports (only the proxy may bind them).
+    fn proxy_port_guarded(&self, port: u16) -> bool;
 }
 
 /// Which rule of the chain decided (or that none matched).
@@ -162,6 +196,22 @@ pub enum Reason {
     IncludedCidr,
     /// Not TCP (and not captured DNS).
     NotTcp,
+    /// Inbound: the pod captures no inbound ports (`-b ''`).
+    NoInboundCapture,
+    /// Inbound: the HBONE tunnel port is never captured.
+    TunnelPort,
+    /// Inbound: a `-d` excluded port.
+    ExcludedInboundPort,
+    /// Inbound: not in the `-b` list.
+    NotIncludedInboundPort,
+    /// Inbound: the peer is the pod itself (the proxy's own connection to the app, over lo).
+    LocalPeer,
+    /// Inbound: a port in the `-b` list / not excluded: to the proxy's inbound port.
+    InboundCaptured,
+    /// Bind guard: a non-proxy process tried to bind a proxy port.
+    ProxyPortGuarded,
+    /// Bind guard: the proxy's own uid/gid, or not a guarded port.
+    BindAllowed,
 }
 
 /// What happens to the connection.
@@ -193,28 +243,23 @@ fn in_v4_cidr(addr: u32, net: u32, prefix: u32) -> bool {
 /// Istio's `ISTIO_OUTPUT` chain for one outbound connect, in rule order.
 #[inline(always)]
 pub fn decide<T: PodTables>(p: &PodPolicy, t: &T, c: &Conn) -> Verdict {
-    let dst = c.dst.unmapped();
-    let v6 = matches!(dst, Addr::V6(_));
-    if v6 && !p.has(flags::IPV6) {
+    let dst = c.dst;
+    if !dst.is_v4() && !p.has(flags::IPV6) {
         return Verdict::Pass(Reason::Ipv6Disabled);
     }
     let tcp = c.proto == Proto::Tcp;
     // "-o lo": the route to a loopback or own address is the loopback device.
     let over_lo = dst.is_loopback() || t.is_local(dst);
-    let in_lo_cidr = match dst {
-        Addr::V4(a) => in_v4_cidr(a, p.loopback_v4_addr, p.loopback_v4_prefix),
-        Addr::V6(b) => b == V6_LOOPBACK,
+    let in_lo_cidr = match dst.v4_host() {
+        Some(a) => in_v4_cidr(a, p.loopback_v4_addr, p.loopback_v4_prefix),
+        None => dst.0 == V6_LOOPBACK,
     };
     let dns = p.has(flags::DNS);
 
     if t.port_excluded(c.dport) {
         return Verdict::Pass(Reason::ExcludedPort);
     }
-    let passthrough_src = match c.src.map(Addr::unmapped) {
-        Some(Addr::V4(s)) => s == PASSTHROUGH_V4,
-        Some(Addr::V6(s)) => s == PASSTHROUGH_V6,
-        None => false,
-    };
+    let passthrough_src = matches!(c.src, Some(s) if s == PASSTHROUGH_V4 || s == PASSTHROUGH_V6);
     if over_lo && passthrough_src {
         return Verdict::Pass(Reason::PassthroughSource);
     }
@@ -302,4 +347,65 @@ pub fn decide<T: PodTables>(p: &PodPolicy, t: &T, c: &Conn) -> Verdict {
         };
     }
     Verdict::Pass(Reason::NoMatch)
+}
+
+/// Istio's inbound capture (nat PREROUTING → ISTIO_INBOUND) for a TCP connection arriving at
+/// `local` (one of the pod's addresses) on `port` from `remote`. Connections the pod makes to
+/// itself never traverse PREROUTING's NAT decision (their conntrack entry starts in OUTPUT), so
+/// they are never captured: the proxy's own connections to the app reach the app.
+#[inline(always)]
+pub fn decide_inbound<T: PodTables>(
+    p: &PodPolicy,
+    t: &T,
+    local: Addr,
+    port: u16,
+    remote: Addr,
+) -> Verdict {
+    if !local.is_v4() && !p.has(flags::IPV6) {
+        return Verdict::Pass(Reason::Ipv6Disabled);
+    }
+    if !p.has(flags::INBOUND_ALL) && !p.has(flags::INBOUND_LIST) {
+        return Verdict::Pass(Reason::NoInboundCapture);
+    }
+    if remote.is_loopback() || remote == local || t.is_local(remote) {
+        return Verdict::Pass(Reason::LocalPeer);
+    }
+    if port == p.inbound_tunnel_port {
+        return Verdict::Pass(Reason::TunnelPort);
+    }
+    let listed = t.inbound_port_listed(port);
+    if p.has(flags::INBOUND_ALL) && listed {
+        return Verdict::Pass(Reason::ExcludedInboundPort);
+    }
+    if p.has(flags::INBOUND_LIST) && !listed {
+        return Verdict::Pass(Reason::NotIncludedInboundPort);
+    }
+    Verdict::Redirect {
+        port: p.inbound_capture_port,
+        reason: Reason::InboundCaptured,
+    }
+}
+
+/// The bind guard: in a meshed pod only the proxy's uids/gids may bind the proxy's ports, so an
+/// app cannot impersonate the proxy. `Pass` = allowed.
+#[inline(always)]
+pub fn bind_allowed<T: PodTables>(p: &PodPolicy, t: &T, port: u16, uid: u32, gid: u32) -> bool {
+    if !p.has(flags::BIND_GUARD) || !t.proxy_port_guarded(port) {
+        return true;
+    }
+    let mut i = 0;
+    while i < MAX_IDS && i < p.n_uids as usize {
+        if p.uids[i] == uid {
+            return true;
+        }
+        i += 1;
+    }
+    let mut i = 0;
+    while i < MAX_IDS && i < p.n_gids as usize {
+        if p.gids[i] == gid {
+            return true;
+        }
+        i += 1;
+    }
+    false
 }

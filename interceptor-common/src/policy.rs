@@ -7,7 +7,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::config::{CidrSelection, Config, InterceptionMode, OwnerGroups};
+use crate::config::{CidrSelection, Config, OwnerGroups, PortSelection};
 use crate::decision::{self, flags, Addr, PodPolicy, PodTables, MAX_IDS};
 
 /// Istio's DNS proxy port (not configurable in istio-iptables either).
@@ -16,17 +16,17 @@ pub const DNS_PROXY_PORT: u16 = 15053;
 impl From<IpAddr> for Addr {
     fn from(ip: IpAddr) -> Self {
         match ip {
-            IpAddr::V4(a) => Addr::V4(u32::from(a)),
-            IpAddr::V6(a) => Addr::V6(a.octets()),
+            IpAddr::V4(a) => Addr::v4(u32::from(a)),
+            IpAddr::V6(a) => Addr::v6(a.octets()),
         }
     }
 }
 
 impl From<Addr> for IpAddr {
     fn from(a: Addr) -> Self {
-        match a {
-            Addr::V4(a) => IpAddr::V4(a.into()),
-            Addr::V6(b) => IpAddr::V6(b.into()),
+        match a.v4_host() {
+            Some(h) => IpAddr::V4(h.into()),
+            None => IpAddr::V6(a.0.into()),
         }
     }
 }
@@ -60,19 +60,6 @@ pub fn ebpf_unsupported(cfg: &Config) -> Option<String> {
             cfg.reroute_virtual_interfaces.join(",")
         ));
     }
-    if cfg.inbound_interception_mode == InterceptionMode::Tproxy {
-        return Some(
-            "--istio-inbound-interception-mode=TPROXY needs marks and policy routing".into(),
-        );
-    }
-    if !cfg.inbound_ports_include.is_empty() {
-        return Some(
-            "inbound capture (--istio-inbound-ports) is not yet supported on the eBPF path".into(),
-        );
-    }
-    if dns_enabled(cfg) {
-        return Some("DNS capture (--redirect-dns) is not yet supported on the eBPF path".into());
-    }
     if cfg.drop_invalid {
         return Some(
             "--drop-invalid matches conntrack state, which the eBPF path does not use".into(),
@@ -103,6 +90,14 @@ pub fn pod_policy(cfg: &Config, pod_id: u32) -> PodPolicy {
                 f |= flags::LOOPBACK_INCLUDED;
             }
         }
+    }
+    match &cfg.inbound_ports_include {
+        PortSelection::All => f |= flags::INBOUND_ALL,
+        PortSelection::List(l) if !l.is_empty() => f |= flags::INBOUND_LIST,
+        PortSelection::List(_) => {}
+    }
+    if !cfg.bind_guard_ports.is_empty() {
+        f |= flags::BIND_GUARD;
     }
     match cfg.owner_groups {
         OwnerGroups::All => {}
@@ -153,6 +148,9 @@ pub struct MemTables {
     pub local: HashSet<IpAddr>,
     pub dns_servers: HashSet<IpAddr>,
     pub groups: HashSet<u32>,
+    /// `-d` ports with `-b '*'`, or the `-b` list.
+    pub inbound_ports: HashSet<u16>,
+    pub guarded_ports: HashSet<u16>,
 }
 
 impl MemTables {
@@ -182,6 +180,12 @@ impl MemTables {
                 .map(|s| s.addr)
                 .collect(),
             groups: groups.iter().copied().collect(),
+            inbound_ports: match &cfg.inbound_ports_include {
+                // Istio only honours -d together with -b '*'.
+                PortSelection::All => cfg.inbound_ports_exclude.iter().copied().collect(),
+                PortSelection::List(l) => l.iter().copied().collect(),
+            },
+            guarded_ports: cfg.bind_guard_ports.iter().copied().collect(),
         }
     }
 }
@@ -213,11 +217,34 @@ impl PodTables for MemTables {
     fn group_listed(&self, gid: u32) -> bool {
         self.groups.contains(&gid)
     }
+    fn inbound_port_listed(&self, port: u16) -> bool {
+        self.inbound_ports.contains(&port)
+    }
+    fn proxy_port_guarded(&self, port: u16) -> bool {
+        self.guarded_ports.contains(&port)
+    }
 }
 
 /// The decision for one connection, computed in userspace from the config.
 pub fn explain(cfg: &Config, tables: &MemTables, conn: &decision::Conn) -> decision::Verdict {
     decision::decide(&pod_policy(cfg, 0), tables, conn)
+}
+
+/// The inbound decision for a connection to `local:port` from `remote`, in userspace.
+pub fn explain_inbound(
+    cfg: &Config,
+    tables: &MemTables,
+    local: IpAddr,
+    port: u16,
+    remote: IpAddr,
+) -> decision::Verdict {
+    decision::decide_inbound(
+        &pod_policy(cfg, 0),
+        tables,
+        local.into(),
+        port,
+        remote.into(),
+    )
 }
 
 #[cfg(test)]
@@ -382,5 +409,118 @@ mod tests {
                 reason: Reason::ProxyUidToLocal
             }
         );
+    }
+}
+
+#[cfg(test)]
+mod inbound_tests {
+    use super::*;
+    use crate::config::RawConfig;
+    use crate::decision::{Reason, Verdict};
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn inbound(raw: RawConfig, port: u16, remote: &str) -> Verdict {
+        let cfg = raw.parse().unwrap();
+        let local = [ip("10.1.0.5")];
+        explain_inbound(
+            &cfg,
+            &MemTables::new(&cfg, &local, &[]),
+            ip("10.1.0.5"),
+            port,
+            ip(remote),
+        )
+    }
+
+    #[test]
+    fn wildcard_captures_all_but_excluded_and_tunnel() {
+        let raw = || RawConfig {
+            inbound_ports_include: "*".into(),
+            inbound_ports_exclude: "15090,22".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            inbound(raw(), 8080, "10.2.0.1"),
+            Verdict::Redirect {
+                port: 15006,
+                reason: Reason::InboundCaptured
+            }
+        );
+        assert_eq!(
+            inbound(raw(), 22, "10.2.0.1"),
+            Verdict::Pass(Reason::ExcludedInboundPort)
+        );
+        assert_eq!(
+            inbound(raw(), 15008, "10.2.0.1"),
+            Verdict::Pass(Reason::TunnelPort)
+        );
+        // The proxy's own connections to the app: from 127.0.0.6 or from the pod IP.
+        assert_eq!(
+            inbound(raw(), 8080, "127.0.0.6"),
+            Verdict::Pass(Reason::LocalPeer)
+        );
+        assert_eq!(
+            inbound(raw(), 8080, "10.1.0.5"),
+            Verdict::Pass(Reason::LocalPeer)
+        );
+    }
+
+    #[test]
+    fn list_and_empty() {
+        let list = RawConfig {
+            inbound_ports_include: "8080,9090".into(),
+            inbound_ports_exclude: "8080".into(),
+            ..Default::default()
+        };
+        // -d is ignored unless -b is '*' (Istio).
+        assert_eq!(
+            inbound(list.clone(), 8080, "10.2.0.1"),
+            Verdict::Redirect {
+                port: 15006,
+                reason: Reason::InboundCaptured
+            }
+        );
+        assert_eq!(
+            inbound(list, 7070, "10.2.0.1"),
+            Verdict::Pass(Reason::NotIncludedInboundPort)
+        );
+        assert_eq!(
+            inbound(RawConfig::default(), 8080, "10.2.0.1"),
+            Verdict::Pass(Reason::NoInboundCapture)
+        );
+    }
+
+    #[test]
+    fn bind_guard() {
+        let cfg: Config = RawConfig {
+            proxy_port: "15101".into(),
+            ..Default::default()
+        }
+        .parse()
+        .unwrap();
+        let t = MemTables::new(&cfg, &[], &[]);
+        let p = pod_policy(&cfg, 1);
+        assert!(!decision::bind_allowed(&p, &t, 15001, 1000, 1000));
+        assert!(
+            !decision::bind_allowed(&p, &t, 15101, 1000, 1000),
+            "-p joins the guarded ports"
+        );
+        assert!(decision::bind_allowed(&p, &t, 15001, 1337, 1337));
+        assert!(decision::bind_allowed(&p, &t, 8080, 1000, 1000));
+        let off: Config = RawConfig {
+            bind_guard_ports: String::new(),
+            ..Default::default()
+        }
+        .parse()
+        .unwrap();
+        assert!(decision::bind_allowed(
+            &pod_policy(&off, 1),
+            &MemTables::new(&off, &[], &[]),
+            15001,
+            1000,
+            1000
+        ));
     }
 }

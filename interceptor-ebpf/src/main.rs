@@ -1,31 +1,37 @@
 //! interceptor's kernel programs. Attached once at the cgroup v2 root, they serve every pod
 //! registered in `POD_POLICY` (keyed by netns cookie); a netns without an entry is untouched.
+//! Every verdict comes from `interceptor_common::decision`, the model userspace uses too.
 //!
-//! - `ic_connect4` / `ic_connect6`: Istio's ISTIO_OUTPUT decision (interceptor_common::decision)
-//!   and, on redirect, the rewrite to the proxy on loopback plus the original destination.
+//! - `ic_connect4/6`: Istio's ISTIO_OUTPUT decision; on redirect, the rewrite to the proxy on
+//!   loopback plus the original destination (TCP, and UDP DNS on connected sockets).
+//! - `ic_sendmsg4/6`, `ic_recvmsg4/6`: DNS on unconnected UDP sockets, replies restored to come
+//!   from the original server; `ic_sock_release` forgets the socket.
 //! - `ic_sockops`: moves the original destination to a tuple key the proxy's socket can find,
-//!   and forgets both when the connection closes.
+//!   forgets both when the connection closes; registers the proxy's inbound listener.
 //! - `ic_getsockopt`: answers SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST on the proxy's socket.
-//! - `ic_getpeername4` / `6`: the app sees the original peer, as with NAT.
+//! - `ic_getpeername4/6`: the app sees the original peer, as with NAT.
+//! - `ic_sk_lookup` (attached per pod netns): inbound connections to captured ports are handed
+//!   to the proxy's listener, keeping the original local address and the client's address.
+//! - `ic_bind4/6`: only the proxy may bind the proxy's ports.
 #![no_std]
 #![no_main]
 
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use aya_ebpf::{
-    bindings::{bpf_sock, BPF_SOCK_OPS_STATE_CB_FLAG},
+    bindings::{bpf_sock, bpf_sock_addr, sk_action, BPF_SOCK_OPS_STATE_CB_FLAG},
     helpers::{bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, cgroup_sockopt, map, sock_ops},
-    maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap},
-    programs::{SockAddrContext, SockOpsContext, SockoptContext},
+    macros::{cgroup_sock, cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sock_ops},
+    maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, SockHash},
+    programs::{SkLookupContext, SockAddrContext, SockContext, SockOpsContext, SockoptContext},
     EbpfContext,
 };
 use aya_log_ebpf::info;
 use interceptor_common::{
-    decision::{decide, Addr, Conn, PodPolicy, PodTables, Proto, Verdict},
+    decision::{bind_allowed, decide, decide_inbound, Addr, Conn, PodPolicy, PodTables, Proto, Verdict},
     maps::{
-        mapped_v4, v6_bytes, AddrKey, Cidr4Data, Cidr6Data, GroupKey, OrigDst, PortKey, TupleKey,
-        ADDR_DNS, ADDR_LOCAL, PORT_EXCLUDED, PORT_INCLUDED,
+        mapped_v4, v6_bytes, AddrKey, Cidr4Data, Cidr6Data, GroupKey, OrigDst, PodRef, PortKey, TupleKey,
+        ADDR_DNS, ADDR_LOCAL, PORT_EXCLUDED, PORT_GUARDED, PORT_INBOUND, PORT_INCLUDED,
     },
 };
 
@@ -39,7 +45,9 @@ const SO_ORIGINAL_DST: i32 = 80;
 const SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
 const SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
 const SOCK_OPS_STATE_CB: u32 = 10;
+const SOCK_OPS_TCP_LISTEN_CB: u32 = 11;
 const TCP_CLOSE: u32 = 7;
+const DNS_PORT: u16 = 53;
 
 const MAX_PODS: u32 = 4096;
 
@@ -50,7 +58,7 @@ static LOG_ENABLED: u8 = 0;
 
 #[inline(always)]
 fn log_enabled() -> bool {
-    unsafe { core::ptr::read_volatile(&LOG_ENABLED) != 0 }
+    unsafe { read_volatile(&LOG_ENABLED) != 0 }
 }
 
 #[map]
@@ -69,48 +77,52 @@ static CIDR4_INCL: LpmTrie<Cidr4Data, u8> = LpmTrie::with_max_entries(65536, 0);
 static CIDR6_EXCL: LpmTrie<Cidr6Data, u8> = LpmTrie::with_max_entries(65536, 0);
 #[map]
 static CIDR6_INCL: LpmTrie<Cidr6Data, u8> = LpmTrie::with_max_entries(65536, 0);
-/// Socket cookie → original destination, for the life of the app's connection. LRU only as a
-/// safety net: entries are removed when the connection closes.
+/// Socket cookie → original destination, for the life of the app's TCP connection. LRU only as
+/// a safety net: entries are removed when the connection closes.
 #[map]
 static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(65536, 0);
 /// Tuple → original destination, what the proxy's accepted socket can look up.
 #[map]
 static ORIG_BY_TUPLE: LruHashMap<TupleKey, OrigDst> = LruHashMap::with_max_entries(65536, 0);
+/// UDP socket cookie → the DNS server it last sent to; removed when the socket is released.
+#[map]
+static DNS_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(65536, 0);
+/// Pod address → pod, for sk_lookup (which cannot read the netns cookie).
+#[map]
+static POD_BY_ADDR: HashMap<[u8; 16], PodRef> = HashMap::with_max_entries(16384, 0);
+/// The proxy's inbound listeners: key `pod_id * 2 + (family is IPv6)`.
+#[map]
+static LISTENERS: SockHash<u32> = SockHash::with_max_entries(MAX_PODS, 0);
 
 /// The decision model's set lookups, backed by this pod's map entries.
 struct MapTables {
     pod_id: u32,
 }
 
+
 impl MapTables {
     #[inline(always)]
-    fn addr_key(&self, kind: u32, a: Addr) -> AddrKey {
-        let addr = match a {
-            Addr::V4(h) => mapped_v4(h.to_be()),
-            Addr::V6(b) => b,
-        };
-        AddrKey {
-            pod_id: self.pod_id,
-            kind,
-            addr,
-        }
+    fn port(&self, port: u16, kind: u16) -> bool {
+        unsafe { PORTS.get(&PortKey { pod_id: self.pod_id, port, kind }) }.is_some()
+    }
+
+    #[inline(always)]
+    fn addr(&self, kind: u32, a: Addr) -> bool {
+        unsafe { ADDRS.get(&AddrKey { pod_id: self.pod_id, kind, addr: a.0 }) }.is_some()
     }
 
     #[inline(always)]
     fn cidr(&self, a: Addr, v4: &LpmTrie<Cidr4Data, u8>, v6: &LpmTrie<Cidr6Data, u8>) -> bool {
         let id = self.pod_id.to_be_bytes();
-        match a {
-            Addr::V4(h) => {
-                let b = h.to_be_bytes();
-                let data = [id[0], id[1], id[2], id[3], b[0], b[1], b[2], b[3]];
-                v4.get(Key::new(64, data)).is_some()
-            }
-            Addr::V6(b) => {
-                let mut data = [0u8; 20];
-                data[..4].copy_from_slice(&id);
-                data[4..].copy_from_slice(&b);
-                v6.get(Key::new(160, data)).is_some()
-            }
+        let b = a.0;
+        if a.is_v4() {
+            let data = [id[0], id[1], id[2], id[3], b[12], b[13], b[14], b[15]];
+            v4.get(Key::new(64, data)).is_some()
+        } else {
+            let mut data = [0u8; 20];
+            data[..4].copy_from_slice(&id);
+            data[4..].copy_from_slice(&b);
+            v6.get(Key::new(160, data)).is_some()
         }
     }
 }
@@ -118,25 +130,11 @@ impl MapTables {
 impl PodTables for MapTables {
     #[inline(always)]
     fn port_excluded(&self, port: u16) -> bool {
-        unsafe {
-            PORTS.get(&PortKey {
-                pod_id: self.pod_id,
-                port,
-                kind: PORT_EXCLUDED,
-            })
-        }
-        .is_some()
+        self.port(port, PORT_EXCLUDED)
     }
     #[inline(always)]
     fn port_included(&self, port: u16) -> bool {
-        unsafe {
-            PORTS.get(&PortKey {
-                pod_id: self.pod_id,
-                port,
-                kind: PORT_INCLUDED,
-            })
-        }
-        .is_some()
+        self.port(port, PORT_INCLUDED)
     }
     #[inline(always)]
     fn cidr_excluded(&self, dst: Addr) -> bool {
@@ -148,22 +146,141 @@ impl PodTables for MapTables {
     }
     #[inline(always)]
     fn is_local(&self, dst: Addr) -> bool {
-        unsafe { ADDRS.get(&self.addr_key(ADDR_LOCAL, dst)) }.is_some()
+        self.addr(ADDR_LOCAL, dst)
     }
     #[inline(always)]
     fn is_dns_server(&self, dst: Addr) -> bool {
-        unsafe { ADDRS.get(&self.addr_key(ADDR_DNS, dst)) }.is_some()
+        self.addr(ADDR_DNS, dst)
     }
     #[inline(always)]
     fn group_listed(&self, gid: u32) -> bool {
-        unsafe {
-            GROUPS.get(&GroupKey {
-                pod_id: self.pod_id,
-                gid,
-            })
-        }
-        .is_some()
+        unsafe { GROUPS.get(&GroupKey { pod_id: self.pod_id, gid }) }.is_some()
     }
+    #[inline(always)]
+    fn inbound_port_listed(&self, port: u16) -> bool {
+        self.port(port, PORT_INBOUND)
+    }
+    #[inline(always)]
+    fn proxy_port_guarded(&self, port: u16) -> bool {
+        self.port(port, PORT_GUARDED)
+    }
+}
+
+/// The pod whose netns the current hook runs in, if it is meshed.
+#[inline(always)]
+fn pod_of<C: EbpfContext>(ctx: &C) -> Option<(u64, &'static PodPolicy)> {
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    unsafe { POD_POLICY.get(&netns) }.map(|p| (netns, p))
+}
+
+/// The destination a sock_addr hook was given (`user_ip4/6`, `user_port`).
+#[inline(always)]
+unsafe fn user_addr(sa: *mut bpf_sock_addr, v6: bool) -> (Addr, u16) {
+    let dst = if v6 {
+        Addr::v6(v6_bytes([
+            read_volatile(addr_of!((*sa).user_ip6[0])),
+            read_volatile(addr_of!((*sa).user_ip6[1])),
+            read_volatile(addr_of!((*sa).user_ip6[2])),
+            read_volatile(addr_of!((*sa).user_ip6[3])),
+        ]))
+        
+    } else {
+        Addr::v4(u32::from_be(read_volatile(addr_of!((*sa).user_ip4))))
+    };
+    (dst, u16::from_be(read_volatile(addr_of!((*sa).user_port)) as u16))
+}
+
+/// Writes an address back into `user_ip4/6`, `user_port`. On AF_INET6 sockets an IPv4 address
+/// becomes `::ffff:a.b.c.d` (it stays IPv4 on the wire).
+#[inline(always)]
+unsafe fn set_user_addr(sa: *mut bpf_sock_addr, v6: bool, addr: [u8; 16], port: u16) {
+    if v6 {
+        let ip6 = addr_of_mut!((*sa).user_ip6).cast::<u32>();
+        let mut i = 0;
+        while i < 4 {
+            let w = u32::from_ne_bytes([addr[i * 4], addr[i * 4 + 1], addr[i * 4 + 2], addr[i * 4 + 3]]);
+            write_volatile(ip6.add(i), w);
+            i += 1;
+        }
+    } else {
+        let w = u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]]);
+        write_volatile(addr_of_mut!((*sa).user_ip4), w);
+    }
+    write_volatile(addr_of_mut!((*sa).user_port), u32::from(port.to_be()));
+}
+
+/// Loopback in the family the destination travels in.
+#[inline(always)]
+fn loopback_for(dst: Addr) -> [u8; 16] {
+    if dst.is_v4() {
+        mapped_v4(0x7f00_0001u32.to_be())
+    } else {
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]
+    }
+}
+
+/// Decides an outbound connect/sendmsg; returns the original destination and proxy port to
+/// use when it is redirected.
+#[inline(always)]
+fn outbound(ctx: &SockAddrContext, v6: bool) -> Option<(Addr, OrigDst)> {
+    let sa = ctx.sock_addr;
+    let (netns, policy) = pod_of(ctx)?;
+    let proto = match unsafe { read_volatile(addr_of!((*sa).protocol)) } {
+        IPPROTO_TCP => Proto::Tcp,
+        IPPROTO_UDP => Proto::Udp,
+        _ => return None,
+    };
+    let (dst, dport) = unsafe { user_addr(sa, v6) };
+    // The bound source, if any (Envoy binds 127.0.0.6 for its inbound passthrough).
+    let sk: *mut bpf_sock = unsafe { (*sa).__bindgen_anon_1.sk };
+    let src = if sk.is_null() {
+        None
+    } else if v6 {
+        let w = unsafe {
+            [
+                read_volatile(addr_of!((*sk).src_ip6[0])),
+                read_volatile(addr_of!((*sk).src_ip6[1])),
+                read_volatile(addr_of!((*sk).src_ip6[2])),
+                read_volatile(addr_of!((*sk).src_ip6[3])),
+            ]
+        };
+        let s = Addr::v6(v6_bytes(w));
+        (!s.is_unspecified()).then_some(s)
+    } else {
+        let s = unsafe { read_volatile(addr_of!((*sk).src_ip4)) };
+        (s != 0).then_some(Addr::v4(u32::from_be(s)))
+    };
+    let ug = bpf_get_current_uid_gid();
+    let conn = Conn { proto, dst, dport, src, uid: ug as u32, gid: (ug >> 32) as u32 };
+    let verdict = decide(policy, &MapTables { pod_id: policy.pod_id }, &conn);
+    if log_enabled() {
+        let (port, reason) = match verdict {
+            Verdict::Redirect { port, reason } => (port, reason as u32),
+            Verdict::Pass(reason) => (0, reason as u32),
+        };
+        info!(ctx, "connect netns={} uid={} dport={} -> port={} rule={}", netns, conn.uid, dport, port, reason);
+    }
+    let Verdict::Redirect { port, .. } = verdict else {
+        return None;
+    };
+    let family = if v6 { AF_INET6 } else { AF_INET };
+    Some((dst, OrigDst { addr: dst.0, port: dport, redirect_port: port, family }))
+}
+
+#[inline(always)]
+fn on_connect(ctx: &SockAddrContext, v6: bool) {
+    let Some((dst, orig)) = outbound(ctx, v6) else {
+        return;
+    };
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let udp = unsafe { read_volatile(addr_of!((*ctx.sock_addr).protocol)) } == IPPROTO_UDP;
+    // TCP state is dropped by sockops at close; UDP (DNS) state at sock_release.
+    let stored = if udp { DNS_ORIG.insert(&cookie, &orig, 0) } else { ORIG_BY_COOKIE.insert(&cookie, &orig, 0) };
+    if stored.is_err() {
+        // Without the original destination the proxy could not route it: leave it alone.
+        return;
+    }
+    unsafe { set_user_addr(ctx.sock_addr, v6, loopback_for(dst), orig.redirect_port) };
 }
 
 #[cgroup_sock_addr(connect4)]
@@ -178,127 +295,126 @@ pub fn ic_connect6(ctx: SockAddrContext) -> i32 {
     1
 }
 
+/// Unconnected UDP: only DNS is ever redirected (Istio captures nothing else of UDP).
 #[inline(always)]
-fn on_connect(ctx: &SockAddrContext, v6: bool) {
-    let sa = ctx.sock_addr;
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let Some(policy) = (unsafe { POD_POLICY.get(&netns) }) else {
+fn on_sendmsg(ctx: &SockAddrContext, v6: bool) {
+    let Some((dst, orig)) = outbound(ctx, v6) else {
         return;
     };
-    let proto = match unsafe { (*sa).protocol } {
-        IPPROTO_TCP => Proto::Tcp,
-        IPPROTO_UDP => Proto::Udp,
-        _ => return,
-    };
-    let (dst, family) = if v6 {
-        (
-            Addr::V6(v6_bytes(unsafe { (*sa).user_ip6 })).unmapped(),
-            AF_INET6,
-        )
-    } else {
-        (Addr::V4(u32::from_be(unsafe { (*sa).user_ip4 })), AF_INET)
-    };
-    let dport = u16::from_be(unsafe { (*sa).user_port } as u16);
-    // The bound source, if any (Envoy binds 127.0.0.6 for its inbound passthrough).
-    let sk: *mut bpf_sock = unsafe { (*sa).__bindgen_anon_1.sk };
-    let src = if sk.is_null() {
-        None
-    } else if v6 {
-        let w = unsafe {
-            [
-                read_volatile(addr_of!((*sk).src_ip6[0])),
-                read_volatile(addr_of!((*sk).src_ip6[1])),
-                read_volatile(addr_of!((*sk).src_ip6[2])),
-                read_volatile(addr_of!((*sk).src_ip6[3])),
-            ]
-        };
-        let s = Addr::V6(v6_bytes(w)).unmapped();
-        (s != Addr::V6([0; 16]) && s != Addr::V4(0)).then_some(s)
-    } else {
-        let s = unsafe { read_volatile(addr_of!((*sk).src_ip4)) };
-        (s != 0).then_some(Addr::V4(u32::from_be(s)))
-    };
-    let ug = bpf_get_current_uid_gid();
-    let conn = Conn {
-        proto,
-        dst,
-        dport,
-        src,
-        uid: ug as u32,
-        gid: (ug >> 32) as u32,
-    };
-    let verdict = decide(
-        policy,
-        &MapTables {
-            pod_id: policy.pod_id,
-        },
-        &conn,
-    );
-    if log_enabled() {
-        let (port, reason) = match verdict {
-            Verdict::Redirect { port, reason } => (port, reason as u32),
-            Verdict::Pass(reason) => (0, reason as u32),
-        };
-        info!(
-            ctx,
-            "connect netns={} uid={} dport={} -> port={} rule={}",
-            netns,
-            conn.uid,
-            dport,
-            port,
-            reason
-        );
+    if orig.port != DNS_PORT {
+        return;
     }
-    let Verdict::Redirect { port, .. } = verdict else {
-        return;
-    };
-    let addr = match dst {
-        Addr::V4(h) => mapped_v4(h.to_be()),
-        Addr::V6(b) => b,
-    };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let orig = OrigDst {
-        addr,
-        port: dport,
-        redirect_port: port,
-        family,
-    };
-    if ORIG_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
-        // Without the original destination the proxy could not route it: leave it alone.
+    if DNS_ORIG.insert(&cookie, &orig, 0).is_ok() {
+        unsafe { set_user_addr(ctx.sock_addr, v6, loopback_for(dst), orig.redirect_port) };
+    }
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn ic_sendmsg4(ctx: SockAddrContext) -> i32 {
+    on_sendmsg(&ctx, false);
+    1
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn ic_sendmsg6(ctx: SockAddrContext) -> i32 {
+    on_sendmsg(&ctx, true);
+    1
+}
+
+/// A DNS reply from the proxy appears to come from the server the app asked.
+#[inline(always)]
+fn on_recvmsg(ctx: &SockAddrContext, v6: bool) {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(orig) = (unsafe { DNS_ORIG.get(&cookie) }) else {
         return;
+    };
+    let (from, port) = unsafe { user_addr(ctx.sock_addr, v6) };
+    if port == orig.redirect_port && from.is_loopback() {
+        unsafe { set_user_addr(ctx.sock_addr, v6, orig.addr, orig.port) };
     }
-    unsafe {
-        if v6 {
-            // v4-mapped destinations stay v4 on the wire: go to ::ffff:127.0.0.1, else ::1.
-            let lo: [u32; 4] = if matches!(dst, Addr::V4(_)) {
-                [0, 0, 0xffffu32.to_be(), 0x7f00_0001u32.to_be()]
-            } else {
-                [0, 0, 0, 1u32.to_be()]
-            };
-            let ip6 = addr_of_mut!((*sa).user_ip6);
-            write_volatile(ip6.cast::<u32>(), lo[0]);
-            write_volatile(ip6.cast::<u32>().add(1), lo[1]);
-            write_volatile(ip6.cast::<u32>().add(2), lo[2]);
-            write_volatile(ip6.cast::<u32>().add(3), lo[3]);
-        } else {
-            write_volatile(addr_of_mut!((*sa).user_ip4), 0x7f00_0001u32.to_be());
-        }
-        write_volatile(addr_of_mut!((*sa).user_port), u32::from(port.to_be()));
-    }
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn ic_recvmsg4(ctx: SockAddrContext) -> i32 {
+    on_recvmsg(&ctx, false);
+    1
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn ic_recvmsg6(ctx: SockAddrContext) -> i32 {
+    on_recvmsg(&ctx, true);
+    1
+}
+
+#[cgroup_sock(sock_release)]
+pub fn ic_sock_release(ctx: SockContext) -> i32 {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let _ = DNS_ORIG.remove(&cookie);
+    1
+}
+
+/// Only the proxy may bind the proxy's ports (an app could otherwise impersonate it).
+#[inline(always)]
+fn on_bind(ctx: &SockAddrContext, v6: bool) -> i32 {
+    let Some((_, policy)) = pod_of(ctx) else {
+        return 1;
+    };
+    let (_, port) = unsafe { user_addr(ctx.sock_addr, v6) };
+    let ug = bpf_get_current_uid_gid();
+    i32::from(bind_allowed(policy, &MapTables { pod_id: policy.pod_id }, port, ug as u32, (ug >> 32) as u32))
+}
+
+#[cgroup_sock_addr(bind4)]
+pub fn ic_bind4(ctx: SockAddrContext) -> i32 {
+    on_bind(&ctx, false)
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn ic_bind6(ctx: SockAddrContext) -> i32 {
+    on_bind(&ctx, true)
 }
 
 #[sock_ops]
 pub fn ic_sockops(ctx: SockOpsContext) -> u32 {
-    let op = ctx.op();
-    if op != SOCK_OPS_TCP_CONNECT_CB
-        && op != SOCK_OPS_ACTIVE_ESTABLISHED_CB
-        && op != SOCK_OPS_STATE_CB
-    {
-        return 1;
+    match ctx.op() {
+        SOCK_OPS_TCP_LISTEN_CB => on_listen(&ctx),
+        SOCK_OPS_TCP_CONNECT_CB | SOCK_OPS_ACTIVE_ESTABLISHED_CB | SOCK_OPS_STATE_CB => on_active(&ctx),
+        _ => {}
     }
+    1
+}
+
+/// The proxy's inbound listener registers itself: a listen() on the inbound capture port by
+/// one of the proxy's uids in a meshed netns.
+#[inline(always)]
+fn on_listen(ctx: &SockOpsContext) {
+    let Some((_, policy)) = pod_of(ctx) else {
+        return;
+    };
+    let port = unsafe { read_volatile(addr_of!((*ctx.ops).local_port)) };
+    if port != u32::from(policy.inbound_capture_port) {
+        return;
+    }
+    let uid = bpf_get_current_uid_gid() as u32;
+    let mut i = 0;
+    let mut proxy = false;
+    while i < interceptor_common::decision::MAX_IDS && i < policy.n_uids as usize {
+        proxy |= policy.uids[i] == uid;
+        i += 1;
+    }
+    if proxy {
+        let v6 = u32::from(unsafe { read_volatile(addr_of!((*ctx.ops).family)) } == AF_INET6);
+        let _ = LISTENERS.update(policy.pod_id * 2 + v6, unsafe { &mut *ctx.ops }, 0);
+    }
+}
+
+#[inline(always)]
+fn on_active(ctx: &SockOpsContext) {
+    let op = ctx.op();
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(&cookie) }) else {
-        return 1;
+        return;
     };
     let orig = *orig;
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
@@ -336,15 +452,54 @@ pub fn ic_sockops(ctx: SockOpsContext) -> u32 {
             }
         }
     }
-    1
+}
+
+/// sockaddr_in / sockaddr_in6 of `addr:port` into getsockopt's buffer; false if it does not fit.
+#[inline(always)]
+unsafe fn write_sockaddr(so: *mut aya_ebpf::bindings::bpf_sockopt, level: i32, addr: [u8; 16], port: u16) -> bool {
+    let optval = (*so).__bindgen_anon_2.optval as *mut u8;
+    let end = (*so).__bindgen_anon_3.optval_end as *mut u8;
+    let v4 = addr[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
+    if level == SOL_IP && v4 {
+        if optval.add(16) > end {
+            return false;
+        }
+        write_volatile(optval.cast::<u16>(), AF_INET as u16);
+        write_volatile(optval.add(2).cast::<u16>(), port.to_be());
+        let mut i = 0;
+        while i < 4 {
+            write_volatile(optval.add(4 + i), addr[12 + i]);
+            i += 1;
+        }
+        write_volatile(optval.add(8).cast::<u64>(), 0);
+        write_volatile(addr_of_mut!((*so).optlen), 16);
+    } else if level == SOL_IPV6 && !v4 {
+        if optval.add(28) > end {
+            return false;
+        }
+        write_volatile(optval.cast::<u16>(), AF_INET6 as u16);
+        write_volatile(optval.add(2).cast::<u16>(), port.to_be());
+        write_volatile(optval.add(4).cast::<u32>(), 0);
+        let mut i = 0;
+        while i < 16 {
+            write_volatile(optval.add(8 + i), addr[i]);
+            i += 1;
+        }
+        write_volatile(optval.add(24).cast::<u32>(), 0);
+        write_volatile(addr_of_mut!((*so).optlen), 28);
+    } else {
+        return false;
+    }
+    write_volatile(addr_of_mut!((*so).retval), 0);
+    true
 }
 
 #[cgroup_sockopt(getsockopt)]
 pub fn ic_getsockopt(ctx: SockoptContext) -> i32 {
     let so = ctx.sockopt;
     unsafe {
-        let level = (*so).level;
-        if (*so).optname != SO_ORIGINAL_DST || (level != SOL_IP && level != SOL_IPV6) {
+        let level = read_volatile(addr_of!((*so).level));
+        if read_volatile(addr_of!((*so).optname)) != SO_ORIGINAL_DST || (level != SOL_IP && level != SOL_IPV6) {
             return 1;
         }
         let sk = (*so).__bindgen_anon_1.sk;
@@ -352,60 +507,67 @@ pub fn ic_getsockopt(ctx: SockoptContext) -> i32 {
             return 1;
         }
         // One constant-offset load per field: the verifier forbids arithmetic on sock pointers.
+        // Load both families' fields, then choose: a branch would let LLVM select the offset.
         let family = read_volatile(addr_of!((*sk).family));
-        // Load both, then choose: a branch would let LLVM select the offset instead.
         let tail6 = read_volatile(addr_of!((*sk).dst_ip6[3]));
         let tail4 = read_volatile(addr_of!((*sk).dst_ip4));
-        let client_addr_tail = if family == AF_INET6 { tail6 } else { tail4 };
-        // On the proxy's accepted socket the peer is the app's socket.
+        let dport = u16::from_be(read_volatile(addr_of!((*sk).dst_port)));
+        let lport = read_volatile(addr_of!((*sk).src_port));
+        let netns = bpf_get_netns_cookie(ctx.as_ptr());
+        // Outbound: the proxy's accepted socket's peer is the app's socket.
         let key = TupleKey {
-            netns: bpf_get_netns_cookie(ctx.as_ptr()),
-            client_addr_tail,
-            client_port: u32::from(u16::from_be(read_volatile(addr_of!((*sk).dst_port)))),
-            proxy_port: read_volatile(addr_of!((*sk).src_port)),
+            netns,
+            client_addr_tail: if family == AF_INET6 { tail6 } else { tail4 },
+            client_port: u32::from(dport),
+            proxy_port: lport,
             _pad: 0,
         };
-        let Some(orig) = ORIG_BY_TUPLE.get(&key) else {
-            return 1;
-        };
-        let optval = (*so).__bindgen_anon_2.optval as *mut u8;
-        let end = (*so).__bindgen_anon_3.optval_end as *mut u8;
-        let v4 = orig.addr[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
-        if level == SOL_IP && v4 {
-            // struct sockaddr_in
-            if optval.add(16) > end {
-                return 1;
-            }
-            write_volatile(optval.cast::<u16>(), AF_INET as u16);
-            write_volatile(optval.add(2).cast::<u16>(), orig.port.to_be());
-            let mut i = 0;
-            while i < 4 {
-                write_volatile(optval.add(4 + i), orig.addr[12 + i]);
-                i += 1;
-            }
-            write_volatile(optval.add(8).cast::<u64>(), 0);
-            write_volatile(addr_of_mut!((*so).optlen), 16);
-        } else if level == SOL_IPV6 && !v4 {
-            // struct sockaddr_in6
-            if optval.add(28) > end {
-                return 1;
-            }
-            write_volatile(optval.cast::<u16>(), AF_INET6 as u16);
-            write_volatile(optval.add(2).cast::<u16>(), orig.port.to_be());
-            write_volatile(optval.add(4).cast::<u32>(), 0);
-            let mut i = 0;
-            while i < 16 {
-                write_volatile(optval.add(8 + i), orig.addr[i]);
-                i += 1;
-            }
-            write_volatile(optval.add(24).cast::<u32>(), 0);
-            write_volatile(addr_of_mut!((*so).optlen), 28);
-        } else {
+        if let Some(orig) = ORIG_BY_TUPLE.get(&key) {
+            write_sockaddr(so, level, orig.addr, orig.port);
             return 1;
         }
-        write_volatile(addr_of_mut!((*so).retval), 0);
+        // Inbound (sk_lookup): nothing was rewritten, the original destination is the socket's
+        // own local address, if that connection is one the pod captures.
+        let Some(policy) = POD_POLICY.get(&netns) else {
+            return 1;
+        };
+        let f = [
+            read_volatile(addr_of!((*sk).src_ip4)),
+            read_volatile(addr_of!((*sk).src_ip6[0])),
+            read_volatile(addr_of!((*sk).src_ip6[1])),
+            read_volatile(addr_of!((*sk).src_ip6[2])),
+            read_volatile(addr_of!((*sk).src_ip6[3])),
+            read_volatile(addr_of!((*sk).dst_ip6[0])),
+            read_volatile(addr_of!((*sk).dst_ip6[1])),
+            read_volatile(addr_of!((*sk).dst_ip6[2])),
+        ];
+        let (local, remote) = if family == AF_INET6 {
+            (Addr::v6(v6_bytes([f[1], f[2], f[3], f[4]])), Addr::v6(v6_bytes([f[5], f[6], f[7], tail6])))
+        } else {
+            (Addr::v4(u32::from_be(f[0])), Addr::v4(u32::from_be(tail4)))
+        };
+        let tables = MapTables { pod_id: policy.pod_id };
+        if !tables.is_local(local) {
+            return 1;
+        }
+        if let Verdict::Redirect { .. } = decide_inbound(policy, &tables, local, lport as u16, remote) {
+            write_sockaddr(so, level, local.0, lport as u16);
+        }
     }
     1
+}
+
+#[inline(always)]
+fn on_getpeername(ctx: &SockAddrContext, v6: bool) {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let orig = match unsafe { ORIG_BY_COOKIE.get(&cookie) } {
+        Some(o) => o,
+        None => match unsafe { DNS_ORIG.get(&cookie) } {
+            Some(o) => o,
+            None => return,
+        },
+    };
+    unsafe { set_user_addr(ctx.sock_addr, v6, orig.addr, orig.port) };
 }
 
 #[cgroup_sock_addr(getpeername4)]
@@ -420,33 +582,54 @@ pub fn ic_getpeername6(ctx: SockAddrContext) -> i32 {
     1
 }
 
-#[inline(always)]
-fn on_getpeername(ctx: &SockAddrContext, v6: bool) {
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(&cookie) }) else {
-        return;
+/// Inbound: a TCP connection to one of the pod's addresses on a captured port goes to the
+/// proxy's listener. With no listener registered the lookup fails and the client gets a reset,
+/// as with Istio's REDIRECT to a port nobody listens on: never the app, unprotected.
+#[sk_lookup]
+pub fn ic_sk_lookup(ctx: SkLookupContext) -> u32 {
+    let l = ctx.lookup;
+    let (protocol, family) = unsafe { (read_volatile(addr_of!((*l).protocol)), read_volatile(addr_of!((*l).family))) };
+    if protocol != IPPROTO_TCP {
+        return sk_action::SK_PASS;
+    }
+    // Every field is loaded once, unconditionally and in straight-line code: under a branch
+    // LLVM hoists a computed context address, which the verifier rejects. The copies on the
+    // stack are what map keys are built from (the verifier wants that too).
+    let f = unsafe {
+        [
+            read_volatile(addr_of!((*l).local_ip4)),
+            read_volatile(addr_of!((*l).local_ip6[0])),
+            read_volatile(addr_of!((*l).local_ip6[1])),
+            read_volatile(addr_of!((*l).local_ip6[2])),
+            read_volatile(addr_of!((*l).local_ip6[3])),
+            read_volatile(addr_of!((*l).remote_ip4)),
+            read_volatile(addr_of!((*l).remote_ip6[0])),
+            read_volatile(addr_of!((*l).remote_ip6[1])),
+            read_volatile(addr_of!((*l).remote_ip6[2])),
+            read_volatile(addr_of!((*l).remote_ip6[3])),
+        ]
     };
-    let sa = ctx.sock_addr;
-    unsafe {
-        if v6 {
-            let ip6 = addr_of_mut!((*sa).user_ip6).cast::<u32>();
-            let mut i = 0;
-            while i < 4 {
-                let w = u32::from_ne_bytes([
-                    orig.addr[i * 4],
-                    orig.addr[i * 4 + 1],
-                    orig.addr[i * 4 + 2],
-                    orig.addr[i * 4 + 3],
-                ]);
-                write_volatile(ip6.add(i), w);
-                i += 1;
-            }
-        } else {
-            let w =
-                u32::from_ne_bytes([orig.addr[12], orig.addr[13], orig.addr[14], orig.addr[15]]);
-            write_volatile(addr_of_mut!((*sa).user_ip4), w);
-        }
-        write_volatile(addr_of_mut!((*sa).user_port), u32::from(orig.port.to_be()));
+    let (local, remote) = if family == AF_INET6 {
+        (Addr::v6(v6_bytes([f[1], f[2], f[3], f[4]])), Addr::v6(v6_bytes([f[6], f[7], f[8], f[9]])))
+    } else {
+        (Addr::v4(u32::from_be(f[0])), Addr::v4(u32::from_be(f[5])))
+    };
+    let port = unsafe { read_volatile(addr_of!((*l).local_port)) } as u16;
+    let key = local.0;
+    let Some(pod) = (unsafe { POD_BY_ADDR.get(&key) }) else {
+        return sk_action::SK_PASS;
+    };
+    let pod_id = pod.pod_id;
+    let Some(policy) = (unsafe { POD_POLICY.get(&pod.netns) }) else {
+        return sk_action::SK_PASS;
+    };
+    let Verdict::Redirect { .. } = decide_inbound(policy, &MapTables { pod_id }, local, port, remote) else {
+        return sk_action::SK_PASS;
+    };
+    let key = pod_id * 2 + u32::from(family == AF_INET6);
+    match LISTENERS.redirect_sk_lookup(&ctx, key, 0) {
+        Ok(()) => sk_action::SK_PASS,
+        Err(_) => sk_action::SK_DROP,
     }
 }
 

@@ -33,6 +33,9 @@ pub enum Command {
     /// The verdict for one connection of a pod (redirect to which port, or pass) and the rule
     /// that decided it, from the same decision model the eBPF programs follow.
     Explain(Box<ExplainArgs>),
+    /// Check that interception works in a pod, as Istio's istio-validation does: exit 0 when
+    /// it does, 126 when not. Runs as the proxy uid/gid with no capabilities.
+    Validate(ValidateArgs),
 }
 
 /// Where the eBPF state lives.
@@ -88,6 +91,36 @@ pub struct ExplainArgs {
     /// The pod's interception config, exactly as for `apply`.
     #[command(flatten)]
     pub apply: ApplyArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ValidateArgs {
+    /// Validate inside this network namespace (a path such as /var/run/netns/NAME).
+    #[arg(long, env = "NETWORK_NAMESPACE")]
+    pub network_namespace: Option<PathBuf>,
+    /// Outbound redirect target port (listened on).
+    #[arg(short = 'p', long = "envoy-port", default_value = "15001")]
+    pub envoy_port: String,
+    /// Inbound redirect target port (listened on).
+    #[arg(
+        short = 'z',
+        long,
+        env = "INBOUND_CAPTURE_PORT",
+        default_value = "15006"
+    )]
+    pub inbound_capture_port: String,
+    /// Port the probes dial (127.0.0.6:PORT inbound, 192.0.2.1:PORT outbound).
+    #[arg(long, default_value = "15002")]
+    pub iptables_probe_port: String,
+    /// Give up after this long (Go duration, e.g. 5s); probes are sent every second.
+    #[arg(long, default_value = "5s")]
+    pub probe_timeout: String,
+    /// uid the listeners and the inbound probe run as.
+    #[arg(long, default_value = "1337")]
+    pub proxy_uid: String,
+    /// gid the listeners and the inbound probe run as (default: the uid).
+    #[arg(long)]
+    pub proxy_gid: Option<String>,
 }
 
 /// Which mechanism installs the interception.
@@ -259,6 +292,10 @@ pub struct ApplyArgs {
     /// DNS servers to capture, comma list of v4/v6 (default: the resolv.conf in effect).
     #[arg(long)]
     pub dns_servers: Option<String>,
+    /// eBPF path: ports only the proxy uid/gid may bind in the pod (plus -p/-z/-e); empty
+    /// disables the guard.
+    #[arg(long, env = "INTERCEPTOR_BIND_GUARD_PORTS", default_value = interceptor_common::config::DEFAULT_BIND_GUARD_PORTS)]
+    pub bind_guard_ports: String,
     /// Log decisions from the eBPF programs (compiled out of the hot path unless set at load).
     #[arg(long, env = "INTERCEPTOR_EBPF_LOG")]
     pub ebpf_log: bool,

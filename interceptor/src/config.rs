@@ -137,6 +137,7 @@ pub fn raw_config(a: &ApplyArgs) -> Result<RawConfig, ConfigError> {
         host_ipv4_loopback_cidr: env_or("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "127.0.0.1/32"),
         enable_ipv6,
         dns_servers,
+        bind_guard_ports: a.bind_guard_ports.clone(),
     })
 }
 

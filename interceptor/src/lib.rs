@@ -7,4 +7,6 @@ pub mod cli;
 pub mod config;
 pub mod doctor;
 pub mod explain;
+pub mod listener;
 pub mod netns;
+pub mod validate;

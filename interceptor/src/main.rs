@@ -19,6 +19,7 @@ fn main() -> ExitCode {
         Command::Logs(args) => interceptor::apply::logs(args).map(Ok),
         Command::Doctor(args) => interceptor::doctor::run(args).map(Ok),
         Command::Explain(args) => interceptor::explain::run(args),
+        Command::Validate(args) => interceptor::validate::run(args),
     };
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,

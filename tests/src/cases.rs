@@ -32,9 +32,9 @@ impl Flavor {
         }
     }
 
-    /// Inbound capture on the eBPF path needs sk_lookup (a later milestone).
+    /// Every backend captures inbound (eBPF through sk_lookup).
     pub fn has_inbound(self) -> bool {
-        self != Flavor::Ebpf
+        true
     }
 }
 

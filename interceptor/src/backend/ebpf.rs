@@ -14,12 +14,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData};
-use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSockopt, Program};
+use aya::maps::SockHash;
+use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSockopt, Program, SkLookup};
 use aya::{Ebpf, EbpfLoader};
 use interceptor_common::config::Config;
 use interceptor_common::decision::PodPolicy;
 use interceptor_common::maps::{
-    mapped_v4, names, AddrKey, Cidr4Data, Cidr6Data, GroupKey, OrigDst, PortKey, TupleKey,
+    mapped_v4, names, AddrKey, PodRef, PORT_GUARDED, PORT_INBOUND, Cidr4Data, Cidr6Data, GroupKey, OrigDst, PortKey, TupleKey,
     ADDR_DNS, ADDR_LOCAL, PORT_EXCLUDED, PORT_INCLUDED,
 };
 use interceptor_common::policy;
@@ -34,10 +35,19 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/in
 pub const LINKED_PROGRAMS: &[&str] = &[
     "ic_connect4",
     "ic_connect6",
+    "ic_sendmsg4",
+    "ic_sendmsg6",
+    "ic_recvmsg4",
+    "ic_recvmsg6",
+    "ic_sock_release",
+    "ic_bind4",
+    "ic_bind6",
     "ic_sockops",
     "ic_getpeername4",
     "ic_getpeername6",
 ];
+/// Attached per pod netns at registration (its program is pinned at load).
+pub const SK_LOOKUP_PROGRAM: &str = "ic_sk_lookup";
 /// The program attached with BPF_PROG_ATTACH (see the module docs).
 pub const GETSOCKOPT_PROGRAM: &str = "ic_getsockopt";
 /// Every map the programs use.
@@ -52,6 +62,9 @@ pub const MAPS: &[&str] = &[
     names::CIDR6_INCL,
     names::ORIG_BY_COOKIE,
     names::ORIG_BY_TUPLE,
+    names::DNS_ORIG,
+    names::POD_BY_ADDR,
+    names::LISTENERS,
 ];
 
 const BPF_PROG_ATTACH: libc::c_long = 8;
@@ -161,10 +174,16 @@ impl Pins {
         self.dir.join("progs").join(prog)
     }
 
-    /// Whether every program is attached (all link pins and the getsockopt pin exist).
+    /// The sk_lookup link pin of one pod netns.
+    fn sk_lookup_link(&self, netns_cookie: u64) -> PathBuf {
+        self.dir.join("links").join(format!("sk_lookup-{netns_cookie}"))
+    }
+
+    /// Whether every program is attached (all link pins and the program pins exist).
     pub fn loaded(&self) -> bool {
         LINKED_PROGRAMS.iter().all(|p| self.link(p).exists())
             && self.prog(GETSOCKOPT_PROGRAM).exists()
+            && self.prog(SK_LOOKUP_PROGRAM).exists()
     }
 
     /// Loads the programs and attaches them at `cgroup` unless already loaded; returns whether
@@ -223,11 +242,22 @@ impl Pins {
                         .with_context(|| format!("attaching {name}"))?;
                     p.take_link(id)?.try_into()?
                 }
+                Program::CgroupSock(p) => {
+                    p.load().with_context(|| format!("loading {name}"))?;
+                    let id = p
+                        .attach(&cg, CgroupAttachMode::Single)
+                        .with_context(|| format!("attaching {name}"))?;
+                    p.take_link(id)?.try_into()?
+                }
                 _ => bail!("{name}: unexpected program type"),
             };
             link.pin(self.link(name))
                 .with_context(|| format!("pinning the link of {name}"))?;
         }
+        let sk_lookup: &mut SkLookup =
+            ebpf.program_mut(SK_LOOKUP_PROGRAM).ok_or_else(|| anyhow!("program {SK_LOOKUP_PROGRAM} missing"))?.try_into()?;
+        sk_lookup.load().with_context(|| format!("loading {SK_LOOKUP_PROGRAM}"))?;
+        sk_lookup.pin(self.prog(SK_LOOKUP_PROGRAM))?;
         let prog: &mut CgroupSockopt = ebpf
             .program_mut(GETSOCKOPT_PROGRAM)
             .ok_or_else(|| anyhow!("program {GETSOCKOPT_PROGRAM} missing"))?
@@ -257,6 +287,29 @@ impl Pins {
             }
         }
         let _ = std::fs::remove_file(pin);
+        let _ = std::fs::remove_file(self.prog(SK_LOOKUP_PROGRAM));
+        // Per-pod sk_lookup links: unpinning detaches them from their netns.
+        if let Ok(dir) = std::fs::read_dir(self.dir.join("links")) {
+            for e in dir.flatten() {
+                if e.file_name().to_string_lossy().starts_with("sk_lookup-") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+
+    /// Attaches sk_lookup to the pod's netns (once) and pins the link.
+    fn attach_sk_lookup(&self, netns: &Path, cookie: u64) -> Result<()> {
+        let pin = self.sk_lookup_link(cookie);
+        if pin.exists() {
+            return Ok(());
+        }
+        let mut prog = SkLookup::from_pin(self.prog(SK_LOOKUP_PROGRAM)).context("opening the pinned sk_lookup program")?;
+        let ns = File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
+        let id = prog.attach(ns).context("attaching sk_lookup to the pod netns")?;
+        let link: FdLink = prog.take_link(id)?.into();
+        link.pin(&pin).context("pinning the sk_lookup link")?;
+        Ok(())
     }
 
     /// Detaches and unpins everything of ours, maps included.
@@ -302,6 +355,9 @@ fn open_map(pins: &Pins, name: &str) -> Result<MapData> {
 
 /// The maps a pod's registration writes, opened from their pins.
 pub struct PodMaps {
+    pins: Pins,
+    pod_by_addr: HashMap<MapData, [u8; 16], PodRef>,
+    listeners: SockHash<MapData, u32>,
     policy: HashMap<MapData, u64, PodPolicy>,
     ports: HashMap<MapData, PortKey, u8>,
     addrs: HashMap<MapData, AddrKey, u8>,
@@ -345,6 +401,9 @@ pub struct PodHandle {
 impl PodMaps {
     fn open(pins: &Pins) -> Result<Self> {
         Ok(Self {
+            pins: pins.clone(),
+            pod_by_addr: HashMap::try_from(Map::HashMap(open_map(pins, names::POD_BY_ADDR)?))?,
+            listeners: SockHash::try_from(Map::SockHash(open_map(pins, names::LISTENERS)?))?,
             policy: HashMap::try_from(Map::HashMap(open_map(pins, names::POD_POLICY)?))?,
             ports: HashMap::try_from(Map::HashMap(open_map(pins, names::PORTS)?))?,
             addrs: HashMap::try_from(Map::HashMap(open_map(pins, names::ADDRS)?))?,
@@ -362,82 +421,30 @@ impl PodMaps {
         })
     }
 
-    /// Registers (or re-registers) the pod whose netns is at `netns`. Set entries are written
-    /// first and the policy last, so a connect never sees half a pod; a re-registration
-    /// replaces the old entries.
-    pub fn register(
-        &mut self,
-        netns: &Path,
-        cfg: &Config,
-        local: &[IpAddr],
-        groups: &[u32],
-    ) -> Result<PodHandle> {
+    /// Registers (or re-registers) the pod whose netns is at `netns`: set entries first, the
+    /// policy last (so a connect never sees half a pod), then stale entries of an earlier
+    /// registration are removed. The pod keeps its id across re-registrations.
+    pub fn register(&mut self, netns: &Path, cfg: &Config, local: &[IpAddr], groups: &[u32]) -> Result<PodHandle> {
         if let Some(why) = policy::ebpf_unsupported(cfg) {
             bail!("the eBPF backend cannot honour this config: {why}");
         }
         let cookie = netns_cookie(Some(netns))?;
-        let old = self.policy.get(&cookie, 0).ok().map(|p| p.pod_id);
-        // A fresh id: the old entries stay valid until the policy switches over.
-        let pod_id = self
-            .policy
-            .iter()
-            .filter_map(|r| r.ok())
-            .map(|(_, p)| p.pod_id)
-            .max()
-            .unwrap_or(0)
-            + 1;
+        let pod_id = match self.policy.get(&cookie, 0) {
+            Ok(p) => p.pod_id,
+            Err(_) => self.policy.iter().filter_map(|r| r.ok()).map(|(_, p)| p.pod_id).max().unwrap_or(0) + 1,
+        };
         let tables = policy::MemTables::new(cfg, local, groups);
-        for p in &tables.ports_excluded {
-            self.ports.insert(
-                PortKey {
-                    pod_id,
-                    port: *p,
-                    kind: PORT_EXCLUDED,
-                },
-                1,
-                0,
-            )?;
+        let keys = Keys::of(pod_id, &tables);
+        for k in &keys.ports {
+            self.ports.insert(k, 1, 0)?;
         }
-        for p in &tables.ports_included {
-            self.ports.insert(
-                PortKey {
-                    pod_id,
-                    port: *p,
-                    kind: PORT_INCLUDED,
-                },
-                1,
-                0,
-            )?;
+        for k in &keys.addrs {
+            self.addrs.insert(k, 1, 0)?;
         }
-        for a in &tables.local {
-            self.addrs.insert(
-                AddrKey {
-                    pod_id,
-                    kind: ADDR_LOCAL,
-                    addr: addr16(*a),
-                },
-                1,
-                0,
-            )?;
+        for k in &keys.groups {
+            self.groups.insert(k, 1, 0)?;
         }
-        for a in &tables.dns_servers {
-            self.addrs.insert(
-                AddrKey {
-                    pod_id,
-                    kind: ADDR_DNS,
-                    addr: addr16(*a),
-                },
-                1,
-                0,
-            )?;
-        }
-        for gid in &tables.groups {
-            self.groups.insert(GroupKey { pod_id, gid: *gid }, 1, 0)?;
-        }
-        for (i, nets) in [&tables.cidrs_excluded, &tables.cidrs_included]
-            .into_iter()
-            .enumerate()
-        {
+        for (i, nets) in [&tables.cidrs_excluded, &tables.cidrs_included].into_iter().enumerate() {
             for net in nets {
                 match net {
                     IpNet::V4(n) => self.cidr4[i].insert(&v4_cidr_key(pod_id, n), 1, 0)?,
@@ -445,15 +452,28 @@ impl PodMaps {
                 }
             }
         }
-        self.policy
-            .insert(cookie, policy::pod_policy(cfg, pod_id), 0)?;
-        if let Some(old) = old {
-            self.purge(old)?;
+        for a in local {
+            self.pod_by_addr.insert(addr16(*a), PodRef { netns: cookie, pod_id, _pad: 0 }, 0)?;
         }
-        Ok(PodHandle {
-            netns_cookie: cookie,
-            pod_id,
-        })
+        self.policy.insert(cookie, policy::pod_policy(cfg, pod_id), 0)?;
+        self.purge(pod_id, Some((&keys, &tables)))?;
+        self.pins.attach_sk_lookup(netns, cookie)?;
+        if !tables.inbound_ports.is_empty() || !cfg.inbound_ports_include.is_empty() {
+            self.adopt_listener(netns, cfg, pod_id)?;
+        }
+        Ok(PodHandle { netns_cookie: cookie, pod_id })
+    }
+
+    /// A proxy listener that existed before we attached never went through sockops' listen
+    /// callback: find it in the netns and take a duplicate of its fd with pidfd_getfd.
+    fn adopt_listener(&mut self, netns: &Path, cfg: &Config, pod_id: u32) -> Result<()> {
+        for (fd, v6) in crate::listener::find_proxy_listeners(netns, cfg.inbound_capture_port, &cfg.proxy_uid)? {
+            let key = pod_id * 2 + u32::from(v6);
+            self.listeners
+                .insert(key, std::os::fd::AsRawFd::as_raw_fd(&fd), 0)
+                .context("adding the existing proxy listener")?;
+        }
+        Ok(())
     }
 
     /// Unregisters the pod of `netns`; returns whether it was registered.
@@ -464,61 +484,85 @@ impl PodMaps {
 
     /// Unregisters a pod by netns cookie (the policy first, so connects stop at once).
     pub fn remove_cookie(&mut self, cookie: u64) -> Result<bool> {
-        let Ok(p) = self.policy.get(&cookie, 0) else {
-            return Ok(false);
-        };
+        let Ok(p) = self.policy.get(&cookie, 0) else { return Ok(false) };
         self.policy.remove(&cookie)?;
-        self.purge(p.pod_id)?;
+        self.purge(p.pod_id, None)?;
+        let _ = self.listeners.remove(&(p.pod_id * 2));
+        let _ = self.listeners.remove(&(p.pod_id * 2 + 1));
+        let _ = std::fs::remove_file(self.pins.sk_lookup_link(cookie));
         Ok(true)
     }
 
-    /// Deletes every set entry of `pod_id`.
-    fn purge(&mut self, pod_id: u32) -> Result<()> {
-        let keys: Vec<PortKey> = self
+    /// Deletes the set entries of `pod_id`, except those of `keep` (the current registration).
+    fn purge(&mut self, pod_id: u32, keep: Option<(&Keys, &policy::MemTables)>) -> Result<()> {
+        let stale_ports: Vec<PortKey> = self
             .ports
             .keys()
             .filter_map(|k| k.ok())
-            .filter(|k| k.pod_id == pod_id)
+            .filter(|k| k.pod_id == pod_id && !keep.is_some_and(|(keys, _)| keys.ports.contains(k)))
             .collect();
-        for k in keys {
+        for k in stale_ports {
             self.ports.remove(&k)?;
         }
-        let keys: Vec<AddrKey> = self
+        let stale_addrs: Vec<AddrKey> = self
             .addrs
             .keys()
             .filter_map(|k| k.ok())
-            .filter(|k| k.pod_id == pod_id)
+            .filter(|k| k.pod_id == pod_id && !keep.is_some_and(|(keys, _)| keys.addrs.contains(k)))
             .collect();
-        for k in keys {
+        for k in stale_addrs {
             self.addrs.remove(&k)?;
         }
-        let keys: Vec<GroupKey> = self
+        let stale_groups: Vec<GroupKey> = self
             .groups
             .keys()
             .filter_map(|k| k.ok())
-            .filter(|k| k.pod_id == pod_id)
+            .filter(|k| k.pod_id == pod_id && !keep.is_some_and(|(keys, _)| keys.groups.contains(k)))
             .collect();
-        for k in keys {
+        for k in stale_groups {
             self.groups.remove(&k)?;
         }
+        let stale_refs: Vec<[u8; 16]> = self
+            .pod_by_addr
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(a, r)| {
+                r.pod_id == pod_id && !keep.is_some_and(|(_, t)| t.local.iter().any(|l| addr16(*l) == *a))
+            })
+            .map(|(a, _)| a)
+            .collect();
+        for a in stale_refs {
+            self.pod_by_addr.remove(&a)?;
+        }
         let id = pod_id.to_be_bytes();
+        let (keep4, keep6): (Vec<Key<Cidr4Data>>, Vec<Key<Cidr6Data>>) = match keep {
+            None => (vec![], vec![]),
+            Some((_, t)) => {
+                let nets = t.cidrs_excluded.iter().chain(&t.cidrs_included);
+                let k4 = nets.clone().filter_map(|n| if let IpNet::V4(n) = n { Some(v4_cidr_key(pod_id, n)) } else { None });
+                let k6 = nets.filter_map(|n| if let IpNet::V6(n) = n { Some(v6_cidr_key(pod_id, n)) } else { None });
+                (k4.collect(), k6.collect())
+            }
+        };
+        let same4 = |a: &Key<Cidr4Data>, b: &Key<Cidr4Data>| a.prefix_len() == b.prefix_len() && a.data() == b.data();
+        let same6 = |a: &Key<Cidr6Data>, b: &Key<Cidr6Data>| a.prefix_len() == b.prefix_len() && a.data() == b.data();
         for t in &mut self.cidr4 {
-            let keys: Vec<_> = t
+            let stale: Vec<_> = t
                 .keys()
                 .filter_map(|k| k.ok())
-                .filter(|k| k.data()[..4] == id)
+                .filter(|k| k.data()[..4] == id && !keep4.iter().any(|x| same4(x, k)))
                 .collect();
-            for k in keys {
+            for k in stale {
                 t.remove(&k)?;
             }
         }
         for t in &mut self.cidr6 {
-            let keys: Vec<_> = t
+            let stale: Vec<_> = t
                 .keys()
                 .filter_map(|k| k.ok())
-                .filter(|k| k.data()[..4] == id)
+                .filter(|k| k.data()[..4] == id && !keep6.iter().any(|x| same6(x, k)))
                 .collect();
-            for k in keys {
+            for k in stale {
                 t.remove(&k)?;
             }
         }
@@ -534,5 +578,30 @@ impl PodMaps {
     /// baseline once connections close.
     pub fn connection_entries(&self) -> (usize, usize) {
         (self.by_cookie.keys().count(), self.by_tuple.keys().count())
+    }
+}
+
+/// The hash-map keys one pod's registration writes.
+struct Keys {
+    ports: Vec<PortKey>,
+    addrs: Vec<AddrKey>,
+    groups: Vec<GroupKey>,
+}
+
+impl Keys {
+    fn of(pod_id: u32, t: &policy::MemTables) -> Self {
+        let port = |kind| move |p: &u16| PortKey { pod_id, port: *p, kind };
+        let ports = t
+            .ports_excluded
+            .iter()
+            .map(port(PORT_EXCLUDED))
+            .chain(t.ports_included.iter().map(port(PORT_INCLUDED)))
+            .chain(t.inbound_ports.iter().map(port(PORT_INBOUND)))
+            .chain(t.guarded_ports.iter().map(port(PORT_GUARDED)))
+            .collect();
+        let addr = |kind| move |a: &IpAddr| AddrKey { pod_id, kind, addr: addr16(*a) };
+        let addrs = t.local.iter().map(addr(ADDR_LOCAL)).chain(t.dns_servers.iter().map(addr(ADDR_DNS))).collect();
+        let groups = t.groups.iter().map(|gid| GroupKey { pod_id, gid: *gid }).collect();
+        Self { ports, addrs, groups }
     }
 }

@@ -1,0 +1,325 @@
+//! `interceptor doctor`: on this machine (root, a recent kernel) every hook the eBPF backend
+//! needs is probed present and `auto` picks eBPF; with bpf() taken away (capabilities dropped,
+//! an unprivileged uid, a seccomp filter) the same binary says bpf() is denied, why, and that
+//! `auto` falls back to iptables/nftables.
+
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Output};
+use std::time::Instant;
+
+use interceptor::cli::EbpfArgs;
+use interceptor::doctor::{self, rows, Status};
+use interceptor_tests::bin;
+
+/// Every row the eBPF backend needs today.
+const NEEDED: &[&str] = &[
+    rows::BPF_SYSCALL,
+    rows::CAPABILITIES,
+    rows::BPFFS,
+    rows::CGROUP2,
+    rows::CONNECT4,
+    rows::CONNECT6,
+    rows::SOCK_OPS,
+    rows::GETSOCKOPT,
+    rows::GETPEERNAME4,
+    rows::GETPEERNAME6,
+    rows::CGROUP_LINK,
+    rows::NETNS_COOKIE_SOCK_ADDR,
+    rows::NETNS_COOKIE_SOCK_OPS,
+    rows::NETNS_COOKIE_SOCKOPT,
+    rows::SO_NETNS_COOKIE,
+    rows::LPM_TRIE,
+    rows::LRU_HASH,
+    rows::RING_BUF,
+];
+
+fn text(out: &Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "doctor failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    stdout.into_owned()
+}
+
+/// The table row of `name` (its line starts with the name followed by column padding).
+fn row<'a>(out: &'a str, name: &str) -> &'a str {
+    out.lines()
+        .find(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with("  "))
+        })
+        .unwrap_or_else(|| panic!("no `{name}` row in:\n{out}"))
+}
+
+fn auto_line(out: &str) -> &str {
+    let last = out.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("auto backend: "),
+        "last line is not the verdict:\n{out}"
+    );
+    last
+}
+
+/// `auto` fell back to netfilter because of bpf(), with the reason spelled out.
+fn assert_fallback_for_bpf(out: &str) {
+    let verdict = auto_line(out);
+    assert!(
+        verdict
+            .starts_with("auto backend: iptables (eBPF unavailable (bpf() syscall missing: denied")
+            || verdict.starts_with(
+                "auto backend: nftables (eBPF unavailable (bpf() syscall missing: denied"
+            ),
+        "{verdict}"
+    );
+    // Nothing that depends on bpf() claims to be present.
+    for name in [rows::CONNECT4, rows::GETSOCKOPT, rows::RING_BUF] {
+        assert!(row(out, name).contains("unknown"), "{}", row(out, name));
+    }
+}
+
+#[test]
+fn every_needed_hook_is_present_here() {
+    let out = text(&bin::run(&["doctor"], &[]));
+    println!("{out}");
+    for name in NEEDED {
+        let line = row(&out, name);
+        assert!(
+            line[name.len()..].trim_start().starts_with("present"),
+            "{line}"
+        );
+    }
+    assert!(
+        row(&out, rows::SK_LOOKUP).contains("present"),
+        "kernel 6.x has sk_lookup"
+    );
+    assert_eq!(
+        auto_line(&out),
+        "auto backend: ebpf (the kernel supports every eBPF hook needed)"
+    );
+}
+
+/// The library answer `apply --backend auto` uses agrees, and is cheap.
+#[test]
+fn probe_is_cheap_and_agrees() {
+    let args = EbpfArgs {
+        bpffs: "/sys/fs/bpf/interceptor".into(),
+        cgroup: None,
+    };
+    let _warm = doctor::probe(&args);
+    let start = Instant::now();
+    let runs = 5;
+    for _ in 0..runs {
+        assert_eq!(doctor::ebpf_missing(&args), None);
+    }
+    let per = start.elapsed() / runs;
+    let report = doctor::probe(&args);
+    println!(
+        "ebpf_missing: {:.1} ms per call; probe reports {:.1} ms",
+        per.as_secs_f64() * 1e3,
+        report.elapsed.as_secs_f64() * 1e3
+    );
+    for name in NEEDED {
+        assert_eq!(
+            report.get(name).map(|c| c.status),
+            Some(Status::Present),
+            "{name}"
+        );
+    }
+    // Generous bound (debug build, shared CI machine); the number is printed above.
+    assert!(per.as_millis() < 1000, "probe took {per:?}");
+}
+
+/// The non-bpf rows can say missing too, with the fix.
+#[test]
+fn bpffs_and_cgroup_can_be_missing() {
+    let tmp = std::env::temp_dir().join(format!("ic-doctor-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let bpffs = tmp.join("interceptor");
+    let out = text(&bin::run(
+        &[
+            "doctor",
+            "--bpffs",
+            bpffs.to_str().unwrap(),
+            "--cgroup",
+            tmp.to_str().unwrap(),
+        ],
+        &[],
+    ));
+    std::fs::remove_dir_all(&tmp).unwrap();
+    println!("{out}");
+    let b = row(&out, rows::BPFFS);
+    assert!(
+        b.contains("missing") && b.contains("mount -t bpf bpf"),
+        "{b}"
+    );
+    let c = row(&out, rows::CGROUP2);
+    assert!(c.contains("missing") && c.contains("not cgroup v2"), "{c}");
+    let verdict = auto_line(&out);
+    assert!(
+        verdict.contains("bpffs missing") && verdict.contains("cgroup v2 missing"),
+        "{verdict}"
+    );
+    assert!(!verdict.starts_with("auto backend: ebpf"), "{verdict}");
+}
+
+fn setpriv(opts: &[&str], args: &[&str]) -> Output {
+    Command::new("setpriv")
+        .args(opts)
+        .arg("--")
+        .arg(bin::interceptor_bin())
+        .args(args)
+        .output()
+        .expect("running setpriv (util-linux)")
+}
+
+#[test]
+fn capabilities_dropped_means_bpf_denied() {
+    let out = text(&setpriv(
+        &[
+            "--inh-caps=-all",
+            "--ambient-caps=-all",
+            "--bounding-set=-bpf,-sys_admin,-perfmon",
+        ],
+        &["doctor"],
+    ));
+    println!("{out}");
+    let bpf = row(&out, rows::BPF_SYSCALL);
+    assert!(
+        bpf.contains("missing")
+            && bpf.contains("EPERM")
+            && bpf.contains("neither CAP_BPF nor CAP_SYS_ADMIN"),
+        "{bpf}"
+    );
+    let caps = row(&out, rows::CAPABILITIES);
+    assert!(caps.contains("missing"), "{caps}");
+    assert_fallback_for_bpf(&out);
+}
+
+/// `apply --backend auto` takes the same probe: without CAP_BPF it falls back, saying why.
+#[test]
+fn apply_auto_falls_back_without_bpf() {
+    let out = setpriv(
+        &[
+            "--inh-caps=-all",
+            "--ambient-caps=-all",
+            "--bounding-set=-bpf,-sys_admin,-perfmon",
+        ],
+        &[
+            "apply",
+            "--dry-run",
+            "-i",
+            "*",
+            "--ipv6",
+            "false",
+            "--dns-servers",
+            "10.0.0.10",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("# backend:"))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    println!("{line}");
+    assert!(
+        line.starts_with(
+            "# backend: Iptables (eBPF unavailable (bpf() syscall missing: denied (EPERM)"
+        ) || line.starts_with(
+            "# backend: Nftables (eBPF unavailable (bpf() syscall missing: denied (EPERM)"
+        ),
+        "{line}"
+    );
+}
+
+#[test]
+fn unprivileged_user_means_bpf_denied() {
+    let out = text(&setpriv(
+        &["--reuid=65534", "--regid=65534", "--clear-groups"],
+        &["doctor"],
+    ));
+    println!("{out}");
+    let bpf = row(&out, rows::BPF_SYSCALL);
+    assert!(bpf.contains("missing") && bpf.contains("EPERM"), "{bpf}");
+    assert!(
+        row(&out, rows::CAPABILITIES).contains("has none of CAP_BPF"),
+        "{out}"
+    );
+    assert_fallback_for_bpf(&out);
+}
+
+/// Runs doctor (with every capability) under a seccomp filter failing bpf() with `errno`.
+fn doctor_under_seccomp(errno: i32) -> String {
+    let mut cmd = Command::new(bin::interceptor_bin());
+    cmd.arg("doctor");
+    // SAFETY: only async-signal-safe calls (prctl) on stack data between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Classic BPF over seccomp_data: A = nr; nr == __NR_bpf ? ERRNO(errno) : ALLOW.
+            let stmt = |code: u32, k: u32| libc::sock_filter {
+                code: code as u16,
+                jt: 0,
+                jf: 0,
+                k,
+            };
+            let filter = [
+                stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0),
+                libc::sock_filter {
+                    code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+                    jt: 0,
+                    jf: 1,
+                    k: libc::SYS_bpf as u32,
+                },
+                stmt(
+                    libc::BPF_RET | libc::BPF_K,
+                    libc::SECCOMP_RET_ERRNO | errno as u32,
+                ),
+                stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
+            ];
+            let prog = libc::sock_fprog {
+                len: filter.len() as u16,
+                filter: filter.as_ptr() as *mut _,
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &prog as *const libc::sock_fprog,
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    text(&cmd.output().expect("running interceptor doctor"))
+}
+
+#[test]
+fn seccomp_denying_bpf_is_named() {
+    let out = doctor_under_seccomp(libc::EPERM);
+    println!("{out}");
+    let bpf = row(&out, rows::BPF_SYSCALL);
+    assert!(
+        bpf.contains("missing") && bpf.contains("EPERM") && bpf.contains("seccomp filter"),
+        "{bpf}"
+    );
+    // The capabilities are there: the diagnosis must not blame them.
+    assert!(row(&out, rows::CAPABILITIES).contains("present"), "{out}");
+    assert_fallback_for_bpf(&out);
+}
+
+#[test]
+fn seccomp_enosys_is_not_mistaken_for_an_old_kernel() {
+    let out = doctor_under_seccomp(libc::ENOSYS);
+    println!("{out}");
+    let bpf = row(&out, rows::BPF_SYSCALL);
+    assert!(
+        bpf.contains("missing") && bpf.contains("ENOSYS") && bpf.contains("seccomp filter"),
+        "{bpf}"
+    );
+    assert_fallback_for_bpf(&out);
+}
