@@ -72,7 +72,9 @@ impl Addr {
     #[inline(always)]
     pub const fn v4(host: u32) -> Addr {
         let b = host.to_be_bytes();
-        Addr([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3]])
+        Addr([
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3],
+        ])
     }
 
     /// IPv6 (or v4-mapped) from its 16 bytes.
@@ -89,7 +91,8 @@ impl Addr {
     /// The IPv4 address in host order, if this is one.
     #[inline(always)]
     pub fn v4_host(self) -> Option<u32> {
-        self.is_v4().then(|| u32::from_be_bytes([self.0[12], self.0[13], self.0[14], self.0[15]]))
+        self.is_v4()
+            .then(|| u32::from_be_bytes([self.0[12], self.0[13], self.0[14], self.0[15]]))
     }
 
     /// Loopback in the kernel's sense (127.0.0.0/8, ::1): always routed over `lo`.

@@ -28,10 +28,12 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::info;
 use interceptor_common::{
-    decision::{bind_allowed, decide, decide_inbound, Addr, Conn, PodPolicy, PodTables, Proto, Verdict},
+    decision::{
+        bind_allowed, decide, decide_inbound, Addr, Conn, PodPolicy, PodTables, Proto, Verdict,
+    },
     maps::{
-        mapped_v4, v6_bytes, AddrKey, Cidr4Data, Cidr6Data, GroupKey, OrigDst, PodRef, PortKey, TupleKey,
-        ADDR_DNS, ADDR_LOCAL, PORT_EXCLUDED, PORT_GUARDED, PORT_INBOUND, PORT_INCLUDED,
+        mapped_v4, v6_bytes, AddrKey, Cidr4Data, Cidr6Data, GroupKey, OrigDst, PodRef, PortKey,
+        TupleKey, ADDR_DNS, ADDR_LOCAL, PORT_EXCLUDED, PORT_GUARDED, PORT_INBOUND, PORT_INCLUDED,
     },
 };
 
@@ -99,16 +101,29 @@ struct MapTables {
     pod_id: u32,
 }
 
-
 impl MapTables {
     #[inline(always)]
     fn port(&self, port: u16, kind: u16) -> bool {
-        unsafe { PORTS.get(&PortKey { pod_id: self.pod_id, port, kind }) }.is_some()
+        unsafe {
+            PORTS.get(&PortKey {
+                pod_id: self.pod_id,
+                port,
+                kind,
+            })
+        }
+        .is_some()
     }
 
     #[inline(always)]
     fn addr(&self, kind: u32, a: Addr) -> bool {
-        unsafe { ADDRS.get(&AddrKey { pod_id: self.pod_id, kind, addr: a.0 }) }.is_some()
+        unsafe {
+            ADDRS.get(&AddrKey {
+                pod_id: self.pod_id,
+                kind,
+                addr: a.0,
+            })
+        }
+        .is_some()
     }
 
     #[inline(always)]
@@ -154,7 +169,13 @@ impl PodTables for MapTables {
     }
     #[inline(always)]
     fn group_listed(&self, gid: u32) -> bool {
-        unsafe { GROUPS.get(&GroupKey { pod_id: self.pod_id, gid }) }.is_some()
+        unsafe {
+            GROUPS.get(&GroupKey {
+                pod_id: self.pod_id,
+                gid,
+            })
+        }
+        .is_some()
     }
     #[inline(always)]
     fn inbound_port_listed(&self, port: u16) -> bool {
@@ -183,11 +204,13 @@ unsafe fn user_addr(sa: *mut bpf_sock_addr, v6: bool) -> (Addr, u16) {
             read_volatile(addr_of!((*sa).user_ip6[2])),
             read_volatile(addr_of!((*sa).user_ip6[3])),
         ]))
-        
     } else {
         Addr::v4(u32::from_be(read_volatile(addr_of!((*sa).user_ip4))))
     };
-    (dst, u16::from_be(read_volatile(addr_of!((*sa).user_port)) as u16))
+    (
+        dst,
+        u16::from_be(read_volatile(addr_of!((*sa).user_port)) as u16),
+    )
 }
 
 /// Writes an address back into `user_ip4/6`, `user_port`. On AF_INET6 sockets an IPv4 address
@@ -198,7 +221,12 @@ unsafe fn set_user_addr(sa: *mut bpf_sock_addr, v6: bool, addr: [u8; 16], port: 
         let ip6 = addr_of_mut!((*sa).user_ip6).cast::<u32>();
         let mut i = 0;
         while i < 4 {
-            let w = u32::from_ne_bytes([addr[i * 4], addr[i * 4 + 1], addr[i * 4 + 2], addr[i * 4 + 3]]);
+            let w = u32::from_ne_bytes([
+                addr[i * 4],
+                addr[i * 4 + 1],
+                addr[i * 4 + 2],
+                addr[i * 4 + 3],
+            ]);
             write_volatile(ip6.add(i), w);
             i += 1;
         }
@@ -251,20 +279,49 @@ fn outbound(ctx: &SockAddrContext, v6: bool) -> Option<(Addr, OrigDst)> {
         (s != 0).then_some(Addr::v4(u32::from_be(s)))
     };
     let ug = bpf_get_current_uid_gid();
-    let conn = Conn { proto, dst, dport, src, uid: ug as u32, gid: (ug >> 32) as u32 };
-    let verdict = decide(policy, &MapTables { pod_id: policy.pod_id }, &conn);
+    let conn = Conn {
+        proto,
+        dst,
+        dport,
+        src,
+        uid: ug as u32,
+        gid: (ug >> 32) as u32,
+    };
+    let verdict = decide(
+        policy,
+        &MapTables {
+            pod_id: policy.pod_id,
+        },
+        &conn,
+    );
     if log_enabled() {
         let (port, reason) = match verdict {
             Verdict::Redirect { port, reason } => (port, reason as u32),
             Verdict::Pass(reason) => (0, reason as u32),
         };
-        info!(ctx, "connect netns={} uid={} dport={} -> port={} rule={}", netns, conn.uid, dport, port, reason);
+        info!(
+            ctx,
+            "connect netns={} uid={} dport={} -> port={} rule={}",
+            netns,
+            conn.uid,
+            dport,
+            port,
+            reason
+        );
     }
     let Verdict::Redirect { port, .. } = verdict else {
         return None;
     };
     let family = if v6 { AF_INET6 } else { AF_INET };
-    Some((dst, OrigDst { addr: dst.0, port: dport, redirect_port: port, family }))
+    Some((
+        dst,
+        OrigDst {
+            addr: dst.0,
+            port: dport,
+            redirect_port: port,
+            family,
+        },
+    ))
 }
 
 #[inline(always)]
@@ -275,7 +332,11 @@ fn on_connect(ctx: &SockAddrContext, v6: bool) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let udp = unsafe { read_volatile(addr_of!((*ctx.sock_addr).protocol)) } == IPPROTO_UDP;
     // TCP state is dropped by sockops at close; UDP (DNS) state at sock_release.
-    let stored = if udp { DNS_ORIG.insert(&cookie, &orig, 0) } else { ORIG_BY_COOKIE.insert(&cookie, &orig, 0) };
+    let stored = if udp {
+        DNS_ORIG.insert(&cookie, &orig, 0)
+    } else {
+        ORIG_BY_COOKIE.insert(&cookie, &orig, 0)
+    };
     if stored.is_err() {
         // Without the original destination the proxy could not route it: leave it alone.
         return;
@@ -362,7 +423,15 @@ fn on_bind(ctx: &SockAddrContext, v6: bool) -> i32 {
     };
     let (_, port) = unsafe { user_addr(ctx.sock_addr, v6) };
     let ug = bpf_get_current_uid_gid();
-    i32::from(bind_allowed(policy, &MapTables { pod_id: policy.pod_id }, port, ug as u32, (ug >> 32) as u32))
+    i32::from(bind_allowed(
+        policy,
+        &MapTables {
+            pod_id: policy.pod_id,
+        },
+        port,
+        ug as u32,
+        (ug >> 32) as u32,
+    ))
 }
 
 #[cgroup_sock_addr(bind4)]
@@ -379,7 +448,9 @@ pub fn ic_bind6(ctx: SockAddrContext) -> i32 {
 pub fn ic_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         SOCK_OPS_TCP_LISTEN_CB => on_listen(&ctx),
-        SOCK_OPS_TCP_CONNECT_CB | SOCK_OPS_ACTIVE_ESTABLISHED_CB | SOCK_OPS_STATE_CB => on_active(&ctx),
+        SOCK_OPS_TCP_CONNECT_CB | SOCK_OPS_ACTIVE_ESTABLISHED_CB | SOCK_OPS_STATE_CB => {
+            on_active(&ctx)
+        }
         _ => {}
     }
     1
@@ -456,7 +527,12 @@ fn on_active(ctx: &SockOpsContext) {
 
 /// sockaddr_in / sockaddr_in6 of `addr:port` into getsockopt's buffer; false if it does not fit.
 #[inline(always)]
-unsafe fn write_sockaddr(so: *mut aya_ebpf::bindings::bpf_sockopt, level: i32, addr: [u8; 16], port: u16) -> bool {
+unsafe fn write_sockaddr(
+    so: *mut aya_ebpf::bindings::bpf_sockopt,
+    level: i32,
+    addr: [u8; 16],
+    port: u16,
+) -> bool {
     let optval = (*so).__bindgen_anon_2.optval as *mut u8;
     let end = (*so).__bindgen_anon_3.optval_end as *mut u8;
     let v4 = addr[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
@@ -499,7 +575,9 @@ pub fn ic_getsockopt(ctx: SockoptContext) -> i32 {
     let so = ctx.sockopt;
     unsafe {
         let level = read_volatile(addr_of!((*so).level));
-        if read_volatile(addr_of!((*so).optname)) != SO_ORIGINAL_DST || (level != SOL_IP && level != SOL_IPV6) {
+        if read_volatile(addr_of!((*so).optname)) != SO_ORIGINAL_DST
+            || (level != SOL_IP && level != SOL_IPV6)
+        {
             return 1;
         }
         let sk = (*so).__bindgen_anon_1.sk;
@@ -542,15 +620,22 @@ pub fn ic_getsockopt(ctx: SockoptContext) -> i32 {
             read_volatile(addr_of!((*sk).dst_ip6[2])),
         ];
         let (local, remote) = if family == AF_INET6 {
-            (Addr::v6(v6_bytes([f[1], f[2], f[3], f[4]])), Addr::v6(v6_bytes([f[5], f[6], f[7], tail6])))
+            (
+                Addr::v6(v6_bytes([f[1], f[2], f[3], f[4]])),
+                Addr::v6(v6_bytes([f[5], f[6], f[7], tail6])),
+            )
         } else {
             (Addr::v4(u32::from_be(f[0])), Addr::v4(u32::from_be(tail4)))
         };
-        let tables = MapTables { pod_id: policy.pod_id };
+        let tables = MapTables {
+            pod_id: policy.pod_id,
+        };
         if !tables.is_local(local) {
             return 1;
         }
-        if let Verdict::Redirect { .. } = decide_inbound(policy, &tables, local, lport as u16, remote) {
+        if let Verdict::Redirect { .. } =
+            decide_inbound(policy, &tables, local, lport as u16, remote)
+        {
             write_sockaddr(so, level, local.0, lport as u16);
         }
     }
@@ -588,7 +673,12 @@ pub fn ic_getpeername6(ctx: SockAddrContext) -> i32 {
 #[sk_lookup]
 pub fn ic_sk_lookup(ctx: SkLookupContext) -> u32 {
     let l = ctx.lookup;
-    let (protocol, family) = unsafe { (read_volatile(addr_of!((*l).protocol)), read_volatile(addr_of!((*l).family))) };
+    let (protocol, family) = unsafe {
+        (
+            read_volatile(addr_of!((*l).protocol)),
+            read_volatile(addr_of!((*l).family)),
+        )
+    };
     if protocol != IPPROTO_TCP {
         return sk_action::SK_PASS;
     }
@@ -610,7 +700,10 @@ pub fn ic_sk_lookup(ctx: SkLookupContext) -> u32 {
         ]
     };
     let (local, remote) = if family == AF_INET6 {
-        (Addr::v6(v6_bytes([f[1], f[2], f[3], f[4]])), Addr::v6(v6_bytes([f[6], f[7], f[8], f[9]])))
+        (
+            Addr::v6(v6_bytes([f[1], f[2], f[3], f[4]])),
+            Addr::v6(v6_bytes([f[6], f[7], f[8], f[9]])),
+        )
     } else {
         (Addr::v4(u32::from_be(f[0])), Addr::v4(u32::from_be(f[5])))
     };
@@ -623,7 +716,9 @@ pub fn ic_sk_lookup(ctx: SkLookupContext) -> u32 {
     let Some(policy) = (unsafe { POD_POLICY.get(&pod.netns) }) else {
         return sk_action::SK_PASS;
     };
-    let Verdict::Redirect { .. } = decide_inbound(policy, &MapTables { pod_id }, local, port, remote) else {
+    let Verdict::Redirect { .. } =
+        decide_inbound(policy, &MapTables { pod_id }, local, port, remote)
+    else {
         return sk_action::SK_PASS;
     };
     let key = pod_id * 2 + u32::from(family == AF_INET6);

@@ -399,7 +399,7 @@ fn ensure_not_host(netns: &Path) -> Result<()> {
 
 /// Moves the *calling thread* into the network namespace at `netns`. Network namespaces are
 /// per thread, so this only ever runs in a dedicated thread; never on the main thread.
-pub(crate) fn enter_netns(netns: &Path) -> Result<()> {
+pub fn enter_netns(netns: &Path) -> Result<()> {
     // SAFETY: gettid has no preconditions.
     let tid = unsafe { libc::gettid() };
     ensure!(
@@ -417,7 +417,7 @@ pub(crate) fn enter_netns(netns: &Path) -> Result<()> {
 /// gid, then uid) with raw syscalls: glibc's `setuid`/`setgid` would broadcast the change to
 /// every thread of the test process. Irreversible for the thread (it loses its capabilities),
 /// so only call it in a dedicated thread.
-pub(crate) fn set_thread_creds(uid: u32, gid: u32) -> Result<()> {
+pub fn set_thread_creds(uid: u32, gid: u32) -> Result<()> {
     // SAFETY: plain syscalls on integers / a null list.
     unsafe {
         if libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<libc::gid_t>()) != 0 {

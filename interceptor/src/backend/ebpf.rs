@@ -13,15 +13,15 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use aya::maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData};
 use aya::maps::SockHash;
+use aya::maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData};
 use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSockopt, Program, SkLookup};
 use aya::{Ebpf, EbpfLoader};
 use interceptor_common::config::Config;
 use interceptor_common::decision::PodPolicy;
 use interceptor_common::maps::{
-    mapped_v4, names, AddrKey, PodRef, PORT_GUARDED, PORT_INBOUND, Cidr4Data, Cidr6Data, GroupKey, OrigDst, PortKey, TupleKey,
-    ADDR_DNS, ADDR_LOCAL, PORT_EXCLUDED, PORT_INCLUDED,
+    mapped_v4, names, AddrKey, Cidr4Data, Cidr6Data, GroupKey, OrigDst, PodRef, PortKey, TupleKey,
+    ADDR_DNS, ADDR_LOCAL, PORT_EXCLUDED, PORT_GUARDED, PORT_INBOUND, PORT_INCLUDED,
 };
 use interceptor_common::policy;
 use ipnet::IpNet;
@@ -176,7 +176,9 @@ impl Pins {
 
     /// The sk_lookup link pin of one pod netns.
     fn sk_lookup_link(&self, netns_cookie: u64) -> PathBuf {
-        self.dir.join("links").join(format!("sk_lookup-{netns_cookie}"))
+        self.dir
+            .join("links")
+            .join(format!("sk_lookup-{netns_cookie}"))
     }
 
     /// Whether every program is attached (all link pins and the program pins exist).
@@ -254,9 +256,13 @@ impl Pins {
             link.pin(self.link(name))
                 .with_context(|| format!("pinning the link of {name}"))?;
         }
-        let sk_lookup: &mut SkLookup =
-            ebpf.program_mut(SK_LOOKUP_PROGRAM).ok_or_else(|| anyhow!("program {SK_LOOKUP_PROGRAM} missing"))?.try_into()?;
-        sk_lookup.load().with_context(|| format!("loading {SK_LOOKUP_PROGRAM}"))?;
+        let sk_lookup: &mut SkLookup = ebpf
+            .program_mut(SK_LOOKUP_PROGRAM)
+            .ok_or_else(|| anyhow!("program {SK_LOOKUP_PROGRAM} missing"))?
+            .try_into()?;
+        sk_lookup
+            .load()
+            .with_context(|| format!("loading {SK_LOOKUP_PROGRAM}"))?;
         sk_lookup.pin(self.prog(SK_LOOKUP_PROGRAM))?;
         let prog: &mut CgroupSockopt = ebpf
             .program_mut(GETSOCKOPT_PROGRAM)
@@ -304,9 +310,12 @@ impl Pins {
         if pin.exists() {
             return Ok(());
         }
-        let mut prog = SkLookup::from_pin(self.prog(SK_LOOKUP_PROGRAM)).context("opening the pinned sk_lookup program")?;
+        let mut prog = SkLookup::from_pin(self.prog(SK_LOOKUP_PROGRAM))
+            .context("opening the pinned sk_lookup program")?;
         let ns = File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
-        let id = prog.attach(ns).context("attaching sk_lookup to the pod netns")?;
+        let id = prog
+            .attach(ns)
+            .context("attaching sk_lookup to the pod netns")?;
         let link: FdLink = prog.take_link(id)?.into();
         link.pin(&pin).context("pinning the sk_lookup link")?;
         Ok(())
@@ -424,14 +433,28 @@ impl PodMaps {
     /// Registers (or re-registers) the pod whose netns is at `netns`: set entries first, the
     /// policy last (so a connect never sees half a pod), then stale entries of an earlier
     /// registration are removed. The pod keeps its id across re-registrations.
-    pub fn register(&mut self, netns: &Path, cfg: &Config, local: &[IpAddr], groups: &[u32]) -> Result<PodHandle> {
+    pub fn register(
+        &mut self,
+        netns: &Path,
+        cfg: &Config,
+        local: &[IpAddr],
+        groups: &[u32],
+    ) -> Result<PodHandle> {
         if let Some(why) = policy::ebpf_unsupported(cfg) {
             bail!("the eBPF backend cannot honour this config: {why}");
         }
         let cookie = netns_cookie(Some(netns))?;
         let pod_id = match self.policy.get(&cookie, 0) {
             Ok(p) => p.pod_id,
-            Err(_) => self.policy.iter().filter_map(|r| r.ok()).map(|(_, p)| p.pod_id).max().unwrap_or(0) + 1,
+            Err(_) => {
+                self.policy
+                    .iter()
+                    .filter_map(|r| r.ok())
+                    .map(|(_, p)| p.pod_id)
+                    .max()
+                    .unwrap_or(0)
+                    + 1
+            }
         };
         let tables = policy::MemTables::new(cfg, local, groups);
         let keys = Keys::of(pod_id, &tables);
@@ -444,7 +467,10 @@ impl PodMaps {
         for k in &keys.groups {
             self.groups.insert(k, 1, 0)?;
         }
-        for (i, nets) in [&tables.cidrs_excluded, &tables.cidrs_included].into_iter().enumerate() {
+        for (i, nets) in [&tables.cidrs_excluded, &tables.cidrs_included]
+            .into_iter()
+            .enumerate()
+        {
             for net in nets {
                 match net {
                     IpNet::V4(n) => self.cidr4[i].insert(&v4_cidr_key(pod_id, n), 1, 0)?,
@@ -453,21 +479,35 @@ impl PodMaps {
             }
         }
         for a in local {
-            self.pod_by_addr.insert(addr16(*a), PodRef { netns: cookie, pod_id, _pad: 0 }, 0)?;
+            self.pod_by_addr.insert(
+                addr16(*a),
+                PodRef {
+                    netns: cookie,
+                    pod_id,
+                    _pad: 0,
+                },
+                0,
+            )?;
         }
-        self.policy.insert(cookie, policy::pod_policy(cfg, pod_id), 0)?;
+        self.policy
+            .insert(cookie, policy::pod_policy(cfg, pod_id), 0)?;
         self.purge(pod_id, Some((&keys, &tables)))?;
         self.pins.attach_sk_lookup(netns, cookie)?;
         if !tables.inbound_ports.is_empty() || !cfg.inbound_ports_include.is_empty() {
             self.adopt_listener(netns, cfg, pod_id)?;
         }
-        Ok(PodHandle { netns_cookie: cookie, pod_id })
+        Ok(PodHandle {
+            netns_cookie: cookie,
+            pod_id,
+        })
     }
 
     /// A proxy listener that existed before we attached never went through sockops' listen
     /// callback: find it in the netns and take a duplicate of its fd with pidfd_getfd.
     fn adopt_listener(&mut self, netns: &Path, cfg: &Config, pod_id: u32) -> Result<()> {
-        for (fd, v6) in crate::listener::find_proxy_listeners(netns, cfg.inbound_capture_port, &cfg.proxy_uid)? {
+        for (fd, v6) in
+            crate::listener::find_proxy_listeners(netns, cfg.inbound_capture_port, &cfg.proxy_uid)?
+        {
             let key = pod_id * 2 + u32::from(v6);
             self.listeners
                 .insert(key, std::os::fd::AsRawFd::as_raw_fd(&fd), 0)
@@ -484,7 +524,9 @@ impl PodMaps {
 
     /// Unregisters a pod by netns cookie (the policy first, so connects stop at once).
     pub fn remove_cookie(&mut self, cookie: u64) -> Result<bool> {
-        let Ok(p) = self.policy.get(&cookie, 0) else { return Ok(false) };
+        let Ok(p) = self.policy.get(&cookie, 0) else {
+            return Ok(false);
+        };
         self.policy.remove(&cookie)?;
         self.purge(p.pod_id, None)?;
         let _ = self.listeners.remove(&(p.pod_id * 2));
@@ -517,7 +559,9 @@ impl PodMaps {
             .groups
             .keys()
             .filter_map(|k| k.ok())
-            .filter(|k| k.pod_id == pod_id && !keep.is_some_and(|(keys, _)| keys.groups.contains(k)))
+            .filter(|k| {
+                k.pod_id == pod_id && !keep.is_some_and(|(keys, _)| keys.groups.contains(k))
+            })
             .collect();
         for k in stale_groups {
             self.groups.remove(&k)?;
@@ -527,7 +571,8 @@ impl PodMaps {
             .iter()
             .filter_map(|r| r.ok())
             .filter(|(a, r)| {
-                r.pod_id == pod_id && !keep.is_some_and(|(_, t)| t.local.iter().any(|l| addr16(*l) == *a))
+                r.pod_id == pod_id
+                    && !keep.is_some_and(|(_, t)| t.local.iter().any(|l| addr16(*l) == *a))
             })
             .map(|(a, _)| a)
             .collect();
@@ -539,13 +584,29 @@ impl PodMaps {
             None => (vec![], vec![]),
             Some((_, t)) => {
                 let nets = t.cidrs_excluded.iter().chain(&t.cidrs_included);
-                let k4 = nets.clone().filter_map(|n| if let IpNet::V4(n) = n { Some(v4_cidr_key(pod_id, n)) } else { None });
-                let k6 = nets.filter_map(|n| if let IpNet::V6(n) = n { Some(v6_cidr_key(pod_id, n)) } else { None });
+                let k4 = nets.clone().filter_map(|n| {
+                    if let IpNet::V4(n) = n {
+                        Some(v4_cidr_key(pod_id, n))
+                    } else {
+                        None
+                    }
+                });
+                let k6 = nets.filter_map(|n| {
+                    if let IpNet::V6(n) = n {
+                        Some(v6_cidr_key(pod_id, n))
+                    } else {
+                        None
+                    }
+                });
                 (k4.collect(), k6.collect())
             }
         };
-        let same4 = |a: &Key<Cidr4Data>, b: &Key<Cidr4Data>| a.prefix_len() == b.prefix_len() && a.data() == b.data();
-        let same6 = |a: &Key<Cidr6Data>, b: &Key<Cidr6Data>| a.prefix_len() == b.prefix_len() && a.data() == b.data();
+        let same4 = |a: &Key<Cidr4Data>, b: &Key<Cidr4Data>| {
+            a.prefix_len() == b.prefix_len() && a.data() == b.data()
+        };
+        let same6 = |a: &Key<Cidr6Data>, b: &Key<Cidr6Data>| {
+            a.prefix_len() == b.prefix_len() && a.data() == b.data()
+        };
         for t in &mut self.cidr4 {
             let stale: Vec<_> = t
                 .keys()
@@ -590,7 +651,13 @@ struct Keys {
 
 impl Keys {
     fn of(pod_id: u32, t: &policy::MemTables) -> Self {
-        let port = |kind| move |p: &u16| PortKey { pod_id, port: *p, kind };
+        let port = |kind| {
+            move |p: &u16| PortKey {
+                pod_id,
+                port: *p,
+                kind,
+            }
+        };
         let ports = t
             .ports_excluded
             .iter()
@@ -599,9 +666,28 @@ impl Keys {
             .chain(t.inbound_ports.iter().map(port(PORT_INBOUND)))
             .chain(t.guarded_ports.iter().map(port(PORT_GUARDED)))
             .collect();
-        let addr = |kind| move |a: &IpAddr| AddrKey { pod_id, kind, addr: addr16(*a) };
-        let addrs = t.local.iter().map(addr(ADDR_LOCAL)).chain(t.dns_servers.iter().map(addr(ADDR_DNS))).collect();
-        let groups = t.groups.iter().map(|gid| GroupKey { pod_id, gid: *gid }).collect();
-        Self { ports, addrs, groups }
+        let addr = |kind| {
+            move |a: &IpAddr| AddrKey {
+                pod_id,
+                kind,
+                addr: addr16(*a),
+            }
+        };
+        let addrs = t
+            .local
+            .iter()
+            .map(addr(ADDR_LOCAL))
+            .chain(t.dns_servers.iter().map(addr(ADDR_DNS)))
+            .collect();
+        let groups = t
+            .groups
+            .iter()
+            .map(|gid| GroupKey { pod_id, gid: *gid })
+            .collect();
+        Self {
+            ports,
+            addrs,
+            groups,
+        }
     }
 }

@@ -1,0 +1,258 @@
+//! Inbound capture on the eBPF path (sk_lookup) next to iptables REDIRECT: proxy-down
+//! behaviour, loop avoidance, SO_REUSEPORT listeners, listeners created before and after the
+//! programs, TPROXY mode, and same-node traffic between two meshed pods.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use interceptor_tests::cases::{apply, Flavor, Pod, APP_PORT};
+use interceptor_tests::ebpf::EbpfInstall;
+use interceptor_tests::sidecar::{SidecarConfig, TagServer};
+use interceptor_tests::topology::{
+    connect_as, enter_netns, set_thread_creds, ConnectError, Topology,
+};
+
+const BACKENDS: [Flavor; 2] = [Flavor::IptablesNft, Flavor::Ebpf];
+
+fn run(args: &[&str]) {
+    let out = interceptor_tests::bin::run(args, &[]);
+    assert!(
+        out.status.success(),
+        "interceptor {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A pod netns with only the app (no proxy listening): the capture must reset the connection
+/// (as REDIRECT to a closed port does), never hand it to the app unprotected.
+#[test]
+fn proxy_down_refuses_inbound() {
+    for flavor in BACKENDS {
+        let topo = Topology::new("down").unwrap();
+        let ebpf = EbpfInstall::new("down");
+        let _app = TagServer::spawn(topo.pod_netns(), "app", &[APP_PORT], None).unwrap();
+        let ns = topo.pod_netns().to_str().unwrap().to_string();
+        let bpffs = ebpf.dir().to_str().unwrap().to_string();
+        let mut args = vec![
+            "apply",
+            "--network-namespace",
+            &ns,
+            "--bpffs",
+            &bpffs,
+            "-b",
+            "*",
+        ];
+        args.extend_from_slice(flavor.args());
+        run(&args);
+        let dst = SocketAddr::new(topo.pod_v4().into(), APP_PORT);
+        let err = topo
+            .inbound_connect(dst, None)
+            .expect_err("connection must not reach the app");
+        let ce = err.downcast_ref::<ConnectError>().copied();
+        assert!(
+            ce.is_some_and(|c| c.is_refused()),
+            "{flavor:?}: want connection refused, got {err:#}"
+        );
+    }
+}
+
+/// The proxy's own connections to the app reach the app: from 127.0.0.6 (Envoy's inbound
+/// passthrough) to the pod IP, and to localhost.
+#[test]
+fn no_loops() {
+    for flavor in BACKENDS {
+        let pod = Pod::new("loop").unwrap();
+        apply(&pod, flavor, &["-i", "*", "-b", "*", "--ipv6", "true"]).unwrap();
+        let t = &pod.topo;
+        let via = |dst: SocketAddr, src: Option<IpAddr>| {
+            connect_as(t.pod_netns(), 1337, 1337, dst, src, Duration::from_secs(2)).map(|o| o.reply)
+        };
+        let pod_ip = SocketAddr::new(t.pod_v4().into(), APP_PORT);
+        assert_eq!(
+            via(pod_ip, Some("127.0.0.6".parse().unwrap())).unwrap(),
+            "app:9080",
+            "{flavor:?}: from 127.0.0.6"
+        );
+        assert_eq!(
+            via(SocketAddr::from(([127, 0, 0, 1], APP_PORT)), None).unwrap(),
+            "app:9080",
+            "{flavor:?}: localhost"
+        );
+        // An app in the pod talking to its own pod IP is not captured either.
+        let out = connect_as(
+            t.pod_netns(),
+            1000,
+            1000,
+            pod_ip,
+            None,
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        assert_eq!(out.reply, "app:9080", "{flavor:?}: app to own pod IP");
+    }
+}
+
+/// Listeners created after the programs were attached register themselves (sockops listen
+/// callback); several SO_REUSEPORT listeners keep sharing the connections.
+#[test]
+fn reuseport_listeners_created_after_attach() {
+    let topo = Topology::new("reuse").unwrap();
+    let ebpf = EbpfInstall::new("reuse");
+    let _app = TagServer::spawn(topo.pod_netns(), "app", &[APP_PORT], None).unwrap();
+    let ns = topo.pod_netns().to_str().unwrap().to_string();
+    let bpffs = ebpf.dir().to_str().unwrap().to_string();
+    run(&[
+        "apply",
+        "--network-namespace",
+        &ns,
+        "--bpffs",
+        &bpffs,
+        "--backend",
+        "ebpf",
+        "-b",
+        "*",
+    ]);
+    // Two REUSEPORT listeners on 15006 as the proxy uid, each answering with its own tag.
+    let accepted = std::sync::Arc::new(std::sync::Mutex::new([0u32; 2]));
+    for i in 0..2 {
+        let (path, accepted) = (topo.pod_netns().to_path_buf(), accepted.clone());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || listener_thread(&path, i, accepted, tx));
+        rx.recv().unwrap();
+    }
+    let dst = SocketAddr::new(topo.pod_v4().into(), APP_PORT);
+    for _ in 0..40 {
+        let out = topo.inbound_connect(dst, None).unwrap();
+        assert!(
+            out.reply.starts_with("reuse"),
+            "connection not captured: {}",
+            out.reply
+        );
+    }
+    let counts = *accepted.lock().unwrap();
+    println!("REUSEPORT listeners accepted {counts:?}");
+    assert!(
+        counts[0] > 0 && counts[1] > 0,
+        "both REUSEPORT listeners must get connections: {counts:?}"
+    );
+}
+
+fn listener_thread(
+    netns: &Path,
+    i: usize,
+    accepted: std::sync::Arc<std::sync::Mutex<[u32; 2]>>,
+    ready: std::sync::mpsc::Sender<()>,
+) {
+    use nix::sys::socket::{
+        bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
+        SockaddrIn,
+    };
+    enter_netns(netns).unwrap();
+    set_thread_creds(1337, 1337).unwrap();
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::empty(),
+        None,
+    )
+    .unwrap();
+    setsockopt(&fd, sockopt::ReusePort, &true).unwrap();
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrIn::new(0, 0, 0, 0, 15006),
+    )
+    .unwrap();
+    listen(&fd, Backlog::new(64).unwrap()).unwrap();
+    let l = std::net::TcpListener::from(fd);
+    ready.send(()).unwrap();
+    for s in l.incoming() {
+        let Ok(mut s) = s else { continue };
+        accepted.lock().unwrap()[i] += 1;
+        let _ = std::io::Write::write_all(&mut s, format!("reuse{i}\n").as_bytes());
+    }
+}
+
+/// `-m TPROXY` on the eBPF path: sk_lookup already keeps the client's address (what TPROXY is
+/// for), so the proxy sees the real client and the original destination as its local address.
+#[test]
+fn tproxy_mode_keeps_the_client_address() {
+    let pod = Pod::new("tpx").unwrap();
+    apply(
+        &pod,
+        Flavor::Ebpf,
+        &["-m", "TPROXY", "-b", "*", "--ipv6", "true"],
+    )
+    .unwrap();
+    let t = &pod.topo;
+    for (pod_ip, client) in [
+        (IpAddr::from(t.pod_v4()), IpAddr::from(t.upstream_v4())),
+        (IpAddr::from(t.pod_v6()), IpAddr::from(t.upstream_v6())),
+    ] {
+        let dst = SocketAddr::new(pod_ip, APP_PORT);
+        pod.sidecar.take_records();
+        let out = t.inbound_connect(dst, None).unwrap();
+        assert_eq!(out.reply, "sidecar:15006");
+        let rec = pod.sidecar.take_records();
+        assert_eq!(
+            rec[0].peer.ip(),
+            client,
+            "the proxy must see the real client address"
+        );
+        assert_eq!(
+            rec[0].local, dst,
+            "the accepted socket's local address is the original destination"
+        );
+        assert_eq!(rec[0].original_dst, Some(dst));
+    }
+}
+
+/// Two meshed pods on one node: pod A's app → pod B goes to A's sidecar (outbound), and A's
+/// proxy → pod B goes to B's sidecar (inbound), as with iptables.
+#[test]
+fn same_node_pods_go_through_both_sidecars() {
+    for flavor in BACKENDS {
+        let a = Pod::new("nodea").unwrap();
+        // Pod B is A's "upstream" netns, meshed too, with its own sidecar.
+        let b_ns = a.topo.upstream_netns().to_path_buf();
+        let _b_sidecar =
+            interceptor_tests::sidecar::Sidecar::with_config(&b_ns, SidecarConfig::default())
+                .unwrap();
+        let bpffs = a.ebpf.dir().to_str().unwrap().to_string();
+        apply(&a, flavor, &["-i", "*", "-b", "*", "--ipv6", "false"]).unwrap();
+        let mut args = vec![
+            "apply",
+            "--network-namespace",
+            b_ns.to_str().unwrap(),
+            "--bpffs",
+            &bpffs,
+            "-i",
+            "*",
+            "-b",
+            "*",
+            "--ipv6",
+            "false",
+        ];
+        args.extend_from_slice(flavor.args());
+        run(&args);
+        let b = SocketAddr::new(a.topo.upstream_v4().into(), 8080);
+        assert_eq!(
+            a.outbound(1000, b).unwrap().0,
+            "sidecar:15001",
+            "{flavor:?}: A's app → B via A's sidecar"
+        );
+        let out = connect_as(
+            a.topo.pod_netns(),
+            1337,
+            1337,
+            b,
+            None,
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        assert_eq!(
+            out.reply, "sidecar:15006",
+            "{flavor:?}: A's proxy → B via B's sidecar"
+        );
+    }
+}
