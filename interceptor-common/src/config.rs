@@ -117,8 +117,10 @@ impl Default for Config {
     }
 }
 
-/// The configuration as given (strings, Istio's spelling), before validation.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The configuration as given (strings, Istio's spelling), before validation. This is also
+/// what crosses the daemon's control socket: the daemon validates it exactly as `apply` does.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct RawConfig {
     pub proxy_port: String,
     pub inbound_capture_port: String,

@@ -22,11 +22,21 @@ pub struct Choice {
 /// eBPF when the kernel offers every hook and the config needs nothing eBPF cannot do, and says
 /// why when it falls back.
 pub fn choose_backend(args: &ApplyArgs, cfg: &Config) -> Result<Choice, ConfigError> {
-    if args.native_nftables && !matches!(args.backend, BackendKind::Auto | BackendKind::Nftables) {
+    choose(args.backend, args.native_nftables, &args.ebpf, cfg)
+}
+
+/// `choose_backend` for callers without a command line (the daemon).
+pub fn choose(
+    backend: BackendKind,
+    native_nftables: bool,
+    ebpf: &EbpfArgs,
+    cfg: &Config,
+) -> Result<Choice, ConfigError> {
+    if native_nftables && !matches!(backend, BackendKind::Auto | BackendKind::Nftables) {
         return Err(ConfigError::new(
             "--native-nftables",
             "true",
-            format!("conflicts with --backend {:?}", args.backend).to_lowercase(),
+            format!("conflicts with --backend {backend:?}").to_lowercase(),
         ));
     }
     let choice = |backend, why: String| Ok(Choice { backend, why });
@@ -46,7 +56,7 @@ pub fn choose_backend(args: &ApplyArgs, cfg: &Config) -> Result<Choice, ConfigEr
             ))
         }
     };
-    match args.backend {
+    match backend {
         BackendKind::Ebpf => match policy::ebpf_unsupported(cfg) {
             Some(why) => Err(ConfigError::new(
                 "--backend",
@@ -63,14 +73,14 @@ pub fn choose_backend(args: &ApplyArgs, cfg: &Config) -> Result<Choice, ConfigEr
             BackendKind::Nftables,
             "requested with --backend nftables".into(),
         ),
-        BackendKind::Auto if args.native_nftables => {
+        BackendKind::Auto if native_nftables => {
             choice(BackendKind::Nftables, "--native-nftables".into())
         }
         BackendKind::Auto => {
             if let Some(why) = policy::ebpf_unsupported(cfg) {
                 return netfilter(format!("eBPF cannot honour this config ({why})"));
             }
-            match crate::doctor::ebpf_missing(&args.ebpf) {
+            match crate::doctor::ebpf_missing(ebpf) {
                 Some(why) => netfilter(format!("eBPF unavailable ({why})")),
                 None => choice(
                     BackendKind::Ebpf,
@@ -135,7 +145,7 @@ pub fn render(backend: BackendKind, cfg: &Config, netns: Option<&Path>) -> Resul
     })
 }
 
-fn cgroup_of(a: &EbpfArgs) -> Result<std::path::PathBuf> {
+pub fn cgroup_of(a: &EbpfArgs) -> Result<std::path::PathBuf> {
     match &a.cgroup {
         Some(c) => Ok(c.clone()),
         None => detect_cgroup2_root(),
@@ -161,10 +171,7 @@ fn apply_ebpf(args: &ApplyArgs, cfg: &Config) -> Result<&'static str> {
         });
     }
     let loaded = pins.ensure_loaded(&cgroup_of(&args.ebpf)?, args.ebpf_log)?;
-    let tables = crate::explain::pod_tables(cfg, Some(netns))?;
-    let local: Vec<_> = tables.local.iter().copied().collect();
-    let groups: Vec<_> = tables.groups.iter().copied().collect();
-    let handle = pins.maps()?.register(netns, cfg, &local, &groups)?;
+    let handle = register_ebpf(&pins, netns, cfg, None)?;
     tracing::info!(
         cookie = handle.netns_cookie,
         pod_id = handle.pod_id,
@@ -175,6 +182,42 @@ fn apply_ebpf(args: &ApplyArgs, cfg: &Config) -> Result<&'static str> {
     } else {
         "pod registered"
     })
+}
+
+/// Registers a pod in loaded programs' maps. `ips` adds addresses to those read from the netns
+/// (the CNI plugin knows them from prevResult).
+pub fn register_ebpf(
+    pins: &Pins,
+    netns: &Path,
+    cfg: &Config,
+    ips: Option<&[std::net::IpAddr]>,
+) -> Result<crate::backend::ebpf::PodHandle> {
+    let tables = crate::explain::pod_tables(cfg, Some(netns))?;
+    let mut local: Vec<_> = tables.local.iter().copied().collect();
+    for ip in ips.unwrap_or_default() {
+        if !local.contains(ip) {
+            local.push(*ip);
+        }
+    }
+    let groups: Vec<_> = tables.groups.iter().copied().collect();
+    pins.maps()?.register(netns, cfg, &local, &groups)
+}
+
+/// Applies (or removes) the iptables/nftables fallback for a pod.
+pub fn apply_netfilter(
+    backend: BackendKind,
+    netns: Option<&Path>,
+    cfg: &Config,
+    forced: Option<crate::cli::IptablesFlavor>,
+    mode: Mode,
+) -> Result<Outcome> {
+    match backend {
+        BackendKind::Nftables => netfilter::apply_nftables(netns, cfg, mode),
+        _ => {
+            let bin = netfilter::choose_binaries(netns, forced);
+            netfilter::apply_iptables(netns, cfg, &bin, mode)
+        }
+    }
 }
 
 /// `interceptor remove`: unregisters a pod from the eBPF datapath.
@@ -244,18 +287,25 @@ pub fn run(args: &ApplyArgs) -> Result<Result<(), ConfigError>> {
         force_apply: args.force_apply,
         cleanup_only: args.cleanup_only,
     };
+    if choice.backend == BackendKind::Ebpf
+        && !args.cleanup_only
+        && crate::daemon::client::running(&args.socket)
+    {
+        // A daemon owns the datapath on this node: register through it.
+        return via_daemon(args);
+    }
     if choice.backend == BackendKind::Ebpf {
         let what = apply_ebpf(args, &cfg)?;
         eprintln!("interceptor: {what} (Ebpf backend: {})", choice.why);
         return Ok(Ok(()));
     }
-    let outcome = match choice.backend {
-        BackendKind::Nftables => netfilter::apply_nftables(netns, &cfg, mode)?,
-        _ => {
-            let bin = netfilter::choose_binaries(netns, args.force_iptables_binary);
-            netfilter::apply_iptables(netns, &cfg, &bin, mode)?
-        }
-    };
+    let outcome = apply_netfilter(
+        choice.backend,
+        netns,
+        &cfg,
+        args.force_iptables_binary,
+        mode,
+    )?;
     let what = match outcome {
         Outcome::Applied => "rules applied",
         Outcome::AlreadyInPlace => "rules already in place; nothing to do",
@@ -289,4 +339,119 @@ pub fn logs(args: &LogsArgs) -> Result<()> {
     }
     logger.flush();
     Ok(())
+}
+
+fn via_daemon(args: &ApplyArgs) -> Result<Result<(), ConfigError>> {
+    let cmd = crate::cli::PodCommand::Add(Box::new(crate::cli::PodAddArgs {
+        ips: vec![],
+        pod: None,
+        apply: args.clone(),
+    }));
+    eprintln!(
+        "interceptor: registering through the daemon at {}",
+        args.socket.display()
+    );
+    pod(&cmd)
+}
+
+/// `interceptor pod …`: the daemon's client.
+pub fn pod(cmd: &crate::cli::PodCommand) -> Result<Result<(), ConfigError>> {
+    use crate::cli::PodCommand;
+    use crate::daemon::client::call;
+    use crate::daemon::protocol::{PodIdentity, PodSpec, Request, Response};
+    let (socket, req) = match cmd {
+        PodCommand::Add(a) => {
+            let Some(netns) = a.apply.network_namespace.clone() else {
+                return Ok(Err(ConfigError::new(
+                    "--network-namespace",
+                    "",
+                    "is required for pod add",
+                )));
+            };
+            let config = match crate::config::raw_config(&a.apply) {
+                Ok(c) => c,
+                Err(e) => return Ok(Err(e)),
+            };
+            let identity = match a.pod.as_deref().map(|p| p.split('/').collect::<Vec<_>>()) {
+                None => None,
+                Some(parts) if (2..=3).contains(&parts.len()) => Some(PodIdentity {
+                    namespace: parts[0].into(),
+                    name: parts[1].into(),
+                    uid: parts.get(2).copied().unwrap_or_default().into(),
+                }),
+                Some(_) => {
+                    return Ok(Err(ConfigError::new(
+                        "--pod",
+                        a.pod.clone().unwrap_or_default(),
+                        "want namespace/name[/uid]",
+                    )))
+                }
+            };
+            let spec = PodSpec {
+                netns,
+                ips: a.ips.clone(),
+                config,
+                backend: a.apply.backend,
+                identity,
+            };
+            (a.apply.socket.clone(), Request::Add(spec))
+        }
+        PodCommand::Remove(r) => (
+            r.socket.socket.clone(),
+            Request::Remove {
+                netns: r.network_namespace.clone(),
+            },
+        ),
+        PodCommand::Show(r) => (
+            r.socket.socket.clone(),
+            Request::Show {
+                netns: r.network_namespace.clone(),
+            },
+        ),
+        PodCommand::List(s) => (s.socket.clone(), Request::List),
+    };
+    match call(&socket, &req)? {
+        Response::Error {
+            message,
+            bad_input: true,
+        } => Ok(Err(ConfigError::new("request", "", message))),
+        Response::Error { message, .. } => bail!("{message}"),
+        Response::Pod(p) => {
+            println!("{}", serde_json::to_string_pretty(&p)?);
+            Ok(Ok(()))
+        }
+        Response::Pods { pods } => {
+            println!(
+                "{:<40} {:<9} {:>8} {:<30} why",
+                "netns", "backend", "pod_id", "identity"
+            );
+            for p in pods {
+                let id = p
+                    .identity
+                    .map(|i| format!("{}/{}", i.namespace, i.name))
+                    .unwrap_or_else(|| "-".into());
+                println!(
+                    "{:<40} {:<9} {:>8} {:<30} {}",
+                    p.netns.display(),
+                    format!("{:?}", p.backend).to_lowercase(),
+                    p.pod_id,
+                    id,
+                    p.why
+                );
+            }
+            Ok(Ok(()))
+        }
+        Response::Removed { removed } => {
+            eprintln!(
+                "interceptor: {}",
+                if removed {
+                    "pod removed"
+                } else {
+                    "pod was not registered"
+                }
+            );
+            Ok(Ok(()))
+        }
+        Response::Pong => Ok(Ok(())),
+    }
 }

@@ -26,6 +26,11 @@ pub enum Command {
     Remove(RemoveArgs),
     /// Detach and unpin every eBPF program, link and map of ours.
     Cleanup(EbpfArgs),
+    /// Run the node-level daemon (control socket, re-adoption, per-pod fallback).
+    Daemon(crate::daemon::DaemonArgs),
+    /// Talk to the daemon: add, remove, list or show pods.
+    #[command(subcommand)]
+    Pod(PodCommand),
     /// Print the eBPF programs' decision log (programs loaded with `apply --ebpf-log`).
     Logs(LogsArgs),
     /// Which backend `auto` would use and why: the kernel features each hook needs.
@@ -51,6 +56,49 @@ pub struct EbpfArgs {
     /// cgroup v2 directory the programs attach to (default: the cgroup v2 root, detected).
     #[arg(long, env = "INTERCEPTOR_CGROUP")]
     pub cgroup: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PodCommand {
+    /// Register a pod (the same flags as `apply`; --network-namespace is required).
+    Add(Box<PodAddArgs>),
+    /// Unregister a pod.
+    Remove(PodRefArgs),
+    /// List registered pods.
+    List(SocketArgs),
+    /// Show one pod: backend, why, config.
+    Show(PodRefArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SocketArgs {
+    /// The daemon's control socket.
+    #[arg(
+        long,
+        env = "INTERCEPTOR_SOCKET",
+        default_value = "/run/interceptor/interceptor.sock"
+    )]
+    pub socket: PathBuf,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PodRefArgs {
+    #[arg(long, env = "NETWORK_NAMESPACE")]
+    pub network_namespace: PathBuf,
+    #[command(flatten)]
+    pub socket: SocketArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PodAddArgs {
+    /// Pod IPs (comma list); default: read from the netns.
+    #[arg(long, value_delimiter = ',')]
+    pub ips: Vec<std::net::IpAddr>,
+    /// Kubernetes identity namespace/name[/uid], when known.
+    #[arg(long)]
+    pub pod: Option<String>,
+    #[command(flatten)]
+    pub apply: ApplyArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -124,7 +172,8 @@ pub struct ValidateArgs {
 }
 
 /// Which mechanism installs the interception.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum BackendKind {
     /// eBPF where the kernel and the config allow it, else iptables, else nftables.
     Auto,
@@ -296,6 +345,13 @@ pub struct ApplyArgs {
     /// disables the guard.
     #[arg(long, env = "INTERCEPTOR_BIND_GUARD_PORTS", default_value = interceptor_common::config::DEFAULT_BIND_GUARD_PORTS)]
     pub bind_guard_ports: String,
+    /// The daemon's control socket: when a daemon answers there, `apply` registers through it.
+    #[arg(
+        long,
+        env = "INTERCEPTOR_SOCKET",
+        default_value = "/run/interceptor/interceptor.sock"
+    )]
+    pub socket: PathBuf,
     /// Log decisions from the eBPF programs (compiled out of the hot path unless set at load).
     #[arg(long, env = "INTERCEPTOR_EBPF_LOG")]
     pub ebpf_log: bool,

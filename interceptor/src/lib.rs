@@ -5,6 +5,7 @@ pub mod apply;
 pub mod backend;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod doctor;
 pub mod explain;
 pub mod listener;

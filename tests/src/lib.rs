@@ -4,6 +4,7 @@
 pub mod bin;
 pub mod cases;
 pub mod conformance;
+pub mod daemon;
 pub mod dns;
 pub mod ebpf;
 pub mod sidecar;

@@ -1,0 +1,35 @@
+//! Talking to the daemon over its control socket.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use super::protocol::{Request, Response};
+
+/// Sends one request and returns the daemon's response.
+pub fn call(socket: &Path, req: &Request) -> Result<Response> {
+    let mut s = UnixStream::connect(socket).with_context(|| {
+        format!(
+            "connecting to the interceptor daemon at {}",
+            socket.display()
+        )
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut line = serde_json::to_string(req)?;
+    line.push('\n');
+    s.write_all(line.as_bytes())?;
+    let mut resp = String::new();
+    BufReader::new(&s).read_line(&mut resp)?;
+    if resp.is_empty() {
+        bail!("the daemon closed the connection without answering (not root?)");
+    }
+    Ok(serde_json::from_str(&resp).context("decoding the daemon's response")?)
+}
+
+/// Whether a daemon answers on `socket`.
+pub fn running(socket: &Path) -> bool {
+    socket.exists() && matches!(call(socket, &Request::Ping), Ok(Response::Pong))
+}

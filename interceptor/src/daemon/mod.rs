@@ -1,0 +1,333 @@
+//! `interceptor daemon`: the node-level service that replaces istio-init. It loads the programs
+//! once (pinned, so interception survives the daemon), serves pods over a root-only control
+//! socket, applies the iptables/nftables fallback inside a pod's netns when eBPF cannot serve it,
+//! and on start re-adopts what an earlier instance left: pods whose netns is gone are forgotten.
+
+pub mod client;
+pub mod protocol;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use interceptor_common::config::ConfigError;
+
+use crate::apply::{self, cgroup_of};
+use crate::backend::ebpf::{netns_cookie, Pins};
+use crate::backend::netfilter::Mode;
+use crate::cli::{BackendKind, EbpfArgs};
+use protocol::{PodSpec, PodStatus, Request, Response};
+
+#[derive(Args, Debug, Clone)]
+pub struct DaemonArgs {
+    /// Control socket (root only, mode 0600).
+    #[arg(
+        long,
+        env = "INTERCEPTOR_SOCKET",
+        default_value = "/run/interceptor/interceptor.sock"
+    )]
+    pub socket: PathBuf,
+    /// Where registered pods are recorded (tmpfs: state lives as long as the bpffs pins do).
+    #[arg(
+        long,
+        env = "INTERCEPTOR_STATE_DIR",
+        default_value = "/run/interceptor/pods"
+    )]
+    pub state_dir: PathBuf,
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long)]
+    pub log_json: bool,
+    /// Load the programs with decision logging on (see `interceptor logs`).
+    #[arg(long)]
+    pub ebpf_log: bool,
+    #[command(flatten)]
+    pub ebpf: EbpfArgs,
+}
+
+/// The daemon's shared state; one lock serialises registrations.
+pub struct Daemon {
+    args: DaemonArgs,
+    pins: Option<Pins>,
+    lock: Mutex<()>,
+}
+
+fn state_file(dir: &Path, netns: &Path) -> PathBuf {
+    // One file per netns path; the path itself is the key users give.
+    let name: String = netns
+        .to_string_lossy()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    dir.join(format!("{name}.json"))
+}
+
+impl Daemon {
+    /// Loads (or finds loaded) programs and re-adopts the recorded pods.
+    pub fn start(args: DaemonArgs) -> Result<Arc<Self>> {
+        std::fs::create_dir_all(&args.state_dir)
+            .with_context(|| format!("creating {}", args.state_dir.display()))?;
+        let pins = match crate::doctor::ebpf_missing(&args.ebpf) {
+            None => {
+                let pins = Pins::new(&args.ebpf.bpffs);
+                let loaded = pins.ensure_loaded(&cgroup_of(&args.ebpf)?, args.ebpf_log)?;
+                tracing::info!(bpffs = %args.ebpf.bpffs.display(), loaded_now = loaded, "eBPF datapath ready");
+                Some(pins)
+            }
+            Some(why) => {
+                tracing::warn!(%why, "eBPF unavailable: every pod gets the iptables/nftables fallback");
+                None
+            }
+        };
+        let d = Arc::new(Self {
+            args,
+            pins,
+            lock: Mutex::new(()),
+        });
+        d.readopt()?;
+        Ok(d)
+    }
+
+    fn pods_on_disk(&self) -> Vec<(PathBuf, PodStatus)> {
+        let Ok(dir) = std::fs::read_dir(&self.args.state_dir) else {
+            return vec![];
+        };
+        dir.flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+            .filter_map(|e| {
+                let text = std::fs::read_to_string(e.path()).ok()?;
+                Some((e.path(), serde_json::from_str(&text).ok()?))
+            })
+            .collect()
+    }
+
+    /// Keeps recorded pods whose netns still exists (same cookie), forgets the others, and
+    /// drops map entries nobody recorded.
+    fn readopt(&self) -> Result<()> {
+        let mut live = Vec::new();
+        for (file, pod) in self.pods_on_disk() {
+            let alive = crate::netns::is_netns(&pod.netns)
+                && netns_cookie(Some(&pod.netns)).is_ok_and(|c| c == pod.netns_cookie);
+            if alive {
+                live.push(pod.netns_cookie);
+                tracing::info!(netns = %pod.netns.display(), backend = ?pod.backend, "re-adopted pod");
+            } else {
+                tracing::info!(netns = %pod.netns.display(), "forgetting pod whose netns is gone");
+                let _ = std::fs::remove_file(file);
+            }
+        }
+        if let Some(pins) = &self.pins {
+            let mut maps = pins.maps()?;
+            for (cookie, _) in maps.pods() {
+                if !live.contains(&cookie) {
+                    maps.remove_cookie(cookie)?;
+                    tracing::info!(cookie, "removed map entries of an unrecorded pod");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, netns: &Path) -> Option<PodStatus> {
+        let text = std::fs::read_to_string(state_file(&self.args.state_dir, netns)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    fn record(&self, pod: &PodStatus) -> Result<()> {
+        let file = state_file(&self.args.state_dir, &pod.netns);
+        let tmp = file.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(pod)?)?;
+        std::fs::rename(&tmp, &file)?;
+        Ok(())
+    }
+
+    /// Registers a pod. Validation errors come back as `Ok(Err(..))`: nothing was applied.
+    pub fn add(&self, spec: &PodSpec) -> Result<Result<PodStatus, ConfigError>> {
+        let start = Instant::now();
+        let cfg = match spec.config.parse() {
+            Ok(c) => c,
+            Err(e) => return Ok(Err(e)),
+        };
+        if !crate::netns::is_netns(&spec.netns) {
+            return Ok(Err(ConfigError::new(
+                "netns",
+                spec.netns.display().to_string(),
+                "is not a network namespace",
+            )));
+        }
+        let choice = match (&self.pins, spec.backend) {
+            (None, BackendKind::Ebpf) => {
+                return Ok(Err(ConfigError::new(
+                    "backend",
+                    "ebpf",
+                    "eBPF is unavailable on this node (see `interceptor doctor`)",
+                )))
+            }
+            _ => match apply::choose(spec.backend, false, &self.args.ebpf, &cfg) {
+                Ok(c) => c,
+                Err(e) => return Ok(Err(e)),
+            },
+        };
+        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        // A pod moving between backends must not keep the old one's interception.
+        if let Some(old) = self.lookup(&spec.netns) {
+            if old.backend != choice.backend {
+                self.uninstall(&old)?;
+            }
+        }
+        let cookie = netns_cookie(Some(&spec.netns))?;
+        let pod_id = match (choice.backend, &self.pins) {
+            (BackendKind::Ebpf, Some(pins)) => {
+                let ips = (!spec.ips.is_empty()).then_some(spec.ips.as_slice());
+                apply::register_ebpf(pins, &spec.netns, &cfg, ips)?.pod_id
+            }
+            (backend, _) => {
+                let mode = Mode {
+                    reconcile: true,
+                    ..Mode::default()
+                };
+                apply::apply_netfilter(backend, Some(&spec.netns), &cfg, None, mode)?;
+                0
+            }
+        };
+        let status = PodStatus {
+            netns: spec.netns.clone(),
+            netns_cookie: cookie,
+            pod_id,
+            backend: choice.backend,
+            why: choice.why,
+            ips: spec.ips.clone(),
+            identity: spec.identity.clone(),
+            config: spec.config.clone(),
+            add_micros: start.elapsed().as_micros() as u64,
+        };
+        self.record(&status)?;
+        tracing::info!(netns = %status.netns.display(), backend = ?status.backend, micros = status.add_micros, "pod added");
+        Ok(Ok(status))
+    }
+
+    fn uninstall(&self, pod: &PodStatus) -> Result<()> {
+        match (pod.backend, &self.pins) {
+            (BackendKind::Ebpf, Some(pins)) => {
+                pins.maps()?.remove_cookie(pod.netns_cookie)?;
+            }
+            (BackendKind::Ebpf, None) => {}
+            (backend, _) => {
+                if crate::netns::is_netns(&pod.netns) {
+                    let cfg = pod.config.parse()?;
+                    let mode = Mode {
+                        cleanup_only: true,
+                        ..Mode::default()
+                    };
+                    apply::apply_netfilter(backend, Some(&pod.netns), &cfg, None, mode)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Unregisters a pod; idempotent (false when it was not registered).
+    pub fn remove(&self, netns: &Path) -> Result<bool> {
+        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(pod) = self.lookup(netns) else {
+            return Ok(false);
+        };
+        self.uninstall(&pod)?;
+        let _ = std::fs::remove_file(state_file(&self.args.state_dir, netns));
+        tracing::info!(netns = %netns.display(), "pod removed");
+        Ok(true)
+    }
+
+    pub fn list(&self) -> Vec<PodStatus> {
+        let mut pods: Vec<_> = self.pods_on_disk().into_iter().map(|(_, p)| p).collect();
+        pods.sort_by(|a, b| a.netns.cmp(&b.netns));
+        pods
+    }
+
+    fn handle(&self, req: Request) -> Response {
+        let err = |e: anyhow::Error| Response::Error {
+            message: format!("{e:#}"),
+            bad_input: false,
+        };
+        match req {
+            Request::Ping => Response::Pong,
+            Request::List => Response::Pods { pods: self.list() },
+            Request::Show { netns } => match self.lookup(&netns) {
+                Some(p) => Response::Pod(Box::new(p)),
+                None => Response::Error {
+                    message: format!("pod {} is not registered", netns.display()),
+                    bad_input: true,
+                },
+            },
+            Request::Remove { netns } => self
+                .remove(&netns)
+                .map_or_else(err, |removed| Response::Removed { removed }),
+            Request::Add(spec) => match self.add(&spec) {
+                Ok(Ok(p)) => Response::Pod(Box::new(p)),
+                Ok(Err(e)) => Response::Error {
+                    message: e.to_string(),
+                    bad_input: true,
+                },
+                Err(e) => err(e),
+            },
+        }
+    }
+
+    fn serve_conn(&self, s: UnixStream) -> Result<()> {
+        // Root only: the socket file is 0600, and peers are checked here too.
+        let cred = nix::sys::socket::getsockopt(&s, nix::sys::socket::sockopt::PeerCredentials)?;
+        let mut w = s.try_clone()?;
+        if cred.uid() != 0 {
+            tracing::warn!(
+                uid = cred.uid(),
+                pid = cred.pid(),
+                "refused a non-root control connection"
+            );
+            let resp = Response::Error {
+                message: "permission denied: root only".into(),
+                bad_input: false,
+            };
+            writeln!(w, "{}", serde_json::to_string(&resp)?)?;
+            return Ok(());
+        }
+        for line in BufReader::new(s).lines() {
+            let line = line?;
+            let resp = match serde_json::from_str::<Request>(&line) {
+                Ok(req) => self.handle(req),
+                Err(e) => Response::Error {
+                    message: format!("malformed request: {e}"),
+                    bad_input: true,
+                },
+            };
+            writeln!(w, "{}", serde_json::to_string(&resp)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs the daemon until killed. Stopping it leaves interception in place.
+pub fn run(args: &DaemonArgs) -> Result<()> {
+    let d = Daemon::start(args.clone())?;
+    if let Some(parent) = args.socket.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let _ = std::fs::remove_file(&args.socket);
+    let listener = UnixListener::bind(&args.socket)
+        .with_context(|| format!("binding {}", args.socket.display()))?;
+    std::fs::set_permissions(&args.socket, std::fs::Permissions::from_mode(0o600))?;
+    tracing::info!(socket = %args.socket.display(), "serving");
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        let d = d.clone();
+        std::thread::spawn(move || {
+            if let Err(e) = d.serve_conn(conn) {
+                tracing::warn!(error = %e, "control connection failed");
+            }
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,81 @@
+//! The control protocol: one JSON request per line on a Unix socket, one JSON response line.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use interceptor_common::config::RawConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::cli::BackendKind;
+
+/// Who a pod is, when known (from the CNI runtime or the Kubernetes API).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodIdentity {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+/// A pod to register: its netns, addresses, the full interception config (as `apply` takes it,
+/// validated by the daemon exactly as `apply` validates it) and identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodSpec {
+    pub netns: PathBuf,
+    /// Pod IPs; empty means "read them from the netns".
+    #[serde(default)]
+    pub ips: Vec<IpAddr>,
+    pub config: RawConfig,
+    #[serde(default = "auto")]
+    pub backend: BackendKind,
+    #[serde(default)]
+    pub identity: Option<PodIdentity>,
+}
+
+fn auto() -> BackendKind {
+    BackendKind::Auto
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum Request {
+    Add(PodSpec),
+    Remove { netns: PathBuf },
+    List,
+    Show { netns: PathBuf },
+    Ping,
+}
+
+/// A registered pod as the daemon knows it (also its on-disk state).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodStatus {
+    pub netns: PathBuf,
+    pub netns_cookie: u64,
+    /// eBPF pod id (0 for netfilter pods).
+    pub pod_id: u32,
+    pub backend: BackendKind,
+    /// Why this backend serves the pod.
+    pub why: String,
+    pub ips: Vec<IpAddr>,
+    pub identity: Option<PodIdentity>,
+    pub config: RawConfig,
+    /// How long the registration took, in microseconds.
+    pub add_micros: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "lowercase")]
+pub enum Response {
+    Pod(Box<PodStatus>),
+    Pods {
+        pods: Vec<PodStatus>,
+    },
+    Removed {
+        removed: bool,
+    },
+    Pong,
+    /// `bad_input`: the request itself was invalid (flag + value named in `message`).
+    Error {
+        message: String,
+        bad_input: bool,
+    },
+}
