@@ -22,14 +22,20 @@ pub struct Choice {
 /// eBPF when the kernel offers every hook and the config needs nothing eBPF cannot do, and says
 /// why when it falls back.
 pub fn choose_backend(args: &ApplyArgs, cfg: &Config) -> Result<Choice, ConfigError> {
-    choose(args.backend, args.native_nftables, &args.ebpf, cfg)
+    choose(
+        args.backend,
+        args.native_nftables,
+        || crate::doctor::ebpf_missing(&args.ebpf),
+        cfg,
+    )
 }
 
-/// `choose_backend` for callers without a command line (the daemon).
+/// `choose_backend` for callers without a command line (the daemon). `ebpf_missing` says why
+/// eBPF cannot run here (probed only when `auto` needs to know; the daemon probes once).
 pub fn choose(
     backend: BackendKind,
     native_nftables: bool,
-    ebpf: &EbpfArgs,
+    ebpf_missing: impl FnOnce() -> Option<String>,
     cfg: &Config,
 ) -> Result<Choice, ConfigError> {
     if native_nftables && !matches!(backend, BackendKind::Auto | BackendKind::Nftables) {
@@ -80,7 +86,7 @@ pub fn choose(
             if let Some(why) = policy::ebpf_unsupported(cfg) {
                 return netfilter(format!("eBPF cannot honour this config ({why})"));
             }
-            match crate::doctor::ebpf_missing(ebpf) {
+            match ebpf_missing() {
                 Some(why) => netfilter(format!("eBPF unavailable ({why})")),
                 None => choice(
                     BackendKind::Ebpf,
@@ -201,6 +207,26 @@ pub fn register_ebpf(
     }
     let groups: Vec<_> = tables.groups.iter().copied().collect();
     pins.maps()?.register(netns, cfg, &local, &groups)
+}
+
+/// `register_ebpf` with maps the caller keeps open (the daemon).
+pub fn register_in(
+    maps: &mut crate::backend::ebpf::PodMaps,
+    netns: &Path,
+    cfg: &Config,
+    ips: Option<&[std::net::IpAddr]>,
+) -> Result<crate::backend::ebpf::PodHandle> {
+    let t = std::time::Instant::now();
+    let tables = crate::explain::pod_tables(cfg, Some(netns))?;
+    tracing::debug!(micros = t.elapsed().as_micros() as u64, "pod tables");
+    let mut local: Vec<_> = tables.local.iter().copied().collect();
+    for ip in ips.unwrap_or_default() {
+        if !local.contains(ip) {
+            local.push(*ip);
+        }
+    }
+    let groups: Vec<_> = tables.groups.iter().copied().collect();
+    maps.register(netns, cfg, &local, &groups)
 }
 
 /// Applies (or removes) the iptables/nftables fallback for a pod.

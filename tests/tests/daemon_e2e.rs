@@ -22,7 +22,9 @@ fn add_micros(json: &str) -> f64 {
 }
 
 /// 50 pods, each its own netns with a sidecar and an upstream; each registered through the
-/// daemon and each captured correctly. Also times registration against applying iptables.
+/// daemon and each captured correctly. As with a CNI ADD, the pod is registered before its
+/// containers (the sidecar) start; the sidecar's listener then registers itself. Also times
+/// registration against applying the same config as iptables rules.
 #[test]
 fn fifty_pods_through_the_daemon() {
     let d = DaemonProc::start("d50").unwrap();

@@ -444,9 +444,10 @@ impl PodMaps {
             bail!("the eBPF backend cannot honour this config: {why}");
         }
         let cookie = netns_cookie(Some(netns))?;
-        let pod_id = match self.policy.get(&cookie, 0) {
-            Ok(p) => p.pod_id,
-            Err(_) => {
+        let existing = self.policy.get(&cookie, 0).ok().map(|p| p.pod_id);
+        let pod_id = match existing {
+            Some(id) => id,
+            None => {
                 self.policy
                     .iter()
                     .filter_map(|r| r.ok())
@@ -491,10 +492,20 @@ impl PodMaps {
         }
         self.policy
             .insert(cookie, policy::pod_policy(cfg, pod_id), 0)?;
-        self.purge(pod_id, Some((&keys, &tables)))?;
+        if existing.is_some() {
+            // Only a re-registration can leave stale entries behind.
+            self.purge(pod_id, Some((&keys, &tables)))?;
+        }
+        let t = std::time::Instant::now();
         self.pins.attach_sk_lookup(netns, cookie)?;
+        tracing::debug!(
+            micros = t.elapsed().as_micros() as u64,
+            "sk_lookup attached"
+        );
         if !tables.inbound_ports.is_empty() || !cfg.inbound_ports_include.is_empty() {
+            let t = std::time::Instant::now();
             self.adopt_listener(netns, cfg, pod_id)?;
+            tracing::debug!(micros = t.elapsed().as_micros() as u64, "listener adoption");
         }
         Ok(PodHandle {
             netns_cookie: cookie,

@@ -53,7 +53,10 @@ pub struct DaemonArgs {
 pub struct Daemon {
     args: DaemonArgs,
     pins: Option<Pins>,
-    lock: Mutex<()>,
+    /// Probed once at start: why eBPF cannot serve pods here, if it cannot.
+    ebpf_missing: Option<String>,
+    /// Open handles on the pinned maps (reopening them per pod would dominate the add cost).
+    maps: Mutex<Option<crate::backend::ebpf::PodMaps>>,
 }
 
 fn state_file(dir: &Path, netns: &Path) -> PathBuf {
@@ -71,7 +74,8 @@ impl Daemon {
     pub fn start(args: DaemonArgs) -> Result<Arc<Self>> {
         std::fs::create_dir_all(&args.state_dir)
             .with_context(|| format!("creating {}", args.state_dir.display()))?;
-        let pins = match crate::doctor::ebpf_missing(&args.ebpf) {
+        let ebpf_missing = crate::doctor::ebpf_missing(&args.ebpf);
+        let pins = match &ebpf_missing {
             None => {
                 let pins = Pins::new(&args.ebpf.bpffs);
                 let loaded = pins.ensure_loaded(&cgroup_of(&args.ebpf)?, args.ebpf_log)?;
@@ -83,10 +87,12 @@ impl Daemon {
                 None
             }
         };
+        let maps = pins.as_ref().map(Pins::maps).transpose()?;
         let d = Arc::new(Self {
             args,
             pins,
-            lock: Mutex::new(()),
+            ebpf_missing,
+            maps: Mutex::new(maps),
         });
         d.readopt()?;
         Ok(d)
@@ -120,8 +126,7 @@ impl Daemon {
                 let _ = std::fs::remove_file(file);
             }
         }
-        if let Some(pins) = &self.pins {
-            let mut maps = pins.maps()?;
+        if let Some(maps) = self.maps.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
             for (cookie, _) in maps.pods() {
                 if !live.contains(&cookie) {
                     maps.remove_cookie(cookie)?;
@@ -148,6 +153,7 @@ impl Daemon {
     /// Registers a pod. Validation errors come back as `Ok(Err(..))`: nothing was applied.
     pub fn add(&self, spec: &PodSpec) -> Result<Result<PodStatus, ConfigError>> {
         let start = Instant::now();
+        tracing::debug!("add start");
         let cfg = match spec.config.parse() {
             Ok(c) => c,
             Err(e) => return Ok(Err(e)),
@@ -167,23 +173,24 @@ impl Daemon {
                     "eBPF is unavailable on this node (see `interceptor doctor`)",
                 )))
             }
-            _ => match apply::choose(spec.backend, false, &self.args.ebpf, &cfg) {
+            _ => match apply::choose(spec.backend, false, || self.ebpf_missing.clone(), &cfg) {
                 Ok(c) => c,
                 Err(e) => return Ok(Err(e)),
             },
         };
-        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
         // A pod moving between backends must not keep the old one's interception.
         if let Some(old) = self.lookup(&spec.netns) {
             if old.backend != choice.backend {
-                self.uninstall(&old)?;
+                self.uninstall(&old, maps.as_mut())?;
             }
         }
         let cookie = netns_cookie(Some(&spec.netns))?;
-        let pod_id = match (choice.backend, &self.pins) {
-            (BackendKind::Ebpf, Some(pins)) => {
+        tracing::debug!(micros = start.elapsed().as_micros() as u64, "cookie read");
+        let pod_id = match (choice.backend, maps.as_mut()) {
+            (BackendKind::Ebpf, Some(maps)) => {
                 let ips = (!spec.ips.is_empty()).then_some(spec.ips.as_slice());
-                apply::register_ebpf(pins, &spec.netns, &cfg, ips)?.pod_id
+                apply::register_in(maps, &spec.netns, &cfg, ips)?.pod_id
             }
             (backend, _) => {
                 let mode = Mode {
@@ -210,10 +217,14 @@ impl Daemon {
         Ok(Ok(status))
     }
 
-    fn uninstall(&self, pod: &PodStatus) -> Result<()> {
-        match (pod.backend, &self.pins) {
-            (BackendKind::Ebpf, Some(pins)) => {
-                pins.maps()?.remove_cookie(pod.netns_cookie)?;
+    fn uninstall(
+        &self,
+        pod: &PodStatus,
+        maps: Option<&mut crate::backend::ebpf::PodMaps>,
+    ) -> Result<()> {
+        match (pod.backend, maps) {
+            (BackendKind::Ebpf, Some(maps)) => {
+                maps.remove_cookie(pod.netns_cookie)?;
             }
             (BackendKind::Ebpf, None) => {}
             (backend, _) => {
@@ -232,11 +243,11 @@ impl Daemon {
 
     /// Unregisters a pod; idempotent (false when it was not registered).
     pub fn remove(&self, netns: &Path) -> Result<bool> {
-        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
         let Some(pod) = self.lookup(netns) else {
             return Ok(false);
         };
-        self.uninstall(&pod)?;
+        self.uninstall(&pod, maps.as_mut())?;
         let _ = std::fs::remove_file(state_file(&self.args.state_dir, netns));
         tracing::info!(netns = %netns.display(), "pod removed");
         Ok(true)

@@ -166,7 +166,7 @@ pub enum Entry {
 
 /// The archive's contents, keyed by absolute guest path. A path's parents always sort before
 /// it, so writing in key order creates every directory before its children.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct Tree {
     entries: BTreeMap<PathBuf, Entry>,
 }

@@ -72,11 +72,36 @@ pub struct Run {
     pub mode: Mode,
     /// Test binary name (its file under [`TEST_DIR`]).
     pub bin: String,
-    /// Only run when `auto` picked eBPF in this mode (the run needs the eBPF backend).
-    pub needs_ebpf: bool,
+    /// Whether it runs, by what `auto` chose (for the plan's first auto case) in this mode.
+    pub when: When,
     /// libtest arguments (filters, `--skip`, `--exact`, …).
     pub args: Vec<String>,
     pub timeout_secs: u64,
+}
+
+/// Condition of a [`Run`] on what `auto` chose in the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum When {
+    Always,
+    /// The run needs the eBPF backend: only when `auto` picks eBPF there.
+    AutoEbpf,
+    /// The fallback-only variant of a run: only when `auto` does not pick eBPF.
+    AutoNotEbpf,
+}
+
+impl When {
+    pub fn name(self) -> &'static str {
+        match self {
+            When::Always => "always",
+            When::AutoEbpf => "auto-ebpf",
+            When::AutoNotEbpf => "auto-not-ebpf",
+        }
+    }
+    pub fn parse(s: &str) -> Option<When> {
+        [When::Always, When::AutoEbpf, When::AutoNotEbpf]
+            .into_iter()
+            .find(|w| w.name() == s)
+    }
 }
 
 /// A pod configuration whose `auto` choice is reported (`apply --dry-run`).
@@ -112,18 +137,19 @@ impl Plan {
         for m in &self.probe_modes {
             out.push_str(&format!("probe-mode\t{m}\n"));
         }
+        let tail = |args: &[String]| args.iter().map(|a| format!("\t{a}")).collect::<String>();
         for a in &self.auto {
-            out.push_str(&format!("auto\t{}\t{}\n", a.label, a.args.join("\t")));
+            out.push_str(&format!("auto\t{}{}\n", a.label, tail(&a.args)));
         }
         for r in &self.runs {
             out.push_str(&format!(
-                "run\t{}\t{}\t{}\t{}\t{}\t{}\n",
+                "run\t{}\t{}\t{}\t{}\t{}{}\n",
                 r.id,
                 r.mode,
                 r.bin,
-                if r.needs_ebpf { "needs-ebpf" } else { "any" },
+                r.when.name(),
                 r.timeout_secs,
-                r.args.join("\t")
+                tail(&r.args)
             ));
         }
         out
@@ -143,23 +169,15 @@ impl Plan {
                 "probe-mode" if f.len() == 2 => plan.probe_modes.push(mode(f[1])?),
                 "auto" if f.len() >= 2 => plan.auto.push(AutoCase {
                     label: f[1].into(),
-                    args: f[2..]
-                        .iter()
-                        .filter(|a| !a.is_empty())
-                        .map(|a| a.to_string())
-                        .collect(),
+                    args: f[2..].iter().map(|a| a.to_string()).collect(),
                 }),
                 "run" if f.len() >= 6 => plan.runs.push(Run {
                     id: f[1].into(),
                     mode: mode(f[2])?,
                     bin: f[3].into(),
-                    needs_ebpf: f[4] == "needs-ebpf",
+                    when: When::parse(f[4]).ok_or_else(bad)?,
                     timeout_secs: f[5].parse().map_err(|_| bad())?,
-                    args: f[6..]
-                        .iter()
-                        .filter(|a| !a.is_empty())
-                        .map(|a| a.to_string())
-                        .collect(),
+                    args: f[6..].iter().map(|a| a.to_string()).collect(),
                 }),
                 _ => return Err(bad()),
             }
@@ -219,17 +237,21 @@ mod tests {
             probe_modes: vec![Mode::Normal, Mode::Seccomp],
             auto: vec![AutoCase {
                 label: "default".into(),
-                args: vec!["-i".into(), "*".into()],
+                args: vec!["-i".into(), "*".into(), "-b".into(), "".into()],
             }],
             runs: vec![Run {
                 id: "x@normal".into(),
                 mode: Mode::UserNs,
                 bin: "x".into(),
-                needs_ebpf: true,
+                when: When::AutoEbpf,
                 args: vec!["--skip".into(), "ebpf".into()],
                 timeout_secs: 60,
             }],
         };
         assert_eq!(Plan::parse(&plan.render()).unwrap(), plan);
+        let mut bare = plan.clone();
+        bare.auto[0].args.clear();
+        bare.runs[0].args.clear();
+        assert_eq!(Plan::parse(&bare.render()).unwrap(), bare);
     }
 }

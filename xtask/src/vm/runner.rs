@@ -12,7 +12,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use super::privs;
-use super::proto::{line, mark, Mode, Plan, Run};
+use super::proto::{line, mark, Mode, Plan, Run, When};
 
 /// Where things are and how processes are handled, guest or host.
 pub struct Env {
@@ -43,7 +43,7 @@ pub struct Runner<W: Write> {
     pub plan: Plan,
     pub out: W,
     userns: Option<privs::UserNs>,
-    /// `auto`'s choice for the first auto case, per mode (what `needs_ebpf` runs look at).
+    /// `auto`'s choice for the first auto case, per mode (what conditional runs look at).
     auto_first: Vec<(Mode, String, String)>,
 }
 
@@ -157,16 +157,22 @@ impl<W: Write> Runner<W> {
     }
 
     fn test_run(&mut self, run: &Run) -> bool {
-        if run.needs_ebpf {
+        if run.when != When::Always {
             let chosen = self.auto_first.iter().find(|(m, _, _)| *m == run.mode);
-            if let Some((_, backend, why)) = chosen {
-                if backend != "ebpf" {
-                    let note = format!("auto chose {backend} here ({why})");
-                    println!("[{}] skipped: {note}", run.id);
-                    #[rustfmt::skip]
-                    self.mark(&[mark::RUN, &run.id, "skipped", "", "0", "0", "0", "0", &note]);
-                    return true;
-                }
+            let (backend, why) = match chosen {
+                Some((_, b, w)) => (b.clone(), w.clone()),
+                None => (
+                    "unknown".to_string(),
+                    "no auto case ran in this mode".to_string(),
+                ),
+            };
+            let ebpf = backend == "ebpf";
+            if ebpf != (run.when == When::AutoEbpf) {
+                let note = format!("auto chose {backend} here ({why})");
+                println!("[{}] skipped: {note}", run.id);
+                #[rustfmt::skip]
+                self.mark(&[mark::RUN, &run.id, "skipped", "", "0", "0", "0", "0", &note]);
+                return true;
             }
         }
         println!("=== {} ({}) ===", run.id, run.mode.describe());
