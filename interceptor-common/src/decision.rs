@@ -217,6 +217,38 @@ pub enum Reason {
     BindAllowed,
 }
 
+impl Reason {
+    /// Every reason, indexed by its value (for naming counters).
+    pub const ALL: [Reason; 26] = [
+        Reason::NoMatch,
+        Reason::Ipv6Disabled,
+        Reason::ExcludedPort,
+        Reason::PassthroughSource,
+        Reason::ProxyUidToLocal,
+        Reason::ProxyGidToLocal,
+        Reason::AppOverLoopbackUid,
+        Reason::AppOverLoopbackGid,
+        Reason::ProxyUid,
+        Reason::ProxyGid,
+        Reason::OwnerGroup,
+        Reason::Dns,
+        Reason::LoopbackCidr,
+        Reason::ExcludedCidr,
+        Reason::IncludedPort,
+        Reason::IncludeAll,
+        Reason::IncludedCidr,
+        Reason::NotTcp,
+        Reason::NoInboundCapture,
+        Reason::TunnelPort,
+        Reason::ExcludedInboundPort,
+        Reason::NotIncludedInboundPort,
+        Reason::LocalPeer,
+        Reason::InboundCaptured,
+        Reason::ProxyPortGuarded,
+        Reason::BindAllowed,
+    ];
+}
+
 /// What happens to the connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -411,4 +443,16 @@ pub fn bind_allowed<T: PodTables>(p: &PodPolicy, t: &T, port: u16, uid: u32, gid
         i += 1;
     }
     false
+}
+
+#[cfg(test)]
+mod reason_tests {
+    use super::Reason;
+
+    #[test]
+    fn all_is_indexed_by_value() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
+    }
 }

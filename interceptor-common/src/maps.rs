@@ -15,6 +15,34 @@ pub mod names {
     pub const POD_BY_ADDR: &str = "POD_BY_ADDR";
     pub const LISTENERS: &str = "LISTENERS";
     pub const DNS_ORIG: &str = "DNS_ORIG";
+    pub const STATS: &str = "STATS";
+}
+
+/// Per-pod counters in the per-CPU `STATS` array: index `pod_id * stat::PER_POD + counter`.
+/// Pods with an id of `stat::MAX_PODS` or more are not counted (ids are the smallest free ones,
+/// so this only happens past that many pods on a node).
+pub mod stat {
+    pub const PER_POD: u32 = 64;
+    pub const MAX_PODS: u32 = 1024;
+    pub const OUT_REDIRECTED: u32 = 0;
+    pub const OUT_DNS: u32 = 1;
+    pub const IN_CAPTURED: u32 = 2;
+    /// Inbound to a captured port while the proxy had no listener: reset.
+    pub const IN_REFUSED: u32 = 3;
+    pub const ORIG_DST_ANSWERED: u32 = 4;
+    /// SO_ORIGINAL_DST asked in a meshed pod and not answered by us.
+    pub const ORIG_DST_MISSED: u32 = 5;
+    pub const BIND_DENIED: u32 = 6;
+    /// Outbound passes: `OUT_PASS + Reason as u32`.
+    pub const OUT_PASS: u32 = 8;
+    /// Inbound passes: `IN_PASS + Reason as u32`.
+    pub const IN_PASS: u32 = 32;
+
+    /// The array index of a pod's counter, if the pod is counted.
+    #[inline(always)]
+    pub fn index(pod_id: u32, counter: u32) -> Option<u32> {
+        (pod_id < MAX_PODS && counter < PER_POD).then_some(pod_id * PER_POD + counter)
+    }
 }
 
 /// `PortKey::kind` values.

@@ -22,18 +22,20 @@ use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_addr, sk_action, BPF_SOCK_OPS_STATE_CB_FLAG},
     helpers::{bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock, cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sock_ops},
-    maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, SockHash},
+    maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
     programs::{SkLookupContext, SockAddrContext, SockContext, SockOpsContext, SockoptContext},
     EbpfContext,
 };
 use aya_log_ebpf::info;
+use interceptor_common::decision::Reason;
 use interceptor_common::{
     decision::{
         bind_allowed, decide, decide_inbound, Addr, Conn, PodPolicy, PodTables, Proto, Verdict,
     },
     maps::{
-        mapped_v4, v6_bytes, AddrKey, Cidr4Data, Cidr6Data, GroupKey, OrigDst, PodRef, PortKey,
-        TupleKey, ADDR_DNS, ADDR_LOCAL, PORT_EXCLUDED, PORT_GUARDED, PORT_INBOUND, PORT_INCLUDED,
+        mapped_v4, stat, v6_bytes, AddrKey, Cidr4Data, Cidr6Data, GroupKey, OrigDst, PodRef,
+        PortKey, TupleKey, ADDR_DNS, ADDR_LOCAL, PORT_EXCLUDED, PORT_GUARDED, PORT_INBOUND,
+        PORT_INCLUDED,
     },
 };
 
@@ -61,6 +63,26 @@ static LOG_ENABLED: u8 = 0;
 #[inline(always)]
 fn log_enabled() -> bool {
     unsafe { read_volatile(&LOG_ENABLED) != 0 }
+}
+
+/// Set by the loader; like LOG_ENABLED, 0 prunes counting entirely (used to measure its cost).
+#[unsafe(no_mangle)]
+static COUNT_ENABLED: u8 = 1;
+
+/// Per-pod counters, per CPU (no atomics, no cache-line bouncing): see `maps::stat`.
+#[map]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::MAX_PODS * stat::PER_POD, 0);
+
+#[inline(always)]
+fn count(pod_id: u32, counter: u32) {
+    if unsafe { read_volatile(&COUNT_ENABLED) } == 0 {
+        return;
+    }
+    if let Some(i) = stat::index(pod_id, counter) {
+        if let Some(v) = STATS.get_ptr_mut(i) {
+            unsafe { *v += 1 };
+        }
+    }
 }
 
 #[map]
@@ -309,8 +331,22 @@ fn outbound(ctx: &SockAddrContext, v6: bool) -> Option<(Addr, OrigDst)> {
             reason
         );
     }
-    let Verdict::Redirect { port, .. } = verdict else {
-        return None;
+    let port = match verdict {
+        Verdict::Redirect { port, reason } => {
+            count(
+                policy.pod_id,
+                if matches!(reason, Reason::Dns) {
+                    stat::OUT_DNS
+                } else {
+                    stat::OUT_REDIRECTED
+                },
+            );
+            port
+        }
+        Verdict::Pass(reason) => {
+            count(policy.pod_id, stat::OUT_PASS + reason as u32);
+            return None;
+        }
     };
     let family = if v6 { AF_INET6 } else { AF_INET };
     Some((
@@ -423,15 +459,14 @@ fn on_bind(ctx: &SockAddrContext, v6: bool) -> i32 {
     };
     let (_, port) = unsafe { user_addr(ctx.sock_addr, v6) };
     let ug = bpf_get_current_uid_gid();
-    i32::from(bind_allowed(
-        policy,
-        &MapTables {
-            pod_id: policy.pod_id,
-        },
-        port,
-        ug as u32,
-        (ug >> 32) as u32,
-    ))
+    let tables = MapTables {
+        pod_id: policy.pod_id,
+    };
+    let allowed = bind_allowed(policy, &tables, port, ug as u32, (ug >> 32) as u32);
+    if !allowed {
+        count(policy.pod_id, stat::BIND_DENIED);
+    }
+    i32::from(allowed)
 }
 
 #[cgroup_sock_addr(bind4)]
@@ -600,15 +635,17 @@ pub fn ic_getsockopt(ctx: SockoptContext) -> i32 {
             proxy_port: lport,
             _pad: 0,
         };
+        let Some(policy) = POD_POLICY.get(&netns) else {
+            return 1;
+        };
         if let Some(orig) = ORIG_BY_TUPLE.get(&key) {
-            write_sockaddr(so, level, orig.addr, orig.port);
+            if write_sockaddr(so, level, orig.addr, orig.port) {
+                count(policy.pod_id, stat::ORIG_DST_ANSWERED);
+            }
             return 1;
         }
         // Inbound (sk_lookup): nothing was rewritten, the original destination is the socket's
         // own local address, if that connection is one the pod captures.
-        let Some(policy) = POD_POLICY.get(&netns) else {
-            return 1;
-        };
         let f = [
             read_volatile(addr_of!((*sk).src_ip4)),
             read_volatile(addr_of!((*sk).src_ip6[0])),
@@ -630,14 +667,22 @@ pub fn ic_getsockopt(ctx: SockoptContext) -> i32 {
         let tables = MapTables {
             pod_id: policy.pod_id,
         };
-        if !tables.is_local(local) {
-            return 1;
-        }
-        if let Verdict::Redirect { .. } =
-            decide_inbound(policy, &tables, local, lport as u16, remote)
-        {
-            write_sockaddr(so, level, local.0, lport as u16);
-        }
+        let answered = tables.is_local(local)
+            && matches!(
+                decide_inbound(policy, &tables, local, lport as u16, remote),
+                Verdict::Redirect { .. }
+            )
+            && write_sockaddr(so, level, local.0, lport as u16);
+        // The kernel's own answer (NAT) counts as answered too: only a failed lookup is a miss.
+        let kernel_ok = read_volatile(addr_of!((*so).retval)) == 0;
+        count(
+            policy.pod_id,
+            if answered || kernel_ok {
+                stat::ORIG_DST_ANSWERED
+            } else {
+                stat::ORIG_DST_MISSED
+            },
+        );
     }
     1
 }
@@ -716,15 +761,25 @@ pub fn ic_sk_lookup(ctx: SkLookupContext) -> u32 {
     let Some(policy) = (unsafe { POD_POLICY.get(&pod.netns) }) else {
         return sk_action::SK_PASS;
     };
-    let Verdict::Redirect { .. } =
+    if let Verdict::Pass(reason) =
         decide_inbound(policy, &MapTables { pod_id }, local, port, remote)
-    else {
+    {
+        // Connections the pod makes to itself pass here constantly; they are not inbound traffic.
+        if !matches!(reason, Reason::LocalPeer | Reason::NoInboundCapture) {
+            count(pod_id, stat::IN_PASS + reason as u32);
+        }
         return sk_action::SK_PASS;
-    };
+    }
     let key = pod_id * 2 + u32::from(family == AF_INET6);
     match LISTENERS.redirect_sk_lookup(&ctx, key, 0) {
-        Ok(()) => sk_action::SK_PASS,
-        Err(_) => sk_action::SK_DROP,
+        Ok(()) => {
+            count(pod_id, stat::IN_CAPTURED);
+            sk_action::SK_PASS
+        }
+        Err(_) => {
+            count(pod_id, stat::IN_REFUSED);
+            sk_action::SK_DROP
+        }
     }
 }
 

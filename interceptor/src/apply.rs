@@ -420,7 +420,7 @@ pub fn pod(cmd: &crate::cli::PodCommand) -> Result<Result<(), ConfigError>> {
                 backend: a.apply.backend,
                 identity,
             };
-            (a.apply.socket.clone(), Request::Add(spec))
+            (a.apply.socket.clone(), Request::Add(Box::new(spec)))
         }
         PodCommand::Remove(r) => (
             r.socket.socket.clone(),

@@ -14,6 +14,8 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 pub struct DaemonProc {
     pub dir: PathBuf,
+    /// Loopback address of its metrics endpoint.
+    pub metrics: std::net::SocketAddr,
     pub bpffs: PathBuf,
     child: Option<Child>,
 }
@@ -24,8 +26,11 @@ impl DaemonProc {
         let name = format!("ic-{tag}-{}-{n}", std::process::id());
         let dir = std::env::temp_dir().join(&name);
         std::fs::create_dir_all(&dir)?;
+        // A free loopback port for the metrics endpoint (tests run in parallel).
+        let metrics = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         let mut d = Self {
             dir,
+            metrics,
             bpffs: PathBuf::from("/sys/fs/bpf").join(name),
             child: None,
         };
@@ -46,6 +51,8 @@ impl DaemonProc {
             .arg(self.dir.join("state"))
             .arg("--bpffs")
             .arg(&self.bpffs)
+            .arg("--metrics-addr")
+            .arg(self.metrics.to_string())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(self.dir.join("daemon.log"))?)
             .spawn()?;
@@ -87,6 +94,23 @@ impl DaemonProc {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// One scrape of the metrics endpoint.
+    pub fn scrape(&self) -> Result<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(self.metrics)?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    }
+
+    /// The value of the sample whose line starts with `prefix` (name plus labels), if any.
+    pub fn sample(text: &str, metric: &str, labels: &[&str]) -> Option<f64> {
+        text.lines()
+            .filter(|l| l.starts_with(metric) && labels.iter().all(|x| l.contains(x)))
+            .find_map(|l| l.rsplit(' ').next()?.parse().ok())
     }
 
     pub fn log(&self) -> String {

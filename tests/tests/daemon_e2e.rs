@@ -249,3 +249,94 @@ fn control_socket_is_root_only() {
         "peer check: {stderr}"
     );
 }
+
+/// The metrics endpoint is scraped and its counters match the traffic sent.
+#[test]
+fn metrics_match_the_traffic() {
+    let d = DaemonProc::start("dmet").unwrap();
+    let pod = Pod::new("dmet").unwrap();
+    let ns = pod.topo.pod_netns().to_str().unwrap().to_string();
+    d.pod_ok(&[
+        "add",
+        "--network-namespace",
+        &ns,
+        "-i",
+        "*",
+        "-b",
+        "*",
+        "-o",
+        "9999",
+        "--ipv6",
+        "false",
+        "--pod",
+        "shop/cart",
+    ]);
+    let up = SocketAddr::new(pod.topo.upstream_v4().into(), UPSTREAM_PORT);
+    let excl = SocketAddr::new(pod.topo.upstream_v4().into(), 9999);
+    let inbound = SocketAddr::new(pod.topo.pod_v4().into(), 9080);
+    for _ in 0..5 {
+        assert_eq!(pod.outbound(1000, up).unwrap().0, "sidecar:15001");
+    }
+    for _ in 0..3 {
+        assert_eq!(pod.outbound(1337, up).unwrap().0, "upstream:8080");
+    }
+    for _ in 0..2 {
+        assert_eq!(pod.outbound(1000, excl).unwrap().0, "upstream:9999");
+    }
+    for _ in 0..4 {
+        assert_eq!(
+            pod.topo.inbound_connect(inbound, None).unwrap().reply,
+            "sidecar:15006"
+        );
+    }
+    let text = d.scrape().unwrap();
+    let pod_l = "pod=\"shop/cart\"";
+    let get = |m: &str, l: &[&str]| {
+        DaemonProc::sample(&text, m, l).unwrap_or_else(|| panic!("{m} {l:?} missing:\n{text}"))
+    };
+    assert_eq!(
+        get(
+            "interceptor_connections_redirected_total",
+            &[pod_l, "direction=\"outbound\""]
+        ),
+        5.0
+    );
+    assert_eq!(
+        get(
+            "interceptor_connections_redirected_total",
+            &[pod_l, "direction=\"inbound\""]
+        ),
+        4.0
+    );
+    assert_eq!(
+        get(
+            "interceptor_connections_passed_total",
+            &[pod_l, "reason=\"ProxyUid\""]
+        ),
+        3.0
+    );
+    assert_eq!(
+        get(
+            "interceptor_connections_passed_total",
+            &[pod_l, "reason=\"ExcludedPort\""]
+        ),
+        2.0
+    );
+    // The sidecar asked SO_ORIGINAL_DST for each of the 9 connections it accepted.
+    assert_eq!(
+        get(
+            "interceptor_original_dst_total",
+            &[pod_l, "result=\"answered\""]
+        ),
+        9.0
+    );
+    assert_eq!(
+        get(
+            "interceptor_original_dst_total",
+            &[pod_l, "result=\"missed\""]
+        ),
+        0.0
+    );
+    assert_eq!(get("interceptor_map_entries", &["map=\"POD_POLICY\""]), 1.0);
+    assert!(get("interceptor_map_capacity", &["map=\"POD_POLICY\""]) >= 1024.0);
+}

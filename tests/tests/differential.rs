@@ -258,9 +258,9 @@ enum Net {
     Link4,
     UpV6Host,
     Link6,
-    ExV4Net,
+    ExV4Subnet,
     ExV4Host,
-    ExV6Net,
+    ExV6Subnet,
     ExV6Host,
     PodV4Host,
     /// 127.0.0.53/32: an include inside 127/8 (Istio then drops the app-over-lo rule).
@@ -276,9 +276,9 @@ impl Net {
             Net::Link4 => t.link_v4_cidr(),
             Net::UpV6Host => format!("{}/128", t.upstream_v6()),
             Net::Link6 => t.link_v6_cidr(),
-            Net::ExV4Net => t.excluded_v4_cidr(),
+            Net::ExV4Subnet => t.excluded_v4_cidr(),
             Net::ExV4Host => format!("{}/32", t.excluded_v4()),
-            Net::ExV6Net => t.excluded_v6_cidr(),
+            Net::ExV6Subnet => t.excluded_v6_cidr(),
             Net::ExV6Host => format!("{}/128", t.excluded_v6()),
             Net::PodV4Host => format!("{}/32", t.pod_v4()),
             Net::Lo53Host => "127.0.0.53/32".into(),
@@ -299,8 +299,8 @@ impl Net {
                     (a, b),
                     (Net::UpV4Host | Net::PodV4Host, Net::Link4)
                         | (Net::UpV6Host, Net::Link6)
-                        | (Net::ExV4Host, Net::ExV4Net)
-                        | (Net::ExV6Host, Net::ExV6Net)
+                        | (Net::ExV4Host, Net::ExV4Subnet)
+                        | (Net::ExV6Host, Net::ExV6Subnet)
                         | (Net::Lo53Host, Net::Lo8)
                 )
         };
@@ -500,7 +500,7 @@ impl Config {
                         Net::UpV6Host,
                         Net::Link6,
                         Net::ExV4Host,
-                        Net::ExV6Net,
+                        Net::ExV6Subnet,
                     ],
                     2,
                     5,
@@ -520,8 +520,8 @@ impl Config {
             // Includes overlapping the include candidates (host routes inside included /24s).
             rng.subset(
                 &[
-                    Net::ExV4Net,
-                    Net::ExV6Net,
+                    Net::ExV4Subnet,
+                    Net::ExV6Subnet,
                     Net::ExV4Host,
                     Net::ExV6Host,
                     Net::UpV4Host,
@@ -664,7 +664,7 @@ impl Config {
         vec![
             // Istio's injected sidecar, plus an excluded range and port.
             Config {
-                exclude: vec![Net::ExV4Net, Net::ExV6Net],
+                exclude: vec![Net::ExV4Subnet, Net::ExV6Subnet],
                 o: vec![9999],
                 inbound: Inbound::All(vec![15090, 15021, 15020]),
                 ..b()

@@ -1,7 +1,9 @@
-//! Dev tasks: `cargo xtask demo` (the live side-by-side demo).
+//! Dev tasks: `cargo xtask demo` (the live side-by-side demo), `cargo xtask bench-quick`,
+//! `cargo xtask vm-test` (the e2e suite on Debian kernels in QEMU).
 
 mod bench;
 mod demo;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -26,11 +28,16 @@ enum Task {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// Boot Debian kernels (default 5.10, 6.1, 6.12, 7.2) in QEMU and run the e2e suite in
+    /// each: eBPF path, iptables/nftables fallbacks, bpf()-denied runs; prints the kernel ×
+    /// feature × result matrix and writes it as Markdown (KERNELS.md).
+    VmTest(vm::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Demo => demo::run(),
         Task::BenchQuick { secs, rounds } => bench::run(secs, rounds),
+        Task::VmTest(args) => vm::run(args),
     }
 }

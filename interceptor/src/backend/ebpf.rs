@@ -13,12 +13,13 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use aya::maps::SockHash;
 use aya::maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData};
+use aya::maps::{PerCpuArray, PerCpuValues, SockHash};
 use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSockopt, Program, SkLookup};
 use aya::{Ebpf, EbpfLoader};
 use interceptor_common::config::Config;
 use interceptor_common::decision::PodPolicy;
+use interceptor_common::maps::stat;
 use interceptor_common::maps::{
     mapped_v4, names, AddrKey, Cidr4Data, Cidr6Data, GroupKey, OrigDst, PodRef, PortKey, TupleKey,
     ADDR_DNS, ADDR_LOCAL, PORT_EXCLUDED, PORT_GUARDED, PORT_INBOUND, PORT_INCLUDED,
@@ -29,7 +30,7 @@ use ipnet::IpNet;
 use crate::netns;
 
 /// The object built by build.rs from interceptor-ebpf.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/interceptor"));
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/interceptor"));
 
 /// Programs attached with a pinnable bpf_link.
 pub const LINKED_PROGRAMS: &[&str] = &[
@@ -65,6 +66,7 @@ pub const MAPS: &[&str] = &[
     names::DNS_ORIG,
     names::POD_BY_ADDR,
     names::LISTENERS,
+    names::STATS,
 ];
 
 const BPF_PROG_ATTACH: libc::c_long = 8;
@@ -191,6 +193,12 @@ impl Pins {
     /// Loads the programs and attaches them at `cgroup` unless already loaded; returns whether
     /// it loaded them now. Maps already pinned are reused (their entries survive).
     pub fn ensure_loaded(&self, cgroup: &Path, log: bool) -> Result<bool> {
+        self.ensure_loaded_with(cgroup, log, true)
+    }
+
+    /// `ensure_loaded`, choosing whether the programs count per pod (`count` false prunes the
+    /// counting code; the benchmark uses it to show what counting costs).
+    pub fn ensure_loaded_with(&self, cgroup: &Path, log: bool, count: bool) -> Result<bool> {
         if self.loaded() {
             return Ok(false);
         }
@@ -214,6 +222,8 @@ impl Pins {
         // Read-only global: with logging off the verifier prunes every log call.
         let log_flag: u8 = u8::from(log);
         loader.override_global("LOG_ENABLED", &log_flag, true);
+        let count_flag: u8 = u8::from(count);
+        loader.override_global("COUNT_ENABLED", &count_flag, true);
         let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
         let result = self.attach(&mut ebpf, cgroup);
         if result.is_err() {
@@ -365,6 +375,7 @@ fn open_map(pins: &Pins, name: &str) -> Result<MapData> {
 /// The maps a pod's registration writes, opened from their pins.
 pub struct PodMaps {
     pins: Pins,
+    stats: PerCpuArray<MapData, u64>,
     pod_by_addr: HashMap<MapData, [u8; 16], PodRef>,
     listeners: SockHash<MapData, u32>,
     policy: HashMap<MapData, u64, PodPolicy>,
@@ -411,6 +422,7 @@ impl PodMaps {
     fn open(pins: &Pins) -> Result<Self> {
         Ok(Self {
             pins: pins.clone(),
+            stats: PerCpuArray::try_from(Map::PerCpuArray(open_map(pins, names::STATS)?))?,
             pod_by_addr: HashMap::try_from(Map::HashMap(open_map(pins, names::POD_BY_ADDR)?))?,
             listeners: SockHash::try_from(Map::SockHash(open_map(pins, names::LISTENERS)?))?,
             policy: HashMap::try_from(Map::HashMap(open_map(pins, names::POD_POLICY)?))?,
@@ -448,13 +460,15 @@ impl PodMaps {
         let pod_id = match existing {
             Some(id) => id,
             None => {
-                self.policy
+                // The smallest free id keeps ids (and the counter array they index) bounded by
+                // the number of pods on the node.
+                let used: std::collections::HashSet<u32> = self
+                    .policy
                     .iter()
                     .filter_map(|r| r.ok())
                     .map(|(_, p)| p.pod_id)
-                    .max()
-                    .unwrap_or(0)
-                    + 1
+                    .collect();
+                (1..).find(|id| !used.contains(id)).expect("a free pod id")
             }
         };
         let tables = policy::MemTables::new(cfg, local, groups);
@@ -540,6 +554,7 @@ impl PodMaps {
         };
         self.policy.remove(&cookie)?;
         self.purge(p.pod_id, None)?;
+        self.reset_counters(p.pod_id)?;
         let _ = self.listeners.remove(&(p.pod_id * 2));
         let _ = self.listeners.remove(&(p.pod_id * 2 + 1));
         let _ = std::fs::remove_file(self.pins.sk_lookup_link(cookie));
@@ -639,6 +654,52 @@ impl PodMaps {
             }
         }
         Ok(())
+    }
+
+    /// A pod's counters, summed over CPUs (`maps::stat` names the indices).
+    pub fn counters(&self, pod_id: u32) -> Vec<u64> {
+        (0..stat::PER_POD)
+            .map(|c| match stat::index(pod_id, c) {
+                Some(i) => self.stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0),
+                None => 0,
+            })
+            .collect()
+    }
+
+    /// Zeroes a pod's counters so a later pod with the same id starts from 0.
+    fn reset_counters(&mut self, pod_id: u32) -> Result<()> {
+        let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
+        for c in 0..stat::PER_POD {
+            if let Some(i) = stat::index(pod_id, c) {
+                self.stats
+                    .set(i, PerCpuValues::try_from(vec![0u64; cpus])?, 0)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Entries in use and capacity of each map that grows with pods or connections.
+    pub fn occupancy(&self) -> Vec<(&'static str, usize, u32)> {
+        let cap = |name: &str| {
+            aya::maps::MapInfo::from_pin(self.pins.map(name))
+                .map(|i| i.max_entries())
+                .unwrap_or(0)
+        };
+        let mut out = vec![
+            (names::POD_POLICY, self.policy.keys().count()),
+            (names::PORTS, self.ports.keys().count()),
+            (names::ADDRS, self.addrs.keys().count()),
+            (names::GROUPS, self.groups.keys().count()),
+            (names::POD_BY_ADDR, self.pod_by_addr.keys().count()),
+            (names::ORIG_BY_COOKIE, self.by_cookie.keys().count()),
+            (names::ORIG_BY_TUPLE, self.by_tuple.keys().count()),
+            (names::CIDR4_EXCL, self.cidr4[0].keys().count()),
+            (names::CIDR4_INCL, self.cidr4[1].keys().count()),
+            (names::CIDR6_EXCL, self.cidr6[0].keys().count()),
+            (names::CIDR6_INCL, self.cidr6[1].keys().count()),
+        ];
+        out.sort_by_key(|(n, _)| *n);
+        out.into_iter().map(|(n, c)| (n, c, cap(n))).collect()
     }
 
     /// Registered pods: netns cookie → policy.

@@ -4,6 +4,7 @@
 //! and on start re-adopts what an earlier instance left: pods whose netns is gone are forgotten.
 
 pub mod client;
+pub mod metrics;
 pub mod protocol;
 
 use std::io::{BufRead, BufReader, Write};
@@ -39,6 +40,13 @@ pub struct DaemonArgs {
         default_value = "/run/interceptor/pods"
     )]
     pub state_dir: PathBuf,
+    /// Prometheus metrics address (keep it on loopback); empty disables.
+    #[arg(
+        long,
+        env = "INTERCEPTOR_METRICS_ADDR",
+        default_value = "127.0.0.1:15099"
+    )]
+    pub metrics_addr: String,
     /// Log as JSON lines instead of human-readable text.
     #[arg(long)]
     pub log_json: bool,
@@ -330,6 +338,13 @@ pub fn run(args: &DaemonArgs) -> Result<()> {
     let listener = UnixListener::bind(&args.socket)
         .with_context(|| format!("binding {}", args.socket.display()))?;
     std::fs::set_permissions(&args.socket, std::fs::Permissions::from_mode(0o600))?;
+    if !args.metrics_addr.is_empty() {
+        let addr = args
+            .metrics_addr
+            .parse()
+            .with_context(|| format!("--metrics-addr {:?}", args.metrics_addr))?;
+        metrics::serve(d.clone(), addr)?;
+    }
     tracing::info!(socket = %args.socket.display(), "serving");
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };

@@ -38,7 +38,7 @@ fn auto() -> BackendKind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
 pub enum Request {
-    Add(PodSpec),
+    Add(Box<PodSpec>),
     Remove { netns: PathBuf },
     List,
     Show { netns: PathBuf },

@@ -24,7 +24,11 @@ fn cargo_executables(root: &Path, args: &[&str]) -> Result<Vec<(String, Vec<Stri
     eprintln!("[vm] cargo {}", args.join(" "));
     let mut child = Command::new(cargo)
         .args(args)
-        .args(["--target", TARGET, "--message-format=json-render-diagnostics"])
+        .args([
+            "--target",
+            TARGET,
+            "--message-format=json-render-diagnostics",
+        ])
         .current_dir(root)
         .stdout(Stdio::piped())
         .spawn()
@@ -66,15 +70,16 @@ pub fn build(root: &Path) -> Result<Built> {
             .map(|(_, _, p)| p.clone())
             .with_context(|| format!("cargo reported no {name} executable"))
     };
-    let exes = cargo_executables(root, &["build", "-p", "interceptor", "--bin", "interceptor"])?;
+    let exes = cargo_executables(
+        root,
+        &["build", "-p", "interceptor", "--bin", "interceptor"],
+    )?;
     let interceptor = find(&exes, "interceptor")?;
     let exes = cargo_executables(root, &["build", "-p", "xtask", "--bin", "vm-init"])?;
     let init = find(&exes, "vm-init")?;
     let exes = cargo_executables(root, &["test", "-p", "interceptor-tests", "--no-run"])?;
-    let mut tests: Vec<(String, PathBuf)> = exes
-        .into_iter()
-        .map(|(n, _, p)| (n, p))
-        .collect::<Vec<_>>();
+    let mut tests: Vec<(String, PathBuf)> =
+        exes.into_iter().map(|(n, _, p)| (n, p)).collect::<Vec<_>>();
     tests.sort();
     tests.dedup_by(|a, b| a.0 == b.0);
     if tests.is_empty() {

@@ -158,10 +158,19 @@ impl<W: Write> Writer<W> {
 pub enum Entry {
     Dir,
     /// Copied from this host file when the archive is written.
-    HostFile { src: PathBuf, perm: u32 },
-    Bytes { data: Vec<u8>, perm: u32 },
+    HostFile {
+        src: PathBuf,
+        perm: u32,
+    },
+    Bytes {
+        data: Vec<u8>,
+        perm: u32,
+    },
     Symlink(PathBuf),
-    CharDev { major: u32, minor: u32 },
+    CharDev {
+        major: u32,
+        minor: u32,
+    },
 }
 
 /// The archive's contents, keyed by absolute guest path. A path's parents always sort before
@@ -203,7 +212,8 @@ impl Tree {
             bail!("too many symlink levels resolving {}", path.display());
         }
         let mut cur = PathBuf::from("/");
-        let comps: Vec<_> = normalize(path).components().skip(1).collect();
+        let norm = normalize(path);
+        let comps: Vec<_> = norm.components().skip(1).collect();
         for (i, c) in comps.iter().enumerate() {
             let next = cur.join(c);
             if let Some(Entry::Symlink(target)) = self.entries.get(&next) {
@@ -295,7 +305,13 @@ impl Tree {
         } else {
             use std::os::unix::fs::PermissionsExt;
             let perm = meta.permissions().mode() & 0o7777;
-            self.put(&cur, Entry::HostFile { src: cur.clone(), perm })?;
+            self.put(
+                &cur,
+                Entry::HostFile {
+                    src: cur.clone(),
+                    perm,
+                },
+            )?;
         }
         Ok(())
     }

@@ -45,7 +45,14 @@ const OPTIONAL_TOOLS: &[&str] = &[
 ];
 /// busybox applets never linked (busybox's `ip` lacks netns and veth peers).
 const NO_APPLETS: &[&str] = &["ip", "init", "linuxrc", "reboot", "poweroff", "halt"];
-const HOST_DIRS: &[&str] = &["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"];
+const HOST_DIRS: &[&str] = &[
+    "/usr/local/sbin",
+    "/usr/local/bin",
+    "/usr/sbin",
+    "/usr/bin",
+    "/sbin",
+    "/bin",
+];
 
 fn which(name: &str) -> Option<PathBuf> {
     HOST_DIRS
@@ -58,12 +65,29 @@ fn which(name: &str) -> Option<PathBuf> {
 /// /etc files.
 pub fn userland() -> Result<Tree> {
     let mut t = Tree::default();
-    for d in ["/proc", "/sys", "/dev", "/run", "/tmp", "/root", "/var", "/etc", "/vm/bin", "/vm/tests"] {
+    for d in [
+        "/proc",
+        "/sys",
+        "/dev",
+        "/run",
+        "/tmp",
+        "/root",
+        "/var",
+        "/etc",
+        "/vm/bin",
+        "/vm/tests",
+    ] {
         t.mkdir_p(Path::new(d))?;
     }
     // Needed before devtmpfs is mounted: the kernel opens /dev/console for init's stdio.
-    t.put(Path::new("/dev/console"), Entry::CharDev { major: 5, minor: 1 })?;
-    t.put(Path::new("/dev/null"), Entry::CharDev { major: 1, minor: 3 })?;
+    t.put(
+        Path::new("/dev/console"),
+        Entry::CharDev { major: 5, minor: 1 },
+    )?;
+    t.put(
+        Path::new("/dev/null"),
+        Entry::CharDev { major: 1, minor: 3 },
+    )?;
     // Merged /usr as on the host: mirror its top-level symlinks first, so files land where
     // the host has them.
     for top in ["/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32"] {
@@ -73,7 +97,8 @@ pub fn userland() -> Result<Tree> {
     }
     let mut elf = Vec::new();
     for name in REQUIRED_TOOLS {
-        let p = which(name).with_context(|| format!("{name} not found on this machine (setup.sh installs it)"))?;
+        let p = which(name)
+            .with_context(|| format!("{name} not found on this machine (setup.sh installs it)"))?;
         t.add_host(&p)?;
         elf.push(std::fs::canonicalize(&p)?);
     }
@@ -84,11 +109,15 @@ pub fn userland() -> Result<Tree> {
         }
     }
     // xtables extensions, with their symlinks (libxt_REDIRECT.so -> libxt_NAT.so).
-    let xt = ["/usr/lib/x86_64-linux-gnu/xtables", "/usr/lib64/xtables", "/usr/lib/xtables"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_dir())
-        .context("no xtables extension folder on this machine")?;
+    let xt = [
+        "/usr/lib/x86_64-linux-gnu/xtables",
+        "/usr/lib64/xtables",
+        "/usr/lib/xtables",
+    ]
+    .into_iter()
+    .map(PathBuf::from)
+    .find(|p| p.is_dir())
+    .context("no xtables extension folder on this machine")?;
     t.add_host_tree(&xt)?;
     for e in std::fs::read_dir(&xt)?.flatten() {
         if e.file_type()?.is_file() {
@@ -116,13 +145,22 @@ pub fn userland() -> Result<Tree> {
             .iter()
             .any(|d| t.contains(&Path::new(d).join(applet)));
         if !taken {
-            let dir = if applet == "modprobe" { "/sbin" } else { "/bin" };
+            let dir = if applet == "modprobe" {
+                "/sbin"
+            } else {
+                "/bin"
+            };
             t.put(&Path::new(dir).join(applet), Entry::Symlink(bb.clone()))?;
         }
     }
     // /etc: name databases the tools read; resolv.conf and hosts as plain copies (on the
     // host they may be symlinks into /run, which the guest mounts over).
-    for f in ["/etc/protocols", "/etc/services", "/etc/ethertypes", "/etc/nsswitch.conf"] {
+    for f in [
+        "/etc/protocols",
+        "/etc/services",
+        "/etc/ethertypes",
+        "/etc/nsswitch.conf",
+    ] {
         if Path::new(f).exists() {
             t.add_host(Path::new(f))?;
         }
@@ -141,8 +179,16 @@ pub fn userland() -> Result<Tree> {
         data: s.as_bytes().to_vec(),
         perm: 0o644,
     };
-    t.put(Path::new("/etc/passwd"), bytes("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"))?;
-    t.put(Path::new("/etc/group"), bytes("root:x:0:\nnogroup:x:65534:\n"))?;
+    t.put(
+        Path::new("/etc/passwd"),
+        bytes(
+            "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+        ),
+    )?;
+    t.put(
+        Path::new("/etc/group"),
+        bytes("root:x:0:\nnogroup:x:65534:\n"),
+    )?;
     t.put(Path::new("/etc/hostname"), bytes("vm-test\n"))?;
     Ok(t)
 }
@@ -151,7 +197,10 @@ pub fn userland() -> Result<Tree> {
 fn shared_libs(files: &[PathBuf]) -> Result<BTreeSet<PathBuf>> {
     let mut libs = BTreeSet::new();
     for chunk in files.chunks(64) {
-        let out = Command::new("ldd").args(chunk).output().context("running ldd")?;
+        let out = Command::new("ldd")
+            .args(chunk)
+            .output()
+            .context("running ldd")?;
         for l in String::from_utf8_lossy(&out.stdout).lines() {
             let l = l.trim();
             let path = match l.split_once("=>") {

@@ -387,7 +387,11 @@ fn stage_modules(moddir: &Path, stage: &Path, release: &str) -> Result<Vec<PathB
         decompress(&src, &dst)?;
         load.push(rel_root.join(&plain));
     }
-    for f in ["modules.order", "modules.builtin", "modules.builtin.modinfo"] {
+    for f in [
+        "modules.order",
+        "modules.builtin",
+        "modules.builtin.modinfo",
+    ] {
         if moddir.join(f).exists() {
             std::fs::copy(moddir.join(f), dst_root.join(f))?;
         }

@@ -13,7 +13,10 @@ use anyhow::{Context, Result};
 /// failures and QEMU hangs. `INTERCEPTOR_VM_ACCEL=kvm|tcg` overrides.
 pub fn accel(forced: Option<&str>) -> (String, String) {
     if let Some(a) = forced {
-        return (a.to_string(), "forced (--accel / INTERCEPTOR_VM_ACCEL)".into());
+        return (
+            a.to_string(),
+            "forced (--accel / INTERCEPTOR_VM_ACCEL)".into(),
+        );
     }
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let virt = cpuinfo
@@ -24,7 +27,10 @@ pub fn accel(forced: Option<&str>) -> (String, String) {
     // SAFETY: access(2) on a C string.
     let writable = unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0;
     match (virt, writable) {
-        (true, true) => ("kvm".into(), "vmx/svm in /proc/cpuinfo and /dev/kvm writable".into()),
+        (true, true) => (
+            "kvm".into(),
+            "vmx/svm in /proc/cpuinfo and /dev/kvm writable".into(),
+        ),
         (false, _) => ("tcg".into(), "no vmx/svm in /proc/cpuinfo".into()),
         (true, false) => ("tcg".into(), "/dev/kvm not writable".into()),
     }
@@ -70,7 +76,13 @@ pub fn boot(b: &Boot) -> Result<Outcome> {
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(["-accel", b.accel, "-cpu", cpu])
         .args(["-m", &b.memory_mib.to_string(), "-smp", &b.smp.to_string()])
-        .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
         .args(["-nic", "none", "-device", "virtio-rng-pci"])
         .arg("-kernel")
         .arg(b.vmlinuz)
@@ -85,7 +97,9 @@ pub fn boot(b: &Boot) -> Result<Outcome> {
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     let start = Instant::now();
-    let mut child = cmd.spawn().context("running qemu-system-x86_64 (setup.sh installs qemu-system-x86)")?;
+    let mut child = cmd
+        .spawn()
+        .context("running qemu-system-x86_64 (setup.sh installs qemu-system-x86)")?;
     let mut stderr = child.stderr.take().expect("piped");
     let err_thread = std::thread::spawn(move || {
         let mut s = String::new();
@@ -101,7 +115,11 @@ pub fn boot(b: &Boot) -> Result<Outcome> {
         progress.poll();
         if start.elapsed() > b.timeout {
             timed_out = true;
-            eprintln!("[{}] timeout after {} s: killing QEMU", b.label, b.timeout.as_secs());
+            eprintln!(
+                "[{}] timeout after {} s: killing QEMU",
+                b.label,
+                b.timeout.as_secs()
+            );
             let _ = child.kill();
             let _ = child.wait();
             break None;

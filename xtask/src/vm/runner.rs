@@ -168,13 +168,26 @@ impl<W: Write> Runner<W> {
             };
             let ebpf = backend == "ebpf";
             if ebpf != (run.when == When::AutoEbpf) {
-                let note = format!("auto chose {backend} here ({why})");
-                println!("[{}] skipped: {note}", run.id);
-                #[rustfmt::skip]
-                self.mark(&[mark::RUN, &run.id, "skipped", "", "0", "0", "0", "0", &note]);
+                // A sibling run of the same id (the other variant) reports instead.
+                let sibling = self
+                    .plan
+                    .runs
+                    .iter()
+                    .any(|r| r.id == run.id && r.when != run.when);
+                if !sibling {
+                    let note = format!("auto chose {backend} here ({why})");
+                    println!("[{}] skipped: {note}", run.id);
+                    #[rustfmt::skip]
+                    self.mark(&[mark::RUN, &run.id, "skipped", "", "0", "0", "0", "0", &note]);
+                }
                 return true;
             }
         }
+        let note = if run.when == When::AutoNotEbpf {
+            "auto does not pick eBPF here: tests that need eBPF skipped"
+        } else {
+            ""
+        };
         println!("=== {} ({}) ===", run.id, run.mode.describe());
         let bin = self.env.tests.join(&run.bin);
         let args: Vec<&str> = run.args.iter().map(String::as_str).collect();
@@ -227,7 +240,7 @@ impl<W: Write> Runner<W> {
             &failed.to_string(),
             &ignored.to_string(),
             &exit.millis.to_string(),
-            "",
+            note,
         ]);
         println!(
             "[{}] {status}: {passed} passed, {failed} failed, {ignored} ignored, {} ms",

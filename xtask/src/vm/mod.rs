@@ -1,0 +1,616 @@
+//! `cargo xtask vm-test`: the e2e suite on real Debian kernels in QEMU.
+//!
+//! 1. Builds the static (musl) `interceptor`, the guest init (`vm-init`, see `init.rs`) and
+//!    every test binary of interceptor-tests.
+//! 2. Resolves the newest ABI of each kernel series in Debian's archive with a private apt
+//!    setup, downloads and unpacks it once (cache: `$INTERCEPTOR_VM_CACHE`, else
+//!    `~/.cache/interceptor-vm`), and stages its netfilter/sched/veth modules.
+//! 3. Writes one initramfs per kernel (a Rust newc writer: host tools and their libraries,
+//!    modules, the binaries, the plan) and boots the kernels in parallel (TCG unless KVM is
+//!    really usable), each under a timeout.
+//! 4. In each guest the init probes the kernel's eBPF features, runs `interceptor doctor` and
+//!    `apply --dry-run --backend auto` for a few pod configs in every privilege mode, then the
+//!    test binaries: as root, and the fallback selection with bpf() denied (seccomp) and
+//!    without CAP_BPF/CAP_SYS_ADMIN in the initial user namespace (user namespace).
+//! 5. The host does the same denied runs (and probes) itself.
+//! 6. Prints the kernel × feature × result matrix; writes it as Markdown
+//!    (`target/vm-test/report.md`; full runs also `KERNELS.md`).
+
+mod build;
+mod cpio;
+mod initramfs;
+mod kernels;
+mod privs;
+mod proto;
+mod qemu;
+mod report;
+mod runner;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use proto::{AutoCase, Mode, Plan, Run, When};
+use report::Report;
+
+const DEFAULT_KERNELS: &[&str] = &["5.10", "6.1", "6.12", "7.2"];
+/// The CI-sized run: one kernel (bookworm's, the closest to CI's own), core cases.
+const CI_KERNEL: &str = "6.1";
+const CI_FILTERS: &[&str] = &[
+    "ebpf_e2e/traffic_ebpf",
+    "fallback_e2e/traffic_",
+    "doctor",
+    "cli_validation",
+];
+/// Test binaries that exercise the eBPF backend as a whole.
+const EBPF_BINS: &[&str] = &["ebpf_e2e"];
+/// libtest `--skip` patterns that leave the tests which need no eBPF.
+const EBPF_SKIPS: &[&str] = &["ebpf"];
+/// Pod configs whose `auto` choice is reported; the first one also decides whether the runs
+/// that need eBPF run in a guest.
+const AUTO_CASES: &[&[&str]] = &[
+    &["-i", "*", "-b", "*"],
+    &["-i", "*"],
+    &["-i", "*", "-b", "*", "-m", "TPROXY"],
+    &["-i", "*", "--redirect-dns"],
+    &["-i", "*", "-c", "eth1"],
+    &["-i", "*", "--drop-invalid"],
+];
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Kernel series to boot, newest Debian ABI of each (default 5.10,6.1,6.12,7.2; with
+    /// --ci: 6.1).
+    #[arg(long, value_delimiter = ',')]
+    kernels: Option<Vec<String>>,
+    /// Select tests: `BIN` (a test binary of interceptor-tests, e.g. fallback_e2e),
+    /// `BIN/NAME` (libtest filter NAME in BIN) or `NAME` (libtest filter in every binary).
+    /// Repeatable or comma-separated; default: everything (with --ci: the core cases).
+    #[arg(long, value_delimiter = ',')]
+    filter: Vec<String>,
+    /// CI-sized run: one kernel, the core cases, no KERNELS.md.
+    #[arg(long)]
+    ci: bool,
+    /// Privilege modes of the test runs (normal, bpf-denied, userns); default all three
+    /// (with --ci: normal,bpf-denied).
+    #[arg(long, value_delimiter = ',')]
+    modes: Option<Vec<String>>,
+    /// Guests booted at once (default: the number of cores).
+    #[arg(long)]
+    jobs: Option<usize>,
+    /// vCPUs per guest.
+    #[arg(long, default_value_t = 2)]
+    smp: u32,
+    /// Memory per guest, MiB.
+    #[arg(long, default_value_t = 2048)]
+    memory: u32,
+    /// Timeout of one test binary run in a guest, seconds.
+    #[arg(long, default_value_t = 1200)]
+    run_timeout: u64,
+    /// Timeout of a whole guest, seconds (default: from the runs' timeouts).
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// kvm or tcg (default: kvm only where it really works).
+    #[arg(long, env = "INTERCEPTOR_VM_ACCEL")]
+    accel: Option<String>,
+    /// Download cache (default ~/.cache/interceptor-vm).
+    #[arg(long, env = "INTERCEPTOR_VM_CACHE")]
+    cache: Option<PathBuf>,
+    /// Use the package lists of an earlier run instead of apt-get update.
+    #[arg(long)]
+    offline: bool,
+    /// Skip the host's own bpf()-denied runs.
+    #[arg(long)]
+    no_host: bool,
+    /// Where to write the Markdown report (besides target/vm-test/report.md); default
+    /// KERNELS.md for a full, unfiltered run.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn cache_dir(args: &Args) -> PathBuf {
+    if let Some(c) = &args.cache {
+        return c.clone();
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| workspace_root().join("target"));
+    base.join("interceptor-vm")
+}
+
+/// A `--filter` entry.
+#[derive(Debug, Clone, PartialEq)]
+enum Filter {
+    Bin(String),
+    BinTest(String, String),
+    Test(String),
+}
+
+fn parse_filters(raw: &[String], bins: &[String]) -> Vec<Filter> {
+    raw.iter()
+        .filter(|f| !f.is_empty())
+        .map(|f| match f.split_once('/') {
+            Some((b, t)) => Filter::BinTest(b.into(), t.into()),
+            None if bins.contains(f) => Filter::Bin(f.clone()),
+            None => Filter::Test(f.clone()),
+        })
+        .collect()
+}
+
+/// The libtest filters of `bin` (empty: all its tests), or None when it is not selected.
+fn select(bin: &str, filters: &[Filter]) -> Option<Vec<String>> {
+    if filters.is_empty() || filters.contains(&Filter::Bin(bin.into())) {
+        return Some(Vec::new());
+    }
+    let names: Vec<String> = filters
+        .iter()
+        .filter_map(|f| match f {
+            Filter::BinTest(b, t) if b == bin => Some(t.clone()),
+            Filter::Test(t) => Some(t.clone()),
+            _ => None,
+        })
+        .collect();
+    (!names.is_empty()).then_some(names)
+}
+
+/// The test runs: every selected binary as root (the eBPF ones only where `auto` picks
+/// eBPF; elsewhere the others without their eBPF tests), and the fallback selection (no eBPF
+/// binary, `--skip ebpf`) in each denied mode.
+fn runs(bins: &[String], filters: &[Filter], modes: &[Mode], timeout: u64) -> Vec<Run> {
+    let skips: Vec<String> = EBPF_SKIPS
+        .iter()
+        .flat_map(|s| ["--skip".to_string(), s.to_string()])
+        .collect();
+    let mut out = Vec::new();
+    for mode in modes {
+        for bin in bins {
+            let Some(names) = select(bin, filters) else {
+                continue;
+            };
+            let ebpf_bin = EBPF_BINS.contains(&bin.as_str());
+            let id = format!("{bin}@{mode}");
+            let run = |when, args: Vec<String>| Run {
+                id: id.clone(),
+                mode: *mode,
+                bin: bin.clone(),
+                when,
+                args,
+                timeout_secs: timeout,
+            };
+            let mut fallback_args = names.clone();
+            fallback_args.extend(skips.iter().cloned());
+            match (mode, ebpf_bin) {
+                (Mode::Normal, true) => out.push(run(When::AutoEbpf, names)),
+                (Mode::Normal, false) => {
+                    out.push(run(When::AutoEbpf, names));
+                    out.push(run(When::AutoNotEbpf, fallback_args));
+                }
+                (_, true) => {}
+                (_, false) => out.push(run(When::Always, fallback_args)),
+            }
+        }
+    }
+    out
+}
+
+fn plan(label: &str, modules: Vec<String>, runs: Vec<Run>) -> Plan {
+    let mut env = Vec::new();
+    if let Ok(ci) = std::env::var("CI") {
+        env.push(("CI".to_string(), ci));
+    }
+    Plan {
+        label: label.to_string(),
+        modules,
+        env,
+        probe_modes: Mode::ALL.to_vec(),
+        auto: AUTO_CASES
+            .iter()
+            .map(|a| AutoCase {
+                label: a.join(" "),
+                args: a.iter().map(|s| s.to_string()).collect(),
+            })
+            .collect(),
+        runs,
+    }
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let wall = Instant::now();
+    let root = workspace_root();
+    let cache = cache_dir(&args);
+    let out_dir = root.join("target/vm-test");
+    std::fs::create_dir_all(&out_dir)?;
+    let series: Vec<String> = match &args.kernels {
+        Some(k) => k.clone(),
+        None if args.ci => vec![CI_KERNEL.to_string()],
+        None => DEFAULT_KERNELS.iter().map(|s| s.to_string()).collect(),
+    };
+    let test_modes: Vec<Mode> = match &args.modes {
+        Some(m) => m
+            .iter()
+            .map(|s| Mode::parse(s).with_context(|| format!("unknown mode {s}")))
+            .collect::<Result<_>>()?,
+        None if args.ci => vec![Mode::Normal, Mode::Seccomp],
+        None => vec![Mode::Normal, Mode::Seccomp, Mode::UserNs],
+    };
+    let raw_filters: Vec<String> = if args.filter.is_empty() && args.ci {
+        CI_FILTERS.iter().map(|s| s.to_string()).collect()
+    } else {
+        args.filter.clone()
+    };
+    let (accel, why) = qemu::accel(args.accel.as_deref());
+    eprintln!("[vm] accelerator: {accel} ({why})");
+
+    // 1. Builds.
+    let t = Instant::now();
+    let built = build::build(&root)?;
+    let strip_cache = out_dir.join("stripped");
+    let tests: Vec<(String, PathBuf)> = built
+        .tests
+        .iter()
+        .map(|(n, p)| (n.clone(), build::stripped(p, &strip_cache)))
+        .collect();
+    let interceptor = build::stripped(&built.interceptor, &strip_cache);
+    let bins: Vec<String> = tests.iter().map(|(n, _)| n.clone()).collect();
+    let filters = parse_filters(&raw_filters, &bins);
+    for f in &filters {
+        if let Filter::Bin(b) | Filter::BinTest(b, _) = f {
+            if !bins.contains(b) {
+                bail!(
+                    "--filter {b}: no such test binary (have: {})",
+                    bins.join(", ")
+                );
+            }
+        }
+    }
+    eprintln!(
+        "[vm] built in {:.0} s: interceptor, vm-init, {} test binaries ({})",
+        t.elapsed().as_secs_f64(),
+        bins.len(),
+        bins.join(", ")
+    );
+    let runs = runs(&bins, &filters, &test_modes, args.run_timeout);
+    let denied_selection = format!(
+        "every selected test binary except {} with libtest `{}`{}",
+        EBPF_BINS.join(", "),
+        EBPF_SKIPS
+            .iter()
+            .map(|s| format!("--skip {s}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        if raw_filters.is_empty() {
+            String::new()
+        } else {
+            format!(", within --filter {}", raw_filters.join(","))
+        }
+    );
+
+    // 2. Kernels.
+    let t = Instant::now();
+    let apt = kernels::Apt::new(&cache)?;
+    apt.update(&series, args.offline)?;
+    let mut guests: Vec<std::result::Result<kernels::Kernel, Report>> = Vec::new();
+    for s in &series {
+        match apt.kernel(s, &cache) {
+            Ok(k) => {
+                eprintln!(
+                    "[vm] kernel {s}: {} {} from {} (uname -r {}; packages {})",
+                    k.package,
+                    k.version,
+                    k.suite,
+                    k.release,
+                    k.debs.join(" ")
+                );
+                guests.push(Ok(k));
+            }
+            Err(e) => {
+                eprintln!("[vm] kernel {s}: {e:#}");
+                guests.push(Err(Report {
+                    label: s.clone(),
+                    error: Some(format!("{e:#}")),
+                    ..Default::default()
+                }));
+            }
+        }
+    }
+    eprintln!("[vm] kernels ready in {:.0} s", t.elapsed().as_secs_f64());
+
+    // 3. The host's own denied runs.
+    let mut reports: Vec<Report> = Vec::new();
+    if !args.no_host {
+        reports.push(host_run(
+            &root,
+            &out_dir,
+            &built,
+            &interceptor,
+            &tests,
+            &runs,
+        )?);
+    }
+
+    // 4. Guests.
+    let userland = initramfs::userland()?;
+    let shared = root.join("../shared/conformance");
+    let extra_trees: Vec<PathBuf> = if shared.is_dir() {
+        vec![shared.canonicalize()?]
+    } else {
+        Vec::new()
+    };
+    let extra_dirs = vec![root.join("tests")];
+    let jobs = args
+        .jobs
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    let budget = args.timeout.unwrap_or_else(|| {
+        let runs_total: u64 = runs.iter().map(|r| r.timeout_secs).sum();
+        (600 + runs_total).min(4 * 3600)
+    });
+    let queue = std::sync::Mutex::new(guests.into_iter().enumerate().collect::<Vec<_>>());
+    let results = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..jobs {
+            s.spawn(|| loop {
+                let Some((i, g)) = queue.lock().expect("queue").pop() else {
+                    break;
+                };
+                let r = match g {
+                    Err(r) => r,
+                    Ok(k) => {
+                        let g = Guest {
+                            kernel: &k,
+                            userland: &userland,
+                            init: &built.init,
+                            interceptor: &interceptor,
+                            tests: &tests,
+                            runs: &runs,
+                            extra_trees: &extra_trees,
+                            extra_dirs: &extra_dirs,
+                            dir: out_dir.join(&k.series),
+                            accel: &accel,
+                            args: &args,
+                            timeout: Duration::from_secs(budget),
+                        };
+                        g.run().unwrap_or_else(|e| Report {
+                            label: k.series.clone(),
+                            source: source(&k),
+                            error: Some(format!("{e:#}")),
+                            ..Default::default()
+                        })
+                    }
+                };
+                results.lock().expect("results").push((i, r));
+            });
+        }
+    });
+    let mut guest_reports = results.into_inner().expect("results");
+    guest_reports.sort_by_key(|(i, _)| *i);
+    reports.extend(guest_reports.into_iter().map(|(_, r)| r));
+
+    // 5. Report.
+    let command = std::iter::once("cargo xtask vm-test".to_string())
+        .chain(std::env::args().skip(2))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let meta = report::Meta {
+        command,
+        accel: format!("{accel}: {why}"),
+        date: date(),
+        wall: wall.elapsed(),
+        denied_selection,
+    };
+    println!("\n{}", report::matrix(&reports));
+    let md = report::markdown(&reports, &meta);
+    let report_path = out_dir.join("report.md");
+    std::fs::write(&report_path, &md)?;
+    let full = !args.ci && args.filter.is_empty() && args.kernels.is_none() && args.modes.is_none();
+    let md_path = args
+        .markdown
+        .clone()
+        .or_else(|| full.then(|| root.join("KERNELS.md")));
+    if let Some(p) = &md_path {
+        std::fs::write(p, &md)?;
+    }
+    eprintln!(
+        "[vm] report: {}{} (wall time {:.0} s)",
+        report_path.display(),
+        md_path.map_or(String::new(), |p| format!(", {}", p.display())),
+        wall.elapsed().as_secs_f64()
+    );
+    let bad: Vec<String> = reports
+        .iter()
+        .filter(|r| !r.ok())
+        .map(|r| format!("{}: {}", r.label, r.verdict()))
+        .collect();
+    if !bad.is_empty() {
+        bail!("vm-test failed: {}", bad.join("; "));
+    }
+    Ok(())
+}
+
+fn source(k: &kernels::Kernel) -> String {
+    format!("{} {} ({})", k.package, k.version, k.suite)
+}
+
+fn date() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+/// The host's bpf()-denied runs and probes, through the same runner as the guests.
+fn host_run(
+    root: &Path,
+    out_dir: &Path,
+    built: &build::Built,
+    interceptor: &Path,
+    tests: &[(String, PathBuf)],
+    runs: &[Run],
+) -> Result<Report> {
+    let t = Instant::now();
+    let bin_dir = out_dir.join("host-bin");
+    let _ = std::fs::remove_dir_all(&bin_dir);
+    std::fs::create_dir_all(&bin_dir)?;
+    for (name, path) in tests {
+        std::os::unix::fs::symlink(path, bin_dir.join(name))?;
+    }
+    let host_runs: Vec<Run> = runs
+        .iter()
+        .filter(|r| r.mode != Mode::Normal)
+        .cloned()
+        .collect();
+    let plan = plan("host", Vec::new(), host_runs);
+    let env = runner::Env {
+        interceptor: interceptor.to_path_buf(),
+        tests: bin_dir,
+        prober: built.init.clone(),
+        path: "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+        cwd: root.to_path_buf(),
+        reap_all: false,
+        echo: false,
+    };
+    eprintln!("[vm] host: probes, doctor and auto in every mode, then the bpf()-denied runs");
+    let mut r = runner::Runner::new(env, plan, Vec::<u8>::new());
+    r.run_plan();
+    let text = String::from_utf8_lossy(&r.out).into_owned();
+    std::fs::write(out_dir.join("host-results.log"), &text)?;
+    let mut rep = Report::parse("host", &text);
+    rep.source = "this machine".into();
+    rep.release = uname_r();
+    rep.elapsed = t.elapsed();
+    rep.done = Some((true, t.elapsed().as_millis() as u64));
+    rep.log = out_dir.join("host-results.log").display().to_string();
+    for run in &rep.runs {
+        eprintln!(
+            "[host] {} {}: {} passed, {} failed ({:.0} s)",
+            run.id,
+            run.status,
+            run.passed,
+            run.failed,
+            run.millis as f64 / 1000.0
+        );
+    }
+    Ok(rep)
+}
+
+fn uname_r() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+struct Guest<'a> {
+    kernel: &'a kernels::Kernel,
+    userland: &'a cpio::Tree,
+    init: &'a Path,
+    interceptor: &'a Path,
+    tests: &'a [(String, PathBuf)],
+    runs: &'a [Run],
+    extra_trees: &'a [PathBuf],
+    extra_dirs: &'a [PathBuf],
+    dir: PathBuf,
+    accel: &'a str,
+    args: &'a Args,
+    timeout: Duration,
+}
+
+impl Guest<'_> {
+    fn run(&self) -> Result<Report> {
+        let k = self.kernel;
+        std::fs::create_dir_all(&self.dir)?;
+        let modules = k
+            .load_order
+            .iter()
+            .map(|p| Path::new("/").join(p).display().to_string())
+            .collect();
+        let plan = plan(&k.series, modules, self.runs.to_vec());
+        let initrd = self.dir.join("initrd.cpio");
+        let size = initramfs::write(
+            self.userland,
+            &initramfs::GuestFiles {
+                kernel: k,
+                init: self.init,
+                interceptor: self.interceptor,
+                tests: self.tests,
+                plan: &plan,
+                extra_trees: self.extra_trees,
+                extra_dirs: self.extra_dirs,
+            },
+            &initrd,
+        )?;
+        eprintln!(
+            "[{}] booting {} ({} MiB initramfs, timeout {} s)",
+            k.series,
+            k.release,
+            size >> 20,
+            self.timeout.as_secs()
+        );
+        let out = qemu::boot(&qemu::Boot {
+            vmlinuz: &k.vmlinuz,
+            initrd: &initrd,
+            dir: &self.dir,
+            accel: self.accel,
+            memory_mib: self.args.memory,
+            smp: self.args.smp,
+            timeout: self.timeout,
+            label: &k.series,
+        })?;
+        let _ = std::fs::remove_file(&initrd);
+        let mut r = Report::parse(&k.series, &out.results);
+        r.source = source(k);
+        r.elapsed = out.elapsed;
+        r.timed_out = out.timed_out;
+        r.log = out.console.display().to_string();
+        if r.done.is_none() && !out.timed_out {
+            r.error = Some(format!(
+                "guest stopped without a result (QEMU exit {:?}); see {}",
+                out.exit, r.log
+            ));
+        }
+        eprintln!(
+            "[{}] {} in {:.0} s",
+            k.series,
+            r.verdict(),
+            out.elapsed.as_secs_f64()
+        );
+        Ok(r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_select_binaries_and_tests() {
+        let bins = vec!["ebpf_e2e".to_string(), "fallback_e2e".to_string()];
+        let f = parse_filters(&["fallback_e2e".into(), "ebpf_e2e/traffic".into()], &bins);
+        assert_eq!(select("fallback_e2e", &f), Some(vec![]));
+        assert_eq!(select("ebpf_e2e", &f), Some(vec!["traffic".to_string()]));
+        let f = parse_filters(&["traffic".into()], &bins);
+        assert_eq!(select("ebpf_e2e", &f), Some(vec!["traffic".to_string()]));
+        let f = parse_filters(&["ebpf_e2e".into()], &bins);
+        assert_eq!(select("fallback_e2e", &f), None);
+        let r = runs(&bins, &[], &[Mode::Normal, Mode::Seccomp], 60);
+        let ids: Vec<_> = r.iter().map(|r| (r.id.as_str(), r.when)).collect();
+        assert_eq!(
+            ids,
+            [
+                ("ebpf_e2e@normal", When::AutoEbpf),
+                ("fallback_e2e@normal", When::AutoEbpf),
+                ("fallback_e2e@normal", When::AutoNotEbpf),
+                ("fallback_e2e@bpf-denied", When::Always),
+            ]
+        );
+    }
+}
