@@ -99,7 +99,6 @@ fn dns(flavor: Flavor) {
             "{flavor:?}: capture-all: dig @{server} got no answer"
         );
     }
-    let _ = o6;
 }
 
 #[test]
