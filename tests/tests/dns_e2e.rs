@@ -69,11 +69,13 @@ fn dns(flavor: Flavor) {
         }
     }
     // Only the resolv.conf servers are captured without --capture-all-dns.
-    assert_eq!(
-        dig(&pod, o4, false),
-        None,
-        "{flavor:?}: a non-listed server was captured"
-    );
+    for other in [o4, o6] {
+        let got = dig(&pod, other, false);
+        assert_eq!(
+            got, None,
+            "{flavor:?}: non-listed server {other} was captured"
+        );
+    }
     let pod2 = Pod::new("dnsall").unwrap();
     let _proxy2 = DnsProxy::start(pod2.topo.pod_netns(), 15053, 1337, 1337).unwrap();
     apply(
