@@ -198,15 +198,7 @@ pub fn register_ebpf(
     cfg: &Config,
     ips: Option<&[std::net::IpAddr]>,
 ) -> Result<crate::backend::ebpf::PodHandle> {
-    let tables = crate::explain::pod_tables(cfg, Some(netns))?;
-    let mut local: Vec<_> = tables.local.iter().copied().collect();
-    for ip in ips.unwrap_or_default() {
-        if !local.contains(ip) {
-            local.push(*ip);
-        }
-    }
-    let groups: Vec<_> = tables.groups.iter().copied().collect();
-    pins.maps()?.register(netns, cfg, &local, &groups)
+    register_in(&mut pins.maps()?, netns, cfg, ips)
 }
 
 /// `register_ebpf` with maps the caller keeps open (the daemon).

@@ -239,28 +239,20 @@ impl Pins {
             let prog = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing from the object"))?;
+            // Each cgroup program type has its own load/attach/link types; the steps are the same.
+            macro_rules! load_attach_link {
+                ($p:expr) => {{
+                    $p.load().with_context(|| format!("loading {name}"))?;
+                    let id = $p
+                        .attach(&cg, CgroupAttachMode::Single)
+                        .with_context(|| format!("attaching {name}"))?;
+                    $p.take_link(id)?.try_into()?
+                }};
+            }
             let link: FdLink = match prog {
-                Program::CgroupSockAddr(p) => {
-                    p.load().with_context(|| format!("loading {name}"))?;
-                    let id = p
-                        .attach(&cg, CgroupAttachMode::Single)
-                        .with_context(|| format!("attaching {name}"))?;
-                    p.take_link(id)?.try_into()?
-                }
-                Program::SockOps(p) => {
-                    p.load().with_context(|| format!("loading {name}"))?;
-                    let id = p
-                        .attach(&cg, CgroupAttachMode::Single)
-                        .with_context(|| format!("attaching {name}"))?;
-                    p.take_link(id)?.try_into()?
-                }
-                Program::CgroupSock(p) => {
-                    p.load().with_context(|| format!("loading {name}"))?;
-                    let id = p
-                        .attach(&cg, CgroupAttachMode::Single)
-                        .with_context(|| format!("attaching {name}"))?;
-                    p.take_link(id)?.try_into()?
-                }
+                Program::CgroupSockAddr(p) => load_attach_link!(p),
+                Program::SockOps(p) => load_attach_link!(p),
+                Program::CgroupSock(p) => load_attach_link!(p),
                 _ => bail!("{name}: unexpected program type"),
             };
             link.pin(self.link(name))
