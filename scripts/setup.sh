@@ -12,7 +12,10 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 # --- Debian packages -------------------------------------------------------------------------
 # iptables (legacy + nft variants), nftables, iproute2 (ip netns/veth), bpftool (inspection in
 # tests), kmod (modprobe of nat/owner modules), procps/util-linux (nsenter), dnsutils (dig for DNS tests).
-PKGS=(iptables nftables iproute2 bpftool kmod procps util-linux dnsutils ca-certificates)
+# cargo xtask vm-test: qemu-system-x86 (guests), busybox-static (guest shell), kmod (depmod),
+# xz-utils/zstd (compressed kernel modules), binutils (objcopy), debian-archive-keyring.
+PKGS=(iptables nftables iproute2 bpftool kmod procps util-linux dnsutils ca-certificates
+      qemu-system-x86 busybox-static xz-utils zstd binutils debian-archive-keyring)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -38,6 +41,14 @@ if ! rustup component list --toolchain nightly --installed | grep -q '^rust-src'
   rustup component add rust-src --toolchain nightly || fail "rustup component add rust-src"
 else
   log "nightly rust-src present"
+fi
+
+# --- musl target: cargo xtask vm-test builds static test binaries for its guests -------------
+if ! rustup target list --installed | grep -q '^x86_64-unknown-linux-musl$'; then
+  log "adding the x86_64-unknown-linux-musl target"
+  rustup target add x86_64-unknown-linux-musl || fail "rustup target add x86_64-unknown-linux-musl"
+else
+  log "musl target present"
 fi
 
 # --- bpf-linker built against the nightly's own LLVM ------------------------------------------

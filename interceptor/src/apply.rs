@@ -176,7 +176,11 @@ fn apply_ebpf(args: &ApplyArgs, cfg: &Config) -> Result<&'static str> {
             "pod was not registered"
         });
     }
-    let loaded = pins.ensure_loaded(&cgroup_of(&args.ebpf)?, args.ebpf_log)?;
+    let loaded = pins.ensure_loaded_with(
+        &cgroup_of(&args.ebpf)?,
+        args.ebpf_log,
+        !args.ebpf.no_counters,
+    )?;
     let handle = register_ebpf(&pins, netns, cfg, None)?;
     tracing::info!(
         cookie = handle.netns_cookie,

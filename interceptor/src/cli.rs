@@ -56,6 +56,10 @@ pub struct EbpfArgs {
     /// cgroup v2 directory the programs attach to (default: the cgroup v2 root, detected).
     #[arg(long, env = "INTERCEPTOR_CGROUP")]
     pub cgroup: Option<PathBuf>,
+    /// Load the programs without per-pod counters (the verifier prunes the counting code);
+    /// for measuring what counting costs. Applies when the programs are loaded.
+    #[arg(long)]
+    pub no_counters: bool,
 }
 
 #[derive(Subcommand, Debug)]

@@ -1,17 +1,25 @@
-//! `cargo xtask bench-quick`: connect rate and 1-byte request/response through the eBPF
-//! redirect vs explicit addressing vs iptables REDIRECT, measured in one run, as ratios to the
-//! explicit baseline. Client and server are pinned to one CPU (cross-CPU wakeups dominate
-//! otherwise, see shared/design/ebpf-datapath.md). A quick look; the full benchmark comes later.
+//! `cargo xtask bench-quick`: connect rate and 1-byte request/response, outbound (eBPF connect4
+//! with and without per-pod counters vs explicit addressing vs iptables REDIRECT) and inbound
+//! (sk_lookup vs iptables REDIRECT vs dialing the proxy port directly), measured in one run,
+//! interleaved round by round, as ratios to the same run's baseline. Client and server are
+//! pinned to one CPU (cross-CPU wakeups dominate otherwise, see shared/design/ebpf-datapath.md).
+//! A quick look; the full benchmark is a later milestone.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use interceptor_tests::cases::{apply, Flavor, Pod};
-use interceptor_tests::topology::run_in_netns;
+use interceptor_tests::topology::{enter_netns, run_in_netns, set_thread_creds};
 
-const PROXY: u16 = 15101;
+/// The stand-in proxy's outbound port (the test sidecar holds 15001/15006 already).
+const OUT: u16 = 15101;
+/// Its inbound port.
+const IN: u16 = 15106;
+/// The app port inbound connections are addressed to.
+const APP: u16 = 9180;
 
 fn pin_cpu0() {
     unsafe {
@@ -21,12 +29,14 @@ fn pin_cpu0() {
     }
 }
 
-/// An echo server on 0.0.0.0:PROXY in the netns, standing in for the proxy.
-fn echo_server(pod: &Pod) -> Result<()> {
-    let ns = pod.topo.pod_netns().to_path_buf();
+/// An echo server on 0.0.0.0:port in the netns, as the proxy uid (so an eBPF pod's sockops
+/// registers it as the inbound listener).
+fn echo_server(netns: PathBuf, port: u16) -> Result<()> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let l = run_in_netns(&ns, || TcpListener::bind(("0.0.0.0", PROXY))).and_then(|r| Ok(r?));
+        let l = enter_netns(&netns)
+            .and_then(|_| set_thread_creds(1337, 1337))
+            .and_then(|_| Ok(TcpListener::bind(("0.0.0.0", port))?));
         let l = match l {
             Ok(l) => {
                 let _ = tx.send(Ok(()));
@@ -55,21 +65,22 @@ fn echo_server(pod: &Pod) -> Result<()> {
     rx.recv()?
 }
 
+#[derive(Clone, Copy)]
 struct Sample {
     conn_per_s: f64,
     rr_per_s: f64,
 }
 
-fn measure(pod: &Pod, dst: SocketAddr, secs: f64) -> Result<Sample> {
-    let ns = pod.topo.pod_netns().to_path_buf();
-    run_in_netns(&ns, move || -> Result<Sample> {
+/// Connect+1 byte+close rate, then 1-byte RR on one connection, from `netns` to `dst`.
+fn measure(netns: PathBuf, dst: SocketAddr, secs: f64) -> Result<Sample> {
+    run_in_netns(&netns, move || -> Result<Sample> {
         pin_cpu0();
         let d = Duration::from_secs_f64(secs);
         let (start, mut n) = (Instant::now(), 0u64);
+        let mut b = [0u8; 1];
         while start.elapsed() < d {
             let mut s = TcpStream::connect(dst)?;
             s.write_all(b"x")?;
-            let mut b = [0u8; 1];
             s.read_exact(&mut b)?;
             n += 1;
         }
@@ -77,7 +88,6 @@ fn measure(pod: &Pod, dst: SocketAddr, secs: f64) -> Result<Sample> {
         let mut s = TcpStream::connect(dst)?;
         s.set_nodelay(true)?;
         let (start, mut m) = (Instant::now(), 0u64);
-        let mut b = [0u8; 1];
         while start.elapsed() < d {
             s.write_all(b"x")?;
             s.read_exact(&mut b)?;
@@ -90,29 +100,14 @@ fn measure(pod: &Pod, dst: SocketAddr, secs: f64) -> Result<Sample> {
     })?
 }
 
-pub fn run(secs: f64, rounds: usize) -> Result<()> {
-    let explicit = Pod::new("bx").context("pod")?;
-    let ebpf = Pod::new("be").context("pod")?;
-    let ipt = Pod::new("bi").context("pod")?;
-    let flags = ["-p", "15101", "-u", "1337", "-i", "*", "--ipv6", "false"];
-    apply(&ebpf, Flavor::Ebpf, &flags)?;
-    apply(&ipt, Flavor::IptablesNft, &flags)?;
-    for p in [&explicit, &ebpf, &ipt] {
-        echo_server(p)?;
-    }
-    let lo = SocketAddr::from(([127, 0, 0, 1], PROXY));
-    let up = |p: &Pod| SocketAddr::new(p.topo.upstream_v4().into(), 8080);
-    println!("{secs}s per measurement, {rounds} rounds interleaved, client+server pinned to CPU 0");
-    let mut rows: Vec<(&str, Vec<Sample>)> = vec![
-        ("explicit 127.0.0.1", vec![]),
-        ("eBPF connect4", vec![]),
-        ("iptables REDIRECT", vec![]),
-    ];
-    for _ in 0..rounds {
-        rows[0].1.push(measure(&explicit, lo, secs)?);
-        rows[1].1.push(measure(&ebpf, up(&ebpf), secs)?);
-        rows[2].1.push(measure(&ipt, up(&ipt), secs)?);
-    }
+struct Path {
+    name: &'static str,
+    netns: PathBuf,
+    dst: SocketAddr,
+    samples: Vec<Sample>,
+}
+
+fn table(title: &str, rows: &[Path]) {
     let mean = |v: &[Sample], f: fn(&Sample) -> f64| v.iter().map(f).sum::<f64>() / v.len() as f64;
     let spread = |v: &[Sample], f: fn(&Sample) -> f64| {
         let (lo, hi) = v
@@ -122,34 +117,108 @@ pub fn run(secs: f64, rounds: usize) -> Result<()> {
         (hi - lo) / mean(v, f) * 100.0
     };
     let (bc, br) = (
-        mean(&rows[0].1, |s| s.conn_per_s),
-        mean(&rows[0].1, |s| s.rr_per_s),
+        mean(&rows[0].samples, |s| s.conn_per_s),
+        mean(&rows[0].samples, |s| s.rr_per_s),
     );
+    println!("\n{title}");
     println!(
-        "{:<20} {:>10} {:>8} {:>8} {:>10} {:>8} {:>8}",
-        "path", "conn/s", "×expl", "spread", "RR/s", "×expl", "spread"
+        "{:<24} {:>9} {:>7} {:>8} {:>9} {:>7} {:>8}",
+        "path", "conn/s", "×base", "min-max", "RR/s", "×base", "min-max"
     );
-    for (name, v) in &rows {
-        let (c, r) = (mean(v, |s| s.conn_per_s), mean(v, |s| s.rr_per_s));
+    for p in rows {
+        let (c, r) = (
+            mean(&p.samples, |s| s.conn_per_s),
+            mean(&p.samples, |s| s.rr_per_s),
+        );
         println!(
-            "{name:<20} {c:>10.0} {:>8.2} {:>7.1}% {r:>10.0} {:>8.2} {:>7.1}%",
+            "{:<24} {c:>9.0} {:>7.2} {:>7.1}% {r:>9.0} {:>7.2} {:>7.1}%",
+            p.name,
             c / bc,
-            spread(v, |s| s.conn_per_s),
+            spread(&p.samples, |s| s.conn_per_s),
             r / br,
-            spread(v, |s| s.rr_per_s)
+            spread(&p.samples, |s| s.rr_per_s)
         );
     }
-    for (name, v) in &rows {
-        let c: Vec<String> = v.iter().map(|s| format!("{:.0}", s.conn_per_s)).collect();
-        println!("  {name}: conn/s per round {}", c.join(" "));
+    for p in rows {
+        let c: Vec<String> = p
+            .samples
+            .iter()
+            .map(|s| format!("{:.0}", s.conn_per_s))
+            .collect();
+        println!("  {}: conn/s per round {}", p.name, c.join(" "));
     }
+}
+
+pub fn run(secs: f64, rounds: usize) -> Result<()> {
+    let plain = Pod::new("bx").context("pod")?;
+    let ebpf = Pod::new("be").context("pod")?;
+    let nocount = Pod::new("bn").context("pod")?;
+    let ipt = Pod::new("bi").context("pod")?;
+    let (o, i) = (OUT.to_string(), IN.to_string());
+    let flags = [
+        "-p", &o, "-z", &i, "-u", "1337", "-i", "*", "-b", "*", "--ipv6", "false",
+    ];
+    apply(&ebpf, Flavor::Ebpf, &flags)?;
+    let mut nc = flags.to_vec();
+    nc.push("--no-counters");
+    apply(&nocount, Flavor::Ebpf, &nc)?;
+    apply(&ipt, Flavor::IptablesNft, &flags)?;
+    for p in [&plain, &ebpf, &nocount, &ipt] {
+        echo_server(p.topo.pod_netns().to_path_buf(), OUT)?;
+        echo_server(p.topo.pod_netns().to_path_buf(), IN)?;
+    }
+    let up = |p: &Pod| SocketAddr::new(p.topo.upstream_v4().into(), 8080);
+    let pod_at = |p: &Pod, port| SocketAddr::new(p.topo.pod_v4().into(), port);
+    let path = |name, netns: &std::path::Path, dst| Path {
+        name,
+        netns: netns.to_path_buf(),
+        dst,
+        samples: vec![],
+    };
+    let mut out = vec![
+        path(
+            "explicit 127.0.0.1",
+            plain.topo.pod_netns(),
+            SocketAddr::from(([127, 0, 0, 1], OUT)),
+        ),
+        path("eBPF connect4", ebpf.topo.pod_netns(), up(&ebpf)),
+        path("eBPF, counters off", nocount.topo.pod_netns(), up(&nocount)),
+        path("iptables REDIRECT", ipt.topo.pod_netns(), up(&ipt)),
+    ];
+    let mut inb = vec![
+        path(
+            "direct to proxy port",
+            plain.topo.upstream_netns(),
+            pod_at(&plain, IN),
+        ),
+        path(
+            "eBPF sk_lookup",
+            ebpf.topo.upstream_netns(),
+            pod_at(&ebpf, APP),
+        ),
+        path(
+            "iptables REDIRECT",
+            ipt.topo.upstream_netns(),
+            pod_at(&ipt, APP),
+        ),
+    ];
+    println!("{secs}s per measurement, {rounds} rounds interleaved, client+server pinned to CPU 0");
+    for _ in 0..rounds {
+        for p in out.iter_mut().chain(inb.iter_mut()) {
+            p.samples.push(measure(p.netns.clone(), p.dst, secs)?);
+        }
+    }
+    table("outbound (app → upstream, captured to the proxy)", &out);
+    table("inbound (client → pod, captured to the proxy)", &inb);
     let ct = ipt
         .topo
         .pod_exec("cat", &["/proc/sys/net/netfilter/nf_conntrack_count"], None)
         .unwrap_or_default();
+    let maps = ebpf.ebpf.pins.maps()?;
     println!(
-        "conntrack entries in the iptables pod afterwards: {}",
-        ct.trim()
+        "\nconntrack entries in the iptables pod afterwards: {}; eBPF per-connection map entries afterwards: {:?}",
+        ct.trim(),
+        maps.connection_entries()
     );
     Ok(())
 }

@@ -86,7 +86,11 @@ impl Daemon {
         let pins = match &ebpf_missing {
             None => {
                 let pins = Pins::new(&args.ebpf.bpffs);
-                let loaded = pins.ensure_loaded(&cgroup_of(&args.ebpf)?, args.ebpf_log)?;
+                let loaded = pins.ensure_loaded_with(
+                    &cgroup_of(&args.ebpf)?,
+                    args.ebpf_log,
+                    !args.ebpf.no_counters,
+                )?;
                 tracing::info!(bpffs = %args.ebpf.bpffs.display(), loaded_now = loaded, "eBPF datapath ready");
                 Some(pins)
             }

@@ -441,7 +441,7 @@ pub fn run_all() -> Vec<(&'static str, Outcome)> {
     out.push(("sk_lookup", sk_lookup()));
     out.push(("sk_msg", sk_msg()));
     out.push(("bpf_link pinning", link_pinning(&cg)));
-    let helpers: [(&str, u32, u32, i32, i32); 8] = [
+    let helpers: [(&str, u32, u32, i32, i32); 9] = [
         (
             "netns cookie in sock_addr",
             PT_CGROUP_SOCK_ADDR,
@@ -481,6 +481,13 @@ pub fn run_all() -> Vec<(&'static str, Outcome)> {
             "uid/gid in sock_addr",
             PT_CGROUP_SOCK_ADDR,
             AT_INET4_CONNECT,
+            H_GET_CURRENT_UID_GID,
+            1,
+        ),
+        (
+            "uid/gid in sock_ops",
+            PT_SOCK_OPS,
+            0,
             H_GET_CURRENT_UID_GID,
             1,
         ),

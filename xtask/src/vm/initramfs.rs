@@ -203,6 +203,10 @@ fn shared_libs(files: &[PathBuf]) -> Result<BTreeSet<PathBuf>> {
             .context("running ldd")?;
         for l in String::from_utf8_lossy(&out.stdout).lines() {
             let l = l.trim();
+            // With several files ldd heads each one's list with "<file>:".
+            if l.ends_with(':') {
+                continue;
+            }
             let path = match l.split_once("=>") {
                 Some((_, rest)) => rest.split_whitespace().next(),
                 None => l.split_whitespace().next().filter(|p| p.starts_with('/')),

@@ -31,6 +31,10 @@ const MODULE_DIRS: &[&str] = &[
     "net/ipv6/netfilter",
     "net/sched",
     "drivers/net/veth",
+    // Text search, which the amanda conntrack helper asks for at load time.
+    "lib/ts_kmp",
+    "lib/ts_bm",
+    "lib/ts_fsm",
 ];
 
 /// A kernel ready to boot.

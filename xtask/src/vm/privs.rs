@@ -205,12 +205,13 @@ impl UserNs {
     }
 }
 
-/// Joins the user namespace `fd`, then makes a mount namespace of its own (owned by it, so
-/// that `ip netns add` may mount there).
+/// Joins the user namespace `fd`, then makes a mount and a network namespace of its own,
+/// owned by it, as a rootless container has: `ip netns add` mounts, and returns (setns) to the
+/// namespace it started in, which needs CAP_SYS_ADMIN over that namespace.
 fn enter_userns(fd: RawFd) -> io::Result<()> {
     // SAFETY: setns/unshare in a single-threaded child after fork.
     check(unsafe { libc::setns(fd, libc::CLONE_NEWUSER) })?;
-    check(unsafe { libc::unshare(libc::CLONE_NEWNS) })
+    check(unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWNET) })
 }
 
 /// Applies `mode` to the calling (freshly forked) process; `userns` is [`UserNs::raw_fd`].

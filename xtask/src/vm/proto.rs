@@ -26,10 +26,10 @@ pub enum Mode {
     /// inheritable). No netns can be made without CAP_SYS_ADMIN, so only the doctor, `auto`
     /// and the raw probes run this way.
     NoCaps,
-    /// In an identity-mapped user namespace (with its own mount namespace): root with every
-    /// capability *there*, none in the initial user namespace, which is where bpf() checks
-    /// CAP_BPF/CAP_SYS_ADMIN. Network namespaces, iptables and nft work as in an unprivileged
-    /// container, so the fallback suites run this way.
+    /// In an identity-mapped user namespace (with its own mount and network namespaces, as a
+    /// rootless container): root with every capability *there*, none in the initial user
+    /// namespace, which is where bpf() checks CAP_BPF/CAP_SYS_ADMIN. Network namespaces,
+    /// iptables and nft work as in such a container, so the fallback suites run this way.
     UserNs,
 }
 
