@@ -256,3 +256,15 @@ fn same_node_pods_go_through_both_sidecars() {
         );
     }
 }
+
+/// A proxy listener that existed before the pod was registered (so the sockops listen callback
+/// never saw it) is adopted through pidfd_getfd: inbound is captured at once, v4 and v6.
+#[test]
+fn pre_existing_listener_is_adopted() {
+    let pod = Pod::new("adopt").unwrap(); // its sidecar already listens on 15006
+    apply(&pod, Flavor::Ebpf, &["-b", "*", "--ipv6", "true"]).unwrap();
+    for ip in [IpAddr::from(pod.topo.pod_v4()), IpAddr::from(pod.topo.pod_v6())] {
+        let out = pod.topo.inbound_connect(SocketAddr::new(ip, APP_PORT), None).unwrap();
+        assert_eq!(out.reply, "sidecar:15006", "pre-existing listener not adopted for {ip}");
+    }
+}
