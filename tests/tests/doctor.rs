@@ -116,6 +116,7 @@ fn probe_agrees_with_the_loader_and_is_cheap_once_installed() {
     let fresh = EbpfArgs {
         bpffs: format!("/sys/fs/bpf/ic-doctor-none-{}", std::process::id()).into(),
         cgroup: None,
+        no_counters: false,
     };
     let start = Instant::now();
     let full = doctor::probe_with(&fresh, Depth::ReuseInstalled);
@@ -140,6 +141,7 @@ fn probe_agrees_with_the_loader_and_is_cheap_once_installed() {
     let args = EbpfArgs {
         bpffs: install.dir().to_path_buf(),
         cgroup: None,
+        no_counters: false,
     };
     let start = Instant::now();
     let runs = 5;

@@ -263,8 +263,17 @@ fn same_node_pods_go_through_both_sidecars() {
 fn pre_existing_listener_is_adopted() {
     let pod = Pod::new("adopt").unwrap(); // its sidecar already listens on 15006
     apply(&pod, Flavor::Ebpf, &["-b", "*", "--ipv6", "true"]).unwrap();
-    for ip in [IpAddr::from(pod.topo.pod_v4()), IpAddr::from(pod.topo.pod_v6())] {
-        let out = pod.topo.inbound_connect(SocketAddr::new(ip, APP_PORT), None).unwrap();
-        assert_eq!(out.reply, "sidecar:15006", "pre-existing listener not adopted for {ip}");
+    for ip in [
+        IpAddr::from(pod.topo.pod_v4()),
+        IpAddr::from(pod.topo.pod_v6()),
+    ] {
+        let out = pod
+            .topo
+            .inbound_connect(SocketAddr::new(ip, APP_PORT), None)
+            .unwrap();
+        assert_eq!(
+            out.reply, "sidecar:15006",
+            "pre-existing listener not adopted for {ip}"
+        );
     }
 }

@@ -31,13 +31,13 @@ enum Task {
     /// Boot Debian kernels (default 5.10, 6.1, 6.12, 7.2) in QEMU and run the e2e suite in
     /// each: eBPF path, iptables/nftables fallbacks, bpf()-denied runs; prints the kernel ×
     /// feature × result matrix and writes it as Markdown (KERNELS.md).
-    VmTest(vm::Args),
+    VmTest(Box<vm::Args>),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Demo => demo::run(),
         Task::BenchQuick { secs, rounds } => bench::run(secs, rounds),
-        Task::VmTest(args) => vm::run(args),
+        Task::VmTest(args) => vm::run(*args),
     }
 }

@@ -63,7 +63,24 @@ fn cargo_executables(root: &Path, args: &[&str]) -> Result<Vec<(String, Vec<Stri
     Ok(out)
 }
 
-pub fn build(root: &Path) -> Result<Built> {
+/// The test targets of interceptor-tests, as cargo discovers them: `tests/tests/*.rs` and the
+/// library's unit tests (`interceptor_tests`).
+pub fn test_targets(root: &Path) -> Result<Vec<String>> {
+    let mut names = vec!["interceptor_tests".to_string()];
+    for e in std::fs::read_dir(root.join("tests/tests"))? {
+        let p = e?.path();
+        if p.extension().is_some_and(|x| x == "rs") {
+            if let Some(stem) = p.file_stem() {
+                names.push(stem.to_string_lossy().into_owned());
+            }
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Builds everything; `only` limits the test binaries built (None: all of them).
+pub fn build(root: &Path, only: Option<&[String]>) -> Result<Built> {
     let find = |exes: &[(String, Vec<String>, PathBuf)], name: &str| {
         exes.iter()
             .find(|(n, _, _)| n == name)
@@ -77,7 +94,15 @@ pub fn build(root: &Path) -> Result<Built> {
     let interceptor = find(&exes, "interceptor")?;
     let exes = cargo_executables(root, &["build", "-p", "xtask", "--bin", "vm-init"])?;
     let init = find(&exes, "vm-init")?;
-    let exes = cargo_executables(root, &["test", "-p", "interceptor-tests", "--no-run"])?;
+    let mut args = vec!["test", "-p", "interceptor-tests", "--no-run"];
+    for name in only.unwrap_or_default() {
+        if name == "interceptor_tests" {
+            args.push("--lib");
+        } else {
+            args.extend(["--test", name.as_str()]);
+        }
+    }
+    let exes = cargo_executables(root, &args)?;
     let mut tests: Vec<(String, PathBuf)> =
         exes.into_iter().map(|(n, _, p)| (n, p)).collect::<Vec<_>>();
     tests.sort();

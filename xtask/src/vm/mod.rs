@@ -37,16 +37,18 @@ use report::Report;
 const DEFAULT_KERNELS: &[&str] = &["5.10", "6.1", "6.12", "7.2"];
 /// The CI-sized run: one kernel (bookworm's, the closest to CI's own), core cases.
 const CI_KERNEL: &str = "6.1";
-const CI_FILTERS: &[&str] = &[
-    "ebpf_e2e/traffic_ebpf",
-    "fallback_e2e/traffic_",
-    "doctor",
-    "cli_validation",
+const CI_FILTERS: &[&str] = &["ebpf_e2e/traffic_ebpf", "fallback_e2e/traffic_", "doctor"];
+/// Test binaries whose every test forces `--backend ebpf` (they cannot pass where eBPF is
+/// unavailable).
+const EBPF_BINS: &[&str] = &["ebpf_e2e", "bind_guard", "inbound_e2e"];
+/// libtest `--skip` patterns for the other tests that force eBPF or assert that it is
+/// available here. Such runs also get `INTERCEPTOR_TESTS_NO_EBPF=1` in their environment.
+const EBPF_SKIPS: &[&str] = &[
+    "ebpf",
+    "every_needed_hook_is_present_here",
+    "probe_agrees_with_the_loader",
+    "fifty_pods_through_the_daemon",
 ];
-/// Test binaries that exercise the eBPF backend as a whole.
-const EBPF_BINS: &[&str] = &["ebpf_e2e"];
-/// libtest `--skip` patterns that leave the tests which need no eBPF.
-const EBPF_SKIPS: &[&str] = &["ebpf"];
 /// Pod configs whose `auto` choice is reported; the first one also decides whether the runs
 /// that need eBPF run in a guest.
 const AUTO_CASES: &[&[&str]] = &[
@@ -103,6 +105,12 @@ pub struct Args {
     /// Skip the host's own bpf()-denied runs.
     #[arg(long)]
     no_host: bool,
+    /// Test binaries that need eBPF as a whole (replaces the default list).
+    #[arg(long, value_delimiter = ',')]
+    ebpf_bins: Option<Vec<String>>,
+    /// libtest `--skip` patterns of tests that need eBPF (replaces the default list).
+    #[arg(long, value_delimiter = ',')]
+    ebpf_skip: Option<Vec<String>>,
     /// Where to write the Markdown report (besides target/vm-test/report.md); default
     /// KERNELS.md for a full, unfiltered run.
     #[arg(long)]
@@ -165,8 +173,41 @@ fn select(bin: &str, filters: &[Filter]) -> Option<Vec<String>> {
 /// The test runs: every selected binary as root (the eBPF ones only where `auto` picks
 /// eBPF; elsewhere the others without their eBPF tests), and the fallback selection (no eBPF
 /// binary, `--skip ebpf`) in each denied mode.
-fn runs(bins: &[String], filters: &[Filter], modes: &[Mode], timeout: u64) -> Vec<Run> {
-    let skips: Vec<String> = EBPF_SKIPS
+/// Which tests need eBPF.
+struct EbpfNeeds {
+    bins: Vec<String>,
+    skips: Vec<String>,
+}
+
+impl EbpfNeeds {
+    fn new(args: &Args) -> Self {
+        let own = |l: &[&str]| l.iter().map(|s| s.to_string()).collect();
+        Self {
+            bins: args.ebpf_bins.clone().unwrap_or_else(|| own(EBPF_BINS)),
+            skips: args.ebpf_skip.clone().unwrap_or_else(|| own(EBPF_SKIPS)),
+        }
+    }
+
+    fn describe(&self) -> String {
+        let skips: Vec<String> = self.skips.iter().map(|s| format!("--skip {s}")).collect();
+        format!(
+            "every selected test binary except {} (they force the eBPF backend), with libtest \
+             `{}` and INTERCEPTOR_TESTS_NO_EBPF=1",
+            self.bins.join(", "),
+            skips.join(" ")
+        )
+    }
+}
+
+fn runs(
+    bins: &[String],
+    filters: &[Filter],
+    modes: &[Mode],
+    timeout: u64,
+    needs: &EbpfNeeds,
+) -> Vec<Run> {
+    let skips: Vec<String> = needs
+        .skips
         .iter()
         .flat_map(|s| ["--skip".to_string(), s.to_string()])
         .collect();
@@ -176,7 +217,7 @@ fn runs(bins: &[String], filters: &[Filter], modes: &[Mode], timeout: u64) -> Ve
             let Some(names) = select(bin, filters) else {
                 continue;
             };
-            let ebpf_bin = EBPF_BINS.contains(&bin.as_str());
+            let ebpf_bin = needs.bins.contains(bin);
             let id = format!("{bin}@{mode}");
             let run = |when, args: Vec<String>| Run {
                 id: id.clone(),
@@ -250,9 +291,27 @@ pub fn run(args: Args) -> Result<()> {
     let (accel, why) = qemu::accel(args.accel.as_deref());
     eprintln!("[vm] accelerator: {accel} ({why})");
 
-    // 1. Builds.
+    // 1. Builds: only the test binaries the filters can select.
     let t = Instant::now();
-    let built = build::build(&root)?;
+    let targets = build::test_targets(&root)?;
+    let filters = parse_filters(&raw_filters, &targets);
+    for f in &filters {
+        if let Filter::Bin(b) | Filter::BinTest(b, _) = f {
+            if !targets.contains(b) {
+                bail!(
+                    "--filter {b}: no such test binary (have: {})",
+                    targets.join(", ")
+                );
+            }
+        }
+    }
+    let wanted: Vec<String> = targets
+        .iter()
+        .filter(|b| select(b, &filters).is_some())
+        .cloned()
+        .collect();
+    let only = (wanted.len() < targets.len()).then_some(wanted.as_slice());
+    let built = build::build(&root, only)?;
     let strip_cache = out_dir.join("stripped");
     let tests: Vec<(String, PathBuf)> = built
         .tests
@@ -261,32 +320,17 @@ pub fn run(args: Args) -> Result<()> {
         .collect();
     let interceptor = build::stripped(&built.interceptor, &strip_cache);
     let bins: Vec<String> = tests.iter().map(|(n, _)| n.clone()).collect();
-    let filters = parse_filters(&raw_filters, &bins);
-    for f in &filters {
-        if let Filter::Bin(b) | Filter::BinTest(b, _) = f {
-            if !bins.contains(b) {
-                bail!(
-                    "--filter {b}: no such test binary (have: {})",
-                    bins.join(", ")
-                );
-            }
-        }
-    }
     eprintln!(
         "[vm] built in {:.0} s: interceptor, vm-init, {} test binaries ({})",
         t.elapsed().as_secs_f64(),
         bins.len(),
         bins.join(", ")
     );
-    let runs = runs(&bins, &filters, &test_modes, args.run_timeout);
+    let needs = EbpfNeeds::new(&args);
+    let runs = runs(&bins, &filters, &test_modes, args.run_timeout, &needs);
     let denied_selection = format!(
-        "every selected test binary except {} with libtest `{}`{}",
-        EBPF_BINS.join(", "),
-        EBPF_SKIPS
-            .iter()
-            .map(|s| format!("--skip {s}"))
-            .collect::<Vec<_>>()
-            .join(" "),
+        "{}{}",
+        needs.describe(),
         if raw_filters.is_empty() {
             String::new()
         } else {
@@ -354,7 +398,10 @@ pub fn run(args: Args) -> Result<()> {
         let runs_total: u64 = runs.iter().map(|r| r.timeout_secs).sum();
         (600 + runs_total).min(4 * 3600)
     });
-    let queue = std::sync::Mutex::new(guests.into_iter().enumerate().collect::<Vec<_>>());
+    // Popped from the back: reversed so kernels boot in the order asked for.
+    let mut pending: Vec<_> = guests.into_iter().enumerate().collect();
+    pending.reverse();
+    let queue = std::sync::Mutex::new(pending);
     let results = std::sync::Mutex::new(Vec::new());
     std::thread::scope(|s| {
         for _ in 0..jobs {
@@ -489,7 +536,7 @@ fn host_run(
     rep.release = uname_r();
     rep.elapsed = t.elapsed();
     rep.done = Some((true, t.elapsed().as_millis() as u64));
-    rep.log = out_dir.join("host-results.log").display().to_string();
+    rep.log = relative(&out_dir.join("host-results.log"));
     for run in &rep.runs {
         eprintln!(
             "[host] {} {}: {} passed, {} failed ({:.0} s)",
@@ -501,6 +548,15 @@ fn host_run(
         );
     }
     Ok(rep)
+}
+
+/// `path` relative to the workspace root when below it (for the report).
+fn relative(path: &Path) -> String {
+    let root = workspace_root();
+    path.strip_prefix(&root)
+        .unwrap_or(path)
+        .display()
+        .to_string()
 }
 
 fn uname_r() -> String {
@@ -570,7 +626,7 @@ impl Guest<'_> {
         r.source = source(k);
         r.elapsed = out.elapsed;
         r.timed_out = out.timed_out;
-        r.log = out.console.display().to_string();
+        r.log = relative(&out.console);
         if r.done.is_none() && !out.timed_out {
             r.error = Some(format!(
                 "guest stopped without a result (QEMU exit {:?}); see {}",
@@ -601,7 +657,11 @@ mod tests {
         assert_eq!(select("ebpf_e2e", &f), Some(vec!["traffic".to_string()]));
         let f = parse_filters(&["ebpf_e2e".into()], &bins);
         assert_eq!(select("fallback_e2e", &f), None);
-        let r = runs(&bins, &[], &[Mode::Normal, Mode::Seccomp], 60);
+        let needs = EbpfNeeds {
+            bins: vec!["ebpf_e2e".into()],
+            skips: vec!["ebpf".into()],
+        };
+        let r = runs(&bins, &[], &[Mode::Normal, Mode::Seccomp], 60, &needs);
         let ids: Vec<_> = r.iter().map(|r| (r.id.as_str(), r.when)).collect();
         assert_eq!(
             ids,

@@ -211,7 +211,35 @@ impl UserNs {
 fn enter_userns(fd: RawFd) -> io::Result<()> {
     // SAFETY: setns/unshare in a single-threaded child after fork.
     check(unsafe { libc::setns(fd, libc::CLONE_NEWUSER) })?;
-    check(unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWNET) })
+    check(unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWNET) })?;
+    loopback_up()
+}
+
+/// Sets `lo` up in the calling thread's network namespace (a fresh one has it down, and then
+/// even binds to addresses it does not have succeed).
+fn loopback_up() -> io::Result<()> {
+    // SAFETY: socket/ioctl/close on a zeroed ifreq naming "lo".
+    unsafe {
+        let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if s < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (i, b) in b"lo".iter().enumerate() {
+            req.ifr_name[i] = *b as libc::c_char;
+        }
+        let mut r = libc::ioctl(s, libc::SIOCGIFFLAGS as _, &mut req);
+        if r == 0 {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            r = libc::ioctl(s, libc::SIOCSIFFLAGS as _, &req);
+        }
+        let err = io::Error::last_os_error();
+        libc::close(s);
+        if r < 0 {
+            return Err(err);
+        }
+    }
+    Ok(())
 }
 
 /// Applies `mode` to the calling (freshly forked) process; `userns` is [`UserNs::raw_fd`].

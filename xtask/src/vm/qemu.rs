@@ -173,7 +173,7 @@ impl Progress {
         self.partial.push_str(&buf.replace('\r', ""));
         while let Some(i) = self.partial.find('\n') {
             let l: String = self.partial.drain(..=i).collect();
-            let f: Vec<&str> = l.trim_end().split('\t').collect();
+            let f: Vec<&str> = l.trim_end_matches('\n').split('\t').collect();
             match f[0] {
                 "ready" => eprintln!("[{}] booted: {}", self.label, f.get(1).unwrap_or(&"")),
                 "modules" if f.len() >= 4 => eprintln!(

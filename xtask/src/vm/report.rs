@@ -370,7 +370,10 @@ pub fn matrix(reports: &[Report]) -> String {
     rows.push(auto_row);
     table(&mut out, &head, &rows);
 
-    out.push_str("### What `apply --backend auto` chose, per pod config and privilege mode\n\n");
+    out.push_str(
+        "### What `apply --backend auto` chose, per pod config and privilege mode \
+         (full reasons under Details)\n\n",
+    );
     let mut keys: Vec<(Mode, String)> = Vec::new();
     for r in reports {
         for (m, cases) in &r.auto {
@@ -393,8 +396,8 @@ pub fn matrix(reports: &[Report]) -> String {
                     .and_then(|c| c.iter().find(|(l, _, _)| l == label));
                 row.push(match c {
                     None => "-".into(),
-                    Some((_, b, why)) if b == "ebpf" => format!("ebpf ({})", short(why, 50)),
-                    Some((_, b, why)) => format!("**{b}** ({})", short(why, 110)),
+                    Some((_, b, _)) if b == "ebpf" => "ebpf".into(),
+                    Some((_, b, why)) => format!("**{b}**: {}", short(why, 70)),
                 });
             }
             row
@@ -403,11 +406,18 @@ pub fn matrix(reports: &[Report]) -> String {
     table(&mut out, &head, &rows);
 
     out.push_str("### e2e runs (test binary @ privilege mode: passed/total)\n\n");
-    let ids = union(
+    let mut ids = union(
         reports
             .iter()
             .map(|r| r.runs.iter().map(|x| x.id.clone()).collect()),
     );
+    // By mode (in the order of Mode::ALL), then binary.
+    let rank = |id: &str| {
+        let mode = id.rsplit_once('@').and_then(|(_, m)| Mode::parse(m));
+        let pos = mode.and_then(|m| Mode::ALL.iter().position(|x| *x == m));
+        (pos.unwrap_or(usize::MAX), id.to_string())
+    };
+    ids.sort_by_key(|id| rank(id));
     let rows: Vec<Vec<String>> = ids
         .iter()
         .map(|id| {

@@ -43,6 +43,8 @@ pub struct Runner<W: Write> {
     pub plan: Plan,
     pub out: W,
     userns: Option<privs::UserNs>,
+    /// Environment of the current test run, besides the plan's.
+    extra_env: Vec<(String, String)>,
     /// `auto`'s choice for the first auto case, per mode (what conditional runs look at).
     auto_first: Vec<(Mode, String, String)>,
 }
@@ -54,6 +56,7 @@ impl<W: Write> Runner<W> {
             plan,
             out,
             userns: None,
+            extra_env: Vec::new(),
             auto_first: Vec::new(),
         }
     }
@@ -195,6 +198,13 @@ impl<W: Write> Runner<W> {
         let mut cases = Vec::new();
         let mut fail_out = Vec::new();
         let mut in_failures = false;
+        // Runs of the fallback selection say so, for tests that want to skip eBPF cases.
+        let fallback = run.when == When::AutoNotEbpf || run.mode != Mode::Normal;
+        self.extra_env = if fallback {
+            vec![("INTERCEPTOR_TESTS_NO_EBPF".into(), "1".into())]
+        } else {
+            Vec::new()
+        };
         let exit = self.exec(run.mode, &bin, &args, run.timeout_secs, |l| {
             if let Some(rest) = l.strip_prefix("test ") {
                 if let Some((name, result)) = rest.rsplit_once(" ... ") {
@@ -291,7 +301,7 @@ impl<W: Write> Runner<W> {
             .stdout(Stdio::from(wr))
             .stderr(Stdio::from(wr2))
             .process_group(0);
-        for (k, v) in &self.plan.env {
+        for (k, v) in self.plan.env.iter().chain(&self.extra_env) {
             cmd.env(k, v);
         }
         let userns = self.userns.as_ref().map(privs::UserNs::raw_fd);
