@@ -340,3 +340,62 @@ fn metrics_match_the_traffic() {
     assert_eq!(get("interceptor_map_entries", &["map=\"POD_POLICY\""]), 1.0);
     assert!(get("interceptor_map_capacity", &["map=\"POD_POLICY\""]) >= 1024.0);
 }
+
+/// Bad control requests: each answered with a clear error, nothing registered, and the daemon
+/// keeps serving.
+#[test]
+fn control_api_rejects_bad_requests() {
+    use std::io::{BufRead, BufReader, Write};
+    let d = DaemonProc::start("dbad").unwrap();
+    let topo = Topology::new("dbad").unwrap();
+    let ns = topo.pod_netns().to_str().unwrap();
+    let add = |cfg: &str| format!(r#"{{"op":"add","netns":"{ns}","config":{cfg}}}"#);
+    let cases: Vec<(String, &str)> = vec![
+        ("{".into(), "malformed request"),
+        (r#"{"op":"nope"}"#.into(), "malformed request"),
+        (r#"{"op":"add"}"#.into(), "malformed request"),
+        (
+            r#"{"op":"add","netns":"/nonexistent/ns","config":{}}"#.into(),
+            "/nonexistent/ns",
+        ),
+        (
+            r#"{"op":"add","netns":"/etc/hostname","config":{}}"#.into(),
+            "not a network namespace",
+        ),
+        (add(r#"{"proxy_port":"abc"}"#), "--envoy-port"),
+        (
+            add(r#"{"outbound_ip_ranges_exclude":"*"}"#),
+            "--istio-service-exclude-cidr",
+        ),
+        (add(r#"{"proxy_uid":"root"}"#), "--proxy-uid"),
+        (
+            add(r#"{"inbound_interception_mode":"BOGUS"}"#),
+            "--istio-inbound-interception-mode",
+        ),
+        (add(r#"{"proxy_port":15001}"#), "malformed request"),
+        (
+            format!(r#"{{"op":"add","netns":"{ns}","config":{{}},"backend":"magic"}}"#),
+            "malformed request",
+        ),
+        (
+            r#"{"op":"show","netns":"/nonexistent/ns"}"#.into(),
+            "not registered",
+        ),
+    ];
+    let n = cases.len();
+    for (req, want) in cases {
+        let mut s = std::os::unix::net::UnixStream::connect(d.socket()).unwrap();
+        writeln!(s, "{req}").unwrap();
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line).unwrap();
+        assert!(
+            line.contains("\"result\":\"error\"") && line.contains(want),
+            "{req} -> {line}"
+        );
+    }
+    assert!(
+        !d.pod_ok(&["list"]).contains(ns),
+        "a bad request registered something"
+    );
+    println!("control API: {n} bad requests rejected, nothing registered");
+}
