@@ -14,8 +14,10 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 # tests), kmod (modprobe of nat/owner modules), procps/util-linux (nsenter), dnsutils (dig for DNS tests).
 # cargo xtask vm-test: qemu-system-x86 (guests), busybox-static (guest shell), kmod (depmod),
 # xz-utils/zstd (compressed kernel modules), binutils (objcopy), debian-archive-keyring.
+# containernetworking-plugins: bridge/host-local/loopback in /usr/lib/cni for the CNI chain test.
 PKGS=(iptables nftables iproute2 bpftool kmod procps util-linux dnsutils ca-certificates
-      qemu-system-x86 busybox-static xz-utils zstd binutils debian-archive-keyring)
+      qemu-system-x86 busybox-static xz-utils zstd binutils debian-archive-keyring
+      containernetworking-plugins)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -289,7 +289,20 @@ pub fn run(args: &ApplyArgs) -> Result<Result<(), ConfigError>> {
         Err(e) => return Ok(Err(e)),
     };
     if args.run_validation {
-        bail!("--run-validation is not supported yet: interception is not validated by this build");
+        // Istio's validation mode: check that interception works, apply nothing.
+        let v = crate::cli::ValidateArgs {
+            network_namespace: args.network_namespace.clone(),
+            envoy_port: args.envoy_port.clone(),
+            inbound_capture_port: args.inbound_capture_port.clone(),
+            iptables_probe_port: args.iptables_probe_port.clone(),
+            probe_timeout: args.probe_timeout.clone(),
+            proxy_uid: cfg
+                .proxy_uid
+                .first()
+                .map_or_else(|| "1337".into(), u32::to_string),
+            proxy_gid: cfg.proxy_gid.first().map(u32::to_string),
+        };
+        return crate::validate::run(&v);
     }
     if args.dry_run {
         eprintln!("# backend: {:?} ({})", choice.backend, choice.why);

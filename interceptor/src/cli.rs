@@ -41,6 +41,11 @@ pub enum Command {
     /// Check that interception works in a pod, as Istio's istio-validation does: exit 0 when
     /// it does, 126 when not. Runs as the proxy uid/gid with no capabilities.
     Validate(ValidateArgs),
+    /// Install the CNI plugin: the binary into the CNI bin dir, our entry chained into the
+    /// node's primary network config (idempotent).
+    CniInstall(CniInstallArgs),
+    /// Remove our entry from the node's network configs and the binary from the CNI bin dir.
+    CniUninstall(CniInstallArgs),
 }
 
 /// Where the eBPF state lives.
@@ -143,6 +148,28 @@ pub struct ExplainArgs {
     /// The pod's interception config, exactly as for `apply`.
     #[command(flatten)]
     pub apply: ApplyArgs,
+}
+
+/// Where `cni-install` / `cni-uninstall` work.
+#[derive(Args, Debug, Clone)]
+pub struct CniInstallArgs {
+    /// The folder the container runtime runs CNI plugins from.
+    #[arg(long, env = "INTERCEPTOR_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
+    pub cni_bin_dir: PathBuf,
+    /// The folder the container runtime reads network configs from.
+    #[arg(
+        long,
+        env = "INTERCEPTOR_CNI_CONF_DIR",
+        default_value = "/etc/cni/net.d"
+    )]
+    pub cni_conf_dir: PathBuf,
+    /// The daemon's control socket, written into our conflist entry.
+    #[arg(
+        long,
+        env = "INTERCEPTOR_SOCKET",
+        default_value = "/run/interceptor/interceptor.sock"
+    )]
+    pub socket: PathBuf,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -4,10 +4,12 @@
 pub mod apply;
 pub mod backend;
 pub mod cli;
+pub mod cni;
 pub mod config;
 pub mod daemon;
 pub mod doctor;
 pub mod explain;
+pub mod k8s;
 pub mod listener;
 pub mod netns;
 pub mod validate;

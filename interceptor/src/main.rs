@@ -4,6 +4,10 @@ use clap::Parser;
 use interceptor::cli::{Cli, Command};
 
 fn main() -> ExitCode {
+    // Run by a container runtime as a CNI plugin: the protocol is env + stdin, not arguments.
+    if interceptor::cni::invoked_as_plugin() {
+        return interceptor::cni::main();
+    }
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -26,6 +30,8 @@ fn main() -> ExitCode {
         Command::Doctor(args) => interceptor::doctor::run(args).map(Ok),
         Command::Explain(args) => interceptor::explain::run(args),
         Command::Validate(args) => interceptor::validate::run(args),
+        Command::CniInstall(args) => interceptor::cni::install::run_install(args).map(Ok),
+        Command::CniUninstall(args) => interceptor::cni::install::run_uninstall(args).map(Ok),
     };
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,

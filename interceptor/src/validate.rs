@@ -459,12 +459,15 @@ impl State {
         if let Some(m) = &self.skipped {
             return Outcome::Skipped(m.clone());
         }
-        let n = self.probes;
+        let n = match self.probes {
+            1 => "1 probe".to_string(),
+            n => format!("{n} probes"),
+        };
         if let Some(w) = &self.wrong {
-            return Outcome::Failed(format!("{w} (last of {n} probes in {timeout})"));
+            return Outcome::Failed(format!("{w} (last of {n} in {timeout})"));
         }
         let mut m = format!(
-            "no listener received the probe to {} within {timeout} (not captured; {n} probes)",
+            "no listener received the probe to {} within {timeout} (not captured; {n})",
             self.want_orig
         );
         if let Some(c) = &self.client {
@@ -810,7 +813,7 @@ mod tests {
             ),
             (&["--probe-timeout", "5"][..], "--probe-timeout"),
             (&["--probe-timeout", "0s"][..], "--probe-timeout"),
-            (&["--proxy-uid", "-1"][..], "--proxy-uid"),
+            (&["--proxy-uid=-1"][..], "--proxy-uid"),
             (&["--proxy-gid", "abc"][..], "--proxy-gid"),
             (
                 &["--network-namespace", "/nonexistent/netns"][..],

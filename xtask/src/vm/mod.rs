@@ -243,8 +243,21 @@ fn runs(
     out
 }
 
-fn plan(label: &str, modules: Vec<String>, runs: Vec<Run>) -> Plan {
-    let mut env = Vec::new();
+/// How much slower than native a guest runs: TCG is some 10-20 times slower, KVM about as
+/// fast. Handed to the tests as INTERCEPTOR_TESTS_TIME_SCALE (for their own timeouts).
+fn time_scale(accel: &str) -> &'static str {
+    if accel == "tcg" {
+        "10"
+    } else {
+        "1"
+    }
+}
+
+fn plan(label: &str, modules: Vec<String>, runs: Vec<Run>, scale: &str) -> Plan {
+    let mut env = vec![(
+        "INTERCEPTOR_TESTS_TIME_SCALE".to_string(),
+        scale.to_string(),
+    )];
     if let Ok(ci) = std::env::var("CI") {
         env.push(("CI".to_string(), ci));
     }
@@ -449,7 +462,10 @@ pub fn run(args: Args) -> Result<()> {
         .join(" ");
     let meta = report::Meta {
         command,
-        accel: format!("{accel}: {why}"),
+        accel: format!(
+            "{accel}: {why}; guests' tests get INTERCEPTOR_TESTS_TIME_SCALE={}",
+            time_scale(&accel)
+        ),
         date: date(),
         wall: wall.elapsed(),
         denied_selection,
@@ -516,7 +532,7 @@ fn host_run(
         .filter(|r| r.mode != Mode::Normal)
         .cloned()
         .collect();
-    let plan = plan("host", Vec::new(), host_runs);
+    let plan = plan("host", Vec::new(), host_runs, "1");
     let env = runner::Env {
         interceptor: interceptor.to_path_buf(),
         tests: bin_dir,
@@ -589,7 +605,12 @@ impl Guest<'_> {
             .iter()
             .map(|p| Path::new("/").join(p).display().to_string())
             .collect();
-        let plan = plan(&k.series, modules, self.runs.to_vec());
+        let plan = plan(
+            &k.series,
+            modules,
+            self.runs.to_vec(),
+            time_scale(self.accel),
+        );
         let initrd = self.dir.join("initrd.cpio");
         let size = initramfs::write(
             self.userland,
@@ -619,6 +640,7 @@ impl Guest<'_> {
             memory_mib: self.args.memory,
             smp: self.args.smp,
             timeout: self.timeout,
+            stall: Duration::from_secs(self.args.run_timeout + 300),
             label: &k.series,
         })?;
         let _ = std::fs::remove_file(&initrd);

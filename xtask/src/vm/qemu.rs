@@ -44,6 +44,9 @@ pub struct Boot<'a> {
     pub memory_mib: u32,
     pub smp: u32,
     pub timeout: Duration,
+    /// Killed when the guest reports nothing for this long (the init reports at least once
+    /// per test run, and kills a run at its own timeout).
+    pub stall: Duration,
     /// Printed before progress lines.
     pub label: &'a str,
 }
@@ -113,12 +116,14 @@ pub fn boot(b: &Boot) -> Result<Outcome> {
             break Some(st);
         }
         progress.poll();
-        if start.elapsed() > b.timeout {
+        let stalled = progress.last.elapsed() > b.stall;
+        if start.elapsed() > b.timeout || stalled {
             timed_out = true;
             eprintln!(
-                "[{}] timeout after {} s: killing QEMU",
+                "[{}] {} after {} s: killing QEMU",
                 b.label,
-                b.timeout.as_secs()
+                if stalled { "no progress" } else { "timeout" },
+                start.elapsed().as_secs()
             );
             let _ = child.kill();
             let _ = child.wait();
@@ -146,6 +151,8 @@ struct Progress {
     label: String,
     pos: u64,
     partial: String,
+    /// When the results last grew.
+    last: Instant,
 }
 
 impl Progress {
@@ -155,6 +162,7 @@ impl Progress {
             label: label.to_string(),
             pos: 0,
             partial: String::new(),
+            last: Instant::now(),
         }
     }
 
@@ -170,6 +178,9 @@ impl Progress {
             return;
         };
         self.pos += n as u64;
+        if n > 0 {
+            self.last = Instant::now();
+        }
         self.partial.push_str(&buf.replace('\r', ""));
         while let Some(i) = self.partial.find('\n') {
             let l: String = self.partial.drain(..=i).collect();

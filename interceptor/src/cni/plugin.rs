@@ -1,0 +1,486 @@
+//! ADD, DEL, CHECK and VERSION: the plugin's side of the CNI protocol, talking to the daemon.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use interceptor_common::config::RawConfig;
+
+use super::annotations::{skip_reason, AnnotationError, NodeEnv, PodInfo, Redirect};
+use super::spec::{
+    self, code, parse_cni_args, parse_netconf, pass_through, prev_result_ips, CniEnv, CniError,
+    Command, K8sArgs, NetConf,
+};
+use crate::backend::ebpf::{netns_cookie, Pins};
+use crate::cli::BackendKind;
+use crate::daemon::client::call;
+use crate::daemon::protocol::{PodIdentity, PodSpec, PodStatus, Request, Response};
+
+/// What the plugin prints on stdout and whether it succeeded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub stdout: String,
+    pub ok: bool,
+}
+
+fn note(msg: impl std::fmt::Display) {
+    // stdout belongs to the protocol; the runtime logs stderr.
+    eprintln!("interceptor-cni: {msg}");
+}
+
+/// Runs one plugin invocation: `env` as the runtime set it, `stdin` the network config.
+pub fn execute(env: &CniEnv, stdin: &[u8]) -> Outcome {
+    let version = spec::sniff_version(stdin).unwrap_or_else(|| spec::IMPLEMENTED_VERSION.into());
+    match dispatch(env, stdin) {
+        Ok(stdout) => Outcome { stdout, ok: true },
+        Err(e) => {
+            note(&e);
+            Outcome {
+                stdout: e.to_json(&version),
+                ok: false,
+            }
+        }
+    }
+}
+
+fn dispatch(env: &CniEnv, stdin: &[u8]) -> Result<String, CniError> {
+    let Some(command) = Command::parse(&env.command) else {
+        return Err(CniError::new(
+            code::INVALID_ENV,
+            format!(
+                "unknown CNI_COMMAND {:?}: want ADD, DEL, CHECK or VERSION",
+                env.command
+            ),
+            "",
+        ));
+    };
+    if command == Command::Version {
+        return Ok(spec::version_info());
+    }
+    let conf = parse_netconf(stdin)?;
+    spec::check_version(&conf.cni_version)?;
+    require(env.container_id.as_deref(), "CNI_CONTAINERID")?;
+    require(env.ifname.as_deref(), "CNI_IFNAME")?;
+    let k8s = parse_cni_args(env.args.as_deref())?;
+    match command {
+        Command::Add => add(env, &conf, &k8s),
+        Command::Del => del(env, &conf, &k8s),
+        Command::Check => check(env, &conf),
+        Command::Version => unreachable!(),
+    }
+}
+
+fn require<'a>(v: Option<&'a str>, name: &str) -> Result<&'a str, CniError> {
+    v.ok_or_else(|| CniError::new(code::INVALID_ENV, format!("{name} is missing or empty"), ""))
+}
+
+/// CNI_NETNS for ADD and CHECK: required, and it must be a network namespace.
+fn require_netns(env: &CniEnv) -> Result<&Path, CniError> {
+    let netns = env
+        .netns
+        .as_deref()
+        .ok_or_else(|| CniError::new(code::INVALID_ENV, "CNI_NETNS is missing or empty", ""))?;
+    if !netns.exists() {
+        return Err(CniError::new(
+            code::UNKNOWN_CONTAINER,
+            format!("CNI_NETNS {} does not exist", netns.display()),
+            "",
+        ));
+    }
+    if !crate::netns::is_netns(netns) {
+        return Err(CniError::new(
+            code::UNKNOWN_CONTAINER,
+            format!("CNI_NETNS {} is not a network namespace", netns.display()),
+            "",
+        ));
+    }
+    Ok(netns)
+}
+
+/// The pod as far as the config tells: `runtimeConfig` (per pod, from the runtime) wins over
+/// the keys at the top level (static in the conflist).
+pub fn pod_info(conf: &NetConf) -> PodInfo {
+    let rc = conf.runtime_config.clone().unwrap_or_default();
+    let annotations = match (
+        &conf.pod_annotations,
+        &rc.cri_pod_annotations,
+        &rc.pod_annotations,
+    ) {
+        (None, None, None) => None,
+        (top, cri, ours) => {
+            let mut merged = BTreeMap::new();
+            for m in [top, cri, ours].into_iter().flatten() {
+                merged.extend(m.iter().map(|(k, v)| (k.clone(), v.clone())));
+            }
+            Some(merged)
+        }
+    };
+    let mut proxy_env = conf.proxy_env.clone().unwrap_or_default();
+    proxy_env.extend(rc.proxy_env.unwrap_or_default());
+    PodInfo {
+        annotations,
+        proxy_env,
+        run_as_user: rc.run_as_user.or(conf.run_as_user),
+        run_as_group: rc.run_as_group.or(conf.run_as_group),
+    }
+}
+
+fn bad_annotation(e: AnnotationError) -> CniError {
+    CniError::new(
+        code::INVALID_CONFIG,
+        e.to_string(),
+        "the pod's Istio annotations/env give an invalid interception config; nothing was registered",
+    )
+}
+
+/// Istio's IPv6 detection in the pod netns: the first non-loopback, non-link-local address
+/// decides; with ISTIO_DUAL_STACK any IPv6 address does.
+fn detect_ipv6(netns: &Path, dual_stack: bool) -> Result<bool, CniError> {
+    let addrs = crate::config::local_addrs(Some(netns)).map_err(|e| {
+        CniError::new(
+            code::IO,
+            format!("cannot read the addresses of {}", netns.display()),
+            format!("{e:#}"),
+        )
+    })?;
+    Ok(if dual_stack {
+        addrs.iter().any(|a| a.is_ipv6())
+    } else {
+        addrs.first().is_some_and(|a| a.is_ipv6())
+    })
+}
+
+/// The config the daemon gets for this pod, or why there is none (skipped: `Ok(None)`).
+fn derive(conf: &NetConf, netns: &Path) -> Result<Option<RawConfig>, CniError> {
+    let pi = pod_info(conf);
+    if let Some(why) = skip_reason(&pi) {
+        note(format!(
+            "not capturing the pod: {why} (as Istio's CNI plugin)"
+        ));
+        return Ok(None);
+    }
+    let redirect = Redirect::from_pod(&pi).map_err(bad_annotation)?;
+    for w in &redirect.warnings {
+        note(w);
+    }
+    let ipv6 = detect_ipv6(netns, redirect.dual_stack)?;
+    redirect
+        .validated(ipv6, &NodeEnv::from_process())
+        .map(Some)
+        .map_err(bad_annotation)
+}
+
+fn identity(k8s: &K8sArgs) -> Option<PodIdentity> {
+    (!k8s.namespace.is_empty() && !k8s.name.is_empty()).then(|| PodIdentity {
+        namespace: k8s.namespace.clone(),
+        name: k8s.name.clone(),
+        uid: k8s.uid.clone(),
+    })
+}
+
+fn unreachable(socket: &Path, e: anyhow::Error) -> CniError {
+    CniError::new(
+        code::TRY_AGAIN,
+        format!(
+            "the interceptor daemon is unreachable at {}; refusing to start the pod without traffic interception",
+            socket.display()
+        ),
+        format!("{e:#}"),
+    )
+}
+
+fn add(env: &CniEnv, conf: &NetConf, k8s: &K8sArgs) -> Result<String, CniError> {
+    let netns = require_netns(env)?;
+    let out = pass_through(conf.prev_result.as_ref(), &conf.cni_version);
+    let ips = prev_result_ips(conf.prev_result.as_ref())?;
+    let Some(config) = derive(conf, netns)? else {
+        return Ok(out);
+    };
+    let spec = PodSpec {
+        netns: netns.to_path_buf(),
+        ips,
+        config,
+        backend: conf.backend,
+        identity: identity(k8s),
+    };
+    match call(&conf.socket, &Request::Add(Box::new(spec))) {
+        Err(e) => Err(unreachable(&conf.socket, e)),
+        Ok(Response::Pod(p)) => {
+            note(format!(
+                "registered {} ({:?}: {})",
+                p.netns.display(),
+                p.backend,
+                p.why
+            ));
+            Ok(out)
+        }
+        Ok(Response::Error {
+            message,
+            bad_input: true,
+        }) => Err(CniError::new(
+            code::INVALID_CONFIG,
+            format!("the interceptor daemon refused the pod: {message}"),
+            "nothing was registered",
+        )),
+        Ok(Response::Error { message, .. }) => Err(CniError::new(
+            code::DAEMON_FAILED,
+            format!("the interceptor daemon failed to register the pod: {message}"),
+            "",
+        )),
+        Ok(other) => Err(CniError::new(
+            code::DAEMON_FAILED,
+            "unexpected answer from the interceptor daemon",
+            format!("{other:?}"),
+        )),
+    }
+}
+
+/// DEL: idempotent. A pod that is not registered, a netns that is gone, or a daemon that is
+/// down (it forgets pods whose netns is gone when it starts) all succeed.
+fn del(env: &CniEnv, conf: &NetConf, k8s: &K8sArgs) -> Result<String, CniError> {
+    let targets: Vec<PathBuf> = match &env.netns {
+        Some(netns) => vec![netns.clone()],
+        // Without CNI_NETNS the runtime has already lost the netns: unregister what the daemon
+        // still holds for this pod (same identity) whose netns no longer exists.
+        None => {
+            let Some(id) = identity(k8s) else {
+                return Ok(String::new());
+            };
+            match call(&conf.socket, &Request::List) {
+                Ok(Response::Pods { pods }) => pods
+                    .into_iter()
+                    .filter(|p| same_pod(p, &id) && !crate::netns::is_netns(&p.netns))
+                    .map(|p| p.netns)
+                    .collect(),
+                Ok(_) => vec![],
+                Err(e) => {
+                    note(format!(
+                        "DEL without CNI_NETNS: daemon unreachable ({e:#}); nothing to do"
+                    ));
+                    vec![]
+                }
+            }
+        }
+    };
+    for netns in targets {
+        match call(&conf.socket, &Request::Remove { netns: netns.clone() }) {
+            Ok(Response::Removed { removed }) => {
+                if removed {
+                    note(format!("unregistered {}", netns.display()));
+                }
+            }
+            Ok(Response::Error { message, .. }) => {
+                return Err(CniError::new(
+                    code::DAEMON_FAILED,
+                    format!(
+                        "the interceptor daemon failed to unregister {}: {message}",
+                        netns.display()
+                    ),
+                    "",
+                ))
+            }
+            Ok(other) => note(format!("unexpected answer to remove: {other:?}")),
+            Err(e) => note(format!(
+                "daemon unreachable at {} ({e:#}); nothing to undo now (the daemon forgets pods whose netns is gone when it starts)",
+                conf.socket.display()
+            )),
+        }
+    }
+    Ok(String::new())
+}
+
+fn same_pod(p: &PodStatus, id: &PodIdentity) -> bool {
+    p.identity.as_ref().is_some_and(|pi| {
+        pi.namespace == id.namespace
+            && pi.name == id.name
+            && (id.uid.is_empty() || pi.uid.is_empty() || pi.uid == id.uid)
+    })
+}
+
+/// CHECK: the pod is registered for this very netns with the config its annotations give,
+/// and what serves it is in place.
+fn check(env: &CniEnv, conf: &NetConf) -> Result<String, CniError> {
+    if !spec::version_at_least(&conf.cni_version, "0.4.0") {
+        return Err(CniError::new(
+            code::INCOMPATIBLE_VERSION,
+            format!(
+                "CHECK needs cniVersion 0.4.0 or later, not {:?}",
+                conf.cni_version
+            ),
+            "",
+        ));
+    }
+    let netns = require_netns(env)?;
+    let Some(want) = derive(conf, netns)? else {
+        return Ok(String::new());
+    };
+    let pod = match call(
+        &conf.socket,
+        &Request::Show {
+            netns: netns.to_path_buf(),
+        },
+    ) {
+        Err(e) => return Err(unreachable(&conf.socket, e)),
+        Ok(Response::Pod(p)) => p,
+        Ok(Response::Error { message, .. }) => {
+            return Err(CniError::new(
+                code::NOT_REGISTERED,
+                format!("the pod is not registered with the interceptor daemon: {message}"),
+                "",
+            ))
+        }
+        Ok(other) => {
+            return Err(CniError::new(
+                code::NOT_REGISTERED,
+                "unexpected answer from the interceptor daemon",
+                format!("{other:?}"),
+            ))
+        }
+    };
+    let cookie = netns_cookie(Some(netns))
+        .map_err(|e| CniError::new(code::IO, "cannot read the netns cookie", format!("{e:#}")))?;
+    if cookie != pod.netns_cookie {
+        return Err(CniError::new(
+            code::NOT_REGISTERED,
+            format!(
+                "{} was registered for another namespace instance (cookie {} != {cookie})",
+                netns.display(),
+                pod.netns_cookie
+            ),
+            "",
+        ));
+    }
+    if pod.config != want {
+        return Err(CniError::new(
+            code::NOT_REGISTERED,
+            "the pod is registered with a different config than its annotations give",
+            format!("registered {:?}, want {want:?}", pod.config),
+        ));
+    }
+    attached(conf, netns, &pod).map_err(|why| {
+        CniError::new(
+            code::NOT_ATTACHED,
+            format!(
+                "the pod is registered ({:?}) but its interception is not in place: {why}",
+                pod.backend
+            ),
+            "",
+        )
+    })?;
+    Ok(String::new())
+}
+
+/// Whether what serves the pod is in place: the pinned, attached programs and the pod's policy
+/// entry (eBPF), or our chains/tables in its netns (iptables/nftables).
+fn attached(conf: &NetConf, netns: &Path, pod: &PodStatus) -> Result<(), String> {
+    use crate::backend::{exec, netfilter, nftables};
+    match pod.backend {
+        BackendKind::Ebpf => {
+            let pins = Pins::new(&conf.bpffs);
+            if !pins.loaded() {
+                return Err(format!(
+                    "the programs are not attached (no pins under {})",
+                    conf.bpffs.display()
+                ));
+            }
+            let maps = pins.maps().map_err(|e| format!("{e:#}"))?;
+            if !maps.pods().iter().any(|(c, _)| *c == pod.netns_cookie) {
+                return Err(format!(
+                    "no policy entry for netns cookie {}",
+                    pod.netns_cookie
+                ));
+            }
+            Ok(())
+        }
+        BackendKind::Iptables => {
+            let bin = netfilter::choose_binaries(Some(netns), None);
+            let save = format!("iptables{}-save", bin.suffix);
+            let dump = exec::run(Some(netns), &save, &[], None).map_err(|e| format!("{e:#}"))?;
+            if dump.lines().any(|l| l.starts_with(":ISTIO_")) {
+                Ok(())
+            } else {
+                Err(format!("no ISTIO_* chains in {save}"))
+            }
+        }
+        BackendKind::Nftables => {
+            let found = nftables::TABLES.iter().any(|t| {
+                exec::run(Some(netns), "nft", &["list", "table", "inet", t], None).is_ok()
+            });
+            if found {
+                Ok(())
+            } else {
+                Err("none of our nftables tables exists in the netns".into())
+            }
+        }
+        BackendKind::Auto => Err("the daemon recorded no concrete backend".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(cmd: &str) -> CniEnv {
+        CniEnv {
+            command: cmd.into(),
+            container_id: Some("c1".into()),
+            netns: None,
+            ifname: Some("eth0".into()),
+            args: None,
+            path: None,
+        }
+    }
+
+    fn err_of(o: &Outcome) -> serde_json::Value {
+        assert!(!o.ok, "{}", o.stdout);
+        serde_json::from_str(&o.stdout).unwrap()
+    }
+
+    #[test]
+    fn version() {
+        let o = execute(&env("VERSION"), br#"{"cniVersion":"1.0.0"}"#);
+        assert!(o.ok);
+        let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+        assert!(v["supportedVersions"]
+            .as_array()
+            .unwrap()
+            .contains(&"0.4.0".into()));
+    }
+
+    #[test]
+    fn bad_input() {
+        assert_eq!(err_of(&execute(&env("ADD"), b"{nope"))["code"], 6);
+        let v = err_of(&execute(&env("ADD"), br#"{"cniVersion":"9.9.9"}"#));
+        assert_eq!(v["code"], 1);
+        assert_eq!(v["cniVersion"], "1.0.0");
+        let v = err_of(&execute(&env("ADD"), br#"{"cniVersion":"0.4.0"}"#));
+        assert_eq!(v["code"], 4, "{v}");
+        assert_eq!(v["cniVersion"], "0.4.0");
+        assert!(v["msg"].as_str().unwrap().contains("CNI_NETNS"));
+        assert_eq!(err_of(&execute(&env("GC"), b"{}"))["code"], 4);
+    }
+
+    #[test]
+    fn del_without_netns_or_daemon_succeeds() {
+        let o = execute(
+            &env("DEL"),
+            br#"{"cniVersion":"1.0.0","socket":"/nonexistent/interceptor.sock"}"#,
+        );
+        assert!(o.ok, "{}", o.stdout);
+        assert!(o.stdout.is_empty());
+    }
+
+    #[test]
+    fn runtime_config_wins() {
+        let conf = parse_netconf(
+            br#"{"cniVersion":"1.0.0","podAnnotations":{"a":"1","b":"1"},"runAsUser":5,
+                 "runtimeConfig":{"io.kubernetes.cri.pod-annotations":{"b":"2"},"runAsUser":6}}"#,
+        )
+        .unwrap();
+        let pi = pod_info(&conf);
+        let a = pi.annotations.unwrap();
+        assert_eq!((a["a"].as_str(), a["b"].as_str()), ("1", "2"));
+        assert_eq!(pi.run_as_user, Some(6));
+        let conf = parse_netconf(br#"{"cniVersion":"1.0.0"}"#).unwrap();
+        assert!(pod_info(&conf).annotations.is_none());
+    }
+}

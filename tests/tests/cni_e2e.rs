@@ -1,0 +1,876 @@
+//! The `interceptor` binary as a chained CNI plugin, driven as a container runtime drives it:
+//! `CNI_COMMAND`/`CNI_CONTAINERID`/`CNI_NETNS`/`CNI_IFNAME`/`CNI_PATH`/`CNI_ARGS` plus the
+//! network config on stdin, the chain's `prevResult` fed forward, DEL in reverse order.
+//!
+//! The real chain is Debian's containernetworking-plugins (loopback, then bridge + host-local)
+//! followed by ours, against a private daemon (`DaemonProc`).
+//!
+//! Network safety: the bridge lives in a dedicated "node" netns (`ic-cninode-…-up`; the
+//! bridge plugin runs under `ip netns exec <node>`), the pod netns (`ic-cnipod-…-pod`) is
+//! created by the test, addressing is a private 10.250.X.0/24 with host-local keeping its
+//! state in a temp dir, and traffic only flows between the pod and servers in the node netns.
+//! Nothing is created in the host's network namespace, and `cni-install` only ever writes to
+//! temp dirs. Names follow the topology fixture's pattern so a killed run's leftovers are
+//! reaped by `topology::reap_stale`.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use interceptor_tests::bin::interceptor_bin;
+use interceptor_tests::daemon::DaemonProc;
+use interceptor_tests::sidecar::{Sidecar, SidecarConfig, TagServer};
+use interceptor_tests::topology::{connect_as, reap_stale, Topology};
+use serde_json::{json, Value};
+
+const CNI_DIR: &str = "/usr/lib/cni";
+const UPSTREAM_PORT: u16 = 8080;
+/// Excluded from capture by the pod's annotation.
+const EXCLUDED_PORT: u16 = 8081;
+const APP_PORT: u16 = 9080;
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+fn unique() -> (u32, u32) {
+    (std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("running ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A "node" netns holding the bridge, and a pod netns; both deleted on drop with the temp dir.
+struct Node {
+    node: String,
+    pod: String,
+    dir: PathBuf,
+    /// The third octet of the node's 10.250.X.0/24.
+    x: u8,
+}
+
+impl Node {
+    fn new() -> Self {
+        reap_stale();
+        let (pid, n) = unique();
+        let node = format!("ic-cninode-{pid}-{n}-up");
+        let pod = format!("ic-cnipod-{pid}-{n}-pod");
+        let dir = std::env::temp_dir().join(format!("ic-cni-{pid}-{n}"));
+        std::fs::create_dir_all(dir.join("bin")).unwrap();
+        let me = Self {
+            node,
+            pod,
+            dir,
+            x: ((pid.wrapping_mul(31).wrapping_add(n)) % 250 + 1) as u8,
+        };
+        ip(&["netns", "add", &me.node]);
+        ip(&["netns", "add", &me.pod]);
+        ip(&["-n", &me.node, "link", "set", "lo", "up"]);
+        // The runtime finds plugins by `type` in CNI_PATH.
+        for p in ["loopback", "bridge", "host-local"] {
+            std::os::unix::fs::symlink(Path::new(CNI_DIR).join(p), me.bin().join(p)).unwrap();
+        }
+        std::os::unix::fs::symlink(interceptor_bin(), me.bin().join("interceptor")).unwrap();
+        me
+    }
+    fn bin(&self) -> PathBuf {
+        self.dir.join("bin")
+    }
+    fn node_path(&self) -> PathBuf {
+        Path::new("/var/run/netns").join(&self.node)
+    }
+    fn pod_path(&self) -> PathBuf {
+        Path::new("/var/run/netns").join(&self.pod)
+    }
+    fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 250, self.x, 1)
+    }
+    fn subnet(&self) -> String {
+        format!("10.250.{}.0/24", self.x)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        for ns in [&self.pod, &self.node] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One plugin run as the runtime does it: returns (success, stdout, stderr).
+struct Run {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?} / {}", self.stdout, self.stderr))
+    }
+    /// The CNI error object of a failed run.
+    fn error(&self) -> Value {
+        assert!(
+            !self.ok,
+            "expected a failure: {} / {}",
+            self.stdout, self.stderr
+        );
+        let v = self.json();
+        assert!(v["code"].is_u64() && v["msg"].is_string(), "{v}");
+        v
+    }
+}
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ok={} stdout={} stderr={}",
+            self.ok, self.stdout, self.stderr
+        )
+    }
+}
+
+struct Invocation<'a> {
+    command: &'a str,
+    container_id: &'a str,
+    netns: Option<&'a Path>,
+    ifname: &'a str,
+    args: &'a str,
+    cni_path: &'a Path,
+    /// Run under `ip netns exec` (plugins that create links in the node).
+    in_netns: Option<&'a str>,
+}
+
+fn invoke(binary: &Path, inv: &Invocation<'_>, stdin: &[u8]) -> Run {
+    let mut cmd = match inv.in_netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(binary);
+            c
+        }
+        None => Command::new(binary),
+    };
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("CNI_COMMAND", inv.command)
+        .env("CNI_CONTAINERID", inv.container_id)
+        .env(
+            "CNI_NETNS",
+            inv.netns.map(|p| p.as_os_str()).unwrap_or_default(),
+        )
+        .env("CNI_IFNAME", inv.ifname)
+        .env("CNI_ARGS", inv.args)
+        .env("CNI_PATH", inv.cni_path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawning plugin");
+    {
+        use std::io::Write;
+        let mut pipe = child.stdin.take().unwrap();
+        pipe.write_all(stdin).unwrap();
+    }
+    let out: Output = child.wait_with_output().unwrap();
+    Run {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    }
+}
+
+/// A minimal libcni: runs a conflist's plugins in order for ADD (each gets the previous
+/// result as `prevResult`), in reverse for DEL, and all with the cached result for CHECK;
+/// `runtimeConfig` is filled for the capabilities a plugin declares.
+struct Runtime<'a> {
+    node: &'a Node,
+    container_id: String,
+    args: String,
+    /// Capability args the runtime offers (e.g. containerd's pod annotations).
+    capability_args: Value,
+    cached: Option<Value>,
+}
+
+impl<'a> Runtime<'a> {
+    fn new(node: &'a Node, args: String, capability_args: Value) -> Self {
+        Self {
+            node,
+            container_id: format!("ctr-{}", node.pod),
+            args,
+            capability_args,
+            cached: None,
+        }
+    }
+
+    fn stdin_for(&self, list: &Value, plugin: &Value, prev: Option<&Value>) -> Vec<u8> {
+        let mut conf = plugin.clone();
+        conf["name"] = list["name"].clone();
+        conf["cniVersion"] = list["cniVersion"].clone();
+        if let Some(caps) = plugin.get("capabilities").and_then(Value::as_object) {
+            let mut rc = serde_json::Map::new();
+            for (cap, on) in caps {
+                if on.as_bool() == Some(true) {
+                    if let Some(v) = self.capability_args.get(cap) {
+                        rc.insert(cap.clone(), v.clone());
+                    }
+                }
+            }
+            if !rc.is_empty() {
+                conf["runtimeConfig"] = Value::Object(rc);
+            }
+            conf.as_object_mut().unwrap().remove("capabilities");
+        }
+        if let Some(p) = prev {
+            conf["prevResult"] = p.clone();
+        }
+        serde_json::to_vec(&conf).unwrap()
+    }
+
+    fn run_plugin(&self, command: &str, list: &Value, i: usize, prev: Option<&Value>) -> Run {
+        let plugin = &list["plugins"][i];
+        let ty = plugin["type"].as_str().unwrap();
+        let pod = self.node.pod_path();
+        let bin = self.node.bin();
+        let inv = Invocation {
+            command,
+            container_id: &self.container_id,
+            netns: Some(&pod),
+            ifname: "eth0",
+            args: &self.args,
+            cni_path: &bin,
+            // Ours only talks to the daemon's socket; the others build the node's network.
+            in_netns: (ty != "interceptor").then_some(self.node.node.as_str()),
+        };
+        invoke(&bin.join(ty), &inv, &self.stdin_for(list, plugin, prev))
+    }
+
+    /// ADD through the whole list; the final result is cached for CHECK and DEL.
+    fn add(&mut self, list: &Value) -> Result<Value, (usize, Run)> {
+        let mut prev: Option<Value> = None;
+        for i in 0..list["plugins"].as_array().unwrap().len() {
+            let run = self.run_plugin("ADD", list, i, prev.as_ref());
+            if !run.ok {
+                return Err((i, run));
+            }
+            println!(
+                "  ADD {:<12} -> {}",
+                list["plugins"][i]["type"].as_str().unwrap(),
+                run.stdout
+            );
+            prev = Some(run.json());
+        }
+        self.cached = prev.clone();
+        Ok(prev.unwrap())
+    }
+
+    fn check(&self, list: &Value) -> Vec<Run> {
+        (0..list["plugins"].as_array().unwrap().len())
+            .map(|i| self.run_plugin("CHECK", list, i, self.cached.as_ref()))
+            .collect()
+    }
+
+    /// DEL of plugin `i` (the caller walks the list in reverse).
+    fn del(&self, list: &Value, i: usize) -> Run {
+        self.run_plugin("DEL", list, i, self.cached.as_ref())
+    }
+}
+
+/// Runs our plugin directly (no chain) for `netns`.
+fn ours(command: &str, netns: Option<&Path>, args: &str, conf: &Value) -> Run {
+    let bin = interceptor_bin();
+    let dir = bin.parent().unwrap().to_path_buf();
+    let inv = Invocation {
+        command,
+        container_id: "ctr-test",
+        netns,
+        ifname: "eth0",
+        args,
+        cni_path: &dir,
+        in_netns: None,
+    };
+    invoke(&bin, &inv, conf.to_string().as_bytes())
+}
+
+fn our_conf(d: &DaemonProc, extra: Value) -> Value {
+    let mut c = json!({
+        "cniVersion": "1.0.0",
+        "name": "test-net",
+        "type": "interceptor",
+        "socket": d.socket(),
+        "bpffs": d.bpffs(),
+    });
+    if let Value::Object(m) = extra {
+        c.as_object_mut().unwrap().extend(m);
+    }
+    c
+}
+
+fn registered(d: &DaemonProc) -> String {
+    d.pod_ok(&["list"])
+}
+
+fn connect(netns: &Path, uid: u32, dst: SocketAddr) -> String {
+    match connect_as(netns, uid, uid, dst, None, TIMEOUT) {
+        Ok(o) => o.reply,
+        Err(e) => format!("error: {e:#}"),
+    }
+}
+
+#[test]
+fn real_chain_add_check_traffic_del() {
+    let d = DaemonProc::start("cnichain").unwrap();
+    let node = Node::new();
+    let gw = node.gateway();
+    let list = json!({
+        "cniVersion": "1.0.0",
+        "name": "ic-cni-test",
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": "cni-ic0",
+                "isGateway": true,
+                "ipMasq": false,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": node.subnet(), "gateway": gw.to_string()}]],
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                    "dataDir": node.dir.join("ipam"),
+                },
+            },
+            {
+                "type": "interceptor",
+                "socket": d.socket(),
+                "bpffs": d.bpffs(),
+                "capabilities": {"io.kubernetes.cri.pod-annotations": true},
+            },
+        ],
+    });
+    // containerd runs the loopback network on its own before the pod's network.
+    let lo =
+        json!({"cniVersion": "1.0.0", "name": "cni-loopback", "plugins": [{"type": "loopback"}]});
+    let annotations = json!({
+        "sidecar.istio.io/status": "{\"containers\":[\"istio-proxy\"]}",
+        "traffic.sidecar.istio.io/excludeOutboundPorts": EXCLUDED_PORT.to_string(),
+    });
+    let uid = format!("uid-{}", node.pod);
+    let args = format!(
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0;K8S_POD_INFRA_CONTAINER_ID=ctr-{};K8S_POD_UID={uid}",
+        node.pod
+    );
+    let caps = json!({"io.kubernetes.cri.pod-annotations": annotations});
+    let mut lo_rt = Runtime::new(&node, args.clone(), caps.clone());
+    let mut rt = Runtime::new(&node, args, caps);
+
+    println!(
+        "chain ADD (pod netns {}, node netns {})",
+        node.pod, node.node
+    );
+    lo_rt
+        .add(&lo)
+        .unwrap_or_else(|(i, r)| panic!("loopback ADD #{i}: {r:?}"));
+    let result = rt
+        .add(&list)
+        .unwrap_or_else(|(i, r)| panic!("ADD of plugin #{i}: {r:?}"));
+    // Our ADD passed the bridge's result through.
+    assert_eq!(result["cniVersion"], "1.0.0");
+    let pod_ip: Ipv4Addr = result["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(result["interfaces"]
+        .as_array()
+        .is_some_and(|i| !i.is_empty()));
+
+    // The daemon holds the pod: this netns, the IP from prevResult, the identity, the config
+    // from the annotations.
+    let ns = node.pod_path();
+    let show: Value =
+        serde_json::from_str(&d.pod_ok(&["show", "--network-namespace", ns.to_str().unwrap()]))
+            .unwrap();
+    println!(
+        "registered: backend={} why={:?} ips={} identity={}",
+        show["backend"], show["why"], show["ips"], show["identity"]
+    );
+    assert_eq!(show["ips"], json!([pod_ip.to_string()]));
+    assert_eq!(
+        show["identity"],
+        json!({"namespace": "default", "name": "web-0", "uid": uid})
+    );
+    assert_eq!(
+        show["config"]["outbound_ports_exclude"],
+        EXCLUDED_PORT.to_string()
+    );
+    assert_eq!(show["config"]["inbound_ports_exclude"], "15020,15021,15090");
+    assert_eq!(show["config"]["outbound_ip_ranges_include"], "*");
+
+    // CHECK of the whole chain.
+    for (i, r) in rt.check(&list).iter().enumerate() {
+        assert!(r.ok, "CHECK of plugin #{i}: {r:?}");
+    }
+    println!("  CHECK bridge, interceptor -> ok");
+
+    // The pod's containers start: the sidecar (uid 1337) and an app server; servers in the
+    // node stand for the rest of the cluster.
+    let sidecar = Sidecar::with_config(&ns, SidecarConfig::default()).unwrap();
+    let _app = TagServer::spawn(&ns, "app", &[APP_PORT], None).unwrap();
+    let upstream = TagServer::spawn(
+        &node.node_path(),
+        "upstream",
+        &[UPSTREAM_PORT, EXCLUDED_PORT],
+        None,
+    )
+    .unwrap();
+    let dst = SocketAddr::new(IpAddr::V4(gw), UPSTREAM_PORT);
+    let excluded = SocketAddr::new(IpAddr::V4(gw), EXCLUDED_PORT);
+    let inbound = SocketAddr::new(IpAddr::V4(pod_ip), APP_PORT);
+
+    let app_out = connect(&ns, 1000, dst);
+    let proxy_out = connect(&ns, 1337, dst);
+    let excl_out = connect(&ns, 1000, excluded);
+    let in_out = connect(&node.node_path(), 0, inbound);
+    println!("traffic after ADD: app->{dst}: {app_out}; proxy->{dst}: {proxy_out}; app->{excluded}: {excl_out}; node->{inbound}: {in_out}");
+    assert_eq!(
+        app_out, "sidecar:15001",
+        "outbound app traffic not captured"
+    );
+    assert_eq!(sidecar.outbound()[0].original_dst, Some(dst));
+    assert_eq!(proxy_out, format!("upstream:{UPSTREAM_PORT}"));
+    assert_eq!(
+        excl_out,
+        format!("upstream:{EXCLUDED_PORT}"),
+        "annotation's exclude ignored"
+    );
+    assert_eq!(in_out, "sidecar:15006", "inbound traffic not captured");
+    assert_eq!(sidecar.inbound()[0].original_dst, Some(inbound));
+    sidecar.take_records();
+    upstream.take_records();
+
+    // DEL in reverse order: ours first; the pod is unregistered and traffic flows direct.
+    println!("chain DEL (reverse order)");
+    let r = rt.del(&list, 1);
+    assert!(r.ok && r.stdout.is_empty(), "DEL interceptor: {r:?}");
+    println!("  DEL interceptor  -> ok");
+    assert!(
+        !registered(&d).contains(&node.pod),
+        "still registered after DEL"
+    );
+    let app_after = connect(&ns, 1000, dst);
+    let in_after = connect(&node.node_path(), 0, inbound);
+    println!("traffic after DEL: app->{dst}: {app_after}; node->{inbound}: {in_after}");
+    assert_eq!(
+        app_after,
+        format!("upstream:{UPSTREAM_PORT}"),
+        "still captured after DEL"
+    );
+    assert_eq!(
+        in_after,
+        format!("app:{APP_PORT}"),
+        "inbound still captured after DEL"
+    );
+    assert!(sidecar.records().is_empty());
+    // CHECK of ours now fails: not registered.
+    let c = rt.run_plugin("CHECK", &list, 1, rt.cached.as_ref());
+    assert_eq!(c.error()["code"], 100, "{c:?}");
+    println!(
+        "  CHECK interceptor after DEL -> code 100 ({})",
+        c.error()["msg"]
+    );
+    // DEL is idempotent.
+    assert!(rt.del(&list, 1).ok);
+    let r = rt.del(&list, 0);
+    assert!(r.ok, "DEL bridge: {r:?}");
+    println!("  DEL bridge       -> ok");
+    let r = lo_rt.del(&lo, 0);
+    assert!(r.ok, "DEL loopback: {r:?}");
+    println!("  DEL loopback     -> ok");
+    // host-local released the address.
+    let ipam = node.dir.join("ipam").join("ic-cni-test");
+    assert!(!ipam.join(pod_ip.to_string()).exists(), "IP not released");
+    println!("real chain: ADD registered, CHECK ok, capture proven, DEL unregistered");
+}
+
+#[test]
+fn daemon_down_add_fails_closed() {
+    let mut d = DaemonProc::start("cnidown").unwrap();
+    let topo = Topology::new("cnidown").unwrap();
+    let ns = topo.pod_netns();
+    let conf = our_conf(&d, json!({}));
+    d.kill9();
+    let r = ours(
+        "ADD",
+        Some(ns),
+        "K8S_POD_NAMESPACE=default;K8S_POD_NAME=a",
+        &conf,
+    );
+    let e = r.error();
+    println!("daemon down: ADD -> {}", r.stdout);
+    assert_eq!(e["code"], 11);
+    assert_eq!(e["cniVersion"], "1.0.0");
+    assert!(e["msg"].as_str().unwrap().contains("unreachable"), "{e}");
+    // No socket at all: the same.
+    let mut gone = conf.clone();
+    gone["socket"] = json!(d.dir.join("no-such.sock"));
+    assert_eq!(ours("ADD", Some(ns), "", &gone).error()["code"], 11);
+    // DEL still succeeds (nothing to undo), CHECK fails.
+    assert!(ours("DEL", Some(ns), "", &conf).ok);
+    assert_eq!(ours("CHECK", Some(ns), "", &conf).error()["code"], 11);
+    d.spawn().unwrap();
+    assert!(!registered(&d).contains(topo.pod_ns_name()));
+}
+
+#[test]
+fn bad_input_is_a_cni_error_and_registers_nothing() {
+    let d = DaemonProc::start("cnibad").unwrap();
+    let topo = Topology::new("cnibad").unwrap();
+    let ns = topo.pod_netns();
+    let args = "K8S_POD_NAMESPACE=default;K8S_POD_NAME=bad";
+    let with = |a: Value| our_conf(&d, json!({"podAnnotations": a}));
+    let status = "sidecar.istio.io/status";
+    let cases: Vec<(&str, Vec<u8>, u64, &str)> = vec![
+        ("malformed JSON", b"{\"cniVersion\": \"1.0.0\",".to_vec(), 6, "parse"),
+        (
+            "unsupported cniVersion",
+            our_conf(&d, json!({"cniVersion": "2.0.0"})).to_string().into_bytes(),
+            1,
+            "2.0.0",
+        ),
+        (
+            "bad backend",
+            our_conf(&d, json!({"backend": "ebpff"})).to_string().into_bytes(),
+            7,
+            "ebpff",
+        ),
+        (
+            "bad includeOutboundIPRanges",
+            with(json!({status: "{}", "traffic.sidecar.istio.io/includeOutboundIPRanges": "10.0.0.0/33"}))
+                .to_string()
+                .into_bytes(),
+            7,
+            "10.0.0.0/33",
+        ),
+        (
+            "bad interceptionMode",
+            with(json!({status: "{}", "sidecar.istio.io/interceptionMode": "TPROXYY"}))
+                .to_string()
+                .into_bytes(),
+            7,
+            "TPROXYY",
+        ),
+        (
+            "bad excludeInboundPorts",
+            with(json!({status: "{}", "traffic.sidecar.istio.io/excludeInboundPorts": "80,http"}))
+                .to_string()
+                .into_bytes(),
+            7,
+            "80,http",
+        ),
+        (
+            "port 0 in excludeOutboundPorts",
+            with(json!({status: "{}", "traffic.sidecar.istio.io/excludeOutboundPorts": "0"}))
+                .to_string()
+                .into_bytes(),
+            7,
+            "excludeOutboundPorts",
+        ),
+        (
+            "bad excludeInterfaces",
+            with(json!({status: "{}", "traffic.sidecar.istio.io/excludeInterfaces": "eth0,a b"}))
+                .to_string()
+                .into_bytes(),
+            7,
+            "a b",
+        ),
+        (
+            "negative runAsUser",
+            our_conf(&d, json!({"runAsUser": -5})).to_string().into_bytes(),
+            7,
+            "-5",
+        ),
+        (
+            "annotation not a string",
+            with(json!({status: 1})).to_string().into_bytes(),
+            7,
+            "string",
+        ),
+    ];
+    for (what, stdin, code, named) in cases {
+        let inv = Invocation {
+            command: "ADD",
+            container_id: "ctr-bad",
+            netns: Some(ns),
+            ifname: "eth0",
+            args,
+            cni_path: Path::new(CNI_DIR),
+            in_netns: None,
+        };
+        let r = invoke(&interceptor_bin(), &inv, &stdin);
+        let e = r.error();
+        println!("{what}: {}", r.stdout);
+        assert_eq!(e["code"], code, "{what}: {e}");
+        let text = format!("{} {}", e["msg"], e["details"]);
+        assert!(
+            text.contains(named),
+            "{what}: {named:?} not named in {text}"
+        );
+    }
+    // Missing CNI_NETNS on ADD (and CHECK).
+    let conf = our_conf(&d, json!({}));
+    let r = ours("ADD", None, args, &conf);
+    assert_eq!(r.error()["code"], 4);
+    assert!(r.error()["msg"].as_str().unwrap().contains("CNI_NETNS"));
+    assert_eq!(ours("CHECK", None, args, &conf).error()["code"], 4);
+    // A netns that does not exist.
+    let missing = Path::new("/var/run/netns/ic-cni-no-such-netns");
+    assert_eq!(ours("ADD", Some(missing), args, &conf).error()["code"], 3);
+    // Bad CNI_ARGS.
+    assert_eq!(
+        ours("ADD", Some(ns), "K8S_POD_NAME", &conf).error()["code"],
+        4
+    );
+    assert!(
+        !registered(&d).contains(topo.pod_ns_name()),
+        "bad input registered a pod"
+    );
+}
+
+#[test]
+fn add_del_check_directly() {
+    let d = DaemonProc::start("cnidirect").unwrap();
+    let topo = Topology::new("cnidirect").unwrap();
+    let ns = topo.pod_netns();
+    let name = topo.pod_ns_name();
+    let args = "K8S_POD_NAMESPACE=prod;K8S_POD_NAME=api-1;K8S_POD_UID=u-1";
+    let prev = json!({
+        "cniVersion": "0.4.0",
+        "interfaces": [{"name": "eth0", "sandbox": ns}],
+        "ips": [{"version": "4", "address": format!("{}/24", topo.pod_v4()), "interface": 0}],
+        "dns": {},
+    });
+    // 0.4.0 config, no annotations: Istio's defaults apply; prevResult passed through.
+    let conf = our_conf(&d, json!({"cniVersion": "0.4.0", "prevResult": prev}));
+    let r = ours("ADD", Some(ns), args, &conf);
+    assert!(r.ok, "{r:?}");
+    assert_eq!(r.json(), prev, "prevResult not passed through unchanged");
+    let list = registered(&d);
+    assert!(list.contains(name) && list.contains("prod/api-1"), "{list}");
+    assert!(ours("CHECK", Some(ns), args, &conf).ok);
+    // CHECK notices a registration that no longer matches the annotations.
+    let changed = our_conf(
+        &d,
+        json!({"cniVersion": "0.4.0", "prevResult": prev,
+               "podAnnotations": {"sidecar.istio.io/status": "{}",
+                                  "traffic.sidecar.istio.io/excludeOutboundPorts": "9999"}}),
+    );
+    assert_eq!(ours("CHECK", Some(ns), args, &changed).error()["code"], 100);
+    // CHECK is not part of 0.3.x.
+    let old = our_conf(&d, json!({"cniVersion": "0.3.1"}));
+    assert_eq!(ours("CHECK", Some(ns), args, &old).error()["code"], 1);
+
+    // DEL: idempotent, also without CNI_NETNS.
+    assert!(ours("DEL", Some(ns), args, &conf).ok);
+    assert!(!registered(&d).contains(name));
+    assert!(ours("DEL", Some(ns), args, &conf).ok);
+    assert!(ours("DEL", None, args, &conf).ok);
+    assert_eq!(ours("CHECK", Some(ns), args, &conf).error()["code"], 100);
+
+    // Without CNI_NETNS, DEL drops the same pod's registration once its netns is gone.
+    let other = Topology::new("cnidirect2").unwrap();
+    let other_ns = other.pod_netns().to_path_buf();
+    let other_name = other.pod_ns_name().to_string();
+    assert!(ours("ADD", Some(&other_ns), args, &conf).ok);
+    assert!(registered(&d).contains(&other_name));
+    drop(other);
+    assert!(
+        ours(
+            "DEL",
+            None,
+            "K8S_POD_NAMESPACE=prod;K8S_POD_NAME=other",
+            &conf
+        )
+        .ok
+    );
+    assert!(
+        registered(&d).contains(&other_name),
+        "removed another pod's entry"
+    );
+    assert!(ours("DEL", None, args, &conf).ok);
+    assert!(!registered(&d).contains(&other_name), "stale entry left");
+
+    // A pod Istio's plugin would leave alone (annotations known, no sidecar) is passed
+    // through without being registered.
+    let plain = our_conf(
+        &d,
+        json!({"podAnnotations": {"app": "x"}, "prevResult": prev}),
+    );
+    let r = ours("ADD", Some(ns), args, &plain);
+    assert!(r.ok, "{r:?}");
+    assert_eq!(r.json()["cniVersion"], "1.0.0");
+    assert!(r.stderr.contains("sidecar.istio.io/status"), "{}", r.stderr);
+    assert!(!registered(&d).contains(name));
+    assert!(ours("CHECK", Some(ns), args, &plain).ok);
+
+    // VERSION.
+    let v = ours("VERSION", None, "", &json!({"cniVersion": "1.0.0"})).json();
+    assert_eq!(
+        v["supportedVersions"],
+        json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0"])
+    );
+}
+
+fn cli(args: &[&str]) -> Output {
+    Command::new(interceptor_bin())
+        .args(args)
+        .env_remove("CNI_COMMAND")
+        .output()
+        .unwrap()
+}
+
+fn read(p: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+#[test]
+fn cni_install_and_uninstall() {
+    let (pid, n) = unique();
+    let root = std::env::temp_dir().join(format!("ic-cni-install-{pid}-{n}"));
+    let (bin, conf) = (root.join("bin"), root.join("net.d"));
+    std::fs::create_dir_all(&conf).unwrap();
+    let dirs = |cmd: &str, sock: &str| {
+        let out = cli(&[
+            cmd,
+            "--cni-bin-dir",
+            bin.to_str().unwrap(),
+            "--cni-conf-dir",
+            conf.to_str().unwrap(),
+            "--socket",
+            sock,
+        ]);
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+
+    // No network config yet: refused, nothing written.
+    let (ok, out) = dirs("cni-install", "/run/ic.sock");
+    assert!(!ok && out.contains("no CNI network config"), "{out}");
+    assert!(!bin.join("interceptor").exists());
+
+    // A conflist (first in lexical order) and another config.
+    let primary = conf.join("10-bridge.conflist");
+    let original = json!({"cniVersion": "1.0.0", "name": "k8s", "plugins": [
+        {"type": "bridge", "bridge": "cni0", "ipam": {"type": "host-local"}},
+        {"type": "portmap", "capabilities": {"portMappings": true}}]});
+    std::fs::write(&primary, serde_json::to_string_pretty(&original).unwrap()).unwrap();
+    let other = conf.join("20-other.conf");
+    std::fs::write(&other, r#"{"cniVersion":"1.0.0","name":"o","type":"ptp"}"#).unwrap();
+
+    let (ok, out) = dirs("cni-install", "/run/ic.sock");
+    assert!(ok, "{out}");
+    println!("cni-install:\n{out}");
+    let installed = bin.join("interceptor");
+    assert_eq!(
+        std::fs::read(&installed).unwrap(),
+        std::fs::read(interceptor_bin()).unwrap()
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&installed).unwrap().permissions().mode() & 0o777,
+        0o755
+    );
+    let v = read(&primary);
+    let plugins = v["plugins"].as_array().unwrap();
+    assert_eq!(plugins.len(), 3);
+    assert_eq!(&plugins[..2], &original["plugins"].as_array().unwrap()[..]);
+    assert_eq!(plugins[2]["type"], "interceptor");
+    assert_eq!(plugins[2]["socket"], "/run/ic.sock");
+    assert_eq!(
+        plugins[2]["capabilities"]["io.kubernetes.cri.pod-annotations"],
+        true
+    );
+    assert_eq!(v["name"], "k8s");
+    assert!(!std::fs::read_to_string(&other)
+        .unwrap()
+        .contains("interceptor"));
+
+    // Idempotent: nothing changes on a second run.
+    let before = std::fs::read(&primary).unwrap();
+    let (ok, out) = dirs("cni-install", "/run/ic.sock");
+    assert!(ok && out.matches("unchanged").count() == 2, "{out}");
+    assert_eq!(std::fs::read(&primary).unwrap(), before);
+    // A new socket updates our entry (no duplicate), keeping keys an operator added.
+    let mut v = read(&primary);
+    v["plugins"][2]["backend"] = json!("iptables");
+    std::fs::write(&primary, v.to_string()).unwrap();
+    assert!(dirs("cni-install", "/run/other.sock").0);
+    let v = read(&primary);
+    assert_eq!(v["plugins"].as_array().unwrap().len(), 3);
+    assert_eq!(v["plugins"][2]["socket"], "/run/other.sock");
+    assert_eq!(v["plugins"][2]["backend"], "iptables");
+
+    // The installed binary answers as a plugin.
+    let inv = Invocation {
+        command: "VERSION",
+        container_id: "",
+        netns: None,
+        ifname: "",
+        args: "",
+        cni_path: &bin,
+        in_netns: None,
+    };
+    let r = invoke(&installed, &inv, br#"{"cniVersion":"1.0.0"}"#);
+    assert!(r.ok && r.json()["supportedVersions"].is_array(), "{r:?}");
+
+    // Uninstall removes our entry and the binary; twice is fine.
+    let (ok, out) = dirs("cni-uninstall", "/run/ic.sock");
+    assert!(ok, "{out}");
+    println!("cni-uninstall:\n{out}");
+    assert_eq!(read(&primary)["plugins"], original["plugins"]);
+    assert!(!installed.exists());
+    assert!(dirs("cni-uninstall", "/run/ic.sock").0);
+
+    // A lone .conf is converted into a conflist (as Istio does), then uninstalled.
+    std::fs::remove_file(&primary).unwrap();
+    std::fs::remove_file(&other).unwrap();
+    let single = conf.join("05-ptp.conf");
+    let conf_v = json!({"cniVersion": "0.4.0", "name": "podnet", "type": "ptp",
+                        "ipam": {"type": "host-local"}});
+    std::fs::write(&single, conf_v.to_string()).unwrap();
+    let (ok, out) = dirs("cni-install", "/run/ic.sock");
+    assert!(ok, "{out}");
+    assert!(!single.exists());
+    let list = read(&conf.join("05-ptp.conflist"));
+    assert_eq!(list["cniVersion"], "0.4.0");
+    assert_eq!(list["name"], "podnet");
+    assert_eq!(list["plugins"][0]["type"], "ptp");
+    assert_eq!(list["plugins"][0]["ipam"], conf_v["ipam"]);
+    assert_eq!(list["plugins"][1]["type"], "interceptor");
+    assert!(dirs("cni-uninstall", "/run/ic.sock").0);
+    assert_eq!(
+        read(&conf.join("05-ptp.conflist"))["plugins"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}

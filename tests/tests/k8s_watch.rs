@@ -1,0 +1,639 @@
+//! `interceptor::k8s::PodWatcher` against [`FakeApiServer`], an in-process FAKE of the
+//! Kubernetes API (no API server can run on these machines). Everything else is real: the
+//! kube-rs client and watcher, HTTP over loopback TCP, the JSON the API server sends.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use interceptor::k8s::{PodMeta, PodWatcher};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, watch};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A FAKE Kubernetes API server, for tests only: it is not Kubernetes and implements only what
+/// a pod list+watch needs, on 127.0.0.1 over plain HTTP/1.1 without auth:
+///
+/// - `GET /api/v1/pods?fieldSelector=spec.nodeName%3DX…` answers a PodList of the pods on
+///   node X with the current `resourceVersion` (no paging: every pod fits one page);
+/// - the same with `watch=true&resourceVersion=N` answers a chunked stream of watch events
+///   (`{"type":"ADDED"|"MODIFIED"|"DELETED","object":Pod}`, one JSON document a line): those
+///   after N, then each new one as the test makes it;
+/// - anything else is a 404 `Status`.
+///
+/// The test changes the pods through [`FakeApiServer::add`], [`FakeApiServer::modify`] and
+/// [`FakeApiServer::delete`], each one a new resourceVersion and event, and reads back
+/// the request targets it was sent ([`FakeApiServer::requests`]).
+struct FakeApiServer {
+    addr: SocketAddr,
+    state: Arc<Mutex<FakeState>>,
+    /// (resourceVersion, watch epoch): open watches follow the first and end when the second
+    /// changes.
+    tick: watch::Sender<(u64, u64)>,
+    _stop: oneshot::Sender<()>,
+}
+
+#[derive(Default)]
+struct FakeState {
+    rv: u64,
+    epoch: u64,
+    pods: BTreeMap<(String, String), Value>,
+    /// (resourceVersion, event type, object), oldest first.
+    events: Vec<(u64, &'static str, Value)>,
+    requests: Vec<String>,
+    /// Answer the next this-many list requests with a 500.
+    fail_lists: usize,
+    /// Answer the next watch with a 410 Expired `ERROR` event (the watcher must relist).
+    expire_next_watch: bool,
+    open_watches: usize,
+}
+
+impl FakeApiServer {
+    fn start() -> Self {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = rt
+            .block_on(TcpListener::bind("127.0.0.1:0"))
+            .expect("binding the fake API server on loopback");
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(FakeState::default()));
+        let (tick, _) = watch::channel((0, 0));
+        let (stop, mut stopped) = oneshot::channel::<()>();
+        let (st, tk) = (state.clone(), tick.clone());
+        std::thread::spawn(move || {
+            rt.block_on(async move {
+                loop {
+                    tokio::select! {
+                        conn = listener.accept() => {
+                            let Ok((conn, _)) = conn else { continue };
+                            tokio::spawn(serve(conn, st.clone(), tk.subscribe()));
+                        }
+                        _ = &mut stopped => break,
+                    }
+                }
+            })
+        });
+        Self {
+            addr,
+            state,
+            tick,
+            _stop: stop,
+        }
+    }
+
+    /// A kube client configuration pointing at this fake (plain HTTP, no credentials).
+    fn kube_config(&self) -> kube::Config {
+        kube::Config::new(format!("http://{}", self.addr).parse().unwrap())
+    }
+
+    fn record(&self, kind: &'static str, mut pod: Value, keep: bool) {
+        let mut s = self.state.lock().unwrap();
+        s.rv += 1;
+        let rv = s.rv;
+        pod["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let key = key_of(&pod);
+        if keep {
+            s.pods.insert(key, pod.clone());
+        } else {
+            s.pods.remove(&key);
+        }
+        s.events.push((rv, kind, pod));
+        let epoch = s.epoch;
+        drop(s);
+        self.tick.send_replace((rv, epoch));
+    }
+
+    fn add(&self, pod: Value) {
+        self.record("ADDED", pod, true);
+    }
+
+    fn modify(&self, pod: Value) {
+        self.record("MODIFIED", pod, true);
+    }
+
+    fn delete(&self, namespace: &str, name: &str) {
+        let pod = self.state.lock().unwrap().pods[&(namespace.into(), name.into())].clone();
+        self.record("DELETED", pod, false);
+    }
+
+    /// Removes a pod without an event, as if the watcher had missed it (only a relist sees it).
+    fn delete_silently(&self, namespace: &str, name: &str) {
+        let mut s = self.state.lock().unwrap();
+        s.rv += 1;
+        s.pods.remove(&(namespace.into(), name.into()));
+    }
+
+    /// Ends every open watch; with `expire`, the next watch gets a 410 Expired.
+    fn end_watches(&self, expire: bool) {
+        let mut s = self.state.lock().unwrap();
+        s.epoch += 1;
+        s.expire_next_watch = expire;
+        let now = (s.rv, s.epoch);
+        drop(s);
+        self.tick.send_replace(now);
+    }
+
+    fn fail_next_lists(&self, n: usize) {
+        self.state.lock().unwrap().fail_lists = n;
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.state.lock().unwrap().requests.clone()
+    }
+
+    fn open_watches(&self) -> usize {
+        self.state.lock().unwrap().open_watches
+    }
+}
+
+fn key_of(pod: &Value) -> (String, String) {
+    let md = &pod["metadata"];
+    (
+        md["namespace"].as_str().unwrap().to_string(),
+        md["name"].as_str().unwrap().to_string(),
+    )
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap();
+                out.push(u8::from_str_radix(hex, 16).expect("bad percent escape"));
+                i += 2;
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).unwrap()
+}
+
+/// A request target's path and decoded query parameters.
+fn parse_target(target: &str) -> (String, BTreeMap<String, String>) {
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let params = query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect();
+    (path.to_string(), params)
+}
+
+/// The node a `spec.nodeName=X` field selector names; `Err` for a selector the fake does not
+/// implement.
+fn node_selector(params: &BTreeMap<String, String>) -> Result<Option<String>, String> {
+    match params.get("fieldSelector").map(String::as_str) {
+        None | Some("") => Ok(None),
+        Some(sel) => match sel.strip_prefix("spec.nodeName=") {
+            Some(node) if !node.contains(',') => Ok(Some(node.to_string())),
+            _ => Err(format!("the fake serves no field selector {sel:?}")),
+        },
+    }
+}
+
+fn on_node(pod: &Value, node: &Option<String>) -> bool {
+    node.as_deref()
+        .is_none_or(|n| pod["spec"]["nodeName"].as_str() == Some(n))
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": message, "reason": reason, "code": code})
+}
+
+async fn respond(conn: &mut TcpStream, code: u16, body: &Value) {
+    let body = body.to_string();
+    let head = format!(
+        "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = conn.write_all(head.as_bytes()).await;
+    let _ = conn.write_all(body.as_bytes()).await;
+    let _ = conn.shutdown().await;
+}
+
+async fn serve(
+    mut conn: TcpStream,
+    state: Arc<Mutex<FakeState>>,
+    tick: watch::Receiver<(u64, u64)>,
+) {
+    // One request a connection (every answer says Connection: close); GETs have no body.
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match conn.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+        if head.len() > 64 * 1024 {
+            return;
+        }
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let mut line = head.lines().next().unwrap_or("").split(' ');
+    let (method, target) = (line.next().unwrap_or(""), line.next().unwrap_or(""));
+    state.lock().unwrap().requests.push(target.to_string());
+    let (path, params) = parse_target(target);
+    if method != "GET" || path != "/api/v1/pods" {
+        let msg = format!("the fake serves no {method} {path}");
+        return respond(&mut conn, 404, &status(404, "NotFound", &msg)).await;
+    }
+    let node = match node_selector(&params) {
+        Ok(node) => node,
+        Err(msg) => return respond(&mut conn, 400, &status(400, "BadRequest", &msg)).await,
+    };
+    if params.get("watch").is_some_and(|w| w == "true" || w == "1") {
+        let from = params
+            .get("resourceVersion")
+            .and_then(|rv| rv.parse().ok())
+            .unwrap_or(0);
+        return watch_pods(conn, state, tick, node, from).await;
+    }
+    let list = {
+        let mut s = state.lock().unwrap();
+        if s.fail_lists > 0 {
+            s.fail_lists -= 1;
+            None
+        } else {
+            let items: Vec<Value> = s
+                .pods
+                .values()
+                .filter(|p| on_node(p, &node))
+                .cloned()
+                .collect();
+            Some(json!({"apiVersion": "v1", "kind": "PodList",
+                        "metadata": {"resourceVersion": s.rv.to_string()}, "items": items}))
+        }
+    };
+    match list {
+        Some(list) => respond(&mut conn, 200, &list).await,
+        None => {
+            let st = status(500, "InternalError", "the fake fails this list on purpose");
+            respond(&mut conn, 500, &st).await
+        }
+    }
+}
+
+async fn watch_pods(
+    conn: TcpStream,
+    state: Arc<Mutex<FakeState>>,
+    mut tick: watch::Receiver<(u64, u64)>,
+    node: Option<String>,
+    mut from: u64,
+) {
+    let (mut rd, mut wr) = conn.into_split();
+    let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+    if wr.write_all(head.as_bytes()).await.is_err() {
+        return;
+    }
+    let (expire, epoch) = {
+        let mut s = state.lock().unwrap();
+        s.open_watches += 1;
+        (std::mem::take(&mut s.expire_next_watch), s.epoch)
+    };
+    let mut closed = [0u8; 1];
+    'stream: loop {
+        let lines: Vec<String> = if expire {
+            let st = status(410, "Expired", "too old resource version");
+            vec![json!({"type": "ERROR", "object": st}).to_string()]
+        } else {
+            let s = state.lock().unwrap();
+            s.events
+                .iter()
+                .filter(|(rv, _, pod)| *rv > from && on_node(pod, &node))
+                .map(|(_, kind, pod)| json!({"type": kind, "object": pod}).to_string())
+                .collect()
+        };
+        for line in lines {
+            let chunk = format!("{:x}\r\n{line}\n\r\n", line.len() + 1);
+            if wr.write_all(chunk.as_bytes()).await.is_err() {
+                break 'stream;
+            }
+        }
+        if expire {
+            break;
+        }
+        from = tick.borrow_and_update().0.max(from);
+        tokio::select! {
+            changed = tick.changed() => {
+                if changed.is_err() || tick.borrow().1 != epoch {
+                    break;
+                }
+            }
+            // The client went away (or sent something, which a watch never does).
+            _ = rd.read(&mut closed) => break,
+        }
+    }
+    let _ = wr.write_all(b"0\r\n\r\n").await;
+    let _ = wr.shutdown().await;
+    state.lock().unwrap().open_watches -= 1;
+}
+
+/// A pod of `node` with an app container and an `istio-proxy` sidecar.
+fn pod(name: &str, uid: &str, node: &str, annotations: &[(&str, &str)], ip: &str) -> Value {
+    let annotations: BTreeMap<&str, &str> = annotations.iter().copied().collect();
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"namespace": "shop", "name": name, "uid": uid, "annotations": annotations,
+                     "labels": {"app": "shop"}},
+        "spec": {
+            "nodeName": node,
+            "securityContext": {"runAsUser": 1000, "runAsGroup": 3000, "fsGroup": 2000},
+            "initContainers": [{"name": "istio-validation", "image": "proxyv2:1"}],
+            "containers": [
+                {"name": "app", "image": "app:1", "env": [{"name": "APP", "value": "1"}]},
+                {"name": "istio-proxy", "image": "proxyv2:1", "args": ["proxy", "sidecar"],
+                 "securityContext": {"runAsUser": 1337},
+                 "env": [
+                    {"name": "ISTIO_META_DNS_CAPTURE", "value": "true"},
+                    {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
+                 ]}
+            ]
+        },
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}, {"ip": "fd00::5"}]}
+    })
+}
+
+fn requests_of_pods(fake: &FakeApiServer) -> Vec<BTreeMap<String, String>> {
+    let reqs = fake.requests();
+    for r in &reqs {
+        assert!(r.starts_with("/api/v1/pods?"), "unexpected request {r}");
+    }
+    reqs.iter().map(|r| parse_target(r).1).collect()
+}
+
+fn wait_pod(w: &PodWatcher, name: &str, what: &str, mut ok: impl FnMut(Option<PodMeta>) -> bool) {
+    assert!(
+        w.wait_until(WAIT, |w| ok(w.get("shop", name))),
+        "{what}: pod shop/{name} is {:?}",
+        w.get("shop", name)
+    );
+}
+
+#[test]
+fn lists_then_follows_the_pods_of_its_node_only() {
+    let fake = FakeApiServer::start();
+    let inject = ("sidecar.istio.io/status", "{}");
+    fake.add(pod(
+        "a",
+        "uid-a",
+        "node-a",
+        &[
+            inject,
+            ("traffic.sidecar.istio.io/excludeOutboundPorts", "9000"),
+        ],
+        "10.1.0.5",
+    ));
+    fake.add(pod("b", "uid-b", "node-a", &[inject], "10.1.0.6"));
+    fake.add(pod("c", "uid-c", "node-b", &[inject], "10.2.0.7"));
+
+    let w = PodWatcher::start(fake.kube_config(), "node-a").unwrap();
+    assert_eq!(w.node(), "node-a");
+    assert!(w.wait_synced(WAIT), "the initial list never completed");
+
+    // The initial list: this node's pods, with what interception needs of each.
+    let a = w.get("shop", "a").expect("pod a listed");
+    assert_eq!(
+        (a.namespace.as_str(), a.name.as_str(), a.uid.as_str()),
+        ("shop", "a", "uid-a")
+    );
+    assert_eq!(
+        a.annotations
+            .get("traffic.sidecar.istio.io/excludeOutboundPorts")
+            .map(String::as_str),
+        Some("9000")
+    );
+    // The container's runAsUser wins over the pod's; the pod's runAsGroup fills in.
+    assert_eq!((a.run_as_user, a.run_as_group), (Some(1337), Some(3000)));
+    // istio-proxy's env (not the app's); valueFrom reads as empty, as in Istio's plugin.
+    assert_eq!(
+        a.proxy_env,
+        BTreeMap::from([
+            ("ISTIO_META_DNS_CAPTURE".to_string(), "true".to_string()),
+            ("POD_NAME".to_string(), String::new()),
+        ])
+    );
+    assert_eq!(a.proxy_type.as_deref(), Some("sidecar"));
+    let containers: Vec<&str> = a.containers.iter().map(String::as_str).collect();
+    assert_eq!(containers, ["app", "istio-proxy", "istio-validation"]);
+    assert_eq!(a.labels.get("app").map(String::as_str), Some("shop"));
+    let ips: Vec<IpAddr> = vec!["10.1.0.5".parse().unwrap(), "fd00::5".parse().unwrap()];
+    assert_eq!(a.pod_ips, ips);
+    assert!(!a.deleted);
+    assert_eq!(w.by_uid("uid-b").map(|p| p.name), Some("b".to_string()));
+    assert_eq!(w.get("shop", "c"), None, "a pod of another node");
+    assert_eq!(w.by_uid("uid-c"), None);
+    assert_eq!(w.len(), 2);
+    let (annotations, env, uid, gid) = a.clone().into_inputs();
+    assert_eq!(
+        (annotations, env, uid, gid),
+        (a.annotations, a.proxy_env, Some(1337), Some(3000))
+    );
+
+    // MODIFIED: an annotation changed.
+    fake.modify(pod(
+        "a",
+        "uid-a",
+        "node-a",
+        &[
+            inject,
+            ("traffic.sidecar.istio.io/excludeOutboundPorts", "9000,9001"),
+        ],
+        "10.1.0.5",
+    ));
+    wait_pod(&w, "a", "MODIFIED not applied", |p| {
+        p.and_then(|p| {
+            p.annotations
+                .get("traffic.sidecar.istio.io/excludeOutboundPorts")
+                .cloned()
+        })
+        .as_deref()
+            == Some("9000,9001")
+    });
+    assert_eq!(
+        w.by_uid("uid-a").unwrap().annotations["traffic.sidecar.istio.io/excludeOutboundPorts"],
+        "9000,9001"
+    );
+
+    // ADDED after the list; terminating (deletionTimestamp set); then DELETED.
+    fake.add(pod("d", "uid-d", "node-a", &[], "10.1.0.8"));
+    assert!(w.wait_for("shop", "d", WAIT).is_some(), "ADDED not applied");
+    let mut terminating = pod("b", "uid-b", "node-a", &[inject], "10.1.0.6");
+    terminating["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+    fake.modify(terminating);
+    wait_pod(&w, "b", "deletionTimestamp not seen", |p| {
+        p.is_some_and(|p| p.deleted)
+    });
+    fake.delete("shop", "b");
+    wait_pod(&w, "b", "DELETED not applied", |p| p.is_none());
+    assert_eq!(w.by_uid("uid-b"), None);
+    // Events of other nodes' pods never reach this watcher.
+    fake.modify(pod("c", "uid-c", "node-b", &[], "10.2.0.7"));
+    fake.delete("shop", "c");
+    fake.delete("shop", "d");
+    wait_pod(&w, "d", "DELETED not applied", |p| p.is_none());
+    let names: Vec<String> = w.list().into_iter().map(|p| p.name).collect();
+    assert_eq!(names, ["a"]);
+
+    // What was asked of the API: a list and a watch, both of this node's pods only.
+    let reqs = requests_of_pods(&fake);
+    assert!(
+        reqs.iter().any(|q| !q.contains_key("watch")),
+        "no list: {reqs:?}"
+    );
+    assert!(
+        reqs.iter()
+            .any(|q| q.get("watch").is_some_and(|v| v == "true")),
+        "no watch: {reqs:?}"
+    );
+    for q in &reqs {
+        assert_eq!(
+            q.get("fieldSelector").map(String::as_str),
+            Some("spec.nodeName=node-a"),
+            "{q:?}"
+        );
+    }
+
+    // Dropping the last handle ends the watch.
+    drop(w);
+    for _ in 0..200 {
+        if fake.open_watches() == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(fake.open_watches(), 0, "the watch outlived the watcher");
+}
+
+#[test]
+fn retries_failed_lists_and_relists_after_an_expired_watch() {
+    let fake = FakeApiServer::start();
+    fake.add(pod("a", "uid-a", "node-a", &[], "10.1.0.5"));
+    fake.add(pod("b", "uid-b", "node-a", &[], "10.1.0.6"));
+    // The first lists fail (HTTP 500): the watcher backs off and lists again.
+    fake.fail_next_lists(2);
+    let w = PodWatcher::start(fake.kube_config(), "node-a").unwrap();
+    assert!(w.wait_synced(WAIT), "never synced after failed lists");
+    assert_eq!(w.len(), 2);
+    let lists = |f: &FakeApiServer| {
+        requests_of_pods(f)
+            .iter()
+            .filter(|q| !q.contains_key("watch"))
+            .count()
+    };
+    assert!(
+        lists(&fake) >= 3,
+        "the failed lists were not retried: {:?}",
+        fake.requests()
+    );
+
+    // Events the watcher missed: b went away and e came while its watch was down; the next
+    // watch is refused as expired (410), so the watcher relists and the list is the truth.
+    let before = lists(&fake);
+    fake.delete_silently("shop", "b");
+    {
+        let mut s = fake.state.lock().unwrap();
+        s.rv += 1;
+        let mut e = pod("e", "uid-e", "node-a", &[], "10.1.0.9");
+        e["metadata"]["resourceVersion"] = json!(s.rv.to_string());
+        s.pods.insert(key_of(&e), e);
+    }
+    fake.end_watches(true);
+    assert!(
+        w.wait_until(WAIT, |w| w.get("shop", "b").is_none()
+            && w.get("shop", "e").is_some()),
+        "no relist after the expired watch: {:?}",
+        w.list()
+    );
+    assert!(lists(&fake) > before);
+    assert_eq!(w.by_uid("uid-b"), None);
+    assert!(w.is_synced());
+
+    // And it follows events again after the relist.
+    fake.modify(pod("a", "uid-a", "node-a", &[("k", "v")], "10.1.0.5"));
+    wait_pod(&w, "a", "MODIFIED after relist", |p| {
+        p.is_some_and(|p| p.annotations.contains_key("k"))
+    });
+}
+
+#[test]
+fn spawns_on_a_callers_runtime() {
+    let fake = FakeApiServer::start();
+    fake.add(pod("a", "uid-a", "node-a", &[], "10.1.0.5"));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let w = rt.block_on(async {
+        let client = kube::Client::try_from(fake.kube_config()).unwrap();
+        PodWatcher::spawn(client, "node-a")
+    });
+    assert!(w.wait_synced(WAIT));
+    assert_eq!(w.get("shop", "a").map(|p| p.uid), Some("uid-a".to_string()));
+}
+
+#[test]
+fn refuses_an_empty_node_name() {
+    let fake = FakeApiServer::start();
+    let err = PodWatcher::start(fake.kube_config(), "").unwrap_err();
+    assert!(err.to_string().contains("node"), "{err}");
+    assert!(fake.requests().is_empty());
+}
+
+#[test]
+fn kubeconfig_flag_selects_the_cluster() {
+    // A real kubeconfig file, read by kube-rs: the server URL in it is what the client uses.
+    let dir = std::env::temp_dir().join(format!("interceptor-kubeconfig-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("config");
+    std::fs::write(
+        &path,
+        "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
+         clusters:\n- name: fake\n  cluster:\n    server: http://127.0.0.1:6443\n\
+         contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: nobody\n    namespace: shop\n\
+         users:\n- name: nobody\n  user: {}\n",
+    )
+    .unwrap();
+    let args = interceptor::k8s::K8sArgs {
+        node_name: Some("node-a".into()),
+        kubeconfig: Some(path),
+    };
+    let config = args.config_blocking().unwrap();
+    assert_eq!(config.cluster_url.to_string(), "http://127.0.0.1:6443/");
+    assert_eq!(config.default_namespace, "shop");
+    let missing = interceptor::k8s::K8sArgs {
+        node_name: None,
+        kubeconfig: Some(dir.join("absent")),
+    };
+    assert!(missing.config_blocking().is_err());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn flags_parse() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        k8s: interceptor::k8s::K8sArgs,
+    }
+    let cli = Cli::parse_from(["x", "--node-name", "node-a", "--kubeconfig", "/etc/kc"]);
+    assert_eq!(cli.k8s.node_name.as_deref(), Some("node-a"));
+    assert_eq!(cli.k8s.kubeconfig, Some("/etc/kc".into()));
+}
