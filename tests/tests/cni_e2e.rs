@@ -724,6 +724,23 @@ fn add_del_check_directly() {
     assert!(!registered(&d).contains(name));
     assert!(ours("CHECK", Some(ns), args, &plain).ok);
 
+    // The iptables backend: CHECK looks for our chains in the pod's netns.
+    let ipt = our_conf(&d, json!({"backend": "iptables", "prevResult": prev}));
+    assert!(ours("ADD", Some(ns), args, &ipt).ok);
+    assert!(registered(&d).contains("iptables"));
+    let r = ours("CHECK", Some(ns), args, &ipt);
+    assert!(r.ok, "{r:?}");
+    for bin in ["iptables-legacy", "iptables-nft", "iptables"] {
+        for table in ["nat", "mangle", "raw"] {
+            let _ = topo.pod_exec(bin, &["-t", table, "-F"], None);
+            let _ = topo.pod_exec(bin, &["-t", table, "-X"], None);
+        }
+    }
+    let r = ours("CHECK", Some(ns), args, &ipt);
+    assert_eq!(r.error()["code"], 101, "{r:?}");
+    assert!(ours("DEL", Some(ns), args, &ipt).ok);
+    assert!(!registered(&d).contains(name));
+
     // VERSION.
     let v = ours("VERSION", None, "", &json!({"cniVersion": "1.0.0"})).json();
     assert_eq!(
