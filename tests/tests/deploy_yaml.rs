@@ -51,11 +51,36 @@ fn the<T: DeserializeOwned + Serialize>(docs: &[(String, Value)], kind: &str) ->
     let typed: T = serde_json::from_value(doc.clone())
         .unwrap_or_else(|e| panic!("{file}: {kind} does not match the API: {e}"));
     let back = serde_json::to_value(&typed).unwrap();
-    assert_eq!(
-        &back, doc,
-        "{file}: {kind} has fields the API type does not know (compare the two)"
+    let mut lost = Vec::new();
+    differences(doc, &back, String::new(), &mut lost);
+    assert!(
+        lost.is_empty(),
+        "{file}: {kind}: fields the API type does not know, or changed: {lost:?}"
     );
     typed
+}
+
+/// The JSON pointers where `a` and `b` differ.
+fn differences(a: &Value, b: &Value, at: String, out: &mut Vec<String>) {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys: BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            for k in keys {
+                let (va, vb) = (
+                    x.get(k).unwrap_or(&Value::Null),
+                    y.get(k).unwrap_or(&Value::Null),
+                );
+                differences(va, vb, format!("{at}/{k}"), out);
+            }
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
+            for (i, (va, vb)) in x.iter().zip(y).enumerate() {
+                differences(va, vb, format!("{at}/{i}"), out);
+            }
+        }
+        _ if a != b => out.push(at),
+        _ => {}
+    }
 }
 
 #[test]
