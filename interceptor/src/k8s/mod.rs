@@ -182,3 +182,56 @@ impl PodMeta {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(v: serde_json::Value) -> Pod {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn native_sidecar_and_pod_level_ids() {
+        // Istio's native sidecar: istio-proxy is an init container with restartPolicy Always;
+        // it sets no uid, so the pod's securityContext gives both ids.
+        let p = pod(serde_json::json!({
+            "metadata": {"namespace": "ns", "name": "p", "uid": "u",
+                         "deletionTimestamp": "2026-01-01T00:00:00Z"},
+            "spec": {
+                "securityContext": {"runAsUser": 2000, "runAsGroup": 3000},
+                "initContainers": [{"name": "istio-proxy", "restartPolicy": "Always",
+                                    "args": ["proxy", "router"],
+                                    "env": [{"name": "ISTIO_DUAL_STACK", "value": "true"}]}],
+                "containers": [{"name": "app", "securityContext": {"runAsUser": 1}}]
+            },
+            "status": {"podIP": "10.0.0.9"}
+        }));
+        let m = PodMeta::from_pod(&p).unwrap();
+        assert_eq!((m.run_as_user, m.run_as_group), (Some(2000), Some(3000)));
+        assert_eq!(m.proxy_env["ISTIO_DUAL_STACK"], "true");
+        assert_eq!(m.proxy_type.as_deref(), Some("router"));
+        assert_eq!(m.pod_ips, vec!["10.0.0.9".parse::<IpAddr>().unwrap()]);
+        assert!(m.deleted);
+        let (annotations, env, uid, gid) = m.into_inputs();
+        assert!(annotations.is_empty());
+        assert_eq!((env.len(), uid, gid), (1, Some(2000), Some(3000)));
+    }
+
+    #[test]
+    fn no_sidecar_no_ids_no_ips() {
+        let p = pod(serde_json::json!({
+            "metadata": {"namespace": "ns", "name": "p", "uid": "u"},
+            "spec": {"containers": [{"name": "app"}]}
+        }));
+        let m = PodMeta::from_pod(&p).unwrap();
+        assert_eq!(
+            (m.run_as_user, m.run_as_group, m.proxy_type),
+            (None, None, None)
+        );
+        assert!(m.proxy_env.is_empty() && m.pod_ips.is_empty() && !m.deleted);
+        assert_eq!(m.containers.into_iter().collect::<Vec<_>>(), ["app"]);
+        let no_uid = pod(serde_json::json!({"metadata": {"namespace": "ns", "name": "p"}}));
+        assert_eq!(PodMeta::from_pod(&no_uid), None);
+    }
+}

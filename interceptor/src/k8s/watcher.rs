@@ -302,3 +302,58 @@ async fn watch(client: Client, node: String, shared: Arc<Shared>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, uid: &str) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": "ns", "name": name, "uid": uid},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_recreated_pod_replaces_the_old_uid_and_a_late_delete_keeps_it() {
+        let mut c = Cache::default();
+        c.apply(Event::Apply(pod("web-0", "old")));
+        c.apply(Event::Apply(pod("web-0", "new")));
+        assert_eq!(c.pods.len(), 1);
+        assert_eq!(c.uids.len(), 1);
+        assert_eq!(c.uids["new"], ("ns".to_string(), "web-0".to_string()));
+        // DELETED of the old pod, seen after the new one: the new one stays.
+        c.apply(Event::Delete(pod("web-0", "old")));
+        assert_eq!(c.pods[&("ns".into(), "web-0".into())].uid, "new");
+        c.apply(Event::Delete(pod("web-0", "new")));
+        assert!(c.pods.is_empty() && c.uids.is_empty());
+        assert_eq!(c.generation, 4);
+    }
+
+    #[test]
+    fn a_relist_replaces_the_cache_whole_when_done() {
+        let mut c = Cache::default();
+        c.apply(Event::Init);
+        c.apply(Event::InitApply(pod("a", "1")));
+        assert!(!c.synced && c.pods.is_empty(), "nothing before InitDone");
+        c.apply(Event::InitDone);
+        assert!(c.synced);
+        assert_eq!(c.pods.len(), 1);
+        // A relist: served from the old cache until it completes.
+        c.apply(Event::Init);
+        c.apply(Event::InitApply(pod("b", "2")));
+        assert!(c.pods.contains_key(&("ns".into(), "a".into())));
+        c.apply(Event::InitDone);
+        let names: Vec<&str> = c.pods.keys().map(|k| k.1.as_str()).collect();
+        assert_eq!(names, ["b"]);
+        assert_eq!(c.uids.keys().collect::<Vec<_>>(), ["2"]);
+    }
+
+    #[test]
+    fn objects_without_identity_are_ignored() {
+        let mut c = Cache::default();
+        let nameless: Pod = serde_json::from_value(serde_json::json!({"metadata": {}})).unwrap();
+        c.apply(Event::Apply(nameless));
+        assert!(c.pods.is_empty());
+    }
+}
