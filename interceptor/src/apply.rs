@@ -487,6 +487,6 @@ pub fn pod(cmd: &crate::cli::PodCommand) -> Result<Result<(), ConfigError>> {
             );
             Ok(Ok(()))
         }
-        Response::Pong => Ok(Ok(())),
+        Response::Pong | Response::PodInfo { .. } => Ok(Ok(())),
     }
 }

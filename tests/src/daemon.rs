@@ -17,11 +17,18 @@ pub struct DaemonProc {
     /// Loopback address of its metrics endpoint.
     pub metrics: std::net::SocketAddr,
     pub bpffs: PathBuf,
+    /// Extra daemon flags (e.g. `--node-name`, `--kubeconfig`).
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
 impl DaemonProc {
     pub fn start(tag: &str) -> Result<Self> {
+        Self::start_with(tag, &[])
+    }
+
+    /// A daemon with extra flags.
+    pub fn start_with(tag: &str, extra: &[&str]) -> Result<Self> {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let name = format!("ic-{tag}-{}-{n}", std::process::id());
         let dir = std::env::temp_dir().join(&name);
@@ -32,6 +39,7 @@ impl DaemonProc {
             dir,
             metrics,
             bpffs: PathBuf::from("/sys/fs/bpf").join(name),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
         };
         d.spawn()?;
@@ -53,6 +61,7 @@ impl DaemonProc {
             .arg(&self.bpffs)
             .arg("--metrics-addr")
             .arg(self.metrics.to_string())
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(self.dir.join("daemon.log"))?)
             .spawn()?;

@@ -637,3 +637,86 @@ fn flags_parse() {
     assert_eq!(cli.k8s.node_name.as_deref(), Some("node-a"));
     assert_eq!(cli.k8s.kubeconfig, Some("/etc/kc".into()));
 }
+
+/// The daemon watches its node's pods (`--node-name`, `--kubeconfig` to the fake API), and a
+/// CNI ADD whose runtime passed no annotations gets the pod's annotations from it: the
+/// registered config carries the pod's `excludeOutboundPorts`.
+#[test]
+fn cni_add_takes_annotations_from_the_daemons_watcher() {
+    use interceptor_tests::daemon::DaemonProc;
+    use interceptor_tests::topology::Topology;
+    let fake = FakeApiServer::start();
+    fake.add(pod(
+        "web",
+        "uid-web",
+        "node-a",
+        &[
+            ("sidecar.istio.io/status", "{}"),
+            ("traffic.sidecar.istio.io/excludeOutboundPorts", "8081"),
+        ],
+        "10.1.0.7",
+    ));
+    let dir = std::env::temp_dir().join(format!("ic-kcfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("config");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
+             clusters:\n- name: fake\n  cluster:\n    server: http://{}\n\
+             contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: nobody\n\
+             users:\n- name: nobody\n  user: {{}}\n",
+            fake.addr
+        ),
+    )
+    .unwrap();
+    let d = DaemonProc::start_with(
+        "k8scni",
+        &[
+            "--node-name",
+            "node-a",
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    let topo = Topology::new("k8scni").unwrap();
+    let netns = topo.pod_netns();
+    let conf = serde_json::json!({
+        "cniVersion": "1.0.0", "name": "test-net", "type": "interceptor",
+        "socket": d.socket(), "bpffs": d.bpffs(),
+        "prevResult": {"cniVersion": "1.0.0", "interfaces": [{"name": "eth0", "sandbox": netns}],
+                       "ips": [{"address": format!("{}/24", topo.pod_v4()), "interface": 0}]},
+    });
+    let mut child = std::process::Command::new(interceptor_tests::bin::interceptor_bin())
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_CONTAINERID", "ctr-k8s")
+        .env("CNI_NETNS", netns)
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/usr/lib/cni")
+        .env(
+            "CNI_ARGS",
+            "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web;K8S_POD_UID=uid-web",
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), conf.to_string().as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "ADD: {} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let show = d.pod_ok(&["show", "--network-namespace", netns.to_str().unwrap()]);
+    assert!(
+        show.contains("\"outbound_ports_exclude\": \"8081\""),
+        "annotation not applied:\n{show}\n{}",
+        d.log()
+    );
+    assert!(show.contains("\"name\": \"web\""), "{show}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -64,7 +64,7 @@ fn dispatch(env: &CniEnv, stdin: &[u8]) -> Result<String, CniError> {
     match command {
         Command::Add => add(env, &conf, &k8s),
         Command::Del => del(env, &conf, &k8s),
-        Command::Check => check(env, &conf),
+        Command::Check => check(env, &conf, &k8s),
         Command::Version => unreachable!(),
     }
 }
@@ -149,9 +149,37 @@ fn detect_ipv6(netns: &Path, dual_stack: bool) -> Result<bool, CniError> {
     })
 }
 
-/// The config the daemon gets for this pod, or why there is none (skipped: `Ok(None)`).
-fn derive(conf: &NetConf, netns: &Path) -> Result<Option<RawConfig>, CniError> {
+/// The pod as the config tells, or — when the runtime passed no annotations and the pod's
+/// identity is known — as the daemon's Kubernetes pod watcher knows it.
+fn resolved_pod_info(conf: &NetConf, k8s: &K8sArgs) -> PodInfo {
     let pi = pod_info(conf);
+    let (None, Some(id)) = (&pi.annotations, identity(k8s)) else {
+        return pi;
+    };
+    let req = Request::PodInfo {
+        namespace: id.namespace,
+        name: id.name,
+    };
+    match call(&conf.socket, &req) {
+        Ok(Response::PodInfo {
+            annotations,
+            proxy_env,
+            run_as_user,
+            run_as_group,
+        }) => PodInfo {
+            annotations: Some(annotations),
+            proxy_env,
+            run_as_user,
+            run_as_group,
+        },
+        // No watcher, or the pod is unknown: Istio's defaults, as without annotations.
+        _ => pi,
+    }
+}
+
+/// The config the daemon gets for this pod, or why there is none (skipped: `Ok(None)`).
+fn derive(conf: &NetConf, k8s: &K8sArgs, netns: &Path) -> Result<Option<RawConfig>, CniError> {
+    let pi = resolved_pod_info(conf, k8s);
     if let Some(why) = skip_reason(&pi) {
         note(format!(
             "not capturing the pod: {why} (as Istio's CNI plugin)"
@@ -192,7 +220,7 @@ fn add(env: &CniEnv, conf: &NetConf, k8s: &K8sArgs) -> Result<String, CniError> 
     let netns = require_netns(env)?;
     let out = pass_through(conf.prev_result.as_ref(), &conf.cni_version);
     let ips = prev_result_ips(conf.prev_result.as_ref())?;
-    let Some(config) = derive(conf, netns)? else {
+    let Some(config) = derive(conf, k8s, netns)? else {
         return Ok(out);
     };
     let spec = PodSpec {
@@ -298,7 +326,7 @@ fn same_pod(p: &PodStatus, id: &PodIdentity) -> bool {
 
 /// CHECK: the pod is registered for this very netns with the config its annotations give,
 /// and what serves it is in place.
-fn check(env: &CniEnv, conf: &NetConf) -> Result<String, CniError> {
+fn check(env: &CniEnv, conf: &NetConf, k8s: &K8sArgs) -> Result<String, CniError> {
     if !spec::version_at_least(&conf.cni_version, "0.4.0") {
         return Err(CniError::new(
             code::INCOMPATIBLE_VERSION,
@@ -310,7 +338,7 @@ fn check(env: &CniEnv, conf: &NetConf) -> Result<String, CniError> {
         ));
     }
     let netns = require_netns(env)?;
-    let Some(want) = derive(conf, netns)? else {
+    let Some(want) = derive(conf, k8s, netns)? else {
         return Ok(String::new());
     };
     let pod = match call(

@@ -55,6 +55,8 @@ pub struct DaemonArgs {
     pub ebpf_log: bool,
     #[command(flatten)]
     pub ebpf: EbpfArgs,
+    #[command(flatten)]
+    pub k8s: crate::k8s::K8sArgs,
 }
 
 /// The daemon's shared state; one lock serialises registrations.
@@ -63,6 +65,8 @@ pub struct Daemon {
     pins: Option<Pins>,
     /// Probed once at start: why eBPF cannot serve pods here, if it cannot.
     ebpf_missing: Option<String>,
+    /// The pods of this node from the Kubernetes API (with `--node-name`).
+    watcher: Option<crate::k8s::PodWatcher>,
     /// Open handles on the pinned maps (reopening them per pod would dominate the add cost).
     maps: Mutex<Option<crate::backend::ebpf::PodMaps>>,
 }
@@ -100,10 +104,19 @@ impl Daemon {
             }
         };
         let maps = pins.as_ref().map(Pins::maps).transpose()?;
+        let watcher = match &args.k8s.node_name {
+            Some(node) => {
+                let w = crate::k8s::PodWatcher::start(args.k8s.config_blocking()?, node.clone())?;
+                tracing::info!(node = %node, "watching this node's pods");
+                Some(w)
+            }
+            None => None,
+        };
         let d = Arc::new(Self {
             args,
             pins,
             ebpf_missing,
+            watcher,
             maps: Mutex::new(maps),
         });
         d.readopt()?;
@@ -278,6 +291,28 @@ impl Daemon {
         };
         match req {
             Request::Ping => Response::Pong,
+            Request::PodInfo { namespace, name } => match &self.watcher {
+                None => Response::Error {
+                    message: "no Kubernetes pod watcher (--node-name not set)".into(),
+                    bad_input: false,
+                },
+                // A CNI ADD can arrive before the watch event: wait a little for it.
+                Some(w) => match w.wait_for(&namespace, &name, std::time::Duration::from_secs(5)) {
+                    None => Response::Error {
+                        message: format!("pod {namespace}/{name} is not known on this node"),
+                        bad_input: false,
+                    },
+                    Some(m) => {
+                        let (annotations, proxy_env, run_as_user, run_as_group) = m.into_inputs();
+                        Response::PodInfo {
+                            annotations,
+                            proxy_env,
+                            run_as_user,
+                            run_as_group,
+                        }
+                    }
+                },
+            },
             Request::List => Response::Pods { pods: self.list() },
             Request::Show { netns } => match self.lookup(&netns) {
                 Some(p) => Response::Pod(Box::new(p)),

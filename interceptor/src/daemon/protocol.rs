@@ -39,9 +39,19 @@ fn auto() -> BackendKind {
 #[serde(tag = "op", rename_all = "lowercase")]
 pub enum Request {
     Add(Box<PodSpec>),
-    Remove { netns: PathBuf },
+    Remove {
+        netns: PathBuf,
+    },
     List,
-    Show { netns: PathBuf },
+    Show {
+        netns: PathBuf,
+    },
+    /// What the daemon's Kubernetes pod watcher knows of a pod (annotations, proxy env and
+    /// uid/gid): the CNI plugin's source when the runtime passes no annotations.
+    PodInfo {
+        namespace: String,
+        name: String,
+    },
     Ping,
 }
 
@@ -71,6 +81,12 @@ pub enum Response {
     },
     Removed {
         removed: bool,
+    },
+    PodInfo {
+        annotations: std::collections::BTreeMap<String, String>,
+        proxy_env: std::collections::BTreeMap<String, String>,
+        run_as_user: Option<i64>,
+        run_as_group: Option<i64>,
     },
     Pong,
     /// `bad_input`: the request itself was invalid (flag + value named in `message`).
