@@ -181,7 +181,7 @@ fn listen(addr: SocketAddr) -> Result<TcpListener> {
     }
     let sa = sock::SockaddrStorage::from(addr);
     sock::bind(fd.as_raw_fd(), &sa).with_context(|| format!("bind {addr}"))?;
-    sock::listen(&fd, sock::Backlog::new(128)?).with_context(|| format!("listen {addr}"))?;
+    sock::listen(&fd, sock::Backlog::new(127)?).with_context(|| format!("listen {addr}"))?;
     let listener = TcpListener::from(fd);
     listener.set_nonblocking(true)?;
     Ok(listener)

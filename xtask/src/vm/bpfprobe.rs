@@ -224,7 +224,14 @@ struct ScratchCgroup {
 
 impl ScratchCgroup {
     fn new() -> io::Result<Self> {
-        let root = PathBuf::from("/sys/fs/cgroup");
+        // The cgroup v2 mount, wherever it is (a hybrid host has it below /sys/fs/cgroup).
+        let mounts = std::fs::read_to_string("/proc/mounts")?;
+        let root = mounts
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.len() > 2 && f[2] == "cgroup2")
+            .map(|f| PathBuf::from(f[1]))
+            .ok_or_else(|| io::Error::other("no cgroup v2 mounted"))?;
         let dir = root.join(format!("vm-probe-{}", std::process::id()));
         let path = std::fs::create_dir(&dir).ok().map(|_| dir);
         let open = path.as_deref().unwrap_or(&root);

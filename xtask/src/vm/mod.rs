@@ -466,7 +466,7 @@ pub fn run(args: Args) -> Result<()> {
             "{accel}: {why}; guests' tests get INTERCEPTOR_TESTS_TIME_SCALE={}",
             time_scale(&accel)
         ),
-        date: date(),
+        date: format!("{} (tree: {})", date(), revision(&root)),
         wall: wall.elapsed(),
         denied_selection,
     };
@@ -501,6 +501,26 @@ pub fn run(args: Args) -> Result<()> {
 
 fn source(k: &kernels::Kernel) -> String {
     format!("{} {} ({})", k.package, k.version, k.suite)
+}
+
+/// The commit tested, and whether the work tree differs from it (read-only git calls).
+fn revision(root: &Path) -> String {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .current_dir(root)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    match git(&["rev-parse", "--short", "HEAD"]) {
+        None => "unknown revision (not a git work tree)".into(),
+        Some(rev) => match git(&["status", "--porcelain", "--untracked-files=no"]) {
+            Some(s) if !s.is_empty() => format!("{rev} with local changes"),
+            _ => rev,
+        },
+    }
 }
 
 fn date() -> String {
