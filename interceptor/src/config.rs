@@ -75,23 +75,28 @@ pub fn resolv_conf_servers(netns: Option<&Path>) -> String {
         .join(",")
 }
 
+/// `--network-namespace` must name an existing network namespace.
+pub fn check_netns(ns: &Path) -> Result<(), ConfigError> {
+    let bad = |why| {
+        Err(ConfigError::new(
+            "--network-namespace",
+            ns.display().to_string(),
+            why,
+        ))
+    };
+    if !ns.exists() {
+        return bad("does not exist");
+    }
+    if !netns::is_netns(ns) {
+        return bad("is not a network namespace");
+    }
+    Ok(())
+}
+
 /// Builds the raw (string) config exactly as istio-iptables would see it.
 pub fn raw_config(a: &ApplyArgs) -> Result<RawConfig, ConfigError> {
     if let Some(ns) = &a.network_namespace {
-        if !ns.exists() {
-            return Err(ConfigError::new(
-                "--network-namespace",
-                ns.display().to_string(),
-                "does not exist",
-            ));
-        }
-        if !netns::is_netns(ns) {
-            return Err(ConfigError::new(
-                "--network-namespace",
-                ns.display().to_string(),
-                "is not a network namespace",
-            ));
-        }
+        check_netns(ns)?;
     }
     let netns = a.network_namespace.as_deref();
     let redirect_dns = a.redirect_dns || env_true("ISTIO_META_DNS_CAPTURE");

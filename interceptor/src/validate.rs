@@ -42,7 +42,6 @@ use nix::sys::socket::{
 };
 
 use crate::cli::ValidateArgs;
-use crate::netns;
 
 /// Exit code of a failed validation (Istio's `constants.ValidationErrorCode`).
 pub const EXIT_VALIDATION_FAILED: i32 = 126;
@@ -90,20 +89,7 @@ fn id(flag: &'static str, s: &str) -> Result<u32, ConfigError> {
 /// Checks the flags; bad input is a `ConfigError` (exit 2), nothing is probed.
 pub fn params(a: &ValidateArgs) -> Result<Params, ConfigError> {
     if let Some(ns) = &a.network_namespace {
-        if !ns.exists() {
-            return Err(ConfigError::new(
-                "--network-namespace",
-                ns.display().to_string(),
-                "does not exist",
-            ));
-        }
-        if !netns::is_netns(ns) {
-            return Err(ConfigError::new(
-                "--network-namespace",
-                ns.display().to_string(),
-                "is not a network namespace",
-            ));
-        }
+        crate::config::check_netns(ns)?;
     }
     let proxy_port = port("--envoy-port", &a.envoy_port)?;
     let inbound_capture_port = port("--inbound-capture-port", &a.inbound_capture_port)?;
