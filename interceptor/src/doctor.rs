@@ -931,7 +931,6 @@ fn map_row(name: &str, ty: MapType) -> Check {
 /// getsockopt(SOL_SOCKET, SO_NETNS_COOKIE) on a real socket (AF_UNIX: exists in any netns, even
 /// one whose loopback is down), as the loader does to key pods.
 fn so_netns_cookie_row() -> Check {
-    const SO_NETNS_COOKIE: libc::c_int = 71;
     let name = rows::SO_NETNS_COOKIE;
     let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
@@ -942,25 +941,16 @@ fn so_netns_cookie_row() -> Check {
         );
     }
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    let r = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
+    let err = match crate::backend::ebpf::socket_netns_cookie(sock.as_fd()) {
+        Ok(cookie) => {
+            return present(
+                name,
+                true,
+                format!("getsockopt returns this netns's cookie ({cookie})"),
+            )
+        }
+        Err(e) => e,
     };
-    if r == 0 {
-        return present(
-            name,
-            true,
-            format!("getsockopt returns this netns's cookie ({cookie})"),
-        );
-    }
-    let err = io::Error::last_os_error();
     match err.raw_os_error() {
         Some(libc::ENOPROTOOPT) => {
             missing(name, true, "getsockopt: ENOPROTOOPT (needs ≥ 5.14)".into())

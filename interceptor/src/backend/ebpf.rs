@@ -106,26 +106,27 @@ pub fn netns_cookie(path: Option<&Path>) -> Result<u64> {
         let sock = std::net::UdpSocket::bind("127.0.0.1:0")
             .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))
             .context("creating a socket to read the netns cookie")?;
-        let mut cookie: u64 = 0;
-        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-        // SO_NETNS_COOKIE = 71 (Linux 5.14+).
-        let r = unsafe {
-            libc::getsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                71,
-                (&mut cookie as *mut u64).cast(),
-                &mut len,
-            )
-        };
-        if r != 0 {
-            bail!(
-                "getsockopt(SO_NETNS_COOKIE): {}",
-                std::io::Error::last_os_error()
-            );
-        }
-        Ok(cookie)
+        socket_netns_cookie(sock.as_fd()).map_err(|e| anyhow!("getsockopt(SO_NETNS_COOKIE): {e}"))
     })
+}
+
+/// SO_NETNS_COOKIE (Linux 5.14+) of a socket: the cookie of the netns it was created in.
+pub fn socket_netns_cookie(sock: BorrowedFd<'_>) -> std::io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            71,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
 }
 
 fn prog_attach(
