@@ -425,9 +425,12 @@ pub fn decide_inbound<T: PodTables>(
 /// app cannot impersonate the proxy. `Pass` = allowed.
 #[inline(always)]
 pub fn bind_allowed<T: PodTables>(p: &PodPolicy, t: &T, port: u16, uid: u32, gid: u32) -> bool {
-    if !p.has(flags::BIND_GUARD) || !t.proxy_port_guarded(port) {
-        return true;
-    }
+    !p.has(flags::BIND_GUARD) || !t.proxy_port_guarded(port) || is_proxy(p, uid, gid)
+}
+
+/// Whether a process with these ids is the pod's proxy (Istio's owner match: a uid or a gid).
+#[inline(always)]
+pub fn is_proxy(p: &PodPolicy, uid: u32, gid: u32) -> bool {
     let mut i = 0;
     while i < MAX_IDS && i < p.n_uids as usize {
         if p.uids[i] == uid {

@@ -15,6 +15,7 @@ pub mod names {
     pub const POD_BY_ADDR: &str = "POD_BY_ADDR";
     pub const LISTENERS: &str = "LISTENERS";
     pub const DNS_ORIG: &str = "DNS_ORIG";
+    pub const PROXY_BINDS: &str = "PROXY_BINDS";
     pub const STATS: &str = "STATS";
 }
 

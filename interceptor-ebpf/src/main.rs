@@ -30,7 +30,8 @@ use aya_log_ebpf::info;
 use interceptor_common::decision::Reason;
 use interceptor_common::{
     decision::{
-        bind_allowed, decide, decide_inbound, Addr, Conn, PodPolicy, PodTables, Proto, Verdict,
+        bind_allowed, decide, decide_inbound, is_proxy, Addr, Conn, PodPolicy, PodTables, Proto,
+        Verdict,
     },
     maps::{
         mapped_v4, stat, v6_bytes, AddrKey, Cidr4Data, Cidr6Data, GroupKey, OrigDst, PodRef,
@@ -111,6 +112,10 @@ static ORIG_BY_TUPLE: LruHashMap<TupleKey, OrigDst> = LruHashMap::with_max_entri
 /// UDP socket cookie → the DNS server it last sent to; removed when the socket is released.
 #[map]
 static DNS_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(65536, 0);
+/// Socket cookies of sockets the proxy bound to the inbound capture port: sock_ops cannot ask
+/// who the caller is before 6.13, bind can. Removed when the socket is released.
+#[map]
+static PROXY_BINDS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(4096, 0);
 /// Pod address → pod, for sk_lookup (which cannot read the netns cookie).
 #[map]
 static POD_BY_ADDR: HashMap<[u8; 16], PodRef> = HashMap::with_max_entries(16384, 0);
@@ -448,6 +453,7 @@ pub fn ic_recvmsg6(ctx: SockAddrContext) -> i32 {
 pub fn ic_sock_release(ctx: SockContext) -> i32 {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let _ = DNS_ORIG.remove(&cookie);
+    let _ = PROXY_BINDS.remove(&cookie);
     1
 }
 
@@ -462,9 +468,14 @@ fn on_bind(ctx: &SockAddrContext, v6: bool) -> i32 {
     let tables = MapTables {
         pod_id: policy.pod_id,
     };
-    let allowed = bind_allowed(policy, &tables, port, ug as u32, (ug >> 32) as u32);
+    let (uid, gid) = (ug as u32, (ug >> 32) as u32);
+    let allowed = bind_allowed(policy, &tables, port, uid, gid);
     if !allowed {
         count(policy.pod_id, stat::BIND_DENIED);
+    } else if port == policy.inbound_capture_port && is_proxy(policy, uid, gid) {
+        // Remembered for sock_ops' LISTEN callback, which registers the proxy's listener.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        let _ = PROXY_BINDS.insert(&cookie, &1, 0);
     }
     i32::from(allowed)
 }
@@ -491,8 +502,8 @@ pub fn ic_sockops(ctx: SockOpsContext) -> u32 {
     1
 }
 
-/// The proxy's inbound listener registers itself: a listen() on the inbound capture port by
-/// one of the proxy's uids in a meshed netns.
+/// The proxy's inbound listener registers itself: a listen() on the inbound capture port in a
+/// meshed netns, on a socket the proxy itself bound there (see `on_bind`).
 #[inline(always)]
 fn on_listen(ctx: &SockOpsContext) {
     let Some((_, policy)) = pod_of(ctx) else {
@@ -502,14 +513,8 @@ fn on_listen(ctx: &SockOpsContext) {
     if port != u32::from(policy.inbound_capture_port) {
         return;
     }
-    let uid = bpf_get_current_uid_gid() as u32;
-    let mut i = 0;
-    let mut proxy = false;
-    while i < interceptor_common::decision::MAX_IDS && i < policy.n_uids as usize {
-        proxy |= policy.uids[i] == uid;
-        i += 1;
-    }
-    if proxy {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if unsafe { PROXY_BINDS.get(&cookie) }.is_some() {
         let v6 = u32::from(unsafe { read_volatile(addr_of!((*ctx.ops).family)) } == AF_INET6);
         let _ = LISTENERS.update(policy.pod_id * 2 + v6, unsafe { &mut *ctx.ops }, 0);
     }

@@ -67,7 +67,7 @@ impl DaemonProc {
             .spawn()?;
         self.child = Some(child);
         let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(20) {
+        while start.elapsed() < crate::scaled(Duration::from_secs(20)) {
             if interceptor::daemon::client::running(&self.socket()) {
                 return Ok(());
             }

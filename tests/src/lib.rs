@@ -26,3 +26,25 @@ pub fn shared_dir() -> Option<PathBuf> {
     eprintln!("SKIP: {msg}");
     None
 }
+
+/// How many times slower than a normal machine this one runs: `cargo xtask vm-test` sets
+/// INTERCEPTOR_TESTS_TIME_SCALE for emulated (TCG) guests. Tests stretch their own waits by it
+/// and trim their size where a full run would not fit the guest's time.
+pub fn time_scale() -> f64 {
+    std::env::var("INTERCEPTOR_TESTS_TIME_SCALE")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 1.0)
+        .unwrap_or(1.0)
+}
+
+/// `d` stretched by [`time_scale`].
+pub fn scaled(d: std::time::Duration) -> std::time::Duration {
+    d.mul_f64(time_scale())
+}
+
+/// False when the run was told eBPF is unavailable here (INTERCEPTOR_TESTS_NO_EBPF=1: the
+/// bpf()-denied runs of `cargo xtask vm-test`): tests then expect `auto` to fall back.
+pub fn ebpf_expected() -> bool {
+    std::env::var("INTERCEPTOR_TESTS_NO_EBPF").map_or(true, |v| v != "1")
+}

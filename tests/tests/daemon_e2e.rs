@@ -294,6 +294,27 @@ fn metrics_match_the_traffic() {
     let get = |m: &str, l: &[&str]| {
         DaemonProc::sample(&text, m, l).unwrap_or_else(|| panic!("{m} {l:?} missing:\n{text}"))
     };
+    // Where `auto` fell back (no eBPF here), the same redirect counts come from the pod's nat
+    // rule counters; the per-reason and SO_ORIGINAL_DST counters are eBPF's only.
+    let show = d.pod_ok(&["show", "--network-namespace", &ns]);
+    if !show.contains("\"backend\": \"ebpf\"") {
+        assert!(
+            !interceptor_tests::ebpf_expected(),
+            "auto did not pick eBPF: {show}"
+        );
+        assert!(show.contains("\"backend\": \"iptables\""), "{show}");
+        assert_eq!(get("interceptor_pods", &["backend=\"iptables\""]), 1.0);
+        assert_eq!(get("interceptor_pods", &["backend=\"ebpf\""]), 0.0);
+        for (dir, n) in [("outbound", 5.0), ("inbound", 4.0)] {
+            let dir = format!("direction=\"{dir}\"");
+            assert_eq!(
+                get("interceptor_connections_redirected_total", &[pod_l, &dir]),
+                n
+            );
+        }
+        return;
+    }
+    assert_eq!(get("interceptor_pods", &["backend=\"ebpf\""]), 1.0);
     assert_eq!(
         get(
             "interceptor_connections_redirected_total",

@@ -167,9 +167,10 @@ fn probe_agrees_with_the_loader_and_is_cheap_once_installed() {
         "full probe: {full_ms:.1} ms; with an installation: {quick_ms:.1} ms per ebpf_missing call"
     );
     // Generous bounds (debug build, busy shared machine); the numbers are printed above.
-    assert!(full_ms < 5000.0, "full probe took {full_ms} ms");
+    let scale = interceptor_tests::time_scale();
+    assert!(full_ms < 5000.0 * scale, "full probe took {full_ms} ms");
     assert!(
-        quick_ms < 200.0,
+        quick_ms < 200.0 * scale,
         "probe with an installation took {quick_ms} ms"
     );
 }

@@ -64,6 +64,7 @@ pub const MAPS: &[&str] = &[
     names::ORIG_BY_COOKIE,
     names::ORIG_BY_TUPLE,
     names::DNS_ORIG,
+    names::PROXY_BINDS,
     names::POD_BY_ADDR,
     names::LISTENERS,
     names::STATS,
@@ -106,8 +107,29 @@ pub fn netns_cookie(path: Option<&Path>) -> Result<u64> {
         let sock = std::net::UdpSocket::bind("127.0.0.1:0")
             .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))
             .context("creating a socket to read the netns cookie")?;
-        socket_netns_cookie(sock.as_fd()).map_err(|e| anyhow!("getsockopt(SO_NETNS_COOKIE): {e}"))
+        socket_netns_cookie(sock.as_fd()).context("getsockopt(SO_NETNS_COOKIE)")
     })
+}
+
+/// A netns's identity for the daemon's records: its cookie, or where SO_NETNS_COOKIE is missing
+/// (before 5.14, where the eBPF backend is unavailable anyway) its nsfs inode with the top bit
+/// set, so it can never equal a cookie. Inodes can be reused once a netns is gone; cookies not.
+pub fn netns_identity(path: &Path) -> Result<u64> {
+    match netns_cookie(Some(path)) {
+        Ok(c) => Ok(c),
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|e| e.raw_os_error() == Some(libc::ENOPROTOOPT))
+            }) =>
+        {
+            use std::os::unix::fs::MetadataExt;
+            let meta =
+                std::fs::metadata(path).with_context(|| format!("stat {}", path.display()))?;
+            Ok(1 << 63 | meta.ino())
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// SO_NETNS_COOKIE (Linux 5.14+) of a socket: the cookie of the netns it was created in.

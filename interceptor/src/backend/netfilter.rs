@@ -59,6 +59,68 @@ impl Binaries {
     }
 }
 
+/// Connections the pod's nat rules sent to the proxy, `(outbound, inbound)`, from the kernel's
+/// own rule counters: nat sees only a connection's first packet, so packets = connections.
+/// IPv4 and, where ip6tables holds our chains, IPv6 summed.
+pub fn redirect_counters(netns: &Path) -> Result<(u64, u64)> {
+    let bin = choose_binaries(Some(netns), None);
+    let v4 = run(
+        Some(netns),
+        &bin.name("iptables-save"),
+        &["-c", "-t", "nat"],
+        None,
+    )?;
+    let (mut out, mut inb) = parse_redirect_counters(&v4);
+    if let Ok(v6) = run(
+        Some(netns),
+        &bin.name("ip6tables-save"),
+        &["-c", "-t", "nat"],
+        None,
+    ) {
+        let (o, i) = parse_redirect_counters(&v6);
+        out += o;
+        inb += i;
+    }
+    Ok((out, inb))
+}
+
+/// The REDIRECT rules' packet counts in `iptables-save -c` output.
+fn parse_redirect_counters(dump: &str) -> (u64, u64) {
+    let (mut out, mut inb) = (0, 0);
+    for line in dump.lines() {
+        let Some((counts, rule)) = line.strip_prefix('[').and_then(|l| l.split_once("] ")) else {
+            continue;
+        };
+        let Some(pkts) = counts.split(':').next().and_then(|p| p.parse::<u64>().ok()) else {
+            continue;
+        };
+        if !rule.contains(" -j REDIRECT") {
+            continue;
+        }
+        let chain = rule.strip_prefix("-A ").and_then(|r| r.split(' ').next());
+        if chain == Some(iptables::ISTIO_REDIRECT) {
+            out += pkts;
+        } else if chain == Some(iptables::ISTIO_IN_REDIRECT) {
+            inb += pkts;
+        }
+    }
+    (out, inb)
+}
+
+#[cfg(test)]
+mod counter_tests {
+    #[test]
+    fn redirect_counters_come_from_the_redirect_rules_only() {
+        let dump = "*nat\n:OUTPUT ACCEPT [0:0]\n\
+                    [7:420] -A OUTPUT -p tcp -j ISTIO_OUTPUT\n\
+                    [5:300] -A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001\n\
+                    [4:240] -A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006\n\
+                    [2:120] -A ISTIO_OUTPUT -p udp --dport 53 -j REDIRECT --to-ports 15053\n\
+                    COMMIT\n";
+        assert_eq!(super::parse_redirect_counters(dump), (5, 4));
+    }
+}
+
 /// Istio's binary choice: forced, else legacy if it already holds rules in the netns, else nft
 /// if usable, else plain `iptables`.
 pub fn choose_binaries(netns: Option<&Path>, forced: Option<IptablesFlavor>) -> Binaries {

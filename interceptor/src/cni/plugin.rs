@@ -10,7 +10,7 @@ use super::spec::{
     self, code, parse_cni_args, parse_netconf, pass_through, prev_result_ips, CniEnv, CniError,
     Command, K8sArgs, NetConf,
 };
-use crate::backend::ebpf::{netns_cookie, Pins};
+use crate::backend::ebpf::{netns_identity, Pins};
 use crate::cli::BackendKind;
 use crate::daemon::client::call;
 use crate::daemon::protocol::{PodIdentity, PodSpec, PodStatus, Request, Response};
@@ -364,7 +364,7 @@ fn check(env: &CniEnv, conf: &NetConf, k8s: &K8sArgs) -> Result<String, CniError
             ))
         }
     };
-    let cookie = netns_cookie(Some(netns))
+    let cookie = netns_identity(netns)
         .map_err(|e| CniError::new(code::IO, "cannot read the netns cookie", format!("{e:#}")))?;
     if cookie != pod.netns_cookie {
         return Err(CniError::new(

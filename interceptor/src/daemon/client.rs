@@ -20,10 +20,14 @@ pub fn call(socket: &Path, req: &Request) -> Result<Response> {
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
     let mut line = serde_json::to_string(req)?;
     line.push('\n');
-    s.write_all(line.as_bytes())?;
+    // The daemon may answer and close before reading (it refuses non-root peers at once): a
+    // failed write still leaves its answer to read.
+    let wrote = s.write_all(line.as_bytes());
     let mut resp = String::new();
-    BufReader::new(&s).read_line(&mut resp)?;
+    let read = BufReader::new(&s).read_line(&mut resp);
     if resp.is_empty() {
+        wrote.context("sending the request to the daemon")?;
+        read.context("reading the daemon's response")?;
         bail!("the daemon closed the connection without answering (not root?)");
     }
     serde_json::from_str(&resp).context("decoding the daemon's response")

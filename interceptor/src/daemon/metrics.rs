@@ -17,8 +17,12 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use super::Daemon;
+use crate::cli::BackendKind;
 
 type Labels = Vec<(String, String)>;
+
+const REDIRECTED: &str = "interceptor_connections_redirected";
+const REDIRECTED_HELP: &str = "Connections sent to the proxy";
 
 /// One scrape's worth of values.
 #[derive(Debug, Default)]
@@ -65,13 +69,47 @@ impl Collector for Snapshot {
 fn snapshot(d: &Daemon) -> Snapshot {
     let mut s = Snapshot::default();
     let pods = d.list();
+    let pod_label = |p: &super::PodStatus| {
+        p.identity.as_ref().map_or_else(
+            || p.netns.display().to_string(),
+            |i| format!("{}/{}", i.namespace, i.name),
+        )
+    };
+    for backend in [
+        BackendKind::Ebpf,
+        BackendKind::Iptables,
+        BackendKind::Nftables,
+    ] {
+        s.gauges.push((
+            "interceptor_pods",
+            "Registered pods, by the backend serving them",
+            vec![("backend".to_string(), format!("{backend:?}").to_lowercase())],
+            pods.iter().filter(|p| p.backend == backend).count() as i64,
+        ));
+    }
+    // Fallback pods: the redirect counts from their nat rules' own counters.
+    for p in pods.iter().filter(|p| p.backend == BackendKind::Iptables) {
+        match crate::backend::netfilter::redirect_counters(&p.netns) {
+            Ok((out, inb)) => {
+                for (dir, v) in [("outbound", out), ("inbound", inb)] {
+                    s.counters.push((
+                        REDIRECTED,
+                        REDIRECTED_HELP,
+                        vec![
+                            ("pod".to_string(), pod_label(p)),
+                            ("direction".to_string(), dir.to_string()),
+                        ],
+                        v,
+                    ));
+                }
+            }
+            Err(e) => tracing::warn!(netns = %p.netns.display(), "reading rule counters: {e:#}"),
+        }
+    }
     let maps = d.maps.lock().unwrap_or_else(|e| e.into_inner());
     let Some(maps) = maps.as_ref() else { return s };
     for p in pods.iter().filter(|p| p.pod_id != 0) {
-        let pod = p.identity.as_ref().map_or_else(
-            || p.netns.display().to_string(),
-            |i| format!("{}/{}", i.namespace, i.name),
-        );
+        let pod = pod_label(p);
         let c = maps.counters(p.pod_id);
         let l = |dir: &str, extra: &[(&str, &str)]| {
             let mut v = vec![
@@ -81,8 +119,7 @@ fn snapshot(d: &Daemon) -> Snapshot {
             v.extend(extra.iter().map(|(k, x)| (k.to_string(), x.to_string())));
             v
         };
-        let red = "interceptor_connections_redirected";
-        let red_h = "Connections sent to the proxy";
+        let (red, red_h) = (REDIRECTED, REDIRECTED_HELP);
         s.counters.push((
             red,
             red_h,
@@ -153,12 +190,6 @@ fn snapshot(d: &Daemon) -> Snapshot {
             i64::from(cap),
         ));
     }
-    s.gauges.push((
-        "interceptor_pods",
-        "Registered pods",
-        vec![],
-        pods.len() as i64,
-    ));
     s
 }
 

@@ -19,7 +19,7 @@ use clap::Args;
 use interceptor_common::config::ConfigError;
 
 use crate::apply::{self, cgroup_of};
-use crate::backend::ebpf::{netns_cookie, Pins};
+use crate::backend::ebpf::{netns_identity, Pins};
 use crate::backend::netfilter::Mode;
 use crate::cli::{BackendKind, EbpfArgs};
 use protocol::{PodSpec, PodStatus, Request, Response};
@@ -142,7 +142,7 @@ impl Daemon {
         let mut live = Vec::new();
         for (file, pod) in self.pods_on_disk() {
             let alive = crate::netns::is_netns(&pod.netns)
-                && netns_cookie(Some(&pod.netns)).is_ok_and(|c| c == pod.netns_cookie);
+                && netns_identity(&pod.netns).is_ok_and(|c| c == pod.netns_cookie);
             if alive {
                 live.push(pod.netns_cookie);
                 tracing::info!(netns = %pod.netns.display(), backend = ?pod.backend, "re-adopted pod");
@@ -210,7 +210,7 @@ impl Daemon {
                 self.uninstall(&old, maps.as_mut())?;
             }
         }
-        let cookie = netns_cookie(Some(&spec.netns))?;
+        let cookie = netns_identity(&spec.netns)?;
         tracing::debug!(micros = start.elapsed().as_micros() as u64, "cookie read");
         let pod_id = match (choice.backend, maps.as_mut()) {
             (BackendKind::Ebpf, Some(maps)) => {
