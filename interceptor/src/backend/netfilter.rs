@@ -107,20 +107,6 @@ fn parse_redirect_counters(dump: &str) -> (u64, u64) {
     (out, inb)
 }
 
-#[cfg(test)]
-mod counter_tests {
-    #[test]
-    fn redirect_counters_come_from_the_redirect_rules_only() {
-        let dump = "*nat\n:OUTPUT ACCEPT [0:0]\n\
-                    [7:420] -A OUTPUT -p tcp -j ISTIO_OUTPUT\n\
-                    [5:300] -A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001\n\
-                    [4:240] -A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006\n\
-                    [2:120] -A ISTIO_OUTPUT -p udp --dport 53 -j REDIRECT --to-ports 15053\n\
-                    COMMIT\n";
-        assert_eq!(super::parse_redirect_counters(dump), (5, 4));
-    }
-}
-
 /// Istio's binary choice: forced, else legacy if it already holds rules in the netns, else nft
 /// if usable, else plain `iptables`.
 pub fn choose_binaries(netns: Option<&Path>, forced: Option<IptablesFlavor>) -> Binaries {
@@ -396,4 +382,18 @@ fn nft_scratch_list(tx: &str) -> Result<BTreeMap<String, String>> {
         run(None, "nft", &["-f", "-"], Some(&tx))?;
         nft_list(None)
     })
+}
+
+#[cfg(test)]
+mod counter_tests {
+    #[test]
+    fn redirect_counters_come_from_the_redirect_rules_only() {
+        let dump = "*nat\n:OUTPUT ACCEPT [0:0]\n\
+                    [7:420] -A OUTPUT -p tcp -j ISTIO_OUTPUT\n\
+                    [5:300] -A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001\n\
+                    [4:240] -A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006\n\
+                    [2:120] -A ISTIO_OUTPUT -p udp --dport 53 -j REDIRECT --to-ports 15053\n\
+                    COMMIT\n";
+        assert_eq!(super::parse_redirect_counters(dump), (5, 4));
+    }
 }
