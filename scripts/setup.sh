@@ -13,10 +13,11 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 # iptables (legacy + nft variants), nftables, iproute2 (ip netns/veth), bpftool (inspection in
 # tests), kmod (modprobe of nat/owner modules), procps/util-linux (nsenter), dnsutils (dig for DNS tests).
 # cargo xtask vm-test: qemu-system-x86 (guests), busybox-static (guest shell), kmod (depmod),
-# xz-utils/zstd (compressed kernel modules), binutils (objcopy), debian-archive-keyring.
+# xz-utils/zstd (compressed kernel modules), binutils (objcopy), debian-archive-keyring,
+# musl-tools (musl-gcc: C code in dependencies of the static guest binaries).
 # containernetworking-plugins: bridge/host-local/loopback in /usr/lib/cni for the CNI chain test.
 PKGS=(iptables nftables iproute2 bpftool kmod procps util-linux dnsutils ca-certificates
-      qemu-system-x86 busybox-static xz-utils zstd binutils debian-archive-keyring
+      qemu-system-x86 busybox-static xz-utils zstd binutils debian-archive-keyring musl-tools
       containernetworking-plugins)
 missing=()
 for p in "${PKGS[@]}"; do

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine (see setup.sh) and runs every test: unit, conformance, CLI validation,
-# and the e2e suites that create network namespaces and load eBPF programs (root required).
+# the e2e suites that create network namespaces and load eBPF programs (root required), and the
+# CI-sized kernel-matrix run in a VM.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
@@ -11,4 +12,7 @@ cargo clippy --all-targets -q -- -D warnings
 echo "[test] cargo test (default members: everything but the bpf-target crate)"
 # Each e2e test builds its own uniquely named netns/cgroups/pins, so parallel threads are safe.
 cargo test
+echo "[test] cargo xtask vm-test --ci (one Debian kernel in QEMU: core e2e cases, eBPF and fallback)"
+# The full kernel matrix (5.10, 6.1, 6.12, 7.2) is `cargo xtask vm-test`: about an hour here.
+cargo xtask vm-test --ci
 echo "[test] all tests passed"

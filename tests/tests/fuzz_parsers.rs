@@ -15,7 +15,8 @@ fn cases() -> u32 {
     std::env::var("FUZZ_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000)
+        // Emulated guests (vm-test) run a proportionally smaller default.
+        .unwrap_or((20_000.0 / interceptor_tests::time_scale()) as u32)
 }
 
 /// Strings biased toward what the parser sees: list syntax, ports, CIDRs, names, junk,

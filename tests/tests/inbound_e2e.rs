@@ -277,3 +277,38 @@ fn pre_existing_listener_is_adopted() {
         );
     }
 }
+
+/// Only the proxy's own listener on the capture port receives inbound traffic: an app listening
+/// there (bind guard off, so its bind succeeds) is not registered, and inbound is reset.
+#[test]
+fn app_listening_on_the_capture_port_is_not_the_proxy() {
+    let topo = Topology::new("imp").unwrap();
+    let ebpf = EbpfInstall::new("imp");
+    let ns = topo.pod_netns().to_str().unwrap().to_string();
+    let bpffs = ebpf.dir().to_str().unwrap().to_string();
+    let mut args = vec![
+        "apply",
+        "--network-namespace",
+        &ns,
+        "--bpffs",
+        &bpffs,
+        "-b",
+        "*",
+        "--bind-guard-ports",
+        "",
+    ];
+    args.extend_from_slice(Flavor::Ebpf.args());
+    run(&args);
+    let _impostor =
+        TagServer::spawn(topo.pod_netns(), "impostor", &[15006], Some((1000, 1000))).unwrap();
+    let _app = TagServer::spawn(topo.pod_netns(), "app", &[APP_PORT], None).unwrap();
+    let dst = SocketAddr::new(topo.pod_v4().into(), APP_PORT);
+    let err = topo
+        .inbound_connect(dst, None)
+        .expect_err("inbound must not reach the impostor or the app");
+    let ce = err.downcast_ref::<ConnectError>().copied();
+    assert!(
+        ce.is_some_and(|c| c.is_refused()),
+        "want connection refused, got {err:#}"
+    );
+}

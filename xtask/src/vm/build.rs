@@ -30,6 +30,9 @@ fn cargo_executables(root: &Path, args: &[&str]) -> Result<Vec<(String, Vec<Stri
             "--message-format=json-render-diagnostics",
         ])
         .current_dir(root)
+        // C code in dependencies (ring, for the kube client's TLS) needs a musl C compiler:
+        // Debian's musl-tools (scripts/setup.sh installs it) names it musl-gcc.
+        .env("CC_x86_64_unknown_linux_musl", "musl-gcc")
         .stdout(Stdio::piped())
         .spawn()
         .context("running cargo")?;

@@ -124,6 +124,13 @@ pub fn userland() -> Result<Tree> {
             elf.push(e.path());
         }
     }
+    // The reference CNI plugins the CNI chain tests run (static Go binaries).
+    for name in ["bridge", "host-local", "loopback"] {
+        let p = Path::new("/usr/lib/cni").join(name);
+        if p.is_file() {
+            t.add_host(&p)?;
+        }
+    }
     for lib in shared_libs(&elf)? {
         t.add_host(&lib)?;
     }
