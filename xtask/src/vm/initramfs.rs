@@ -131,6 +131,11 @@ pub fn userland() -> Result<Tree> {
             t.add_host(&p)?;
         }
     }
+    // CA roots: the Kubernetes client loads the system's even when it talks to a local fake.
+    let ca = Path::new("/etc/ssl/certs/ca-certificates.crt");
+    if ca.is_file() {
+        t.add_host(ca)?;
+    }
     for lib in shared_libs(&elf)? {
         t.add_host(&lib)?;
     }

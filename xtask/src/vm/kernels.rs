@@ -24,13 +24,15 @@ const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 const FLAVOUR: &str = "cloud-amd64";
 
 /// Module folders (below `kernel/`) the guest loads completely, with their dependencies:
-/// netfilter for iptables (legacy and nft) and nftables, qdiscs, veth.
+/// netfilter for iptables (legacy and nft) and nftables, qdiscs, veth, bridge.
 const MODULE_DIRS: &[&str] = &[
     "net/netfilter",
     "net/ipv4/netfilter",
     "net/ipv6/netfilter",
     "net/sched",
     "drivers/net/veth",
+    // Linux bridge, for the CNI chain tests' reference bridge plugin.
+    "net/bridge",
     // Text search, which the amanda conntrack helper asks for at load time.
     "lib/ts_kmp",
     "lib/ts_bm",
@@ -352,8 +354,13 @@ fn archive_uris() -> (String, String) {
 fn stage_modules(moddir: &Path, stage: &Path, release: &str) -> Result<Vec<PathBuf>> {
     let order_file = stage.join("load-order");
     let rel_root = PathBuf::from("lib/modules").join(release);
+    // The cached order is valid for the module folders it was made from (its first line).
+    let header = format!("# {}", MODULE_DIRS.join(","));
     if let Ok(text) = std::fs::read_to_string(&order_file) {
-        return Ok(text.lines().map(PathBuf::from).collect());
+        let mut lines = text.lines();
+        if lines.next() == Some(header.as_str()) {
+            return Ok(lines.map(PathBuf::from).collect());
+        }
     }
     // depmod wants <base>/lib/modules/<release>; point one at the unpacked folder.
     let base = stage.with_file_name("depmod-base");
@@ -401,7 +408,8 @@ fn stage_modules(moddir: &Path, stage: &Path, release: &str) -> Result<Vec<PathB
         }
     }
     depmod(stage, release)?;
-    let text: Vec<String> = load.iter().map(|p| p.display().to_string()).collect();
+    let mut text = vec![header];
+    text.extend(load.iter().map(|p| p.display().to_string()));
     std::fs::write(&order_file, text.join("\n"))?;
     Ok(load)
 }

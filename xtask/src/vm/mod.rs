@@ -397,11 +397,11 @@ pub fn run(args: Args) -> Result<()> {
     // 4. Guests.
     let userland = initramfs::userland()?;
     let shared = root.join("../shared/conformance");
-    let extra_trees: Vec<PathBuf> = if shared.is_dir() {
-        vec![shared.canonicalize()?]
-    } else {
-        Vec::new()
-    };
+    // Istio's goldens and the deploy/ manifests, at the paths the tests read them from.
+    let mut extra_trees = vec![root.join("deploy")];
+    if shared.is_dir() {
+        extra_trees.push(shared.canonicalize()?);
+    }
     let extra_dirs = vec![root.join("tests")];
     let jobs = args
         .jobs
