@@ -46,6 +46,11 @@ impl DaemonProc {
         Ok(d)
     }
 
+    /// The daemon's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn socket(&self) -> PathBuf {
         self.dir.join("sock")
     }

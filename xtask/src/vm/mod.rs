@@ -40,7 +40,7 @@ const CI_KERNEL: &str = "6.1";
 const CI_FILTERS: &[&str] = &["ebpf_e2e/traffic_ebpf", "fallback_e2e/traffic_", "doctor"];
 /// Test binaries whose every test forces `--backend ebpf` (they cannot pass where eBPF is
 /// unavailable).
-const EBPF_BINS: &[&str] = &["ebpf_e2e", "bind_guard", "inbound_e2e"];
+const EBPF_BINS: &[&str] = &["ebpf_e2e", "bind_guard", "inbound_e2e", "load"];
 /// libtest `--skip` patterns for the other tests that force eBPF or assert that it is
 /// available here. Such runs also get `INTERCEPTOR_TESTS_NO_EBPF=1` in their environment.
 const EBPF_SKIPS: &[&str] = &[
@@ -280,6 +280,8 @@ fn plan(label: &str, modules: Vec<String>, runs: Vec<Run>, scale: &str) -> Plan 
 pub fn run(args: Args) -> Result<()> {
     let wall = Instant::now();
     let root = workspace_root();
+    // What was built and tested: read now, not when the report is written an hour later.
+    let tested = revision(&root);
     let cache = cache_dir(&args);
     let out_dir = root.join("target/vm-test");
     std::fs::create_dir_all(&out_dir)?;
@@ -466,7 +468,7 @@ pub fn run(args: Args) -> Result<()> {
             "{accel}: {why}; guests' tests get INTERCEPTOR_TESTS_TIME_SCALE={}",
             time_scale(&accel)
         ),
-        date: format!("{} (tree: {})", date(), revision(&root)),
+        date: format!("{} (tree: {tested})", date()),
         wall: wall.elapsed(),
         denied_selection,
     };
