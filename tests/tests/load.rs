@@ -148,6 +148,28 @@ fn connect_once(dst: SocketAddr) -> std::io::Result<(TcpStream, String)> {
     Ok((s, line.trim_end().to_string()))
 }
 
+/// `n` connections from the current netns, each to its own port on `up`: how many got their
+/// own original destination back, and what went wrong otherwise. With `hold`, every connection
+/// stays open until the last one is made.
+fn connect_many(up: std::net::IpAddr, n: usize, hold: bool) -> (usize, Vec<String>) {
+    let mut streams = Vec::with_capacity(if hold { n } else { 0 });
+    let (mut ok, mut wrong) = (0usize, Vec::new());
+    for i in 0..n {
+        let dst = SocketAddr::new(up, 20_000 + (i % 40_000) as u16);
+        match connect_once(dst) {
+            Ok((s, reply)) if reply == dst.to_string() => {
+                ok += 1;
+                if hold {
+                    streams.push(s);
+                }
+            }
+            Ok((_, reply)) => wrong.push(format!("{dst} -> {reply}")),
+            Err(e) => wrong.push(format!("{dst} -> {e}")),
+        }
+    }
+    (ok, wrong)
+}
+
 /// The client half of the held-connections part, run by that test as a child process: opens
 /// every connection, checks each reply, and holds them all until the last one is open.
 #[test]
@@ -159,23 +181,7 @@ fn held_client() {
     let up: std::net::IpAddr = up.parse().unwrap();
     let n: usize = n.parse().unwrap();
     raise_fd_limit((n + 256) as u64);
-    let (ok, wrong) = run_in_netns(Path::new(ns), move || {
-        let mut streams = Vec::with_capacity(n);
-        let (mut ok, mut wrong) = (0usize, Vec::new());
-        for i in 0..n {
-            let dst = SocketAddr::new(up, 20_000 + (i % 40_000) as u16);
-            match connect_once(dst) {
-                Ok((s, reply)) if reply == dst.to_string() => {
-                    ok += 1;
-                    streams.push(s);
-                }
-                Ok((_, reply)) => wrong.push(format!("{dst} -> {reply}")),
-                Err(e) => wrong.push(format!("{dst} -> {e}")),
-            }
-        }
-        (ok, wrong)
-    })
-    .unwrap();
+    let (ok, wrong) = run_in_netns(Path::new(ns), move || connect_many(up, n, true)).unwrap();
     println!("HELD_OK {ok}");
     for w in wrong.iter().take(5) {
         println!("WRONG {w}");
@@ -260,16 +266,7 @@ fn held_connections_and_a_connect_loop_leak_nothing() {
     // 2. Loop: connect, check, close.
     let t = Instant::now();
     let (loop_ok, loop_wrong) = run_in_netns(topo.pod_netns(), move || {
-        let (mut ok, mut wrong) = (0usize, Vec::new());
-        for i in 0..loop_n {
-            let dst = SocketAddr::new(up.into(), 20_000 + (i % 40_000) as u16);
-            match connect_once(dst) {
-                Ok((_, reply)) if reply == dst.to_string() => ok += 1,
-                Ok((_, reply)) => wrong.push(format!("{dst} -> {reply}")),
-                Err(e) => wrong.push(format!("{dst} -> {e}")),
-            }
-        }
-        (ok, wrong)
+        connect_many(up.into(), loop_n, false)
     })
     .unwrap();
     let loop_secs = t.elapsed().as_secs_f64();
