@@ -567,12 +567,14 @@ impl PodMaps {
         let Ok(p) = self.policy.get(&cookie, 0) else {
             return Ok(false);
         };
-        self.policy.remove(&cookie)?;
+        // The policy entry goes last: a removal cut short leaves it, so a retry (or the daemon's
+        // restart) finds the pod and completes the removal instead of leaking the rest.
         self.purge(p.pod_id, None)?;
         self.reset_counters(p.pod_id)?;
         let _ = self.listeners.remove(&(p.pod_id * 2));
         let _ = self.listeners.remove(&(p.pod_id * 2 + 1));
         let _ = std::fs::remove_file(self.pins.sk_lookup_link(cookie));
+        self.policy.remove(&cookie)?;
         Ok(true)
     }
 

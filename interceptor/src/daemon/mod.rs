@@ -141,6 +141,14 @@ impl Daemon {
     fn readopt(&self) -> Result<()> {
         let mut live = Vec::new();
         for (file, pod) in self.pods_on_disk() {
+            if pod.removing {
+                // Killed mid-removal: finish it.
+                let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+                self.uninstall(&pod, maps.as_mut())?;
+                let _ = std::fs::remove_file(file);
+                tracing::info!(netns = %pod.netns.display(), "finished an interrupted removal");
+                continue;
+            }
             let alive = crate::netns::is_netns(&pod.netns)
                 && netns_identity(&pod.netns).is_ok_and(|c| c == pod.netns_cookie);
             if alive {
@@ -236,6 +244,7 @@ impl Daemon {
             identity: spec.identity.clone(),
             config: spec.config.clone(),
             add_micros: start.elapsed().as_micros() as u64,
+            removing: false,
         };
         self.record(&status)?;
         tracing::info!(netns = %status.netns.display(), backend = ?status.backend, micros = status.add_micros, "pod added");
@@ -269,9 +278,11 @@ impl Daemon {
     /// Unregisters a pod; idempotent (false when it was not registered).
     pub fn remove(&self, netns: &Path) -> Result<bool> {
         let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(pod) = self.lookup(netns) else {
+        let Some(mut pod) = self.lookup(netns) else {
             return Ok(false);
         };
+        pod.removing = true;
+        self.record(&pod)?;
         self.uninstall(&pod, maps.as_mut())?;
         let _ = std::fs::remove_file(state_file(&self.args.state_dir, netns));
         tracing::info!(netns = %netns.display(), "pod removed");

@@ -70,6 +70,10 @@ pub struct PodStatus {
     pub config: RawConfig,
     /// How long the registration took, in microseconds.
     pub add_micros: u64,
+    /// Set on disk before a removal starts: a daemon killed mid-removal finishes it on restart
+    /// instead of keeping a record of a half-removed pod.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub removing: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
