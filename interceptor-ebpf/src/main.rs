@@ -113,7 +113,9 @@ static ORIG_BY_TUPLE: LruHashMap<TupleKey, OrigDst> = LruHashMap::with_max_entri
 #[map]
 static DNS_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(65536, 0);
 /// Socket cookies of sockets the proxy bound to the inbound capture port: sock_ops cannot ask
-/// who the caller is before 6.13, bind can. Removed when the socket is released.
+/// who the caller is before 6.13, bind can. Consumed by the LISTEN callback; a socket bound and
+/// never listened on ages out of the LRU (cookies are never reused), so socket release, which
+/// runs for every socket, does not pay for it.
 #[map]
 static PROXY_BINDS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(4096, 0);
 /// Pod address → pod, for sk_lookup (which cannot read the netns cookie).
@@ -453,7 +455,6 @@ pub fn ic_recvmsg6(ctx: SockAddrContext) -> i32 {
 pub fn ic_sock_release(ctx: SockContext) -> i32 {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let _ = DNS_ORIG.remove(&cookie);
-    let _ = PROXY_BINDS.remove(&cookie);
     1
 }
 
@@ -514,7 +515,8 @@ fn on_listen(ctx: &SockOpsContext) {
         return;
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if unsafe { PROXY_BINDS.get(&cookie) }.is_some() {
+    // Removing doubles as the lookup: it succeeds only for a marked socket.
+    if PROXY_BINDS.remove(&cookie).is_ok() {
         let v6 = u32::from(unsafe { read_volatile(addr_of!((*ctx.ops).family)) } == AF_INET6);
         let _ = LISTENERS.update(policy.pod_id * 2 + v6, unsafe { &mut *ctx.ops }, 0);
     }

@@ -47,20 +47,20 @@ pub const APP_UID: u32 = 1000;
 
 /// Runs `interceptor apply` for the pod with `flavor`; an error carries its stderr.
 pub fn apply(pod: &Pod, flavor: Flavor, extra: &[&str]) -> Result<String> {
-    let ns = pod
-        .topo
-        .pod_netns()
-        .to_str()
-        .context("netns path")?
-        .to_string();
-    let bpffs = pod.ebpf.dir().to_str().context("bpffs path")?.to_string();
-    let mut args = vec![
-        "apply",
-        "--network-namespace",
-        ns.as_str(),
-        "--bpffs",
-        bpffs.as_str(),
-    ];
+    apply_in(pod.topo.pod_netns(), pod.ebpf.dir(), flavor, extra)
+}
+
+/// Runs `interceptor apply` for the netns at `netns` (eBPF pins under `bpffs`) with `flavor`;
+/// an error carries its stderr.
+pub fn apply_in(
+    netns: &std::path::Path,
+    bpffs: &std::path::Path,
+    flavor: Flavor,
+    extra: &[&str],
+) -> Result<String> {
+    let ns = netns.to_str().context("netns path")?;
+    let bpffs = bpffs.to_str().context("bpffs path")?;
+    let mut args = vec!["apply", "--network-namespace", ns, "--bpffs", bpffs];
     args.extend_from_slice(flavor.args());
     args.extend_from_slice(extra);
     let out = bin::run(&args, &[]);

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 
-use interceptor_tests::cases::{Flavor, APP_PORT};
+use interceptor_tests::cases::{apply_in, Flavor, APP_PORT};
 use interceptor_tests::ebpf::EbpfInstall;
 use interceptor_tests::sidecar::{Sidecar, TagServer};
 use interceptor_tests::topology::{ConnectError, Topology};
@@ -31,28 +31,8 @@ fn proxy_crash_and_restart() {
         let _up =
             TagServer::spawn(topo.upstream_netns(), "upstream", &[UPSTREAM_PORT], None).unwrap();
         let mut sidecar = Some(Sidecar::start(&topo).unwrap());
-        let ns = topo.pod_netns().to_str().unwrap().to_string();
-        let bpffs = ebpf.dir().to_str().unwrap().to_string();
-        let mut args = vec![
-            "apply",
-            "--network-namespace",
-            &ns,
-            "--bpffs",
-            &bpffs,
-            "-i",
-            "*",
-            "-b",
-            "*",
-            "--ipv6",
-            "false",
-        ];
-        args.extend_from_slice(flavor.args());
-        let out = interceptor_tests::bin::run(&args, &[]);
-        assert!(
-            out.status.success(),
-            "{flavor:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let flags = ["-i", "*", "-b", "*", "--ipv6", "false"];
+        apply_in(topo.pod_netns(), ebpf.dir(), flavor, &flags).unwrap();
         let outbound = SocketAddr::new(topo.upstream_v4().into(), UPSTREAM_PORT);
         let inbound = SocketAddr::new(topo.pod_v4().into(), APP_PORT);
         let captured = |when: &str| {

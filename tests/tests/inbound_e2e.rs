@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
-use interceptor_tests::cases::{apply, Flavor, Pod, APP_PORT};
+use interceptor_tests::cases::{apply, apply_in, Flavor, Pod, APP_PORT};
 use interceptor_tests::ebpf::EbpfInstall;
 use interceptor_tests::sidecar::{SidecarConfig, TagServer};
 use interceptor_tests::topology::{
@@ -14,15 +14,6 @@ use interceptor_tests::topology::{
 };
 
 const BACKENDS: [Flavor; 2] = [Flavor::IptablesNft, Flavor::Ebpf];
-
-fn run(args: &[&str]) {
-    let out = interceptor_tests::bin::run(args, &[]);
-    assert!(
-        out.status.success(),
-        "interceptor {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// A pod netns with only the app (no proxy listening): the capture must reset the connection
 /// (as REDIRECT to a closed port does), never hand it to the app unprotected.
@@ -32,19 +23,7 @@ fn proxy_down_refuses_inbound() {
         let topo = Topology::new("down").unwrap();
         let ebpf = EbpfInstall::new("down");
         let _app = TagServer::spawn(topo.pod_netns(), "app", &[APP_PORT], None).unwrap();
-        let ns = topo.pod_netns().to_str().unwrap().to_string();
-        let bpffs = ebpf.dir().to_str().unwrap().to_string();
-        let mut args = vec![
-            "apply",
-            "--network-namespace",
-            &ns,
-            "--bpffs",
-            &bpffs,
-            "-b",
-            "*",
-        ];
-        args.extend_from_slice(flavor.args());
-        run(&args);
+        apply_in(topo.pod_netns(), ebpf.dir(), flavor, &["-b", "*"]).unwrap();
         let dst = SocketAddr::new(topo.pod_v4().into(), APP_PORT);
         let err = topo
             .inbound_connect(dst, None)
@@ -100,19 +79,7 @@ fn reuseport_listeners_created_after_attach() {
     let topo = Topology::new("reuse").unwrap();
     let ebpf = EbpfInstall::new("reuse");
     let _app = TagServer::spawn(topo.pod_netns(), "app", &[APP_PORT], None).unwrap();
-    let ns = topo.pod_netns().to_str().unwrap().to_string();
-    let bpffs = ebpf.dir().to_str().unwrap().to_string();
-    run(&[
-        "apply",
-        "--network-namespace",
-        &ns,
-        "--bpffs",
-        &bpffs,
-        "--backend",
-        "ebpf",
-        "-b",
-        "*",
-    ]);
+    apply_in(topo.pod_netns(), ebpf.dir(), Flavor::Ebpf, &["-b", "*"]).unwrap();
     // Two REUSEPORT listeners on 15006 as the proxy uid, each answering with its own tag.
     let accepted = std::sync::Arc::new(std::sync::Mutex::new([0u32; 2]));
     for i in 0..2 {
@@ -218,23 +185,9 @@ fn same_node_pods_go_through_both_sidecars() {
         let _b_sidecar =
             interceptor_tests::sidecar::Sidecar::with_config(&b_ns, SidecarConfig::default())
                 .unwrap();
-        let bpffs = a.ebpf.dir().to_str().unwrap().to_string();
-        apply(&a, flavor, &["-i", "*", "-b", "*", "--ipv6", "false"]).unwrap();
-        let mut args = vec![
-            "apply",
-            "--network-namespace",
-            b_ns.to_str().unwrap(),
-            "--bpffs",
-            &bpffs,
-            "-i",
-            "*",
-            "-b",
-            "*",
-            "--ipv6",
-            "false",
-        ];
-        args.extend_from_slice(flavor.args());
-        run(&args);
+        let flags = ["-i", "*", "-b", "*", "--ipv6", "false"];
+        apply(&a, flavor, &flags).unwrap();
+        apply_in(&b_ns, a.ebpf.dir(), flavor, &flags).unwrap();
         let b = SocketAddr::new(a.topo.upstream_v4().into(), 8080);
         assert_eq!(
             a.outbound(1000, b).unwrap().0,
@@ -284,21 +237,8 @@ fn pre_existing_listener_is_adopted() {
 fn app_listening_on_the_capture_port_is_not_the_proxy() {
     let topo = Topology::new("imp").unwrap();
     let ebpf = EbpfInstall::new("imp");
-    let ns = topo.pod_netns().to_str().unwrap().to_string();
-    let bpffs = ebpf.dir().to_str().unwrap().to_string();
-    let mut args = vec![
-        "apply",
-        "--network-namespace",
-        &ns,
-        "--bpffs",
-        &bpffs,
-        "-b",
-        "*",
-        "--bind-guard-ports",
-        "",
-    ];
-    args.extend_from_slice(Flavor::Ebpf.args());
-    run(&args);
+    let flags = ["-b", "*", "--bind-guard-ports", ""];
+    apply_in(topo.pod_netns(), ebpf.dir(), Flavor::Ebpf, &flags).unwrap();
     let _impostor =
         TagServer::spawn(topo.pod_netns(), "impostor", &[15006], Some((1000, 1000))).unwrap();
     let _app = TagServer::spawn(topo.pod_netns(), "app", &[APP_PORT], None).unwrap();

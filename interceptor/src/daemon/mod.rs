@@ -218,12 +218,12 @@ impl Daemon {
                 self.uninstall(&old, maps.as_mut())?;
             }
         }
-        let cookie = netns_identity(&spec.netns)?;
-        tracing::debug!(micros = start.elapsed().as_micros() as u64, "cookie read");
-        let pod_id = match (choice.backend, maps.as_mut()) {
+        // eBPF registration reads the netns cookie itself: one netns visit, not two.
+        let (pod_id, cookie) = match (choice.backend, maps.as_mut()) {
             (BackendKind::Ebpf, Some(maps)) => {
                 let ips = (!spec.ips.is_empty()).then_some(spec.ips.as_slice());
-                apply::register_in(maps, &spec.netns, &cfg, ips)?.pod_id
+                let handle = apply::register_in(maps, &spec.netns, &cfg, ips)?;
+                (handle.pod_id, handle.netns_cookie)
             }
             (backend, _) => {
                 let mode = Mode {
@@ -231,7 +231,7 @@ impl Daemon {
                     ..Mode::default()
                 };
                 apply::apply_netfilter(backend, Some(&spec.netns), &cfg, None, mode)?;
-                0
+                (0, netns_identity(&spec.netns)?)
             }
         };
         let status = PodStatus {
