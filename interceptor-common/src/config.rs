@@ -104,6 +104,9 @@ pub struct Config {
     /// Ports only the proxy may bind (eBPF bind guard); empty disables the guard. Not an
     /// istio-iptables flag: Istio has no such guard.
     pub bind_guard_ports: Vec<u16>,
+    /// eBPF path: app↔proxy loopback connections skip the TCP stack (sockops + sk_msg). Not
+    /// an istio-iptables flag.
+    pub accelerate: bool,
 }
 
 /// The proxy's ports guarded by default: outbound, inbound, tunnel, DNS, Prometheus, health,
@@ -148,6 +151,7 @@ pub struct RawConfig {
     /// Comma list of v4 and v6 servers (already resolved from resolv.conf when not given).
     pub dns_servers: String,
     pub bind_guard_ports: String,
+    pub accelerate: bool,
 }
 
 impl Default for RawConfig {
@@ -178,6 +182,7 @@ impl Default for RawConfig {
             enable_ipv6: false,
             dns_servers: String::new(),
             bind_guard_ports: DEFAULT_BIND_GUARD_PORTS.into(),
+            accelerate: false,
         }
     }
 }
@@ -444,6 +449,7 @@ impl RawConfig {
         }
         Ok(Config {
             bind_guard_ports,
+            accelerate: self.accelerate,
             proxy_port,
             inbound_capture_port,
             inbound_tunnel_port,

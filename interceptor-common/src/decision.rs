@@ -30,6 +30,8 @@ pub mod flags {
     pub const INBOUND_LIST: u32 = 1 << 8;
     /// Only the proxy uid/gid may bind the proxy's own ports.
     pub const BIND_GUARD: u32 = 1 << 9;
+    /// `--accelerate`: app↔proxy loopback connections skip the TCP stack (sockops + sk_msg).
+    pub const ACCELERATE: u32 = 1 << 10;
 }
 
 /// One pod's interception policy: the scalar part of `Config`; the set-valued parts live in
@@ -426,6 +428,16 @@ pub fn decide_inbound<T: PodTables>(
 #[inline(always)]
 pub fn bind_allowed<T: PodTables>(p: &PodPolicy, t: &T, port: u16, uid: u32, gid: u32) -> bool {
     !p.has(flags::BIND_GUARD) || !t.proxy_port_guarded(port) || is_proxy(p, uid, gid)
+}
+
+/// Whether an established TCP connection of this pod is accelerated (`--accelerate`): both of
+/// its sockets go into the sk_msg SockHash and hand their data straight to each other.
+#[inline(always)]
+pub fn accelerated(p: &PodPolicy, local: Addr, remote: Addr) -> bool {
+    // A loopback end (or both ends on one address) means both sockets live in this netns:
+    // the app↔proxy hops (app → 127.0.0.1:15001, proxy 127.0.0.6 → pod IP), never the
+    // proxy's upstream leg over the veth.
+    p.has(flags::ACCELERATE) && (local.is_loopback() || remote.is_loopback() || local == remote)
 }
 
 /// Whether a process with these ids is the pod's proxy (Istio's owner match: a uid or a gid).

@@ -17,6 +17,9 @@ pub mod names {
     pub const DNS_ORIG: &str = "DNS_ORIG";
     pub const PROXY_BINDS: &str = "PROXY_BINDS";
     pub const STATS: &str = "STATS";
+    pub const ACCEL: &str = "ACCEL";
+    pub const ACCEL_ON: &str = "ACCEL_ON";
+    pub const ACCEL_PASSED: &str = "ACCEL_PASSED";
 }
 
 /// Per-pod counters in the per-CPU `STATS` array: index `pod_id * stat::PER_POD + counter`.
@@ -158,8 +161,36 @@ pub fn v6_bytes(words: [u32; 4]) -> [u8; 16] {
     out
 }
 
+/// One end of an accelerated connection in the `ACCEL` SockHash: its netns, then its own and
+/// its peer's address (IPv4 as `::ffff:a.b.c.d`, network byte order) and ports (host byte
+/// order). Swapping local and remote gives the peer's key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockKey {
+    pub netns: u64,
+    pub local: [u32; 4],
+    pub remote: [u32; 4],
+    pub local_port: u32,
+    pub remote_port: u32,
+}
+
+impl SockKey {
+    /// The key of the other end of the same connection.
+    #[inline(always)]
+    pub fn peer(&self) -> SockKey {
+        SockKey {
+            netns: self.netns,
+            local: self.remote,
+            remote: self.local,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+        }
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod_impls {
+    unsafe impl aya::Pod for super::SockKey {}
     // SAFETY: plain old data with explicit layouts.
     unsafe impl aya::Pod for super::PortKey {}
     unsafe impl aya::Pod for super::AddrKey {}

@@ -99,6 +99,9 @@ pub fn pod_policy(cfg: &Config, pod_id: u32) -> PodPolicy {
     if !cfg.bind_guard_ports.is_empty() {
         f |= flags::BIND_GUARD;
     }
+    if cfg.accelerate {
+        f |= flags::ACCELERATE;
+    }
     match cfg.owner_groups {
         OwnerGroups::All => {}
         OwnerGroups::Include(_) => f |= flags::GROUPS_INCLUDE,

@@ -13,6 +13,8 @@
 //! - `ic_sk_lookup` (attached per pod netns): inbound connections to captured ports are handed
 //!   to the proxy's listener, keeping the original local address and the client's address.
 //! - `ic_bind4/6`: only the proxy may bind the proxy's ports.
+//! - `ic_sk_msg` (`--accelerate` pods): data on an app↔proxy loopback connection goes straight
+//!   to the peer socket's receive queue; sockops puts both ends into `ACCEL`.
 #![no_std]
 #![no_main]
 
@@ -21,22 +23,24 @@ use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_addr, sk_action, BPF_SOCK_OPS_STATE_CB_FLAG},
     helpers::{bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_sock, cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sock_ops},
-    maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
-    programs::{SkLookupContext, SockAddrContext, SockContext, SockOpsContext, SockoptContext},
+    macros::{cgroup_sock, cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sk_msg, sock_ops},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
+    programs::{
+        SkLookupContext, SkMsgContext, SockAddrContext, SockContext, SockOpsContext, SockoptContext,
+    },
     EbpfContext,
 };
 use aya_log_ebpf::info;
 use interceptor_common::decision::Reason;
 use interceptor_common::{
     decision::{
-        bind_allowed, decide, decide_inbound, is_proxy, Addr, Conn, PodPolicy, PodTables, Proto,
-        Verdict,
+        accelerated, bind_allowed, decide, decide_inbound, is_proxy, Addr, Conn, PodPolicy,
+        PodTables, Proto, Verdict,
     },
     maps::{
         mapped_v4, stat, v6_bytes, AddrKey, Cidr4Data, Cidr6Data, GroupKey, OrigDst, PodRef,
-        PortKey, TupleKey, ADDR_DNS, ADDR_LOCAL, PORT_EXCLUDED, PORT_GUARDED, PORT_INBOUND,
-        PORT_INCLUDED,
+        PortKey, SockKey, TupleKey, ADDR_DNS, ADDR_LOCAL, PORT_EXCLUDED, PORT_GUARDED,
+        PORT_INBOUND, PORT_INCLUDED,
     },
 };
 
@@ -49,6 +53,9 @@ const SOL_IPV6: i32 = 41;
 const SO_ORIGINAL_DST: i32 = 80;
 const SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
 const SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
+const SOCK_OPS_PASSIVE_ESTABLISHED_CB: u32 = 5;
+const BPF_F_INGRESS: u64 = 1;
+const SK_PASS: u32 = 1;
 const SOCK_OPS_STATE_CB: u32 = 10;
 const SOCK_OPS_TCP_LISTEN_CB: u32 = 11;
 const TCP_CLOSE: u32 = 7;
@@ -124,6 +131,19 @@ static POD_BY_ADDR: HashMap<[u8; 16], PodRef> = HashMap::with_max_entries(16384,
 /// The proxy's inbound listeners: key `pod_id * 2 + (family is IPv6)`.
 #[map]
 static LISTENERS: SockHash<u32> = SockHash::with_max_entries(MAX_PODS, 0);
+
+/// Both ends of accelerated connections (`--accelerate`); the kernel drops a socket from it when
+/// the socket closes, so it empties by itself.
+#[map]
+static ACCEL: SockHash<SockKey> = SockHash::with_max_entries(65536, 0);
+/// `[0]`: how many registered pods asked for acceleration. 0 (the default) keeps the
+/// established callbacks at one array load for everybody else.
+#[map]
+static ACCEL_ON: Array<u32> = Array::with_max_entries(1, 0);
+/// Sockets that sent a message while their peer was not in `ACCEL` yet: that message took the
+/// TCP path, so every later one must too, or a redirected message could overtake it.
+#[map]
+static ACCEL_PASSED: LruHashMap<SockKey, u8> = LruHashMap::with_max_entries(4096, 0);
 
 /// The decision model's set lookups, backed by this pod's map entries.
 struct MapTables {
@@ -495,9 +515,12 @@ pub fn ic_bind6(ctx: SockAddrContext) -> i32 {
 pub fn ic_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         SOCK_OPS_TCP_LISTEN_CB => on_listen(&ctx),
-        SOCK_OPS_TCP_CONNECT_CB | SOCK_OPS_ACTIVE_ESTABLISHED_CB | SOCK_OPS_STATE_CB => {
-            on_active(&ctx)
+        SOCK_OPS_TCP_CONNECT_CB | SOCK_OPS_STATE_CB => on_active(&ctx),
+        SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            on_active(&ctx);
+            on_established(&ctx);
         }
+        SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_established(&ctx),
         _ => {}
     }
     1
@@ -565,6 +588,107 @@ fn on_active(ctx: &SockOpsContext) {
             }
         }
     }
+}
+
+/// The two ends of a TCP socket as `SockKey` fields, from a `bpf_sock_ops` or an `sk_msg_md`
+/// pointer (both name the fields alike): `(local, remote, local_port, remote_port)`, IPv4 as
+/// `::ffff:a.b.c.d`, ports in host order. Every field is read once, with a volatile load.
+macro_rules! sock_ends {
+    ($p:expr) => {{
+        let p = $p;
+        // All fields first, then choose: choosing between field addresses makes LLVM emit a
+        // modified ctx pointer, which the verifier rejects.
+        let (family, lport, rport, l4, r4, l6, r6) = unsafe {
+            (
+                read_volatile(addr_of!((*p).family)),
+                read_volatile(addr_of!((*p).local_port)),
+                read_volatile(addr_of!((*p).remote_port)),
+                read_volatile(addr_of!((*p).local_ip4)),
+                read_volatile(addr_of!((*p).remote_ip4)),
+                [
+                    read_volatile(addr_of!((*p).local_ip6[0])),
+                    read_volatile(addr_of!((*p).local_ip6[1])),
+                    read_volatile(addr_of!((*p).local_ip6[2])),
+                    read_volatile(addr_of!((*p).local_ip6[3])),
+                ],
+                [
+                    read_volatile(addr_of!((*p).remote_ip6[0])),
+                    read_volatile(addr_of!((*p).remote_ip6[1])),
+                    read_volatile(addr_of!((*p).remote_ip6[2])),
+                    read_volatile(addr_of!((*p).remote_ip6[3])),
+                ],
+            )
+        };
+        let ends = if family == AF_INET6 {
+            Some((l6, r6))
+        } else if family == AF_INET {
+            Some((mapped_words(l4), mapped_words(r4)))
+        } else {
+            None
+        };
+        // remote_port holds the network-order port in its upper 16 bits.
+        ends.map(|(l, r)| (l, r, lport, u32::from(u16::from_be((rport >> 16) as u16))))
+    }};
+}
+
+/// Acceleration: an established connection of an `--accelerate` pod whose ends both live in
+/// this netns joins `ACCEL` (each end from its own callback: active for the connecting side,
+/// passive for the accepted one).
+#[inline(always)]
+fn on_established(ctx: &SockOpsContext) {
+    match ACCEL_ON.get(0) {
+        Some(n) if *n != 0 => {}
+        _ => return,
+    }
+    let Some((netns, policy)) = pod_of(ctx) else {
+        return;
+    };
+    let Some((local, remote, local_port, remote_port)) = sock_ends!(ctx.ops) else {
+        return;
+    };
+    if !accelerated(policy, Addr(v6_bytes(local)), Addr(v6_bytes(remote))) {
+        return;
+    }
+    let key = SockKey {
+        netns,
+        local,
+        remote,
+        local_port,
+        remote_port,
+    };
+    // A new connection on a tuple an earlier one marked: start unmarked.
+    let _ = ACCEL_PASSED.remove(&key);
+    let _ = ACCEL.update(key, unsafe { &mut *ctx.ops }, 0);
+}
+
+/// Hands each message of an accelerated socket to its peer's receive queue, skipping the
+/// loopback TCP stack. A socket whose peer is not (yet) in `ACCEL` sends through TCP, for good.
+#[sk_msg]
+pub fn ic_sk_msg(ctx: SkMsgContext) -> u32 {
+    let Some((local, remote, local_port, remote_port)) = sock_ends!(ctx.msg) else {
+        return SK_PASS;
+    };
+    let key = SockKey {
+        netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        local,
+        remote,
+        local_port,
+        remote_port,
+    };
+    if unsafe { ACCEL_PASSED.get(&key) }.is_some() {
+        return SK_PASS;
+    }
+    // SK_PASS with the peer set: redirected; anything else: the peer is not in ACCEL.
+    if ACCEL.redirect_msg(&ctx, key.peer(), BPF_F_INGRESS) != i64::from(SK_PASS) {
+        let _ = ACCEL_PASSED.insert(&key, &1, 0);
+    }
+    SK_PASS
+}
+
+/// `::ffff:a.b.c.d` as four network-order words, from the network-order IPv4 word.
+#[inline(always)]
+fn mapped_words(ip4: u32) -> [u32; 4] {
+    [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), ip4]
 }
 
 /// sockaddr_in / sockaddr_in6 of `addr:port` into getsockopt's buffer; false if it does not fit.

@@ -46,14 +46,28 @@ pub fn choose(
         ));
     }
     let choice = |backend, why: String| Ok(Choice { backend, why });
+    if cfg.accelerate && matches!(backend, BackendKind::Iptables | BackendKind::Nftables) {
+        return Err(ConfigError::new(
+            "--accelerate",
+            "true",
+            format!("needs the eBPF backend (sockops + sk_msg), not --backend {backend:?}")
+                .to_lowercase(),
+        ));
+    }
+    // An optimisation only: a pod that falls back keeps its interception, not the shortcut.
+    let ignored = if cfg.accelerate {
+        "; --accelerate ignored"
+    } else {
+        ""
+    };
     let netfilter = |why: String| {
         if exec::available("iptables-restore") {
             choice(
                 BackendKind::Iptables,
-                format!("{why}; iptables-restore found"),
+                format!("{why}; iptables-restore found{ignored}"),
             )
         } else if exec::available("nft") {
-            choice(BackendKind::Nftables, format!("{why}; nft found"))
+            choice(BackendKind::Nftables, format!("{why}; nft found{ignored}"))
         } else {
             Err(ConfigError::new(
                 "--backend",
@@ -80,7 +94,7 @@ pub fn choose(
             "requested with --backend nftables".into(),
         ),
         BackendKind::Auto if native_nftables => {
-            choice(BackendKind::Nftables, "--native-nftables".into())
+            choice(BackendKind::Nftables, format!("--native-nftables{ignored}"))
         }
         BackendKind::Auto => {
             if let Some(why) = policy::ebpf_unsupported(cfg) {

@@ -376,6 +376,11 @@ pub struct ApplyArgs {
     /// disables the guard.
     #[arg(long, env = "INTERCEPTOR_BIND_GUARD_PORTS", default_value = interceptor_common::config::DEFAULT_BIND_GUARD_PORTS)]
     pub bind_guard_ports: String,
+    /// eBPF path: app↔proxy loopback connections hand their data straight to the peer socket
+    /// (sockops + sk_msg), skipping the loopback TCP stack. Refused with --backend
+    /// iptables/nftables; ignored (with a warning) when `auto` falls back.
+    #[arg(long, env = "INTERCEPTOR_ACCELERATE", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false", num_args = 0..=1, default_missing_value = "true")]
+    pub accelerate: bool,
     /// The daemon's control socket: when a daemon answers there, `apply` registers through it.
     #[arg(
         long,

@@ -143,6 +143,7 @@ pub fn raw_config(a: &ApplyArgs) -> Result<RawConfig, ConfigError> {
         enable_ipv6,
         dns_servers,
         bind_guard_ports: a.bind_guard_ports.clone(),
+        accelerate: a.accelerate,
     })
 }
 

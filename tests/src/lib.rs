@@ -7,6 +7,7 @@ pub mod conformance;
 pub mod daemon;
 pub mod dns;
 pub mod ebpf;
+pub mod forward;
 pub mod sidecar;
 pub mod topology;
 

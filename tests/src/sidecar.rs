@@ -248,7 +248,7 @@ fn answer(
 }
 
 /// `getsockopt(SOL_IP, SO_ORIGINAL_DST)` or `getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST)`.
-fn original_dst(stream: &TcpStream, v4: bool) -> Option<SocketAddr> {
+pub fn original_dst<F: std::os::fd::AsFd>(stream: &F, v4: bool) -> Option<SocketAddr> {
     if v4 {
         sock::getsockopt(stream, sockopt::OriginalDst)
             .ok()

@@ -5,7 +5,8 @@
 //! Layout under the bpffs folder: `maps/<MAP>`, `links/<program>` (bpf_link pins: unpinning
 //! detaches), `progs/ic_getsockopt`. aya 0.14 cannot turn a cgroup-sockopt link into a
 //! pinnable `FdLink`, so getsockopt is attached with `BPF_PROG_ATTACH` (multi mode), which
-//! lives until `cleanup` detaches it.
+//! lives until `cleanup` detaches it. `ic_sk_msg` (acceleration) is attached to the pinned
+//! `ACCEL` SockHash with `BPF_PROG_ATTACH` too: the attachment lives as long as the map.
 
 use std::fs::File;
 use std::net::IpAddr;
@@ -14,15 +15,15 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData};
-use aya::maps::{PerCpuArray, PerCpuValues, SockHash};
-use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSockopt, Program, SkLookup};
+use aya::maps::{Array, PerCpuArray, PerCpuValues, SockHash};
+use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSockopt, Program, SkLookup, SkMsg};
 use aya::{Ebpf, EbpfLoader};
 use interceptor_common::config::Config;
 use interceptor_common::decision::PodPolicy;
 use interceptor_common::maps::stat;
 use interceptor_common::maps::{
-    mapped_v4, names, AddrKey, Cidr4Data, Cidr6Data, GroupKey, OrigDst, PodRef, PortKey, TupleKey,
-    ADDR_DNS, ADDR_LOCAL, PORT_EXCLUDED, PORT_GUARDED, PORT_INBOUND, PORT_INCLUDED,
+    mapped_v4, names, AddrKey, Cidr4Data, Cidr6Data, GroupKey, OrigDst, PodRef, PortKey, SockKey,
+    TupleKey, ADDR_DNS, ADDR_LOCAL, PORT_EXCLUDED, PORT_GUARDED, PORT_INBOUND, PORT_INCLUDED,
 };
 use interceptor_common::policy;
 use ipnet::IpNet;
@@ -51,6 +52,8 @@ pub const LINKED_PROGRAMS: &[&str] = &[
 pub const SK_LOOKUP_PROGRAM: &str = "ic_sk_lookup";
 /// The program attached with BPF_PROG_ATTACH (see the module docs).
 pub const GETSOCKOPT_PROGRAM: &str = "ic_getsockopt";
+/// Attached to the `ACCEL` SockHash with BPF_PROG_ATTACH.
+pub const SK_MSG_PROGRAM: &str = "ic_sk_msg";
 /// Every map the programs use.
 pub const MAPS: &[&str] = &[
     names::POD_POLICY,
@@ -68,11 +71,15 @@ pub const MAPS: &[&str] = &[
     names::POD_BY_ADDR,
     names::LISTENERS,
     names::STATS,
+    names::ACCEL,
+    names::ACCEL_ON,
+    names::ACCEL_PASSED,
 ];
 
 const BPF_PROG_ATTACH: libc::c_long = 8;
 const BPF_PROG_DETACH: libc::c_long = 9;
 const BPF_CGROUP_GETSOCKOPT: u32 = 21;
+const BPF_SK_MSG_VERDICT: u32 = 7;
 const BPF_F_ALLOW_MULTI: u32 = 2;
 
 /// The cgroup v2 mount point: `/sys/fs/cgroup` on unified hosts, `/sys/fs/cgroup/unified` on
@@ -153,15 +160,16 @@ pub fn socket_netns_cookie(sock: BorrowedFd<'_>) -> std::io::Result<u64> {
 
 fn prog_attach(
     cmd: libc::c_long,
-    cgroup: BorrowedFd<'_>,
+    target: BorrowedFd<'_>,
     prog: BorrowedFd<'_>,
+    attach_type: u32,
     flags: u32,
 ) -> std::io::Result<()> {
     // union bpf_attr for BPF_PROG_ATTACH/DETACH: target_fd, attach_bpf_fd, attach_type, attach_flags.
     let mut attr = [0u32; 8];
-    attr[0] = cgroup.as_raw_fd() as u32;
+    attr[0] = target.as_raw_fd() as u32;
     attr[1] = prog.as_raw_fd() as u32;
-    attr[2] = BPF_CGROUP_GETSOCKOPT;
+    attr[2] = attach_type;
     attr[3] = flags;
     let r = unsafe {
         libc::syscall(
@@ -211,6 +219,7 @@ impl Pins {
         LINKED_PROGRAMS.iter().all(|p| self.link(p).exists())
             && self.prog(GETSOCKOPT_PROGRAM).exists()
             && self.prog(SK_LOOKUP_PROGRAM).exists()
+            && self.prog(SK_MSG_PROGRAM).exists()
     }
 
     /// Loads the programs and attaches them at `cgroup` unless already loaded; returns whether
@@ -297,8 +306,32 @@ impl Pins {
             .with_context(|| format!("loading {GETSOCKOPT_PROGRAM}"))?;
         prog.pin(self.prog(GETSOCKOPT_PROGRAM))?;
         let fd = prog.fd()?.as_fd();
-        prog_attach(BPF_PROG_ATTACH, cg.as_fd(), fd, BPF_F_ALLOW_MULTI)
-            .with_context(|| format!("attaching {GETSOCKOPT_PROGRAM}"))?;
+        prog_attach(
+            BPF_PROG_ATTACH,
+            cg.as_fd(),
+            fd,
+            BPF_CGROUP_GETSOCKOPT,
+            BPF_F_ALLOW_MULTI,
+        )
+        .with_context(|| format!("attaching {GETSOCKOPT_PROGRAM}"))?;
+        let accel = SockHash::<_, SockKey>::try_from(
+            ebpf.map(names::ACCEL)
+                .ok_or_else(|| anyhow!("map {} missing", names::ACCEL))?,
+        )?;
+        let accel_fd = accel.fd().try_clone()?;
+        let sk_msg: &mut SkMsg = ebpf
+            .program_mut(SK_MSG_PROGRAM)
+            .ok_or_else(|| anyhow!("program {SK_MSG_PROGRAM} missing"))?
+            .try_into()?;
+        sk_msg
+            .load()
+            .with_context(|| format!("loading {SK_MSG_PROGRAM}"))?;
+        sk_msg.pin(self.prog(SK_MSG_PROGRAM))?;
+        let id = sk_msg
+            .attach(&accel_fd)
+            .with_context(|| format!("attaching {SK_MSG_PROGRAM}"))?;
+        // The link's Drop would detach it; the attachment is to live with the pinned map.
+        std::mem::forget(sk_msg.take_link(id)?);
         Ok(())
     }
 
@@ -314,7 +347,29 @@ impl Pins {
             CgroupSockopt::from_pin(&pin, aya::programs::CgroupSockoptAttachType::Get),
         ) {
             if let (Ok(cg), Ok(fd)) = (File::open(cg), prog.fd()) {
-                let _ = prog_attach(BPF_PROG_DETACH, cg.as_fd(), fd.as_fd(), 0);
+                let _ = prog_attach(
+                    BPF_PROG_DETACH,
+                    cg.as_fd(),
+                    fd.as_fd(),
+                    BPF_CGROUP_GETSOCKOPT,
+                    0,
+                );
+            }
+        }
+        let _ = std::fs::remove_file(pin);
+        let pin = self.prog(SK_MSG_PROGRAM);
+        if let (Ok(prog), Ok(map)) = (
+            SkMsg::from_pin(&pin),
+            MapData::from_pin(self.map(names::ACCEL)),
+        ) {
+            if let Ok(fd) = prog.fd() {
+                let _ = prog_attach(
+                    BPF_PROG_DETACH,
+                    map.fd().as_fd(),
+                    fd.as_fd(),
+                    BPF_SK_MSG_VERDICT,
+                    0,
+                );
             }
         }
         let _ = std::fs::remove_file(pin);
@@ -401,6 +456,8 @@ pub struct PodMaps {
     cidr6: [LpmTrie<MapData, Cidr6Data, u8>; 2],
     by_cookie: HashMap<MapData, u64, OrigDst>,
     by_tuple: HashMap<MapData, TupleKey, OrigDst>,
+    accel: SockHash<MapData, SockKey>,
+    accel_on: Array<MapData, u32>,
 }
 
 fn v4_cidr_key(pod_id: u32, net: &ipnet::Ipv4Net) -> Key<Cidr4Data> {
@@ -454,6 +511,8 @@ impl PodMaps {
             ],
             by_cookie: HashMap::try_from(Map::LruHashMap(open_map(pins, names::ORIG_BY_COOKIE)?))?,
             by_tuple: HashMap::try_from(Map::LruHashMap(open_map(pins, names::ORIG_BY_TUPLE)?))?,
+            accel: SockHash::try_from(Map::SockHash(open_map(pins, names::ACCEL)?))?,
+            accel_on: Array::try_from(Map::Array(open_map(pins, names::ACCEL_ON)?))?,
         })
     }
 
@@ -521,6 +580,7 @@ impl PodMaps {
         }
         self.policy
             .insert(cookie, policy::pod_policy(cfg, pod_id), 0)?;
+        self.update_accel_on()?;
         if existing.is_some() {
             // Only a re-registration can leave stale entries behind.
             self.purge(pod_id, Some((&keys, &tables)))?;
@@ -575,7 +635,26 @@ impl PodMaps {
         let _ = self.listeners.remove(&(p.pod_id * 2 + 1));
         let _ = std::fs::remove_file(self.pins.sk_lookup_link(cookie));
         self.policy.remove(&cookie)?;
+        self.update_accel_on()?;
         Ok(true)
+    }
+
+    /// `ACCEL_ON[0]` = how many pods asked for acceleration (0 spares everybody else the
+    /// per-connection policy lookup in sockops).
+    fn update_accel_on(&mut self) -> Result<()> {
+        let n = self
+            .policy
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(_, p)| p.has(interceptor_common::decision::flags::ACCELERATE))
+            .count() as u32;
+        self.accel_on.set(0, n, 0).context("updating ACCEL_ON")?;
+        Ok(())
+    }
+
+    /// Sockets in the acceleration map (both ends of every accelerated connection open now).
+    pub fn accel_entries(&self) -> usize {
+        self.accel.keys().count()
     }
 
     /// Deletes the set entries of `pod_id`, except those of `keep` (the current registration).
@@ -710,6 +789,7 @@ impl PodMaps {
             (names::POD_BY_ADDR, self.pod_by_addr.keys().count()),
             (names::ORIG_BY_COOKIE, self.by_cookie.keys().count()),
             (names::ORIG_BY_TUPLE, self.by_tuple.keys().count()),
+            (names::ACCEL, self.accel.keys().count()),
             (names::CIDR4_EXCL, self.cidr4[0].keys().count()),
             (names::CIDR4_INCL, self.cidr4[1].keys().count()),
             (names::CIDR6_EXCL, self.cidr6[0].keys().count()),
