@@ -6,36 +6,84 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-/// Socket inodes (and whether IPv6) of TCP listeners on `port` owned by one of `uids`, read
-/// from the netns's own /proc/net/tcp{,6}.
+/// Socket inodes (and whether IPv6) of TCP listeners on `port` owned by one of `uids`, from a
+/// sock_diag dump of the netns's listening sockets.
 fn listener_inodes(netns: &Path, port: u16, uids: &[u32]) -> Result<Vec<(u64, bool)>> {
     let uids = uids.to_vec();
     crate::netns::run_in(Some(netns), move || {
         let mut out = Vec::new();
-        for file in ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"] {
-            let Ok(text) = std::fs::read_to_string(file) else {
-                continue;
-            };
-            for line in text.lines().skip(1) {
-                let f: Vec<&str> = line.split_whitespace().collect();
-                // sl local rem st tx:rx tr:tm retrnsmt uid timeout inode
-                if f.len() < 10 || f[3] != "0A" {
-                    continue;
-                }
-                let lport = f[1]
-                    .rsplit(':')
-                    .next()
-                    .and_then(|p| u16::from_str_radix(p, 16).ok());
-                let uid: Option<u32> = f[7].parse().ok();
-                if lport == Some(port) && uid.is_some_and(|u| uids.contains(&u)) {
-                    if let Ok(inode) = f[9].parse() {
-                        out.push((inode, file.ends_with('6')));
-                    }
+        for v6 in [false, true] {
+            for (p, uid, inode) in listening_sockets(v6)? {
+                if p == port && uids.contains(&uid) {
+                    out.push((u64::from(inode), v6));
                 }
             }
         }
         Ok(out)
     })
+}
+
+/// `(port, uid, inode)` of every listening TCP socket of one family in the caller's netns.
+fn listening_sockets(v6: bool) -> Result<Vec<(u16, u32, u32)>> {
+    use netlink_packet_core::{
+        NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
+    };
+    use netlink_packet_sock_diag::{
+        constants::{AF_INET, AF_INET6, IPPROTO_TCP},
+        inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
+        SockDiagMessage,
+    };
+    use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr};
+
+    let mut socket = Socket::new(NETLINK_SOCK_DIAG).context("sock_diag socket")?;
+    socket.bind_auto().context("binding the sock_diag socket")?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    let mut hdr = NetlinkHeader::default();
+    hdr.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    let mut req = NetlinkMessage::new(
+        hdr,
+        SockDiagMessage::InetRequest(InetRequest {
+            family: if v6 { AF_INET6 } else { AF_INET },
+            protocol: IPPROTO_TCP,
+            extensions: ExtensionFlags::empty(),
+            states: StateFlags::LISTEN,
+            socket_id: if v6 {
+                SocketId::new_v6()
+            } else {
+                SocketId::new_v4()
+            },
+        })
+        .into(),
+    );
+    req.finalize();
+    let mut buf = vec![0; req.buffer_len()];
+    req.serialize(&mut buf);
+    socket.send(&buf, 0).context("sock_diag request")?;
+    let mut out = Vec::new();
+    let mut rx = vec![0u8; 64 * 1024];
+    loop {
+        let n = socket
+            .recv(&mut &mut rx[..], 0)
+            .context("sock_diag reply")?;
+        let mut off = 0;
+        while off < n {
+            let msg = <NetlinkMessage<SockDiagMessage>>::deserialize(&rx[off..n])
+                .map_err(|e| anyhow::anyhow!("sock_diag reply: {e}"))?;
+            let len = msg.header.length as usize;
+            match msg.payload {
+                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
+                    out.push((r.header.socket_id.source_port, r.header.uid, r.header.inode))
+                }
+                NetlinkPayload::Done(_) => return Ok(out),
+                NetlinkPayload::Error(e) => anyhow::bail!("sock_diag: {e:?}"),
+                _ => {}
+            }
+            if len == 0 {
+                break;
+            }
+            off += len;
+        }
+    }
 }
 
 /// Duplicate fds of the proxy's existing inbound listeners in `netns` (at most one per
