@@ -1,0 +1,901 @@
+//! `cargo xtask bench`: the interception paths side by side in one run, each in its own fresh
+//! pod netns with the same client, the same forwarding sidecar (SO_ORIGINAL_DST, like Envoy's
+//! original-dst cluster) and the same upstream; rounds interleave the paths, and every figure
+//! is also given as a ratio to explicit addressing measured in the same run. Writes
+//! `results.json`, `results.md` and SVG charts into `--out`.
+//!
+//! Paths: explicit addressing (the app dials the proxy: the zero-cost limit), no proxy, eBPF,
+//! eBPF + sk_msg acceleration, iptables-nft, iptables-legacy, nftables.
+
+mod measure;
+mod plot;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use interceptor_tests::cases::{apply_in, Flavor};
+use interceptor_tests::ebpf::EbpfInstall;
+use interceptor_tests::forward::{ForwardConfig, Forwarder, LoopSpec, Upstream, UpstreamConfig};
+use interceptor_tests::topology::Topology;
+use serde_json::json;
+
+const ECHO: u16 = 8080;
+const SINK: u16 = 8081;
+/// The app inside the pod (inbound target).
+const APP: u16 = 9080;
+const OUT: u16 = 15001;
+const IN: u16 = 15006;
+/// Explicit addressing's second proxy port, forwarding to the sink (bulk).
+const EXPLICIT_SINK: u16 = 15011;
+/// An echo in the pod, run as the proxy: the app↔proxy hop alone.
+const HOP: u16 = 15002;
+const HOP_SINK: u16 = 15003;
+const APP_UID: u32 = 1000;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// CI size: every path and metric once, briefly (checks the benchmark runs, not numbers).
+    #[arg(long)]
+    quick: bool,
+    /// Where results.json, results.md and the charts go.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+    /// Seconds per measurement (default 1, quick 0.1).
+    #[arg(long)]
+    secs: Option<f64>,
+    /// Interleaved rounds (default 5, quick 1).
+    #[arg(long)]
+    rounds: Option<usize>,
+}
+
+struct Settings {
+    secs: f64,
+    rounds: usize,
+    rule_points: Vec<usize>,
+    pod_points: Vec<usize>,
+    setup_n: usize,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    Explicit,
+    NoProxy,
+    Ebpf,
+    EbpfAccel,
+    IptablesNft,
+    IptablesLegacy,
+    Nftables,
+}
+
+const KINDS: [Kind; 7] = [
+    Kind::Explicit,
+    Kind::NoProxy,
+    Kind::Ebpf,
+    Kind::EbpfAccel,
+    Kind::IptablesNft,
+    Kind::IptablesLegacy,
+    Kind::Nftables,
+];
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Explicit => "explicit",
+            Kind::NoProxy => "no proxy",
+            Kind::Ebpf => "eBPF",
+            Kind::EbpfAccel => "eBPF+sk_msg",
+            Kind::IptablesNft => "iptables-nft",
+            Kind::IptablesLegacy => "iptables-legacy",
+            Kind::Nftables => "nftables",
+        }
+    }
+    fn tag(self) -> &'static str {
+        match self {
+            Kind::Explicit => "bx",
+            Kind::NoProxy => "bn",
+            Kind::Ebpf => "be",
+            Kind::EbpfAccel => "ba",
+            Kind::IptablesNft => "bi",
+            Kind::IptablesLegacy => "bl",
+            Kind::Nftables => "bf",
+        }
+    }
+    fn flavor(self) -> Option<Flavor> {
+        match self {
+            Kind::Ebpf | Kind::EbpfAccel => Some(Flavor::Ebpf),
+            Kind::IptablesNft => Some(Flavor::IptablesNft),
+            Kind::IptablesLegacy => Some(Flavor::IptablesLegacy),
+            Kind::Nftables => Some(Flavor::Nftables),
+            Kind::Explicit | Kind::NoProxy => None,
+        }
+    }
+}
+
+/// One pod: topology, servers, interception. Field order is drop order (servers, then the
+/// eBPF installation, then the namespaces).
+struct Rig {
+    kind: Kind,
+    _servers: (Vec<Forwarder>, Vec<Upstream>),
+    ebpf: EbpfInstall,
+    topo: Topology,
+    cpu: Option<usize>,
+}
+
+impl Rig {
+    fn new(kind: Kind, cpu: Option<usize>, extra: &[String]) -> Result<Self> {
+        let topo = Topology::new(kind.tag())?;
+        let ebpf = EbpfInstall::new(kind.tag());
+        let pod = topo.pod_netns();
+        let up = SocketAddr::new(topo.upstream_v4().into(), ECHO);
+        let sink = SocketAddr::new(topo.upstream_v4().into(), SINK);
+        let proxy = LoopSpec::new(pod).creds(1337, 1337).cpu(cpu);
+        let upstreams = vec![
+            Upstream::start(
+                &LoopSpec::new(topo.upstream_netns()).cpu(cpu),
+                UpstreamConfig {
+                    echo_port: ECHO,
+                    sink_port: SINK,
+                },
+            )?,
+            Upstream::start(
+                &LoopSpec::new(pod).cpu(cpu),
+                UpstreamConfig {
+                    echo_port: APP,
+                    sink_port: APP + 1,
+                },
+            )?,
+            Upstream::start(
+                &proxy,
+                UpstreamConfig {
+                    echo_port: HOP,
+                    sink_port: HOP_SINK,
+                },
+            )?,
+        ];
+        let explicit = kind == Kind::Explicit;
+        let mut fwds = vec![
+            Forwarder::start(
+                &proxy,
+                ForwardConfig {
+                    port: OUT,
+                    fallback: explicit.then_some(up),
+                    bind_src: None,
+                },
+            )?,
+            Forwarder::start(
+                &proxy,
+                ForwardConfig {
+                    port: IN,
+                    fallback: Some(SocketAddr::new(topo.pod_v4().into(), APP)),
+                    bind_src: Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6))),
+                },
+            )?,
+        ];
+        if explicit {
+            fwds.push(Forwarder::start(
+                &proxy,
+                ForwardConfig {
+                    port: EXPLICIT_SINK,
+                    fallback: Some(sink),
+                    bind_src: None,
+                },
+            )?);
+        }
+        if let Some(flavor) = kind.flavor() {
+            let mut args: Vec<&str> = vec![
+                "-p",
+                "15001",
+                "-z",
+                "15006",
+                "-u",
+                "1337",
+                "-i",
+                "*",
+                "-b",
+                "*",
+                "-d",
+                "15002,15003,15011,15090,15021,15020",
+                "--ipv6",
+                "false",
+            ];
+            if kind == Kind::EbpfAccel {
+                args.push("--accelerate");
+            }
+            args.extend(extra.iter().map(String::as_str));
+            apply_in(pod, ebpf.dir(), flavor, &args)
+                .with_context(|| format!("intercepting the {} pod", kind.name()))?;
+        }
+        Ok(Self {
+            kind,
+            _servers: (fwds, upstreams),
+            ebpf,
+            topo,
+            cpu,
+        })
+    }
+
+    /// The app, in the pod (outbound).
+    fn app(&self) -> LoopSpec {
+        LoopSpec::new(self.topo.pod_netns())
+            .creds(APP_UID, APP_UID)
+            .cpu(self.cpu)
+    }
+
+    /// A client of the pod, in the upstream netns (inbound).
+    fn remote(&self) -> LoopSpec {
+        LoopSpec::new(self.topo.upstream_netns()).cpu(self.cpu)
+    }
+
+    fn out_echo(&self) -> SocketAddr {
+        match self.kind {
+            Kind::Explicit => SocketAddr::from(([127, 0, 0, 1], OUT)),
+            _ => SocketAddr::new(self.topo.upstream_v4().into(), ECHO),
+        }
+    }
+
+    fn out_sink(&self) -> SocketAddr {
+        match self.kind {
+            Kind::Explicit => SocketAddr::from(([127, 0, 0, 1], EXPLICIT_SINK)),
+            _ => SocketAddr::new(self.topo.upstream_v4().into(), SINK),
+        }
+    }
+
+    fn in_dst(&self) -> SocketAddr {
+        let port = if self.kind == Kind::Explicit { IN } else { APP };
+        SocketAddr::new(self.topo.pod_v4().into(), port)
+    }
+
+    fn conntrack(&self) -> u64 {
+        self.topo
+            .pod_exec("cat", &["/proc/sys/net/netfilter/nf_conntrack_count"], None)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Per-connection eBPF map entries (original destinations, acceleration sockets).
+    fn map_entries(&self) -> Option<u64> {
+        let m = self.ebpf.pins.maps().ok()?;
+        let (a, b) = m.connection_entries();
+        Some((a + b + m.accel_entries()) as u64)
+    }
+}
+
+/// Every sample, keyed by (section, metric, path): one value per round.
+#[derive(Default)]
+struct Results {
+    samples: BTreeMap<(String, String, String), Vec<f64>>,
+    units: BTreeMap<String, &'static str>,
+    extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Results {
+    fn push(&mut self, section: &str, metric: &str, unit: &'static str, path: &str, v: f64) {
+        self.units.insert(metric.to_string(), unit);
+        self.samples
+            .entry((section.into(), metric.into(), path.into()))
+            .or_default()
+            .push(v);
+    }
+
+    fn get(&self, section: &str, metric: &str, path: &str) -> Option<&Vec<f64>> {
+        self.samples
+            .get(&(section.to_string(), metric.to_string(), path.to_string()))
+    }
+
+    fn median(&self, section: &str, metric: &str, path: &str) -> Option<f64> {
+        self.get(section, metric, path).map(|v| median(v))
+    }
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+fn spread(v: &[f64]) -> (f64, f64) {
+    v.iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(*x), b.max(*x)))
+}
+
+/// The per-path metrics of the main table.
+fn measure_path(r: &mut Results, section: &str, rig: &Rig, secs: f64, full: bool) -> Result<()> {
+    let name = rig.kind.name();
+    let app = rig.app();
+    let (c, cpu) = measure::conn_rate(&app, rig.out_echo(), secs)?;
+    r.push(section, "connections/s", "conn/s", name, c);
+    r.push(section, "CPU per connection", "µs", name, cpu);
+    let one = measure::rr(&app, rig.out_echo(), 1, secs)?;
+    r.push(section, "RR p50 c=1", "µs", name, one.p50_us);
+    r.push(section, "RR p99 c=1", "µs", name, one.p99_us);
+    r.push(section, "CPU per RR", "µs", name, one.cpu_us);
+    if !full {
+        return Ok(());
+    }
+    let many = measure::rr(&app, rig.out_echo(), 32, secs)?;
+    r.push(section, "RR p50 c=32", "µs", name, many.p50_us);
+    r.push(section, "RR p99 c=32", "µs", name, many.p99_us);
+    r.push(section, "RR/s c=32", "txn/s", name, many.per_s);
+    r.push(
+        section,
+        "bulk",
+        "MiB/s",
+        name,
+        measure::bulk(&app, rig.out_sink(), secs)?,
+    );
+    // The app↔proxy hop alone: an echo in the pod run as the proxy, over loopback.
+    if matches!(rig.kind, Kind::Ebpf | Kind::EbpfAccel) {
+        let hop = SocketAddr::from(([127, 0, 0, 1], HOP));
+        let h = measure::rr(&app, hop, 1, secs)?;
+        r.push("hop", "hop RR p50 c=1", "µs", name, h.p50_us);
+        let hs = SocketAddr::from(([127, 0, 0, 1], HOP_SINK));
+        r.push(
+            "hop",
+            "hop bulk",
+            "MiB/s",
+            name,
+            measure::bulk(&app, hs, secs)?,
+        );
+    }
+    // Inbound: a remote client → the pod's app port, captured to the proxy.
+    if rig.kind != Kind::NoProxy {
+        let remote = rig.remote();
+        let (c, _) = measure::conn_rate(&remote, rig.in_dst(), secs)?;
+        r.push("inbound", "connections/s", "conn/s", name, c);
+        let one = measure::rr(&remote, rig.in_dst(), 1, secs)?;
+        r.push("inbound", "RR p50 c=1", "µs", name, one.p50_us);
+        r.push("inbound", "RR p99 c=1", "µs", name, one.p99_us);
+    }
+    Ok(())
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let s = if args.quick {
+        Settings {
+            secs: args.secs.unwrap_or(0.1),
+            rounds: args.rounds.unwrap_or(1),
+            rule_points: vec![1, 10],
+            pod_points: vec![1, 5],
+            setup_n: 3,
+        }
+    } else {
+        Settings {
+            secs: args.secs.unwrap_or(1.0),
+            rounds: args.rounds.unwrap_or(5),
+            rule_points: vec![1, 10, 100, 1000],
+            pod_points: vec![1, 50, 250],
+            setup_n: 50,
+        }
+    };
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let started = Instant::now();
+    let mut r = Results::default();
+
+    // Main table, pinned: client, sidecar and servers share CPU 0.
+    eprintln!("bench: paths, pinned ({} rounds × {} s)", s.rounds, s.secs);
+    {
+        let rigs = KINDS
+            .iter()
+            .map(|k| Rig::new(*k, Some(0), &[]))
+            .collect::<Result<Vec<_>>>()?;
+        let ct0: Vec<u64> = rigs.iter().map(Rig::conntrack).collect();
+        for round in 0..s.rounds {
+            for rig in &rigs {
+                measure_path(&mut r, "outbound", rig, s.secs, true)
+                    .with_context(|| format!("{} round {round}", rig.kind.name()))?;
+            }
+        }
+        for (rig, c0) in rigs.iter().zip(ct0) {
+            r.extra.insert(
+                format!("conntrack entries created: {}", rig.kind.name()),
+                json!(rig.conntrack().saturating_sub(c0)),
+            );
+            if let Some(m) = rig.map_entries() {
+                r.extra.insert(
+                    format!("BPF per-connection map entries after: {}", rig.kind.name()),
+                    json!(m),
+                );
+            }
+        }
+    }
+
+    // The same paths unpinned (the scheduler's choice), connect rate and RR only.
+    eprintln!("bench: paths, unpinned");
+    {
+        let rigs = KINDS
+            .iter()
+            .map(|k| Rig::new(*k, None, &[]))
+            .collect::<Result<Vec<_>>>()?;
+        for _ in 0..s.rounds.div_ceil(2) {
+            for rig in &rigs {
+                measure_path(&mut r, "outbound unpinned", rig, s.secs, false)?;
+            }
+        }
+    }
+
+    eprintln!("bench: scaling in rules");
+    scaling_rules(&mut r, &s)?;
+    eprintln!("bench: scaling in pods");
+    scaling_pods(&mut r, &s)?;
+    eprintln!("bench: pod setup cost");
+    setup_cost(&mut r, &s)?;
+
+    r.extra
+        .insert("wall seconds".into(), json!(started.elapsed().as_secs()));
+    report(&r, &s, &args.out)?;
+    Ok(())
+}
+
+/// conn/s with 1…1,000 excluded CIDRs or ports, eBPF vs iptables-nft; the points interleave.
+fn scaling_rules(r: &mut Results, s: &Settings) -> Result<()> {
+    for dim in ["excluded CIDRs", "excluded ports"] {
+        let mut rigs = Vec::new();
+        for kind in [Kind::Ebpf, Kind::IptablesNft] {
+            for &n in &s.rule_points {
+                let list: Vec<String> = (0..n)
+                    .map(|i| {
+                        if dim == "excluded CIDRs" {
+                            // 10.128.0.0/9 never holds a test address.
+                            format!("10.{}.{}.{}/32", 128 + i / 65536, (i / 256) % 256, i % 256)
+                        } else {
+                            (20000 + i).to_string()
+                        }
+                    })
+                    .collect();
+                let flag = if dim == "excluded CIDRs" { "-x" } else { "-o" };
+                let extra = vec![flag.to_string(), list.join(",")];
+                rigs.push((kind, n, Rig::new(kind, Some(0), &extra)?));
+            }
+        }
+        for _ in 0..s.rounds.div_ceil(2) {
+            for (kind, n, rig) in &rigs {
+                let (c, _) = measure::conn_rate(&rig.app(), rig.out_echo(), s.secs)?;
+                r.push(
+                    &format!("scaling {dim}"),
+                    &n.to_string(),
+                    "conn/s",
+                    kind.name(),
+                    c,
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A bare netns for pod-count scaling and setup timing; deleted on drop.
+struct BareNetns(String);
+
+impl BareNetns {
+    fn new(i: usize) -> Result<Self> {
+        let name = format!("ic-bp-{}-{i}", std::process::id());
+        let st = std::process::Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()?;
+        if !st.success() {
+            bail!("ip netns add {name} failed");
+        }
+        Ok(Self(name))
+    }
+    fn path(&self) -> PathBuf {
+        PathBuf::from("/var/run/netns").join(&self.0)
+    }
+}
+
+impl Drop for BareNetns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+fn pod_config() -> Result<interceptor_common::config::Config> {
+    let raw = interceptor_common::config::RawConfig {
+        outbound_ip_ranges_include: "*".into(),
+        inbound_ports_include: "*".into(),
+        ..Default::default()
+    };
+    raw.parse().map_err(|e| anyhow::anyhow!("{e:?}"))
+}
+
+/// eBPF conn/s with 1…250 pods registered on the node (same maps, same programs).
+fn scaling_pods(r: &mut Results, s: &Settings) -> Result<()> {
+    let rig = Rig::new(Kind::Ebpf, Some(0), &[])?;
+    let max = *s.pod_points.iter().max().unwrap_or(&1);
+    let others = (1..max).map(BareNetns::new).collect::<Result<Vec<_>>>()?;
+    let cfg = pod_config()?;
+    let mut maps = rig.ebpf.pins.maps()?;
+    let mut registered = 0usize;
+    for _ in 0..s.rounds.div_ceil(2) {
+        for &n in &s.pod_points {
+            // `n` pods in all: the measured one plus n - 1 others.
+            while registered < n - 1 {
+                interceptor::apply::register_in(&mut maps, &others[registered].path(), &cfg, None)?;
+                registered += 1;
+            }
+            while registered > n - 1 {
+                registered -= 1;
+                maps.remove(&others[registered].path())?;
+            }
+            let (c, _) = measure::conn_rate(&rig.app(), rig.out_echo(), s.secs)?;
+            r.push("scaling pods", &n.to_string(), "conn/s", "eBPF", c);
+        }
+    }
+    while registered > 0 {
+        registered -= 1;
+        maps.remove(&others[registered].path())?;
+    }
+    Ok(())
+}
+
+/// Pod setup: registration through the daemon (eBPF, and iptables through the daemon) vs
+/// `iptables-restore` of the same rules into a fresh netns, as istio-init does.
+fn setup_cost(r: &mut Results, s: &Settings) -> Result<()> {
+    use interceptor::daemon::{client, protocol};
+    let d = interceptor_tests::daemon::DaemonProc::start("bsetup")?;
+    let cfg = pod_config()?;
+    let raw = interceptor_common::config::RawConfig {
+        outbound_ip_ranges_include: "*".into(),
+        inbound_ports_include: "*".into(),
+        ..Default::default()
+    };
+    let doc = interceptor::backend::iptables::render(&cfg).v4;
+    for i in 0..s.setup_n {
+        for (label, backend) in [
+            ("daemon, eBPF", interceptor::cli::BackendKind::Ebpf),
+            ("daemon, iptables", interceptor::cli::BackendKind::Iptables),
+        ] {
+            let ns = BareNetns::new(1000 + i)?;
+            let req = protocol::Request::Add(Box::new(protocol::PodSpec {
+                netns: ns.path(),
+                ips: vec![],
+                config: raw.clone(),
+                backend,
+                identity: None,
+            }));
+            let t = Instant::now();
+            let resp = client::call(&d.socket(), &req)?;
+            let us = t.elapsed().as_secs_f64() * 1e6;
+            if !matches!(resp, protocol::Response::Pod(_)) {
+                bail!("pod add ({label}) failed: {resp:?}");
+            }
+            r.push("setup", "pod setup", "µs", label, us);
+            client::call(&d.socket(), &protocol::Request::Remove { netns: ns.path() })?;
+        }
+        let ns = BareNetns::new(2000 + i)?;
+        let t = Instant::now();
+        let out = interceptor::netns::command(Some(&ns.path()), "iptables-nft-restore")
+            .arg("--noflush")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin.take().unwrap().write_all(doc.as_bytes())?;
+                c.wait()
+            })?;
+        let us = t.elapsed().as_secs_f64() * 1e6;
+        if !out.success() {
+            bail!("iptables-nft-restore in a netns failed");
+        }
+        r.push("setup", "pod setup", "µs", "iptables-restore in netns", us);
+    }
+    Ok(())
+}
+
+fn machine() -> serde_json::Value {
+    let uname = std::process::Command::new("uname")
+        .arg("-sr")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_default();
+    json!({
+        "kernel": uname,
+        "cpu": cpu,
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "load average at end": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+    })
+}
+
+const SECTIONS: &[&str] = &[
+    "outbound",
+    "outbound unpinned",
+    "inbound",
+    "hop",
+    "scaling excluded CIDRs",
+    "scaling excluded ports",
+    "scaling pods",
+    "setup",
+];
+
+const METRICS: &[&str] = &[
+    "connections/s",
+    "CPU per connection",
+    "RR p50 c=1",
+    "RR p99 c=1",
+    "CPU per RR",
+    "RR p50 c=32",
+    "RR p99 c=32",
+    "RR/s c=32",
+    "bulk",
+    "hop RR p50 c=1",
+    "hop bulk",
+];
+
+/// Ratio of a path's median to explicit addressing's, in the same section.
+fn ratio(r: &Results, section: &str, metric: &str, path: &str) -> Option<f64> {
+    Some(r.median(section, metric, path)? / r.median(section, metric, "explicit")?)
+}
+
+fn report(r: &Results, s: &Settings, out: &Path) -> Result<()> {
+    let mut md = String::new();
+    let m = machine();
+    md.push_str(&format!(
+        "Machine: {} · {} CPUs · {}. {} rounds × {} s per measurement, paths interleaved.\n\n",
+        m["kernel"].as_str().unwrap_or(""),
+        m["cpus"],
+        m["cpu"].as_str().unwrap_or(""),
+        s.rounds,
+        s.secs
+    ));
+    let sections: Vec<String> = {
+        let mut v: Vec<String> = r.samples.keys().map(|k| k.0.clone()).collect();
+        v.dedup();
+        v.sort_by_key(|s| SECTIONS.iter().position(|x| x == s).unwrap_or(99));
+        v
+    };
+    let mut charts = Vec::new();
+    for section in &sections {
+        let metrics: Vec<String> = {
+            let mut v: Vec<String> = r
+                .samples
+                .keys()
+                .filter(|k| &k.0 == section)
+                .map(|k| k.1.clone())
+                .collect();
+            v.dedup();
+            // Scaling points numerically, the rest in the table's reading order.
+            v.sort_by_key(|m| {
+                m.parse::<usize>()
+                    .unwrap_or_else(|_| METRICS.iter().position(|x| x == m).unwrap_or(99))
+            });
+            v
+        };
+        let paths: Vec<String> = {
+            let mut v: Vec<String> = Vec::new();
+            for k in r.samples.keys().filter(|k| &k.0 == section) {
+                if !v.contains(&k.2) {
+                    v.push(k.2.clone());
+                }
+            }
+            // The table's path order: as measured.
+            let order = |p: &String| KINDS.iter().position(|k| k.name() == p).unwrap_or(99);
+            v.sort_by_key(order);
+            v
+        };
+        md.push_str(&format!(
+            "### {section}\n\nmedian (× explicit, same run) [min–max]\n\n| path |"
+        ));
+        for m in &metrics {
+            md.push_str(&format!(" {m} ({}) |", r.units[m]));
+        }
+        md.push_str("\n|---|");
+        md.push_str(&"---|".repeat(metrics.len()));
+        md.push('\n');
+        for p in &paths {
+            md.push_str(&format!("| {p} |"));
+            for m in &metrics {
+                match r.get(section, m, p) {
+                    Some(v) => {
+                        let (lo, hi) = spread(v);
+                        let rat = ratio(r, section, m, p)
+                            .map(|x| format!(" (×{x:.2})"))
+                            .unwrap_or_default();
+                        md.push_str(&format!(" {:.1}{rat} [{lo:.1}–{hi:.1}] |", median(v)));
+                    }
+                    None => md.push_str(" – |"),
+                }
+            }
+            md.push('\n');
+        }
+        md.push('\n');
+        if section.starts_with("scaling") {
+            let series: Vec<(String, Vec<(f64, f64)>)> = paths
+                .iter()
+                .map(|p| {
+                    let pts = metrics
+                        .iter()
+                        .filter_map(|m| Some((m.parse::<f64>().ok()?, r.median(section, m, p)?)))
+                        .collect();
+                    (p.clone(), pts)
+                })
+                .collect();
+            let file = format!("{}.svg", slug(section));
+            let what = section.trim_start_matches("scaling ");
+            plot::lines(
+                &out.join(&file),
+                &format!("connections/s vs number of {what}"),
+                what,
+                "conn/s",
+                &series,
+            )?;
+            charts.push(file);
+        } else {
+            for m in &metrics {
+                let bars: Vec<plot::Bar> = paths
+                    .iter()
+                    .filter_map(|p| {
+                        let v = r.get(section, m, p)?;
+                        let (min, max) = spread(v);
+                        Some(plot::Bar {
+                            label: p.clone(),
+                            median: median(v),
+                            min,
+                            max,
+                        })
+                    })
+                    .collect();
+                let file = format!("{}-{}.svg", slug(section), slug(m));
+                plot::bars(
+                    &out.join(&file),
+                    &format!("{section}: {m}"),
+                    r.units[m],
+                    &bars,
+                )?;
+                charts.push(file);
+            }
+        }
+    }
+    md.push_str("### Counts\n\n| what | value |\n|---|---|\n");
+    for (k, v) in &r.extra {
+        md.push_str(&format!("| {k} | {v} |\n"));
+    }
+    md.push_str(&targets(r));
+    md.push_str("\n### Charts\n\n");
+    for c in &charts {
+        md.push_str(&format!("![{c}]({c})\n"));
+    }
+    std::fs::write(out.join("results.md"), &md)?;
+    let samples: Vec<serde_json::Value> = r
+        .samples
+        .iter()
+        .map(|((sec, m, p), v)| {
+            json!({"section": sec, "metric": m, "unit": r.units[m], "path": p,
+                   "rounds": v, "median": median(v), "ratio_to_explicit": ratio(r, sec, m, p)})
+        })
+        .collect();
+    let doc = json!({
+        "machine": m,
+        "settings": {"secs": s.secs, "rounds": s.rounds},
+        "samples": samples,
+        "counts": r.extra,
+        "charts": charts,
+    });
+    std::fs::write(out.join("results.json"), serde_json::to_vec_pretty(&doc)?)?;
+    println!("{md}");
+    eprintln!(
+        "bench: wrote {}/results.{{json,md}} and {} charts",
+        out.display(),
+        charts.len()
+    );
+    Ok(())
+}
+
+/// The targets against this run's numbers.
+fn targets(r: &Results) -> String {
+    let mut t = String::from("\n### Targets\n\n| target | measured | met |\n|---|---|---|\n");
+    let mut row =
+        |name: &str, v: Option<f64>, fmt: &dyn Fn(f64) -> String, ok: &dyn Fn(f64) -> bool| {
+            let (m, met) = match v {
+                Some(x) => (fmt(x), if ok(x) { "yes" } else { "no" }),
+                None => ("–".into(), "–"),
+            };
+            t.push_str(&format!("| {name} | {m} | {met} |\n"));
+        };
+    let x = |v: f64| format!("×{v:.3}");
+    row(
+        "eBPF connect rate ≥ 0.97× explicit",
+        ratio(r, "outbound", "connections/s", "eBPF"),
+        &x,
+        &|v| v >= 0.97,
+    );
+    row(
+        "iptables-nft connect rate (expected ~0.75×)",
+        ratio(r, "outbound", "connections/s", "iptables-nft"),
+        &x,
+        &|_| true,
+    );
+    row(
+        "eBPF 1-byte RR p50 within 3% of explicit",
+        ratio(r, "outbound", "RR p50 c=1", "eBPF"),
+        &x,
+        &|v| v <= 1.03,
+    );
+    let hop = r
+        .median("hop", "hop RR p50 c=1", "eBPF+sk_msg")
+        .zip(r.median("hop", "hop RR p50 c=1", "eBPF"))
+        .map(|(a, p)| 1.0 - a / p);
+    row(
+        "--accelerate: app↔proxy hop RR p50 ≥ 20% faster than loopback TCP",
+        hop,
+        &|v| format!("{:.1}% faster", v * 100.0),
+        &|v| v >= 0.20,
+    );
+    let flat = |sec: &str, path: &str| -> Option<f64> {
+        let sec = format!("scaling {sec}");
+        let keys: Vec<usize> = r
+            .samples
+            .keys()
+            .filter(|k| k.0 == sec && k.2 == path)
+            .filter_map(|k| k.1.parse().ok())
+            .collect();
+        let (lo, hi) = (keys.iter().min()?, keys.iter().max()?);
+        Some(r.median(&sec, &hi.to_string(), path)? / r.median(&sec, &lo.to_string(), path)? - 1.0)
+    };
+    let pct = |v: f64| format!("{:+.1}%", v * 100.0);
+    for (sec, path) in [
+        ("excluded CIDRs", "eBPF"),
+        ("excluded ports", "eBPF"),
+        ("pods", "eBPF"),
+        ("excluded CIDRs", "iptables-nft"),
+        ("excluded ports", "iptables-nft"),
+    ] {
+        let target = path == "eBPF";
+        row(
+            &format!(
+                "{path}: conn/s change from fewest to most {sec}{}",
+                if target { " within 3%" } else { " (reference)" }
+            ),
+            flat(sec, path),
+            &pct,
+            &|v| !target || v.abs() <= 0.03,
+        );
+    }
+    let setup = r
+        .median("setup", "pod setup", "iptables-restore in netns")
+        .zip(r.median("setup", "pod setup", "daemon, eBPF"))
+        .map(|(i, e)| i / e);
+    row(
+        "pod setup via the daemon ≥ 10× faster than iptables-restore in a netns",
+        setup,
+        &|v| format!("{v:.1}×"),
+        &|v| v >= 10.0,
+    );
+    t
+}
+
+fn slug(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect::<String>()
+        .split('-')
+        .filter(|p| !p.is_empty())
+        .collect::<Vec<_>>()
+        .join("-")
+}
