@@ -87,7 +87,10 @@ mod tests {
     #[test]
     fn parses_scoped_faults() {
         // One test touches the variable, so parallel unit tests do not race on it.
-        std::env::set_var(FAULT_ENV, "map-write:3@podA, attach:sk_lookup@podB,store:7777");
+        std::env::set_var(
+            FAULT_ENV,
+            "map-write:3@podA, attach:sk_lookup@podB,store:7777",
+        );
         assert!(map_write_fails(Path::new("/run/netns/podA"), 3));
         assert!(!map_write_fails(Path::new("/run/netns/podA"), 2));
         assert!(!map_write_fails(Path::new("/run/netns/podC"), 3));

@@ -230,13 +230,40 @@ fn tool_failure(flavor: Flavor) {
     let pod = Pod::new("tfail").unwrap();
     let t = &pod.topo;
     let (restore, restore6, matching, partial) = match flavor {
-        Flavor::IptablesLegacy => ("iptables-legacy-restore", "ip6tables-legacy-restore", "", true),
+        Flavor::IptablesLegacy => (
+            "iptables-legacy-restore",
+            "ip6tables-legacy-restore",
+            "",
+            true,
+        ),
         Flavor::IptablesNft => ("iptables-nft-restore", "ip6tables-nft-restore", "", true),
         _ => ("nft", "nft", "-f", false),
     };
     // DNS capture adds the raw table: two tables in the document, so `partial` applies one.
-    let a = ["-i", "*", "-b", "*", "--redirect-dns", "--dns-servers", "10.96.0.10", "--ipv6", "false"];
-    let b = ["-i", "*", "-b", "*", "-d", "15021", "--redirect-dns", "--dns-servers", "10.96.0.10", "--ipv6", "false"];
+    let a = [
+        "-i",
+        "*",
+        "-b",
+        "*",
+        "--redirect-dns",
+        "--dns-servers",
+        "10.96.0.10",
+        "--ipv6",
+        "false",
+    ];
+    let b = [
+        "-i",
+        "*",
+        "-b",
+        "*",
+        "-d",
+        "15021",
+        "--redirect-dns",
+        "--dns-servers",
+        "10.96.0.10",
+        "--ipv6",
+        "false",
+    ];
     let v6 = ["-i", "*", "-b", "*", "--ipv6", "true"];
     let tools = FaultyTools::new(&pod, &[restore, restore6], matching, partial);
     let faults = std::cell::Cell::new(0);
@@ -256,9 +283,16 @@ fn tool_failure(flavor: Flavor) {
         let v6_tools = FaultyTools::new(&pod, &[restore6], matching, false);
         v6_tools.arm(1);
         let out = v6_tools.apply(&pod, flavor, &v6);
-        assert!(v6_tools.fired() && !out.status.success(), "{flavor:?} v6 fault");
+        assert!(
+            v6_tools.fired() && !out.status.success(),
+            "{flavor:?} v6 fault"
+        );
         faults.set(faults.get() + 1);
-        assert_eq!(rules(t), before, "{flavor:?}: IPv6 failed, IPv4 stayed applied");
+        assert_eq!(
+            rules(t),
+            before,
+            "{flavor:?}: IPv6 failed, IPv4 stayed applied"
+        );
     }
     apply(&pod, flavor, &a).unwrap();
     let installed = rules(t);
@@ -271,7 +305,11 @@ fn tool_failure(flavor: Flavor) {
     }
     // Without faults the same reconcile goes through.
     let out = tools.apply(&pod, flavor, &b_re);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(rules(t).contains("15021"));
     apply(&pod, flavor, &["-i", "*", "--cleanup-only"]).unwrap();
     assert_eq!(rules(t), before);
@@ -312,19 +350,51 @@ fn hand_drift(flavor: Flavor) {
             };
             vec![
                 (
-                    vec![bin, "-t", "nat", "-I", "ISTIO_OUTPUT", "1", "-d", "10.99.0.0/16", "-j", "RETURN"],
+                    vec![
+                        bin,
+                        "-t",
+                        "nat",
+                        "-I",
+                        "ISTIO_OUTPUT",
+                        "1",
+                        "-d",
+                        "10.99.0.0/16",
+                        "-j",
+                        "RETURN",
+                    ],
                     "10.99.0.0/16",
                 ),
-                (vec![bin, "-t", "nat", "-D", "ISTIO_REDIRECT", "1"], "ISTIO_REDIRECT"),
+                (
+                    vec![bin, "-t", "nat", "-D", "ISTIO_REDIRECT", "1"],
+                    "ISTIO_REDIRECT",
+                ),
             ]
         }
         _ => vec![
             (
-                vec!["nft", "insert", "rule", "inet", "istio-proxy-nat", "istio-output", "ip", "daddr", "10.99.0.0/16", "return"],
+                vec![
+                    "nft",
+                    "insert",
+                    "rule",
+                    "inet",
+                    "istio-proxy-nat",
+                    "istio-output",
+                    "ip",
+                    "daddr",
+                    "10.99.0.0/16",
+                    "return",
+                ],
                 "10.99.0.0/16",
             ),
             (
-                vec!["nft", "flush", "chain", "inet", "istio-proxy-nat", "istio-redirect"],
+                vec![
+                    "nft",
+                    "flush",
+                    "chain",
+                    "inet",
+                    "istio-proxy-nat",
+                    "istio-redirect",
+                ],
                 "redirect to :15001",
             ),
         ],
@@ -343,7 +413,10 @@ fn hand_drift(flavor: Flavor) {
         assert_eq!(ruleset(t), wanted, "{flavor:?}: --reconcile after {cmd:?}");
     }
     apply(&pod, flavor, &["-i", "*", "--cleanup-only"]).unwrap();
-    println!("{flavor:?}: {} hand-made drifts refused and named, then repaired by --reconcile", hand.len());
+    println!(
+        "{flavor:?}: {} hand-made drifts refused and named, then repaired by --reconcile",
+        hand.len()
+    );
 }
 
 #[test]

@@ -337,7 +337,10 @@ fn registration_fault_cli_all_or_nothing() {
         assert!(n < 100, "the fault never stopped firing");
     }
     let new_faults = n - 1;
-    assert!(new_faults >= 10, "only {new_faults} writes in a registration?");
+    assert!(
+        new_faults >= 10,
+        "only {new_faults} writes in a registration?"
+    );
     captured_ok(&bad.topo, &bad.sidecar, "registered after the faults");
     let registered = footprint(&ebpf.pins);
 
@@ -349,17 +352,31 @@ fn registration_fault_cli_all_or_nothing() {
     let mut m = 1;
     let change = ["-o", "9999,9998", "-x", "10.250.0.0/16"];
     loop {
-        let out = cli_apply(bad.ns(), ebpf.dir(), "ebpf", &change, &format!("map-write:{m}"));
+        let out = cli_apply(
+            bad.ns(),
+            ebpf.dir(),
+            "ebpf",
+            &change,
+            &format!("map-write:{m}"),
+        );
         if out.status.success() {
             break;
         }
         assert_eq!(footprint(&ebpf.pins), registered, "re-add write {m}");
-        assert_eq!(policy_of(), Some(before), "re-add write {m}: policy changed");
+        assert_eq!(
+            policy_of(),
+            Some(before),
+            "re-add write {m}: policy changed"
+        );
         captured_ok(&bad.topo, &bad.sidecar, &format!("re-add write {m} failed"));
         m += 1;
         assert!(m < 100);
     }
-    assert_ne!(footprint(&ebpf.pins), registered, "the re-registration took effect");
+    assert_ne!(
+        footprint(&ebpf.pins),
+        registered,
+        "the re-registration took effect"
+    );
     let out = interceptor_tests::bin::run(
         &[
             "remove",
@@ -433,10 +450,18 @@ fn registration_fault_daemon_all_or_nothing() {
         faults += 1;
         if backend == "auto" {
             // Falls back; then removed again, which must leave nothing either.
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             captured_ok(&p.topo, &p.sidecar, "auto fallback after a map-write fault");
             d.pod_ok(&["remove", "--network-namespace", p.ns()]);
-            assert_eq!(footprint(&pins), base, "fallback add/remove left eBPF entries");
+            assert_eq!(
+                footprint(&pins),
+                base,
+                "fallback add/remove left eBPF entries"
+            );
             untouched(&p.topo, "removed fallback pod");
             continue;
         }
@@ -447,7 +472,11 @@ fn registration_fault_daemon_all_or_nothing() {
             String::from_utf8_lossy(&out.stderr)
         );
         assert!(!shown(p), "a failed add left a daemon record");
-        assert_eq!(footprint(&pins), base, "a failed add left map entries or pins");
+        assert_eq!(
+            footprint(&pins),
+            base,
+            "a failed add left map entries or pins"
+        );
         untouched(&p.topo, "failed daemon add");
         captured_ok(&good.topo, &good.sidecar, "other pod after a failed add");
     }
@@ -510,8 +539,12 @@ impl PressureProxy {
         let missed = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
-            let (allowed, answered, missed, stop) =
-                (allowed.clone(), answered.clone(), missed.clone(), stop.clone());
+            let (allowed, answered, missed, stop) = (
+                allowed.clone(),
+                answered.clone(),
+                missed.clone(),
+                stop.clone(),
+            );
             std::thread::spawn(move || {
                 let mut accepted = 0u64;
                 while !stop.load(Ordering::Relaxed) {
@@ -556,8 +589,7 @@ impl PressureProxy {
 
 impl Drop for PressureProxy {
     fn drop(&mut self) {
-        self.stop
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -591,7 +623,12 @@ fn held_round(
     let n = dsts.len() as u64;
     let conns = interceptor_tests::topology::run_in_netns(netns, move || {
         dsts.into_iter()
-            .map(|d| (d, std::net::TcpStream::connect_timeout(&d, Duration::from_secs(5))))
+            .map(|d| {
+                (
+                    d,
+                    std::net::TcpStream::connect_timeout(&d, Duration::from_secs(5)),
+                )
+            })
             .collect::<Vec<_>>()
     })
     .unwrap();
@@ -680,7 +717,9 @@ fn map_pressure_fails_closed_never_misroutes() {
         .collect();
     let _up = TagServer::spawn(topo.upstream_netns(), "upstream", &ports, None).unwrap();
     let proxy = PressureProxy::start(topo.pod_netns());
-    let maps = interceptor::backend::ebpf::Pins::new(d.bpffs()).maps().unwrap();
+    let maps = interceptor::backend::ebpf::Pins::new(d.bpffs())
+        .maps()
+        .unwrap();
     let baseline = maps.connection_entries();
     let up = topo.upstream_v4();
     let mut t = Tally::default();
@@ -704,7 +743,10 @@ fn map_pressure_fails_closed_never_misroutes() {
         gauge("interceptor_map_entries", "ORIG_BY_TUPLE"),
         gauge("interceptor_map_capacity", "ORIG_BY_TUPLE"),
     );
-    assert_eq!((cookie_cap, tuple_cap), (f64::from(SMALL), f64::from(SMALL)));
+    assert_eq!(
+        (cookie_cap, tuple_cap),
+        (f64::from(SMALL), f64::from(SMALL))
+    );
     assert!(
         cookie_used > 0.0 && cookie_used <= f64::from(SMALL) && tuple_used <= f64::from(SMALL),
         "occupancy while {held} connections were held: {cookie_used}/{tuple_used}"
@@ -738,7 +780,8 @@ fn map_pressure_fails_closed_never_misroutes() {
     );
     drop(proxy);
     let m = d.scrape().unwrap();
-    let counter = |name: &str, labels: &[&str]| DaemonProc::sample(&m, name, labels).unwrap_or(-1.0);
+    let counter =
+        |name: &str, labels: &[&str]| DaemonProc::sample(&m, name, labels).unwrap_or(-1.0);
     let metric_missed = counter("interceptor_original_dst_total", &["result=\"missed\""]);
     let metric_refused = counter("interceptor_redirect_failed_total", &[]);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
@@ -755,18 +798,16 @@ fn map_pressure_fails_closed_never_misroutes() {
          occupancy while held ORIG_BY_COOKIE {cookie_used}/{cookie_cap}, ORIG_BY_TUPLE \
          {tuple_used}/{tuple_cap}; metrics: missed {metric_missed}, redirect_failed \
          {metric_refused}; entries after {after:?} (baseline {baseline:?})",
-        t.correct,
-        t.failed_closed,
-        missed,
-        t.refused_eperm,
-        t.wrong,
-        t.escaped
+        t.correct, t.failed_closed, missed, t.refused_eperm, t.wrong, t.escaped
     );
     assert_eq!((t.wrong, t.escaped), (0, 0), "{:?}", t.examples);
     assert_eq!(t.correct + t.failed_closed, total);
     assert_eq!(t.correct, answered, "every answered connection was correct");
     assert_eq!(t.failed_closed, missed + t.refused_eperm);
-    assert!(missed > 0, "256 held connections did not overflow 16 entries?");
+    assert!(
+        missed > 0,
+        "256 held connections did not overflow 16 entries?"
+    );
     assert!(first.0 > 0, "nothing got through under pressure");
     assert_eq!(t.refused_eperm, 20, "store fault: want EPERM for each");
     assert_eq!(metric_missed, missed as f64, "missed metric");

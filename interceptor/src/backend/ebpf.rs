@@ -270,7 +270,10 @@ impl Pins {
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing from the object"))?;
             if crate::fault::attach_fails(name, None) {
-                bail!("attaching {name}: injected fault ({})", crate::fault::FAULT_ENV);
+                bail!(
+                    "attaching {name}: injected fault ({})",
+                    crate::fault::FAULT_ENV
+                );
             }
             // Each cgroup program type has its own load/attach/link types; the steps are the same.
             macro_rules! load_attach_link {
@@ -651,8 +654,9 @@ impl PodMaps {
                 Undo::Policy(c, Some(p)) => self.policy.insert(c, p, 0).map_err(Into::into),
                 Undo::Policy(c, None) => self.policy.remove(&c).map_err(Into::into),
                 Undo::Listener(k) => self.listeners.remove(&k).map_err(Into::into),
-                Undo::Pin(p) => std::fs::remove_file(&p)
-                    .with_context(|| format!("unpinning {}", p.display())),
+                Undo::Pin(p) => {
+                    std::fs::remove_file(&p).with_context(|| format!("unpinning {}", p.display()))
+                }
             };
             if let Err(e) = r {
                 first_err.get_or_insert(e);
