@@ -624,10 +624,20 @@ fn held_round(
     let conns = interceptor_tests::topology::run_in_netns(netns, move || {
         dsts.into_iter()
             .map(|d| {
-                (
-                    d,
-                    std::net::TcpStream::connect_timeout(&d, Duration::from_secs(5)),
-                )
+                // The tiny client port range can be momentarily exhausted while the previous
+                // round's sockets finish closing: wait for a port (a test condition, not an
+                // outcome of interception).
+                let mut r = std::net::TcpStream::connect_timeout(&d, Duration::from_secs(5));
+                for _ in 0..100 {
+                    match &r {
+                        Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
+                            std::thread::sleep(Duration::from_millis(20));
+                            r = std::net::TcpStream::connect_timeout(&d, Duration::from_secs(5));
+                        }
+                        _ => break,
+                    }
+                }
+                (d, r)
             })
             .collect::<Vec<_>>()
     })
