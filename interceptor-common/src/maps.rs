@@ -37,6 +37,9 @@ pub mod stat {
     /// SO_ORIGINAL_DST asked in a meshed pod and not answered by us.
     pub const ORIG_DST_MISSED: u32 = 5;
     pub const BIND_DENIED: u32 = 6;
+    /// Redirects refused (connect/sendmsg fail with EPERM) because the original destination
+    /// could not be stored: fail closed, never sent to the proxy without an answer for it.
+    pub const OUT_STORE_FAILED: u32 = 7;
     /// Outbound passes: `OUT_PASS + Reason as u32`.
     pub const OUT_PASS: u32 = 8;
     /// Inbound passes: `IN_PASS + Reason as u32`.

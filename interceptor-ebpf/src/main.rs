@@ -77,6 +77,18 @@ fn log_enabled() -> bool {
 #[unsafe(no_mangle)]
 static COUNT_ENABLED: u8 = 1;
 
+/// Test-only fault injection (`INTERCEPTOR_FAULT=store:<port>`): a redirected connection to
+/// this destination port behaves as if storing its original destination failed. Frozen like
+/// LOG_ENABLED, so at 0 (always, outside tests) the verifier prunes the check.
+#[unsafe(no_mangle)]
+static FAULT_STORE_PORT: u16 = 0;
+
+#[inline(always)]
+fn store_fault(port: u16) -> bool {
+    let p = unsafe { read_volatile(&FAULT_STORE_PORT) };
+    p != 0 && p == port
+}
+
 /// Per-pod counters, per CPU (no atomics, no cache-line bouncing): see `maps::stat`.
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::MAX_PODS * stat::PER_POD, 0);
@@ -387,63 +399,77 @@ fn outbound(ctx: &SockAddrContext, v6: bool) -> Option<(Addr, OrigDst)> {
     ))
 }
 
+/// Redirects a connect; false (the connect fails with EPERM) when the original destination
+/// cannot be stored: the proxy could not answer SO_ORIGINAL_DST for it, and leaving the
+/// connection alone would let it escape. Fail closed, counted.
 #[inline(always)]
-fn on_connect(ctx: &SockAddrContext, v6: bool) {
+fn on_connect(ctx: &SockAddrContext, v6: bool) -> bool {
     let Some((dst, orig)) = outbound(ctx, v6) else {
-        return;
+        return true;
     };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let udp = unsafe { read_volatile(addr_of!((*ctx.sock_addr).protocol)) } == IPPROTO_UDP;
     // TCP state is dropped by sockops at close; UDP (DNS) state at sock_release.
-    let stored = if udp {
+    let stored = if store_fault(orig.port) {
+        Err(0)
+    } else if udp {
         DNS_ORIG.insert(&cookie, &orig, 0)
     } else {
         ORIG_BY_COOKIE.insert(&cookie, &orig, 0)
     };
     if stored.is_err() {
-        // Without the original destination the proxy could not route it: leave it alone.
-        return;
+        store_failed(ctx);
+        return false;
     }
     unsafe { set_user_addr(ctx.sock_addr, v6, loopback_for(dst), orig.redirect_port) };
+    true
+}
+
+/// Counts a refused redirect (cold path: the pod is looked up again only here).
+#[inline(always)]
+fn store_failed(ctx: &SockAddrContext) {
+    if let Some((_, policy)) = pod_of(ctx) {
+        count(policy.pod_id, stat::OUT_STORE_FAILED);
+    }
 }
 
 #[cgroup_sock_addr(connect4)]
 pub fn ic_connect4(ctx: SockAddrContext) -> i32 {
-    on_connect(&ctx, false);
-    1
+    i32::from(on_connect(&ctx, false))
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn ic_connect6(ctx: SockAddrContext) -> i32 {
-    on_connect(&ctx, true);
-    1
+    i32::from(on_connect(&ctx, true))
 }
 
 /// Unconnected UDP: only DNS is ever redirected (Istio captures nothing else of UDP).
 #[inline(always)]
-fn on_sendmsg(ctx: &SockAddrContext, v6: bool) {
+fn on_sendmsg(ctx: &SockAddrContext, v6: bool) -> bool {
     let Some((dst, orig)) = outbound(ctx, v6) else {
-        return;
+        return true;
     };
     if orig.port != DNS_PORT {
-        return;
+        return true;
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if DNS_ORIG.insert(&cookie, &orig, 0).is_ok() {
-        unsafe { set_user_addr(ctx.sock_addr, v6, loopback_for(dst), orig.redirect_port) };
+    if store_fault(orig.port) || DNS_ORIG.insert(&cookie, &orig, 0).is_err() {
+        // As in on_connect: refused (EPERM), never sent around the DNS proxy.
+        store_failed(ctx);
+        return false;
     }
+    unsafe { set_user_addr(ctx.sock_addr, v6, loopback_for(dst), orig.redirect_port) };
+    true
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn ic_sendmsg4(ctx: SockAddrContext) -> i32 {
-    on_sendmsg(&ctx, false);
-    1
+    i32::from(on_sendmsg(&ctx, false))
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn ic_sendmsg6(ctx: SockAddrContext) -> i32 {
-    on_sendmsg(&ctx, true);
-    1
+    i32::from(on_sendmsg(&ctx, true))
 }
 
 /// A DNS reply from the proxy appears to come from the server the app asked.
@@ -550,6 +576,7 @@ fn on_active(ctx: &SockOpsContext) {
     let op = ctx.op();
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(&cookie) }) else {
+        forget_evicted(ctx, op);
         return;
     };
     let orig = *orig;
@@ -689,6 +716,37 @@ pub fn ic_sk_msg(ctx: SkMsgContext) -> u32 {
 #[inline(always)]
 fn mapped_words(ip4: u32) -> [u32; 4] {
     [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), ip4]
+}
+
+/// A redirected connection closing after its cookie entry was evicted (LRU under pressure):
+/// its tuple entry cannot be found through the cookie, so it is keyed by the socket's own peer
+/// port (the proxy's). Left behind, it could answer SO_ORIGINAL_DST for a later connection on
+/// the same ports whose own entry was evicted too: a wrong destination. Only sockets that asked
+/// for state callbacks (redirected ones) get here with STATE_CB: no cost on the hot path.
+#[inline(always)]
+fn forget_evicted(ctx: &SockOpsContext, op: u32) {
+    if op != SOCK_OPS_STATE_CB || ctx.arg(1) != TCP_CLOSE {
+        return;
+    }
+    let ops = ctx.ops;
+    let (family, ip4, ip6_tail, lport, rport) = unsafe {
+        (
+            read_volatile(addr_of!((*ops).family)),
+            read_volatile(addr_of!((*ops).local_ip4)),
+            read_volatile(addr_of!((*ops).local_ip6[3])),
+            read_volatile(addr_of!((*ops).local_port)),
+            read_volatile(addr_of!((*ops).remote_port)),
+        )
+    };
+    let key = TupleKey {
+        netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        client_addr_tail: if family == AF_INET6 { ip6_tail } else { ip4 },
+        client_port: lport,
+        // be16 in the upper half of remote_port.
+        proxy_port: u32::from(u16::from_be((rport >> 16) as u16)),
+        _pad: 0,
+    };
+    let _ = ORIG_BY_TUPLE.remove(&key);
 }
 
 /// sockaddr_in / sockaddr_in6 of `addr:port` into getsockopt's buffer; false if it does not fit.

@@ -61,20 +61,10 @@ pub fn choose(
         ""
     };
     let netfilter = |why: String| {
-        if exec::available("iptables-restore") {
-            choice(
-                BackendKind::Iptables,
-                format!("{why}; iptables-restore found{ignored}"),
-            )
-        } else if exec::available("nft") {
-            choice(BackendKind::Nftables, format!("{why}; nft found{ignored}"))
-        } else {
-            Err(ConfigError::new(
-                "--backend",
-                "auto",
-                format!("{why}, and neither iptables-restore nor nft is installed"),
-            ))
-        }
+        netfilter_fallback(why).map(|mut c| {
+            c.why.push_str(ignored);
+            c
+        })
     };
     match backend {
         BackendKind::Ebpf => match policy::ebpf_unsupported(cfg) {
@@ -108,6 +98,27 @@ pub fn choose(
                 ),
             }
         }
+    }
+}
+
+/// `auto`'s fallback when eBPF cannot serve a pod (`why`): iptables if installed, else nftables.
+pub fn netfilter_fallback(why: String) -> Result<Choice, ConfigError> {
+    if exec::available("iptables-restore") {
+        Ok(Choice {
+            backend: BackendKind::Iptables,
+            why: format!("{why}; iptables-restore found"),
+        })
+    } else if exec::available("nft") {
+        Ok(Choice {
+            backend: BackendKind::Nftables,
+            why: format!("{why}; nft found"),
+        })
+    } else {
+        Err(ConfigError::new(
+            "--backend",
+            "auto",
+            format!("{why}, and neither iptables-restore nor nft is installed"),
+        ))
     }
 }
 
@@ -298,7 +309,7 @@ pub fn run(args: &ApplyArgs) -> Result<Result<(), ConfigError>> {
         Ok(c) => c,
         Err(e) => return Ok(Err(e)),
     };
-    let choice = match choose_backend(args, &cfg) {
+    let mut choice = match choose_backend(args, &cfg) {
         Ok(c) => c,
         Err(e) => return Ok(Err(e)),
     };
@@ -344,9 +355,22 @@ pub fn run(args: &ApplyArgs) -> Result<Result<(), ConfigError>> {
         return via_daemon(args);
     }
     if choice.backend == BackendKind::Ebpf {
-        let what = apply_ebpf(args, &cfg)?;
-        eprintln!("interceptor: {what} (Ebpf backend: {})", choice.why);
-        return Ok(Ok(()));
+        match apply_ebpf(args, &cfg) {
+            Ok(what) => {
+                eprintln!("interceptor: {what} (Ebpf backend: {})", choice.why);
+                return Ok(Ok(()));
+            }
+            // `auto`: a load or registration that failed (and was undone) falls back.
+            Err(e) if args.backend == BackendKind::Auto && !args.cleanup_only => {
+                let why = format!("eBPF registration failed: {e:#}");
+                tracing::warn!("{why}; falling back");
+                choice = match netfilter_fallback(why) {
+                    Ok(c) => c,
+                    Err(fe) => return Err(e.context(fe.to_string())),
+                };
+            }
+            Err(e) => return Err(e),
+        }
     }
     let outcome = apply_netfilter(
         choice.backend,

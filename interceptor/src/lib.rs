@@ -9,6 +9,7 @@ pub mod config;
 pub mod daemon;
 pub mod doctor;
 pub mod explain;
+pub mod fault;
 pub mod k8s;
 pub mod listener;
 pub mod netns;

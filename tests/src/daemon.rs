@@ -19,6 +19,8 @@ pub struct DaemonProc {
     pub bpffs: PathBuf,
     /// Extra daemon flags (e.g. `--node-name`, `--kubeconfig`).
     extra: Vec<String>,
+    /// Extra environment of the daemon process (e.g. the test-only `INTERCEPTOR_FAULT`).
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -29,6 +31,11 @@ impl DaemonProc {
 
     /// A daemon with extra flags.
     pub fn start_with(tag: &str, extra: &[&str]) -> Result<Self> {
+        Self::start_env(tag, extra, &[])
+    }
+
+    /// A daemon with extra flags and environment.
+    pub fn start_env(tag: &str, extra: &[&str], env: &[(&str, &str)]) -> Result<Self> {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let name = format!("ic-{tag}-{}-{n}", std::process::id());
         let dir = std::env::temp_dir().join(&name);
@@ -40,6 +47,10 @@ impl DaemonProc {
             metrics,
             bpffs: PathBuf::from("/sys/fs/bpf").join(name),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             child: None,
         };
         d.spawn()?;
@@ -67,6 +78,7 @@ impl DaemonProc {
             .arg("--metrics-addr")
             .arg(self.metrics.to_string())
             .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(self.dir.join("daemon.log"))?)
             .spawn()?;

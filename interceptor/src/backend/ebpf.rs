@@ -247,10 +247,17 @@ impl Pins {
                 .with_context(|| format!("creating {}", self.dir.display()))?;
         }
         let map_paths: Vec<(&str, PathBuf)> = MAPS.iter().map(|m| (*m, self.map(m))).collect();
+        let sizes = crate::fault::map_entries();
         let mut loader = EbpfLoader::new();
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
+        for (name, n) in &sizes {
+            tracing::warn!(map = %name, max_entries = n, "test-only map size");
+            loader.map_max_entries(name, *n);
+        }
+        let store_port: u16 = crate::fault::store_port();
+        loader.override_global("FAULT_STORE_PORT", &store_port, true);
         // Read-only global: with logging off the verifier prunes every log call.
         let log_flag: u8 = u8::from(log);
         loader.override_global("LOG_ENABLED", &log_flag, true);
@@ -271,6 +278,12 @@ impl Pins {
             let prog = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing from the object"))?;
+            if crate::fault::attach_fails(name, None) {
+                bail!(
+                    "attaching {name}: injected fault ({})",
+                    crate::fault::FAULT_ENV
+                );
+            }
             // Each cgroup program type has its own load/attach/link types; the steps are the same.
             macro_rules! load_attach_link {
                 ($p:expr) => {{
@@ -384,11 +397,18 @@ impl Pins {
         }
     }
 
-    /// Attaches sk_lookup to the pod's netns (once) and pins the link.
-    fn attach_sk_lookup(&self, netns: &Path, cookie: u64) -> Result<()> {
+    /// Attaches sk_lookup to the pod's netns (once) and pins the link; returns the pin when it
+    /// was made now.
+    fn attach_sk_lookup(&self, netns: &Path, cookie: u64) -> Result<Option<PathBuf>> {
         let pin = self.sk_lookup_link(cookie);
         if pin.exists() {
-            return Ok(());
+            return Ok(None);
+        }
+        if crate::fault::attach_fails(SK_LOOKUP_PROGRAM, Some(netns)) {
+            bail!(
+                "attaching sk_lookup to the pod netns: injected fault ({})",
+                crate::fault::FAULT_ENV
+            );
         }
         let mut prog = SkLookup::from_pin(self.prog(SK_LOOKUP_PROGRAM))
             .context("opening the pinned sk_lookup program")?;
@@ -398,7 +418,7 @@ impl Pins {
             .context("attaching sk_lookup to the pod netns")?;
         let link: FdLink = prog.take_link(id)?.into();
         link.pin(&pin).context("pinning the sk_lookup link")?;
-        Ok(())
+        Ok(Some(pin))
     }
 
     /// Detaches and unpins everything of ours, maps included.
@@ -516,9 +536,14 @@ impl PodMaps {
         })
     }
 
-    /// Registers (or re-registers) the pod whose netns is at `netns`: set entries first, the
-    /// policy last (so a connect never sees half a pod), then stale entries of an earlier
-    /// registration are removed. The pod keeps its id across re-registrations.
+    /// Registers (or re-registers) the pod whose netns is at `netns`: set entries, address
+    /// entries, the sk_lookup link and an existing proxy listener first, the policy last (so a
+    /// connect never sees half a pod), then stale entries of an earlier registration are
+    /// removed. The pod keeps its id across re-registrations.
+    ///
+    /// All or nothing: if any step fails, every write of this call is undone (a new pod leaves
+    /// no entry, pin or listener behind; a re-registered one keeps its earlier registration)
+    /// and the error is returned.
     pub fn register(
         &mut self,
         netns: &Path,
@@ -530,9 +555,9 @@ impl PodMaps {
             bail!("the eBPF backend cannot honour this config: {why}");
         }
         let cookie = netns_cookie(Some(netns))?;
-        let existing = self.policy.get(&cookie, 0).ok().map(|p| p.pod_id);
-        let pod_id = match existing {
-            Some(id) => id,
+        let old = self.policy.get(&cookie, 0).ok();
+        let pod_id = match old {
+            Some(p) => p.pod_id,
             None => {
                 // The smallest free id keeps ids (and the counter array they index) bounded by
                 // the number of pods on the node.
@@ -545,31 +570,96 @@ impl PodMaps {
                 (1..).find(|id| !used.contains(id)).expect("a free pod id")
             }
         };
+        let mut undo = Vec::new();
+        let mut w = Writes {
+            netns,
+            n: 0,
+            undo: &mut undo,
+        };
+        let result = self.register_steps(&mut w, netns, cfg, local, groups, cookie, pod_id, old);
+        match result {
+            Ok(()) => Ok(PodHandle {
+                netns_cookie: cookie,
+                pod_id,
+            }),
+            Err(e) => {
+                let n = undo.len();
+                if let Err(u) = self.undo(undo) {
+                    return Err(e.context(format!(
+                        "registration failed and undoing it failed too: {u:#}"
+                    )));
+                }
+                tracing::warn!(undone = n, "registration failed; its writes were undone");
+                // The gate may have counted the undone policy (best effort: it only gates work).
+                let _ = self.update_accel_on();
+                Err(e.context(format!(
+                    "registering {} (nothing was left registered for it)",
+                    netns.display()
+                )))
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn register_steps(
+        &mut self,
+        w: &mut Writes,
+        netns: &Path,
+        cfg: &Config,
+        local: &[IpAddr],
+        groups: &[u32],
+        cookie: u64,
+        pod_id: u32,
+        old: Option<PodPolicy>,
+    ) -> Result<()> {
         let tables = policy::MemTables::new(cfg, local, groups);
         let keys = Keys::of(pod_id, &tables);
         for k in &keys.ports {
-            self.ports.insert(k, 1, 0)?;
+            w.step()?;
+            if set_insert(self.ports.insert(k, 1, BPF_NOEXIST))? {
+                w.undo.push(Undo::Port(*k));
+            }
         }
         for k in &keys.addrs {
-            self.addrs.insert(k, 1, 0)?;
+            w.step()?;
+            if set_insert(self.addrs.insert(k, 1, BPF_NOEXIST))? {
+                w.undo.push(Undo::Addr(*k));
+            }
         }
         for k in &keys.groups {
-            self.groups.insert(k, 1, 0)?;
+            w.step()?;
+            if set_insert(self.groups.insert(k, 1, BPF_NOEXIST))? {
+                w.undo.push(Undo::Group(*k));
+            }
         }
         for (i, nets) in [&tables.cidrs_excluded, &tables.cidrs_included]
             .into_iter()
             .enumerate()
         {
             for net in nets {
+                w.step()?;
                 match net {
-                    IpNet::V4(n) => self.cidr4[i].insert(&v4_cidr_key(pod_id, n), 1, 0)?,
-                    IpNet::V6(n) => self.cidr6[i].insert(&v6_cidr_key(pod_id, n), 1, 0)?,
+                    IpNet::V4(n) => {
+                        let k = v4_cidr_key(pod_id, n);
+                        if set_insert(self.cidr4[i].insert(&k, 1, BPF_NOEXIST))? {
+                            w.undo.push(Undo::Cidr4(i, k));
+                        }
+                    }
+                    IpNet::V6(n) => {
+                        let k = v6_cidr_key(pod_id, n);
+                        if set_insert(self.cidr6[i].insert(&k, 1, BPF_NOEXIST))? {
+                            w.undo.push(Undo::Cidr6(i, k));
+                        }
+                    }
                 }
             }
         }
         for a in local {
+            let key = addr16(*a);
+            let before = self.pod_by_addr.get(&key, 0).ok();
+            w.step()?;
             self.pod_by_addr.insert(
-                addr16(*a),
+                key,
                 PodRef {
                     netns: cookie,
                     pod_id,
@@ -577,41 +667,89 @@ impl PodMaps {
                 },
                 0,
             )?;
-        }
-        self.policy
-            .insert(cookie, policy::pod_policy(cfg, pod_id), 0)?;
-        self.update_accel_on()?;
-        if existing.is_some() {
-            // Only a re-registration can leave stale entries behind.
-            self.purge(pod_id, Some((&keys, &tables)))?;
+            w.undo.push(Undo::PodByAddr(key, before));
         }
         let t = std::time::Instant::now();
-        self.pins.attach_sk_lookup(netns, cookie)?;
+        if let Some(pin) = self.pins.attach_sk_lookup(netns, cookie)? {
+            w.undo.push(Undo::Pin(pin));
+        }
         tracing::debug!(
             micros = t.elapsed().as_micros() as u64,
             "sk_lookup attached"
         );
         if !tables.inbound_ports.is_empty() || !cfg.inbound_ports_include.is_empty() {
             let t = std::time::Instant::now();
-            self.adopt_listener(netns, cfg, pod_id)?;
+            self.adopt_listener(w, netns, cfg, pod_id, old.is_none())?;
             tracing::debug!(micros = t.elapsed().as_micros() as u64, "listener adoption");
         }
-        Ok(PodHandle {
-            netns_cookie: cookie,
-            pod_id,
-        })
+        w.step()?;
+        self.policy
+            .insert(cookie, policy::pod_policy(cfg, pod_id), 0)?;
+        w.undo.push(Undo::Policy(cookie, old));
+        self.update_accel_on()?;
+        if old.is_some() {
+            // Only a re-registration can leave stale entries behind.
+            self.purge(pod_id, Some((&keys, &tables)), Some(&mut *w.undo))?;
+        }
+        Ok(())
+    }
+
+    /// Reverts a failed registration's writes, newest first.
+    fn undo(&mut self, undo: Vec<Undo>) -> Result<()> {
+        let mut first_err = None;
+        for u in undo.into_iter().rev() {
+            let r: Result<()> = match u {
+                Undo::Port(k) => self.ports.remove(&k).map_err(Into::into),
+                Undo::Addr(k) => self.addrs.remove(&k).map_err(Into::into),
+                Undo::Group(k) => self.groups.remove(&k).map_err(Into::into),
+                Undo::Cidr4(i, k) => self.cidr4[i].remove(&k).map_err(Into::into),
+                Undo::Cidr6(i, k) => self.cidr6[i].remove(&k).map_err(Into::into),
+                Undo::Restore(r) => match r {
+                    Removed::Port(k) => self.ports.insert(k, 1, 0).map_err(Into::into),
+                    Removed::Addr(k) => self.addrs.insert(k, 1, 0).map_err(Into::into),
+                    Removed::Group(k) => self.groups.insert(k, 1, 0).map_err(Into::into),
+                    Removed::Cidr4(i, k) => self.cidr4[i].insert(&k, 1, 0).map_err(Into::into),
+                    Removed::Cidr6(i, k) => self.cidr6[i].insert(&k, 1, 0).map_err(Into::into),
+                },
+                Undo::PodByAddr(k, Some(v)) => self.pod_by_addr.insert(k, v, 0).map_err(Into::into),
+                Undo::PodByAddr(k, None) => self.pod_by_addr.remove(&k).map_err(Into::into),
+                Undo::Policy(c, Some(p)) => self.policy.insert(c, p, 0).map_err(Into::into),
+                Undo::Policy(c, None) => self.policy.remove(&c).map_err(Into::into),
+                Undo::Listener(k) => self.listeners.remove(&k).map_err(Into::into),
+                Undo::Pin(p) => {
+                    std::fs::remove_file(&p).with_context(|| format!("unpinning {}", p.display()))
+                }
+            };
+            if let Err(e) = r {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
     }
 
     /// A proxy listener that existed before we attached never went through sockops' listen
     /// callback: find it in the netns and take a duplicate of its fd with pidfd_getfd.
-    fn adopt_listener(&mut self, netns: &Path, cfg: &Config, pod_id: u32) -> Result<()> {
+    /// `new_pod`: the entries are this registration's own, to be removed if it fails (a
+    /// re-registration only refreshes the proxy's listener, which stays valid).
+    fn adopt_listener(
+        &mut self,
+        w: &mut Writes,
+        netns: &Path,
+        cfg: &Config,
+        pod_id: u32,
+        new_pod: bool,
+    ) -> Result<()> {
         for (fd, v6) in
             crate::listener::find_proxy_listeners(netns, cfg.inbound_capture_port, &cfg.proxy_uid)?
         {
             let key = pod_id * 2 + u32::from(v6);
+            w.step()?;
             self.listeners
                 .insert(key, std::os::fd::AsRawFd::as_raw_fd(&fd), 0)
                 .context("adding the existing proxy listener")?;
+            if new_pod {
+                w.undo.push(Undo::Listener(key));
+            }
         }
         Ok(())
     }
@@ -629,7 +767,7 @@ impl PodMaps {
         };
         // The policy entry goes last: a removal cut short leaves it, so a retry (or the daemon's
         // restart) finds the pod and completes the removal instead of leaking the rest.
-        self.purge(p.pod_id, None)?;
+        self.purge(p.pod_id, None, None)?;
         self.reset_counters(p.pod_id)?;
         let _ = self.listeners.remove(&(p.pod_id * 2));
         let _ = self.listeners.remove(&(p.pod_id * 2 + 1));
@@ -658,7 +796,18 @@ impl PodMaps {
     }
 
     /// Deletes the set entries of `pod_id`, except those of `keep` (the current registration).
-    fn purge(&mut self, pod_id: u32, keep: Option<(&Keys, &policy::MemTables)>) -> Result<()> {
+    /// With `journal`, each removal is recorded so a failed re-registration can restore it.
+    fn purge(
+        &mut self,
+        pod_id: u32,
+        keep: Option<(&Keys, &policy::MemTables)>,
+        mut journal: Option<&mut Vec<Undo>>,
+    ) -> Result<()> {
+        let mut note = |u: Undo| {
+            if let Some(j) = journal.as_deref_mut() {
+                j.push(u);
+            }
+        };
         let stale_ports: Vec<PortKey> = self
             .ports
             .keys()
@@ -667,6 +816,7 @@ impl PodMaps {
             .collect();
         for k in stale_ports {
             self.ports.remove(&k)?;
+            note(Undo::Restore(Removed::Port(k)));
         }
         let stale_addrs: Vec<AddrKey> = self
             .addrs
@@ -676,6 +826,7 @@ impl PodMaps {
             .collect();
         for k in stale_addrs {
             self.addrs.remove(&k)?;
+            note(Undo::Restore(Removed::Addr(k)));
         }
         let stale_groups: Vec<GroupKey> = self
             .groups
@@ -687,8 +838,9 @@ impl PodMaps {
             .collect();
         for k in stale_groups {
             self.groups.remove(&k)?;
+            note(Undo::Restore(Removed::Group(k)));
         }
-        let stale_refs: Vec<[u8; 16]> = self
+        let stale_refs: Vec<([u8; 16], PodRef)> = self
             .pod_by_addr
             .iter()
             .filter_map(|r| r.ok())
@@ -696,10 +848,10 @@ impl PodMaps {
                 r.pod_id == pod_id
                     && !keep.is_some_and(|(_, t)| t.local.iter().any(|l| addr16(*l) == *a))
             })
-            .map(|(a, _)| a)
             .collect();
-        for a in stale_refs {
+        for (a, r) in stale_refs {
             self.pod_by_addr.remove(&a)?;
+            note(Undo::PodByAddr(a, Some(r)));
         }
         let id = pod_id.to_be_bytes();
         let (keep4, keep6): (Vec<Key<Cidr4Data>>, Vec<Key<Cidr6Data>>) = match keep {
@@ -729,7 +881,7 @@ impl PodMaps {
         let same6 = |a: &Key<Cidr6Data>, b: &Key<Cidr6Data>| {
             a.prefix_len() == b.prefix_len() && a.data() == b.data()
         };
-        for t in &mut self.cidr4 {
+        for (i, t) in self.cidr4.iter_mut().enumerate() {
             let stale: Vec<_> = t
                 .keys()
                 .filter_map(|k| k.ok())
@@ -737,9 +889,10 @@ impl PodMaps {
                 .collect();
             for k in stale {
                 t.remove(&k)?;
+                note(Undo::Restore(Removed::Cidr4(i, k)));
             }
         }
-        for t in &mut self.cidr6 {
+        for (i, t) in self.cidr6.iter_mut().enumerate() {
             let stale: Vec<_> = t
                 .keys()
                 .filter_map(|k| k.ok())
@@ -747,6 +900,7 @@ impl PodMaps {
                 .collect();
             for k in stale {
                 t.remove(&k)?;
+                note(Undo::Restore(Removed::Cidr6(i, k)));
             }
         }
         Ok(())
@@ -809,6 +963,68 @@ impl PodMaps {
     pub fn connection_entries(&self) -> (usize, usize) {
         (self.by_cookie.keys().count(), self.by_tuple.keys().count())
     }
+}
+
+const BPF_NOEXIST: u64 = 1;
+
+/// A set-map insert with BPF_NOEXIST: Ok(true) if this call added the key, Ok(false) if it was
+/// there already (nothing to undo).
+fn set_insert(r: Result<(), aya::maps::MapError>) -> Result<bool> {
+    match r {
+        Ok(()) => Ok(true),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// One registration's map writes: counted (for `INTERCEPTOR_FAULT=map-write:<n>`) and
+/// journaled, so a failure can undo them.
+struct Writes<'a> {
+    netns: &'a Path,
+    n: u32,
+    undo: &'a mut Vec<Undo>,
+}
+
+impl Writes<'_> {
+    /// Before each map write: fails it if a test injected a fault there.
+    fn step(&mut self) -> Result<()> {
+        self.n += 1;
+        if crate::fault::map_write_fails(self.netns, self.n) {
+            bail!(
+                "map write {} of the registration failed: injected fault ({})",
+                self.n,
+                crate::fault::FAULT_ENV
+            );
+        }
+        Ok(())
+    }
+}
+
+/// How to revert one write of a registration.
+enum Undo {
+    Port(PortKey),
+    Addr(AddrKey),
+    Group(GroupKey),
+    Cidr4(usize, Key<Cidr4Data>),
+    Cidr6(usize, Key<Cidr6Data>),
+    /// A stale entry the re-registration removed.
+    Restore(Removed),
+    PodByAddr([u8; 16], Option<PodRef>),
+    Policy(u64, Option<PodPolicy>),
+    Listener(u32),
+    Pin(PathBuf),
+}
+
+enum Removed {
+    Port(PortKey),
+    Addr(AddrKey),
+    Group(GroupKey),
+    Cidr4(usize, Key<Cidr4Data>),
+    Cidr6(usize, Key<Cidr6Data>),
 }
 
 /// The hash-map keys one pod's registration writes.

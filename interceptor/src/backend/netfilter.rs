@@ -168,19 +168,34 @@ fn owned_lines(lines: &[String], ours: &[String]) -> Vec<String> {
         .collect()
 }
 
-fn iptables_family(
-    netns: Option<&Path>,
+/// One family's planned change: everything decided (and the wanted rules proven in a scratch
+/// netns) before the pod's netns is touched.
+struct Plan<'a> {
+    netns: Option<&'a Path>,
+    save: String,
+    restore: String,
+    doc: Option<&'a str>,
+    state: State,
+    /// Our lines per table now.
+    owned: BTreeMap<String, Vec<String>>,
+    /// The family's full dump before any change, to put back if a step fails.
+    before: String,
+}
+
+fn iptables_plan<'a>(
+    netns: Option<&'a Path>,
     bin: &Binaries,
     v6: bool,
-    doc: Option<&str>,
+    doc: Option<&'a str>,
     mode: Mode,
-) -> Result<Outcome> {
+) -> Result<Plan<'a>> {
     let (save, restore) = if v6 {
         (bin.name("ip6tables-save"), bin.name("ip6tables-restore"))
     } else {
         (bin.name("iptables-save"), bin.name("iptables-restore"))
     };
-    let current = parse_save(&run(netns, &save, &[], None)?);
+    let before = run(netns, &save, &[], None)?;
+    let current = parse_save(&before);
     // What the wanted rules look like once applied, as this very tool prints them.
     let wanted = match doc {
         Some(doc) => {
@@ -202,50 +217,122 @@ fn iptables_family(
         .collect();
     let (mut have_any, mut same) = (false, true);
     let mut owned: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut differ = Vec::new();
     for table in current.keys().chain(wanted.keys()) {
         let have = owned_lines(current.get(table).map_or(&[][..], |v| v), &ours_builtin);
         let want = owned_lines(wanted.get(table).map_or(&[][..], |v| v), &ours_builtin);
         have_any |= !have.is_empty();
-        same &= have == want;
+        if have != want {
+            same = false;
+            // Name the drift: what is there that should not be, and what is missing.
+            for l in have.iter().filter(|l| !want.contains(l)) {
+                differ.push(format!("unexpected in {table}: {l}"));
+            }
+            for l in want.iter().filter(|l| !have.contains(l)) {
+                differ.push(format!("missing in {table}: {l}"));
+            }
+        }
         owned.insert(table.clone(), have);
     }
+    differ.sort();
+    differ.dedup();
     let state = match (have_any, same && doc.is_some()) {
         (false, _) => State::Clean,
         (true, true) => State::Identical,
         (true, false) => State::Drifted,
     };
-    let cleanup = || -> Result<()> {
-        let doc = iptables_cleanup_doc(&owned);
+    if state == State::Drifted && doc.is_some() && !mode.reconcile && !mode.force_apply {
+        let shown: Vec<&str> = differ.iter().take(6).map(String::as_str).collect();
+        bail!(
+            "{} rules in this netns differ from the wanted ones ({}{}); rerun with --reconcile to replace them",
+            if v6 { "ip6tables" } else { "iptables" },
+            shown.join("; "),
+            if differ.len() > shown.len() {
+                format!("; and {} more", differ.len() - shown.len())
+            } else {
+                String::new()
+            }
+        );
+    }
+    Ok(Plan {
+        netns,
+        save,
+        restore,
+        doc,
+        state,
+        owned,
+        before,
+    })
+}
+
+impl Plan<'_> {
+    fn execute(&self, mode: Mode) -> Result<Outcome> {
+        let result = self.steps(mode);
+        if let Err(e) = &result {
+            if let Err(r) = self.rollback() {
+                return Err(anyhow::anyhow!(
+                    "{e:#}; putting the earlier rules back failed too: {r:#}"
+                ));
+            }
+            tracing::warn!("{e:#}: the netns's earlier rules were put back");
+        }
+        result
+    }
+
+    fn steps(&self, mode: Mode) -> Result<Outcome> {
+        let (netns, restore) = (self.netns, &self.restore);
+        let cleanup = || -> Result<()> {
+            let doc = iptables_cleanup_doc(&self.owned);
+            if !doc.is_empty() {
+                run(netns, restore, &["--noflush"], Some(&doc))
+                    .with_context(|| format!("removing existing rules with {restore}"))?;
+            }
+            Ok(())
+        };
+        let Some(doc) = self.doc else {
+            return Ok(if self.state == State::Clean {
+                Outcome::NothingToRemove
+            } else {
+                cleanup()?;
+                Outcome::Removed
+            });
+        };
+        let apply = || {
+            run(netns, restore, &["--noflush"], Some(doc))
+                .with_context(|| format!("applying the rules with {restore}"))
+                .map(|_| ())
+        };
+        match self.state {
+            State::Clean => apply().map(|_| Outcome::Applied),
+            State::Identical if !mode.force_apply => Ok(Outcome::AlreadyInPlace),
+            State::Identical | State::Drifted => {
+                cleanup()?;
+                apply().map(|_| Outcome::Reconciled)
+            }
+        }
+    }
+
+    /// Puts the family back as it was before this plan ran: every table of the earlier dump
+    /// restored whole (a restore without --noflush replaces each table it names), and our
+    /// rules removed from tables that did not exist then.
+    fn rollback(&self) -> Result<()> {
+        let before = parse_save(&self.before);
+        if !before.is_empty() {
+            run(self.netns, &self.restore, &[], Some(&self.before))
+                .with_context(|| format!("restoring the earlier rules with {}", self.restore))?;
+        }
+        let now = parse_save(&run(self.netns, &self.save, &[], None)?);
+        let new_tables: BTreeMap<String, Vec<String>> = now
+            .into_iter()
+            .filter(|(t, _)| !before.contains_key(t))
+            // Our chains, and builtin-chain jumps into them.
+            .map(|(t, lines)| (t, owned_lines(&lines, &[])))
+            .collect();
+        let doc = iptables_cleanup_doc(&new_tables);
         if !doc.is_empty() {
-            run(netns, &restore, &["--noflush"], Some(&doc))
-                .with_context(|| format!("removing existing rules with {restore}"))?;
+            run(self.netns, &self.restore, &["--noflush"], Some(&doc))?;
         }
         Ok(())
-    };
-    let Some(doc) = doc else {
-        return Ok(if state == State::Clean {
-            Outcome::NothingToRemove
-        } else {
-            cleanup()?;
-            Outcome::Removed
-        });
-    };
-    let apply = || run(netns, &restore, &["--noflush"], Some(doc)).map(|_| ());
-    match state {
-        State::Clean => apply().map(|_| Outcome::Applied),
-        State::Identical if !mode.force_apply => Ok(Outcome::AlreadyInPlace),
-        State::Identical => {
-            cleanup()?;
-            apply().map(|_| Outcome::Reconciled)
-        }
-        State::Drifted if mode.reconcile || mode.force_apply => {
-            cleanup()?;
-            apply().map(|_| Outcome::Reconciled)
-        }
-        State::Drifted => bail!(
-            "{} rules in this netns differ from the wanted ones; rerun with --reconcile to replace them",
-            if v6 { "ip6tables" } else { "iptables" }
-        ),
     }
 }
 
@@ -280,7 +367,9 @@ fn iptables_cleanup_doc(owned: &BTreeMap<String, Vec<String>>) -> String {
     out
 }
 
-/// Applies (or with `cleanup_only` removes) the iptables rules for `cfg` in the netns.
+/// Applies (or with `cleanup_only` removes) the iptables rules for `cfg` in the netns. Both
+/// families are planned (the wanted rules proven in a scratch netns, drift checked) before
+/// either is touched; if applying IPv6 fails, IPv4 is put back as it was.
 pub fn apply_iptables(
     netns: Option<&Path>,
     cfg: &Config,
@@ -288,7 +377,7 @@ pub fn apply_iptables(
     mode: Mode,
 ) -> Result<Outcome> {
     let docs = iptables::render(cfg);
-    let v4 = iptables_family(
+    let v4 = iptables_plan(
         netns,
         bin,
         false,
@@ -296,12 +385,26 @@ pub fn apply_iptables(
         mode,
     )?;
     let v6 = match (&docs.v6, mode.cleanup_only) {
-        (Some(doc), false) => Some(iptables_family(netns, bin, true, Some(doc), mode)?),
+        (Some(doc), false) => Some(iptables_plan(netns, bin, true, Some(doc), mode)?),
         // Clean up v6 too, but a node without IPv6 netfilter must not fail.
-        (_, true) => iptables_family(netns, bin, true, None, mode).ok(),
+        (_, true) => iptables_plan(netns, bin, true, None, mode).ok(),
         (None, false) => None,
     };
-    Ok(merge(v4, v6))
+    let out4 = v4.execute(mode)?;
+    let out6 = match v6 {
+        Some(p) => match p.execute(mode) {
+            Ok(o) => Some(o),
+            Err(_) if mode.cleanup_only => None,
+            Err(e) => {
+                if let Err(r) = v4.rollback() {
+                    return Err(e.context(format!("putting IPv4 back failed too: {r:#}")));
+                }
+                return Err(e.context("IPv4 rules put back as they were"));
+            }
+        },
+        None => None,
+    };
+    Ok(merge(out4, out6))
 }
 
 fn merge(a: Outcome, b: Option<Outcome>) -> Outcome {
@@ -368,7 +471,28 @@ pub fn apply_nftables(netns: Option<&Path>, cfg: &Config, mode: Mode) -> Result<
         return Ok(Outcome::AlreadyInPlace);
     }
     if !identical && !mode.reconcile && !mode.force_apply {
-        bail!("nftables rules in this netns differ from the wanted ones; rerun with --reconcile to replace them");
+        let mut differ = Vec::new();
+        for t in current.keys().chain(wanted.keys()) {
+            let have: Vec<&str> = current.get(t).map_or(vec![], |x| x.lines().collect());
+            let want: Vec<&str> = wanted.get(t).map_or(vec![], |x| x.lines().collect());
+            differ.extend(
+                have.iter()
+                    .filter(|l| !want.contains(l))
+                    .map(|l| format!("unexpected in {t}: {l}")),
+            );
+            differ.extend(
+                want.iter()
+                    .filter(|l| !have.contains(l))
+                    .map(|l| format!("missing in {t}: {l}")),
+            );
+        }
+        differ.sort();
+        differ.dedup();
+        let shown: Vec<&str> = differ.iter().take(6).map(String::as_str).collect();
+        bail!(
+            "nftables rules in this netns differ from the wanted ones ({}); rerun with --reconcile to replace them",
+            shown.join("; ")
+        );
     }
     // Deleting and re-adding in one transaction: no window without interception.
     run(netns, "nft", &["-f", "-"], Some(&format!("{delete}{tx}")))?;

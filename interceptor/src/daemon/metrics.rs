@@ -155,6 +155,12 @@ fn snapshot(d: &Daemon) -> Snapshot {
             c[stat::ORIG_DST_MISSED as usize],
         ));
         s.counters.push((
+            "interceptor_redirect_failed",
+            "Redirects refused (connect/sendmsg failed with EPERM) because the original destination could not be stored",
+            l("outbound", &[]),
+            c[stat::OUT_STORE_FAILED as usize],
+        ));
+        s.counters.push((
             "interceptor_bind_denied",
             "bind() of a proxy port by a non-proxy process, refused",
             l("outbound", &[]),

@@ -198,7 +198,7 @@ impl Daemon {
                 "is not a network namespace",
             )));
         }
-        let choice = match (&self.pins, spec.backend) {
+        let mut choice = match (&self.pins, spec.backend) {
             (None, BackendKind::Ebpf) => {
                 return Ok(Err(ConfigError::new(
                     "backend",
@@ -216,16 +216,35 @@ impl Daemon {
         if let Some(old) = self.lookup(&spec.netns) {
             if old.backend != choice.backend {
                 self.uninstall(&old, maps.as_mut())?;
+                // Its record goes with it: a failure below must not leave a record of
+                // interception that is no longer installed.
+                let _ = std::fs::remove_file(state_file(&self.args.state_dir, &spec.netns));
             }
         }
-        // eBPF registration reads the netns cookie itself: one netns visit, not two.
-        let (pod_id, cookie) = match (choice.backend, maps.as_mut()) {
+        // eBPF registration reads the netns cookie itself: one netns visit, not two. It is all
+        // or nothing: a failure leaves nothing registered (and, with `auto`, falls back).
+        let ebpf = match (choice.backend, maps.as_mut()) {
             (BackendKind::Ebpf, Some(maps)) => {
                 let ips = (!spec.ips.is_empty()).then_some(spec.ips.as_slice());
-                let handle = apply::register_in(maps, &spec.netns, &cfg, ips)?;
-                (handle.pod_id, handle.netns_cookie)
+                match apply::register_in(maps, &spec.netns, &cfg, ips) {
+                    Ok(h) => Some((h.pod_id, h.netns_cookie)),
+                    Err(e) if spec.backend == BackendKind::Auto => {
+                        let why = format!("eBPF registration failed: {e:#}");
+                        tracing::warn!(netns = %spec.netns.display(), "{why}; falling back");
+                        choice = match apply::netfilter_fallback(why) {
+                            Ok(c) => c,
+                            Err(fe) => return Err(e.context(fe.to_string())),
+                        };
+                        None
+                    }
+                    Err(e) => return Err(e),
+                }
             }
-            (backend, _) => {
+            _ => None,
+        };
+        let (pod_id, cookie) = match (ebpf, choice.backend) {
+            (Some(registered), _) => registered,
+            (None, backend) => {
                 let mode = Mode {
                     reconcile: true,
                     ..Mode::default()
