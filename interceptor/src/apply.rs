@@ -238,16 +238,17 @@ pub fn register_in(
     ips: Option<&[std::net::IpAddr]>,
 ) -> Result<crate::backend::ebpf::PodHandle> {
     let t = std::time::Instant::now();
-    let tables = crate::explain::pod_tables(cfg, Some(netns))?;
-    tracing::debug!(micros = t.elapsed().as_micros() as u64, "pod tables");
-    let mut local: Vec<_> = tables.local.iter().copied().collect();
+    // One visit for the cookie, the addresses and the existing listeners.
+    let facts = crate::netns::pod_netns(netns)?;
+    tracing::debug!(micros = t.elapsed().as_micros() as u64, "netns visit");
+    let mut local = facts.local.clone();
     for ip in ips.unwrap_or_default() {
         if !local.contains(ip) {
             local.push(*ip);
         }
     }
-    let groups: Vec<_> = tables.groups.iter().copied().collect();
-    maps.register(netns, cfg, &local, &groups)
+    let groups = crate::explain::owner_gids(cfg)?;
+    maps.register(netns, &facts, cfg, &local, &groups)
 }
 
 /// Applies (or removes) the iptables/nftables fallback for a pod.

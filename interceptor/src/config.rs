@@ -36,7 +36,12 @@ pub fn detect_ipv6(netns: Option<&Path>) -> Result<bool> {
 
 /// The netns's own addresses, excluding loopback and link-local, in interface order.
 pub fn local_addrs(netns: Option<&Path>) -> Result<Vec<IpAddr>> {
-    netns::run_in(netns, || {
+    netns::run_in(netns, local_addrs_here)
+}
+
+/// `local_addrs` of the caller's own netns.
+pub fn local_addrs_here() -> Result<Vec<IpAddr>> {
+    {
         let mut out = Vec::new();
         for ifa in nix::ifaddrs::getifaddrs()? {
             let Some(addr) = ifa.address else { continue };
@@ -56,7 +61,7 @@ pub fn local_addrs(netns: Option<&Path>) -> Result<Vec<IpAddr>> {
             }
         }
         Ok(out)
-    })
+    }
 }
 
 /// The nameservers of the resolv.conf in effect for the netns: `/etc/netns/NAME/resolv.conf`

@@ -2,25 +2,32 @@
 //! a duplicate of its fd (pidfd_open + pidfd_getfd) so it can be put in the listener map.
 
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::path::Path;
 
 use anyhow::{Context, Result};
 
-/// Socket inodes (and whether IPv6) of TCP listeners on `port` owned by one of `uids`, from a
-/// sock_diag dump of the netns's listening sockets.
-fn listener_inodes(netns: &Path, port: u16, uids: &[u32]) -> Result<Vec<(u64, bool)>> {
-    let uids = uids.to_vec();
-    crate::netns::run_in(Some(netns), move || {
-        let mut out = Vec::new();
-        for v6 in [false, true] {
-            for (p, uid, inode) in listening_sockets(v6)? {
-                if p == port && uids.contains(&uid) {
-                    out.push((u64::from(inode), v6));
-                }
-            }
+/// A listening TCP socket of a netns, from sock_diag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listening {
+    pub port: u16,
+    pub uid: u32,
+    pub inode: u32,
+    pub v6: bool,
+}
+
+/// Every listening TCP socket (both families) in the caller's netns.
+pub fn listening_here() -> Result<Vec<Listening>> {
+    let mut out = Vec::new();
+    for v6 in [false, true] {
+        for (port, uid, inode) in listening_sockets(v6)? {
+            out.push(Listening {
+                port,
+                uid,
+                inode,
+                v6,
+            });
         }
-        Ok(out)
-    })
+    }
+    Ok(out)
 }
 
 /// `(port, uid, inode)` of every listening TCP socket of one family in the caller's netns.
@@ -86,10 +93,18 @@ fn listening_sockets(v6: bool) -> Result<Vec<(u16, u32, u32)>> {
     }
 }
 
-/// Duplicate fds of the proxy's existing inbound listeners in `netns` (at most one per
-/// family, flagged true for IPv6).
-pub fn find_proxy_listeners(netns: &Path, port: u16, uids: &[u32]) -> Result<Vec<(OwnedFd, bool)>> {
-    let mut inodes = listener_inodes(netns, port, uids)?;
+/// Duplicate fds of the proxy's existing inbound listeners among a netns's `listening` sockets
+/// (at most one per family, flagged true for IPv6).
+pub fn find_proxy_listeners(
+    listening: &[Listening],
+    port: u16,
+    uids: &[u32],
+) -> Result<Vec<(OwnedFd, bool)>> {
+    let mut inodes: Vec<(u64, bool)> = listening
+        .iter()
+        .filter(|l| l.port == port && uids.contains(&l.uid))
+        .map(|l| (u64::from(l.inode), l.v6))
+        .collect();
     let mut out = Vec::new();
     if inodes.is_empty() {
         return Ok(out);

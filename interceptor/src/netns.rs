@@ -7,6 +7,27 @@ use std::process::Command;
 use anyhow::{anyhow, Context, Result};
 use nix::sched::{setns, CloneFlags};
 
+/// What registering a pod needs from inside its netns, gathered in one visit (each visit is a
+/// thread and a setns: on the pod-add path they added up).
+#[derive(Debug, Clone)]
+pub struct PodNetns {
+    pub cookie: u64,
+    /// Its own addresses (no loopback, no link-local), in interface order.
+    pub local: Vec<std::net::IpAddr>,
+    pub listening: Vec<crate::listener::Listening>,
+}
+
+/// Visits the netns at `path` once and reads its cookie, addresses and listening sockets.
+pub fn pod_netns(path: &Path) -> Result<PodNetns> {
+    run_in(Some(path), || {
+        Ok(PodNetns {
+            cookie: crate::backend::ebpf::netns_cookie_here()?,
+            local: crate::config::local_addrs_here()?,
+            listening: crate::listener::listening_here()?,
+        })
+    })
+}
+
 /// Runs `f` on a fresh thread that has entered the netns at `path` (or the current one).
 /// A dedicated thread keeps the caller's own namespace untouched.
 pub fn run_in<T: Send + 'static>(

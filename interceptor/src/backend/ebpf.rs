@@ -110,12 +110,15 @@ pub fn bpffs_mounted(dir: &Path) -> bool {
 
 /// SO_NETNS_COOKIE of a socket created inside the netns at `path`.
 pub fn netns_cookie(path: Option<&Path>) -> Result<u64> {
-    netns::run_in(path, || {
-        let sock = std::net::UdpSocket::bind("127.0.0.1:0")
-            .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))
-            .context("creating a socket to read the netns cookie")?;
-        socket_netns_cookie(sock.as_fd()).context("getsockopt(SO_NETNS_COOKIE)")
-    })
+    netns::run_in(path, netns_cookie_here)
+}
+
+/// The cookie of the caller's own netns.
+pub fn netns_cookie_here() -> Result<u64> {
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0")
+        .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))
+        .context("creating a socket to read the netns cookie")?;
+    socket_netns_cookie(sock.as_fd()).context("getsockopt(SO_NETNS_COOKIE)")
 }
 
 /// A netns's identity for the daemon's records: its cookie, or where SO_NETNS_COOKIE is missing
@@ -547,6 +550,7 @@ impl PodMaps {
     pub fn register(
         &mut self,
         netns: &Path,
+        facts: &netns::PodNetns,
         cfg: &Config,
         local: &[IpAddr],
         groups: &[u32],
@@ -554,7 +558,7 @@ impl PodMaps {
         if let Some(why) = policy::ebpf_unsupported(cfg) {
             bail!("the eBPF backend cannot honour this config: {why}");
         }
-        let cookie = netns_cookie(Some(netns))?;
+        let cookie = facts.cookie;
         let old = self.policy.get(&cookie, 0).ok();
         let pod_id = match old {
             Some(p) => p.pod_id,
@@ -576,7 +580,7 @@ impl PodMaps {
             n: 0,
             undo: &mut undo,
         };
-        let result = self.register_steps(&mut w, netns, cfg, local, groups, cookie, pod_id, old);
+        let result = self.register_steps(&mut w, facts, cfg, local, groups, pod_id, old);
         match result {
             Ok(()) => Ok(PodHandle {
                 netns_cookie: cookie,
@@ -604,14 +608,14 @@ impl PodMaps {
     fn register_steps(
         &mut self,
         w: &mut Writes,
-        netns: &Path,
+        facts: &netns::PodNetns,
         cfg: &Config,
         local: &[IpAddr],
         groups: &[u32],
-        cookie: u64,
         pod_id: u32,
         old: Option<PodPolicy>,
     ) -> Result<()> {
+        let (netns, cookie) = (w.netns, facts.cookie);
         let tables = policy::MemTables::new(cfg, local, groups);
         let keys = Keys::of(pod_id, &tables);
         for k in &keys.ports {
@@ -679,7 +683,7 @@ impl PodMaps {
         );
         if !tables.inbound_ports.is_empty() || !cfg.inbound_ports_include.is_empty() {
             let t = std::time::Instant::now();
-            self.adopt_listener(w, netns, cfg, pod_id, old.is_none())?;
+            self.adopt_listener(w, facts, cfg, pod_id, old.is_none())?;
             tracing::debug!(micros = t.elapsed().as_micros() as u64, "listener adoption");
         }
         w.step()?;
@@ -734,13 +738,14 @@ impl PodMaps {
     fn adopt_listener(
         &mut self,
         w: &mut Writes,
-        netns: &Path,
+        facts: &netns::PodNetns,
         cfg: &Config,
         pod_id: u32,
         new_pod: bool,
     ) -> Result<()> {
+        let port = cfg.inbound_capture_port;
         for (fd, v6) in
-            crate::listener::find_proxy_listeners(netns, cfg.inbound_capture_port, &cfg.proxy_uid)?
+            crate::listener::find_proxy_listeners(&facts.listening, port, &cfg.proxy_uid)?
         {
             let key = pod_id * 2 + u32::from(v6);
             w.step()?;

@@ -376,6 +376,24 @@ pub fn run(args: Args) -> Result<()> {
             setup_n: 50,
         }
     };
+    if !args.quick && std::env::var_os("INTERCEPTOR_BIN").is_none() {
+        // Measure the product as shipped: the daemon and CLI in release, not the debug build.
+        let st = std::process::Command::new(std::env::var("CARGO").unwrap_or("cargo".into()))
+            .args([
+                "build",
+                "-q",
+                "--release",
+                "-p",
+                "interceptor",
+                "--bin",
+                "interceptor",
+            ])
+            .status()?;
+        if !st.success() {
+            bail!("cargo build --release -p interceptor failed");
+        }
+        std::env::set_var("INTERCEPTOR_BIN", "target/release/interceptor");
+    }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let started = Instant::now();
