@@ -12,6 +12,8 @@ cargo clippy --all-targets -q -- -D warnings
 echo "[test] cargo test (default members: everything but the bpf-target crate)"
 # Each e2e test builds its own uniquely named netns/cgroups/pins, so parallel threads are safe.
 cargo test
+echo "[test] cargo xtask bench --quick (the benchmark still runs: every path and metric once)"
+cargo xtask bench --quick --out target/bench-quick
 echo "[test] cargo xtask vm-test --ci (one Debian kernel in QEMU: core e2e cases, eBPF and fallback)"
 # The full kernel matrix (5.10, 6.1, 6.12, 7.2) is `cargo xtask vm-test`: about an hour here.
 cargo xtask vm-test --ci
