@@ -106,7 +106,11 @@ impl Fixture {
         for e in std::fs::read_dir(self.d.state_dir()).unwrap().flatten() {
             out.push_str(&format!("state file: {}\n", e.path().display()));
         }
-        // Every entry of every eBPF map that grows with pods, and every pin.
+        // Every entry of every eBPF map that grows with pods, and every pin (none in the
+        // bpf()-denied runs of vm-test, where every pod gets the fallback).
+        if !interceptor_tests::ebpf_expected() {
+            return out;
+        }
         let pins = Pins::new(self.d.bpffs());
         let maps = pins.maps().expect("opening the daemon's maps");
         for (name, n, _) in maps.occupancy() {
@@ -686,7 +690,7 @@ fn run(fx: &Fixture, case: &Case) -> Result<String, String> {
             let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
             (
                 v["result"] == "error",
-                format!("{}", v["message"].as_str().unwrap_or(line.trim())),
+                v["message"].as_str().unwrap_or(line.trim()).to_string(),
             )
         }
     };

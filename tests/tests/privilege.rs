@@ -120,6 +120,10 @@ fn denied(e: i32) -> bool {
 /// do see access when the modes grant it.
 #[test]
 fn non_root_cannot_touch_pins_or_maps() {
+    if !interceptor_tests::ebpf_expected() {
+        eprintln!("SKIP: INTERCEPTOR_TESTS_NO_EBPF=1 (no pins in this run)");
+        return;
+    }
     let d = DaemonProc::start("priv").unwrap();
     let topo = Topology::new("priv").unwrap();
     let ns = topo.pod_netns().to_str().unwrap().to_string();
@@ -361,9 +365,11 @@ fn a_pod_cannot_reach_another_pods_policy() {
     d.pod_ok(&["remove", "--network-namespace", pb_s]);
     let list = d.pod_ok(&["list"]);
     assert!(list.contains(pa_s), "removing B unregistered A:\n{list}");
-    let cookie_a = netns_identity(a.topo.pod_netns()).unwrap();
-    let maps = Pins::new(d.bpffs()).maps().unwrap();
-    assert!(maps.pods().iter().any(|(c, _)| *c == cookie_a));
+    if interceptor_tests::ebpf_expected() {
+        let cookie_a = netns_identity(a.topo.pod_netns()).unwrap();
+        let maps = Pins::new(d.bpffs()).maps().unwrap();
+        assert!(maps.pods().iter().any(|(c, _)| *c == cookie_a));
+    }
     assert_eq!(a.outbound(1000, up_a).unwrap().0, "sidecar:15001");
     d.pod_ok(&["remove", "--network-namespace", pa_s]);
 }
@@ -381,6 +387,10 @@ impl Drop for Cleanup {
 /// registered: whoever can write it could unpin the links and switch interception off.
 #[test]
 fn a_pin_folder_others_can_write_is_refused() {
+    if !interceptor_tests::ebpf_expected() {
+        eprintln!("SKIP: INTERCEPTOR_TESTS_NO_EBPF=1 (no pins in this run)");
+        return;
+    }
     let topo = Topology::new("privw").unwrap();
     let ns = topo.pod_netns().to_str().unwrap().to_string();
     let dir = PathBuf::from(format!("/sys/fs/bpf/ic-privw-{}", std::process::id()));
