@@ -433,3 +433,20 @@ pub fn run(args: &DaemonArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_files_are_distinct_and_bounded() {
+        let d = Path::new("/state");
+        let a = state_file(d, Path::new("/run/netns/pod-a"));
+        assert_ne!(a, state_file(d, Path::new("/run/netns/pod_a")));
+        assert_ne!(a, state_file(d, Path::new("/run/netns/pod.a")));
+        let long = format!("/run/netns/{}", "./".repeat(300));
+        let f = state_file(d, Path::new(&long));
+        assert!(f.file_name().unwrap().len() <= 200, "{}", f.display());
+        assert_ne!(f, state_file(d, Path::new(&format!("{long}x"))));
+    }
+}
