@@ -201,6 +201,7 @@ fn apply_ebpf(args: &ApplyArgs, cfg: &Config) -> Result<&'static str> {
             "pod was not registered"
         });
     }
+    crate::backend::pin_dir::ensure_private(&pins.dir)?;
     let loaded = pins.ensure_loaded_with(
         &cgroup_of(&args.ebpf)?,
         args.ebpf_log,

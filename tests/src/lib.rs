@@ -3,6 +3,7 @@
 
 pub mod bin;
 pub mod cases;
+pub mod cni;
 pub mod conformance;
 pub mod daemon;
 pub mod dns;

@@ -15,11 +15,12 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use interceptor_tests::bin::interceptor_bin;
+use interceptor_tests::cni::{invoke, Invocation, Run};
 use interceptor_tests::daemon::DaemonProc;
 use interceptor_tests::sidecar::{Sidecar, SidecarConfig, TagServer};
 use interceptor_tests::topology::{connect_as, reap_stale, Topology};
@@ -104,89 +105,6 @@ impl Drop for Node {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// One plugin run as the runtime does it: returns (success, stdout, stderr).
-struct Run {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?} / {}", self.stdout, self.stderr))
-    }
-    /// The CNI error object of a failed run.
-    fn error(&self) -> Value {
-        assert!(
-            !self.ok,
-            "expected a failure: {} / {}",
-            self.stdout, self.stderr
-        );
-        let v = self.json();
-        assert!(v["code"].is_u64() && v["msg"].is_string(), "{v}");
-        v
-    }
-}
-
-impl std::fmt::Debug for Run {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "ok={} stdout={} stderr={}",
-            self.ok, self.stdout, self.stderr
-        )
-    }
-}
-
-struct Invocation<'a> {
-    command: &'a str,
-    container_id: &'a str,
-    netns: Option<&'a Path>,
-    ifname: &'a str,
-    args: &'a str,
-    cni_path: &'a Path,
-    /// Run under `ip netns exec` (plugins that create links in the node).
-    in_netns: Option<&'a str>,
-}
-
-fn invoke(binary: &Path, inv: &Invocation<'_>, stdin: &[u8]) -> Run {
-    let mut cmd = match inv.in_netns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns]).arg(binary);
-            c
-        }
-        None => Command::new(binary),
-    };
-    cmd.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("CNI_COMMAND", inv.command)
-        .env("CNI_CONTAINERID", inv.container_id)
-        .env(
-            "CNI_NETNS",
-            inv.netns.map(|p| p.as_os_str()).unwrap_or_default(),
-        )
-        .env("CNI_IFNAME", inv.ifname)
-        .env("CNI_ARGS", inv.args)
-        .env("CNI_PATH", inv.cni_path)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawning plugin");
-    {
-        use std::io::Write;
-        let mut pipe = child.stdin.take().unwrap();
-        pipe.write_all(stdin).unwrap();
-    }
-    let out: Output = child.wait_with_output().unwrap();
-    Run {
-        ok: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).trim().to_string(),
-        stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
     }
 }
 
@@ -531,121 +449,6 @@ fn daemon_down_add_fails_closed() {
     assert_eq!(ours("CHECK", Some(ns), "", &conf).error()["code"], 11);
     d.spawn().unwrap();
     assert!(!registered(&d).contains(topo.pod_ns_name()));
-}
-
-#[test]
-fn bad_input_is_a_cni_error_and_registers_nothing() {
-    let d = DaemonProc::start("cnibad").unwrap();
-    let topo = Topology::new("cnibad").unwrap();
-    let ns = topo.pod_netns();
-    let args = "K8S_POD_NAMESPACE=default;K8S_POD_NAME=bad";
-    let with = |a: Value| our_conf(&d, json!({"podAnnotations": a}));
-    let status = "sidecar.istio.io/status";
-    let cases: Vec<(&str, Vec<u8>, u64, &str)> = vec![
-        ("malformed JSON", b"{\"cniVersion\": \"1.0.0\",".to_vec(), 6, "parse"),
-        (
-            "unsupported cniVersion",
-            our_conf(&d, json!({"cniVersion": "2.0.0"})).to_string().into_bytes(),
-            1,
-            "2.0.0",
-        ),
-        (
-            "bad backend",
-            our_conf(&d, json!({"backend": "ebpff"})).to_string().into_bytes(),
-            7,
-            "ebpff",
-        ),
-        (
-            "bad includeOutboundIPRanges",
-            with(json!({status: "{}", "traffic.sidecar.istio.io/includeOutboundIPRanges": "10.0.0.0/33"}))
-                .to_string()
-                .into_bytes(),
-            7,
-            "10.0.0.0/33",
-        ),
-        (
-            "bad interceptionMode",
-            with(json!({status: "{}", "sidecar.istio.io/interceptionMode": "TPROXYY"}))
-                .to_string()
-                .into_bytes(),
-            7,
-            "TPROXYY",
-        ),
-        (
-            "bad excludeInboundPorts",
-            with(json!({status: "{}", "traffic.sidecar.istio.io/excludeInboundPorts": "80,http"}))
-                .to_string()
-                .into_bytes(),
-            7,
-            "80,http",
-        ),
-        (
-            "port 0 in excludeOutboundPorts",
-            with(json!({status: "{}", "traffic.sidecar.istio.io/excludeOutboundPorts": "0"}))
-                .to_string()
-                .into_bytes(),
-            7,
-            "excludeOutboundPorts",
-        ),
-        (
-            "bad excludeInterfaces",
-            with(json!({status: "{}", "traffic.sidecar.istio.io/excludeInterfaces": "eth0,a b"}))
-                .to_string()
-                .into_bytes(),
-            7,
-            "a b",
-        ),
-        (
-            "negative runAsUser",
-            our_conf(&d, json!({"runAsUser": -5})).to_string().into_bytes(),
-            7,
-            "-5",
-        ),
-        (
-            "annotation not a string",
-            with(json!({status: 1})).to_string().into_bytes(),
-            7,
-            "string",
-        ),
-    ];
-    for (what, stdin, code, named) in cases {
-        let inv = Invocation {
-            command: "ADD",
-            container_id: "ctr-bad",
-            netns: Some(ns),
-            ifname: "eth0",
-            args,
-            cni_path: Path::new(CNI_DIR),
-            in_netns: None,
-        };
-        let r = invoke(&interceptor_bin(), &inv, &stdin);
-        let e = r.error();
-        println!("{what}: {}", r.stdout);
-        assert_eq!(e["code"], code, "{what}: {e}");
-        let text = format!("{} {}", e["msg"], e["details"]);
-        assert!(
-            text.contains(named),
-            "{what}: {named:?} not named in {text}"
-        );
-    }
-    // Missing CNI_NETNS on ADD (and CHECK).
-    let conf = our_conf(&d, json!({}));
-    let r = ours("ADD", None, args, &conf);
-    assert_eq!(r.error()["code"], 4);
-    assert!(r.error()["msg"].as_str().unwrap().contains("CNI_NETNS"));
-    assert_eq!(ours("CHECK", None, args, &conf).error()["code"], 4);
-    // A netns that does not exist.
-    let missing = Path::new("/var/run/netns/ic-cni-no-such-netns");
-    assert_eq!(ours("ADD", Some(missing), args, &conf).error()["code"], 3);
-    // Bad CNI_ARGS.
-    assert_eq!(
-        ours("ADD", Some(ns), "K8S_POD_NAME", &conf).error()["code"],
-        4
-    );
-    assert!(
-        !registered(&d).contains(topo.pod_ns_name()),
-        "bad input registered a pod"
-    );
 }
 
 #[test]

@@ -5,3 +5,4 @@ pub mod exec;
 pub mod iptables;
 pub mod netfilter;
 pub mod nftables;
+pub mod pin_dir;

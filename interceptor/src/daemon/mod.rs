@@ -72,12 +72,29 @@ pub struct Daemon {
 }
 
 fn state_file(dir: &Path, netns: &Path) -> PathBuf {
-    // One file per netns path; the path itself is the key users give.
-    let name: String = netns
-        .to_string_lossy()
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
+    // One file per netns path; the path itself is the key users give. Why the escaping and the
+    // hash: mapping every other character to '_' made `/run/netns/pod-a` and `/run/netns/pod_a`
+    // share one record, so adding one pod overwrote the other's and removing it unregistered
+    // the other pod; and a path longer than NAME_MAX failed the record after the pod was
+    // registered (half-registered). Now distinct paths give distinct, bounded names.
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = netns.as_os_str().as_bytes();
+    let mut name = String::new();
+    for &b in bytes {
+        if b.is_ascii_alphanumeric() {
+            name.push(b as char);
+        } else {
+            name.push_str(&format!("_{b:02x}"));
+        }
+    }
+    if name.len() > 150 {
+        let mut h: u64 = 0xcbf29ce484222325; // FNV-1a of the full path
+        for &b in bytes {
+            h = (h ^ u64::from(b)).wrapping_mul(0x100000001b3);
+        }
+        name.truncate(128);
+        name.push_str(&format!("-{h:016x}"));
+    }
     dir.join(format!("{name}.json"))
 }
 
@@ -86,10 +103,14 @@ impl Daemon {
     pub fn start(args: DaemonArgs) -> Result<Arc<Self>> {
         std::fs::create_dir_all(&args.state_dir)
             .with_context(|| format!("creating {}", args.state_dir.display()))?;
+        // Why: the records hold every pod's config; no pod or other user needs to read them.
+        std::fs::set_permissions(&args.state_dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("chmod 0700 {}", args.state_dir.display()))?;
         let ebpf_missing = crate::doctor::ebpf_missing(&args.ebpf);
         let pins = match &ebpf_missing {
             None => {
                 let pins = Pins::new(&args.ebpf.bpffs);
+                crate::backend::pin_dir::ensure_private(&pins.dir)?;
                 let loaded = pins.ensure_loaded_with(
                     &cgroup_of(&args.ebpf)?,
                     args.ebpf_log,
@@ -140,7 +161,12 @@ impl Daemon {
     /// drops map entries nobody recorded.
     fn readopt(&self) -> Result<()> {
         let mut live = Vec::new();
-        for (file, pod) in self.pods_on_disk() {
+        for (mut file, pod) in self.pods_on_disk() {
+            // Records written under an earlier naming scheme move to today's name.
+            let want = state_file(&self.args.state_dir, &pod.netns);
+            if file != want && std::fs::rename(&file, &want).is_ok() {
+                file = want;
+            }
             if pod.removing {
                 // Killed mid-removal: finish it.
                 let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
@@ -425,4 +451,21 @@ pub fn run(args: &DaemonArgs) -> Result<()> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_files_are_distinct_and_bounded() {
+        let d = Path::new("/state");
+        let a = state_file(d, Path::new("/run/netns/pod-a"));
+        assert_ne!(a, state_file(d, Path::new("/run/netns/pod_a")));
+        assert_ne!(a, state_file(d, Path::new("/run/netns/pod.a")));
+        let long = format!("/run/netns/{}", "./".repeat(300));
+        let f = state_file(d, Path::new(&long));
+        assert!(f.file_name().unwrap().len() <= 200, "{}", f.display());
+        assert_ne!(f, state_file(d, Path::new(&format!("{long}x"))));
+    }
 }

@@ -22,13 +22,26 @@ pub struct PodIdentity {
 pub struct PodSpec {
     pub netns: PathBuf,
     /// Pod IPs; empty means "read them from the netns".
-    #[serde(default)]
+    #[serde(default, deserialize_with = "named_ips")]
     pub ips: Vec<IpAddr>,
     pub config: RawConfig,
     #[serde(default = "auto")]
     pub backend: BackendKind,
     #[serde(default)]
     pub identity: Option<PodIdentity>,
+}
+
+/// Why: serde's own `IpAddr` error ("invalid IP address syntax") does not say which value was
+/// bad; a control request's error must name it.
+fn named_ips<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<IpAddr>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|s| {
+            s.parse().map_err(|_| {
+                serde::de::Error::custom(format!("invalid pod IP {s:?}: not an IP address"))
+            })
+        })
+        .collect()
 }
 
 fn auto() -> BackendKind {
