@@ -30,7 +30,7 @@ use aya::EbpfLoader;
 
 use crate::backend::ebpf::{
     bpffs_mounted, detect_cgroup2_root, Pins, GETSOCKOPT_PROGRAM, LINKED_PROGRAMS, MAPS,
-    SK_LOOKUP_PROGRAM,
+    SK_LOOKUP_PROGRAM, SK_MSG_PROGRAM,
 };
 use crate::backend::exec;
 use crate::cli::EbpfArgs;
@@ -53,6 +53,7 @@ pub mod rows {
     pub const GETPEERNAME4: &str = "cgroup/getpeername4";
     pub const GETPEERNAME6: &str = "cgroup/getpeername6";
     pub const SK_LOOKUP: &str = "sk_lookup";
+    pub const SK_MSG: &str = "sk_msg";
     pub const CGROUP_LINK: &str = "bpf_link for cgroups";
     pub const NETNS_COOKIE_SOCK_ADDR: &str = "netns cookie in sock_addr";
     pub const NETNS_COOKIE_SOCK_OPS: &str = "netns cookie in sock_ops";
@@ -82,11 +83,16 @@ const HOOKS: &[(&str, &str, (u8, u8))] = &[
     ("ic_getpeername4", rows::GETPEERNAME4, (5, 8)),
     ("ic_getpeername6", rows::GETPEERNAME6, (5, 8)),
     ("ic_sk_lookup", rows::SK_LOOKUP, (5, 9)),
+    // sk_msg itself is 4.17; its netns cookie (which keys the acceleration map) 5.15.
+    ("ic_sk_msg", rows::SK_MSG, (5, 15)),
 ];
 
 /// Whether the loader loads `prog` (a failure to load it fails `apply --backend ebpf`).
 fn loader_needs(prog: &str) -> bool {
-    LINKED_PROGRAMS.contains(&prog) || prog == GETSOCKOPT_PROGRAM || prog == SK_LOOKUP_PROGRAM
+    LINKED_PROGRAMS.contains(&prog)
+        || prog == GETSOCKOPT_PROGRAM
+        || prog == SK_LOOKUP_PROGRAM
+        || prog == SK_MSG_PROGRAM
 }
 
 /// Rows about the environment rather than one kernel feature: when one of them is what
