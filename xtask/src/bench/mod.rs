@@ -132,7 +132,14 @@ impl Rig {
         // run out within a minute and connect() crawls (seen as 200 conn/s rounds).
         for ns in [topo.pod_ns_name(), topo.upstream_ns_name()] {
             let st = std::process::Command::new("ip")
-                .args(["netns", "exec", ns, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])
+                .args([
+                    "netns",
+                    "exec",
+                    ns,
+                    "sysctl",
+                    "-qw",
+                    "net.ipv4.tcp_tw_reuse=1",
+                ])
                 .args(["net.ipv4.ip_local_port_range=1024 65000"])
                 .status()?;
             if !st.success() {
