@@ -307,16 +307,23 @@ async fn watch_pods(
     };
     let mut closed = [0u8; 1];
     'stream: loop {
-        let lines: Vec<String> = if expire {
+        // `upto`: the resourceVersion these lines cover, read under the same lock, so an event
+        // added while they are written is sent on the next pass, never skipped.
+        let (lines, upto): (Vec<String>, u64) = if expire {
             let st = status(410, "Expired", "too old resource version");
-            vec![json!({"type": "ERROR", "object": st}).to_string()]
+            (
+                vec![json!({"type": "ERROR", "object": st}).to_string()],
+                from,
+            )
         } else {
             let s = state.lock().unwrap();
-            s.events
+            let lines = s
+                .events
                 .iter()
                 .filter(|(rv, _, pod)| *rv > from && on_node(pod, &node))
                 .map(|(_, kind, pod)| json!({"type": kind, "object": pod}).to_string())
-                .collect()
+                .collect();
+            (lines, s.rv)
         };
         for line in lines {
             let chunk = format!("{:x}\r\n{line}\n\r\n", line.len() + 1);
@@ -327,7 +334,10 @@ async fn watch_pods(
         if expire {
             break;
         }
-        from = tick.borrow_and_update().0.max(from);
+        from = from.max(upto);
+        if tick.borrow_and_update().0 > from {
+            continue;
+        }
         tokio::select! {
             changed = tick.changed() => {
                 if changed.is_err() || tick.borrow().1 != epoch {
