@@ -14,8 +14,52 @@ pub struct Listening {
     pub v6: bool,
 }
 
-/// Every listening TCP socket (both families) in the caller's netns.
+/// Every listening TCP socket (both families) in the caller's netns: from sock_diag, or where
+/// the kernel has no inet_diag/tcp_diag (a module not loaded: ENOENT) from /proc/net/tcp{,6},
+/// which is slower (it walks the node-wide established hash) but always there.
 pub fn listening_here() -> Result<Vec<Listening>> {
+    match listening_diag() {
+        Ok(l) => Ok(l),
+        Err(e) => {
+            tracing::debug!(error = %e, "sock_diag unavailable; reading /proc/net/tcp");
+            listening_proc()
+        }
+    }
+}
+
+fn listening_proc() -> Result<Vec<Listening>> {
+    let mut out = Vec::new();
+    for (file, v6) in [
+        ("/proc/thread-self/net/tcp", false),
+        ("/proc/thread-self/net/tcp6", true),
+    ] {
+        let Ok(text) = std::fs::read_to_string(file) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // sl local rem st tx:rx tr:tm retrnsmt uid timeout inode
+            if f.len() < 10 || f[3] != "0A" {
+                continue;
+            }
+            let port = f[1]
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if let (Some(port), Ok(uid), Ok(inode)) = (port, f[7].parse(), f[9].parse()) {
+                out.push(Listening {
+                    port,
+                    uid,
+                    inode,
+                    v6,
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn listening_diag() -> Result<Vec<Listening>> {
     let mut out = Vec::new();
     for v6 in [false, true] {
         for (port, uid, inode) in listening_sockets(v6)? {
