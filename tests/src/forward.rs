@@ -61,6 +61,21 @@ impl LoopSpec {
         self.cpu = cpu;
         self
     }
+
+    /// Sets up the calling thread per this spec and builds its current-thread runtime.
+    fn enter(&self) -> Result<tokio::runtime::Runtime> {
+        enter_netns(&self.netns)?;
+        if let Some((uid, gid)) = self.creds {
+            set_thread_creds(uid, gid)?;
+        }
+        if let Some(cpu) = self.cpu {
+            pin_to_cpu(cpu);
+        }
+        Ok(tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()?)
+    }
 }
 
 /// One single-threaded tokio runtime on a thread set up per [`LoopSpec`], running the future
@@ -85,17 +100,7 @@ impl EventLoop {
             .name(name.into())
             .spawn(move || {
                 let prepared = (|| -> Result<_> {
-                    enter_netns(&spec.netns)?;
-                    if let Some((uid, gid)) = spec.creds {
-                        set_thread_creds(uid, gid)?;
-                    }
-                    if let Some(cpu) = spec.cpu {
-                        pin_to_cpu(cpu);
-                    }
-                    let rt = tokio::runtime::Builder::new_current_thread()
-                        .enable_io()
-                        .enable_time()
-                        .build()?;
+                    let rt = spec.enter()?;
                     let (addr, serve) = {
                         let _guard = rt.enter();
                         setup()?
@@ -350,17 +355,7 @@ where
         let h = std::thread::Builder::new()
             .name("client".into())
             .spawn_scoped(sc, || -> Result<T> {
-                enter_netns(&spec.netns)?;
-                if let Some((uid, gid)) = spec.creds {
-                    set_thread_creds(uid, gid)?;
-                }
-                if let Some(cpu) = spec.cpu {
-                    pin_to_cpu(cpu);
-                }
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_io()
-                    .enable_time()
-                    .build()?;
+                let rt = spec.enter()?;
                 let local = tokio::task::LocalSet::new();
                 local.block_on(&rt, f())
             })
