@@ -1,0 +1,1 @@
+//! Escape scenarios: inbound (filled in by its area).

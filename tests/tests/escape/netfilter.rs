@@ -1,0 +1,1 @@
+//! Escape scenarios: netfilter (filled in by its area).

@@ -1,0 +1,1 @@
+//! Escape scenarios: semantics (filled in by its area).

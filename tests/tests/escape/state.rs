@@ -1,0 +1,1 @@
+//! Escape scenarios: state (filled in by its area).

@@ -1,0 +1,1 @@
+//! Escape scenarios: userns (filled in by its area).
