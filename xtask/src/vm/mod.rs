@@ -40,7 +40,14 @@ const CI_KERNEL: &str = "6.1";
 const CI_FILTERS: &[&str] = &["ebpf_e2e/traffic_ebpf", "fallback_e2e/traffic_", "doctor"];
 /// Test binaries whose every test forces `--backend ebpf` (they cannot pass where eBPF is
 /// unavailable).
-const EBPF_BINS: &[&str] = &["ebpf_e2e", "bind_guard", "inbound_e2e", "load", "faults"];
+const EBPF_BINS: &[&str] = &[
+    "ebpf_e2e",
+    "bind_guard",
+    "inbound_e2e",
+    "load",
+    "faults",
+    "escape",
+];
 /// libtest `--skip` patterns for the other tests that force eBPF or assert that it is
 /// available here. Such runs also get `INTERCEPTOR_TESTS_NO_EBPF=1` in their environment.
 const EBPF_SKIPS: &[&str] = &[
