@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what a fresh machine lacks to build and test interceptor; a no-op when all is present.
-# Steps: Debian packages, nightly + rust-src, bpf-linker bound to the nightly's LLVM, mounted bpffs.
+# Steps: Debian packages, the pinned stable toolchain, nightly + rust-src, bpf-linker bound to the nightly's LLVM, mounted bpffs.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 
 log()  { printf '[setup] %s\n' "$*"; }
 fail() { printf '[setup] FAILED: %s\n' "$*" >&2; exit 1; }
@@ -31,6 +32,18 @@ if [ ${#missing[@]} -gt 0 ]; then
     || fail "apt-get install ${missing[*]}"
 else
   log "Debian packages present: ${PKGS[*]}"
+fi
+
+# --- Rust: the pinned stable toolchain (rust-toolchain.toml) --------------------------------------
+command -v rustup >/dev/null || fail "rustup not found: install Rust via rustup first"
+PINNED=$(sed -n 's/^channel = "\(.*\)"/\1/p' rust-toolchain.toml)
+[ -n "$PINNED" ] || fail "no channel in rust-toolchain.toml"
+if ! rustup toolchain list | grep -q "^$PINNED"; then
+  log "installing the pinned toolchain $PINNED"
+  rustup toolchain install "$PINNED" --profile minimal -c rustfmt -c clippy \
+    -t x86_64-unknown-linux-musl || fail "rustup toolchain install $PINNED"
+else
+  log "pinned toolchain $PINNED present"
 fi
 
 # --- Rust: nightly with rust-src (the eBPF crate builds core with -Z build-std) ------------------
