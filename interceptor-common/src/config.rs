@@ -203,7 +203,66 @@ fn parse_port(flag: &'static str, s: &str, allow_zero: bool) -> Result<u16, Conf
     }
 }
 
+/// Limits on every list of a pod's config. The eBPF maps holding these lists are shared by
+/// every pod on the node and sized for `limits::MAX_PODS` pods at these limits, so no pod's
+/// lists can crowd another out (see `maps::capacity`). Istio has no limits; real configs use a
+/// handful of entries per list.
+pub mod limits {
+    /// Ports per list (`-b`, `-d`, `-q`, `-o`, `--bind-guard-ports`).
+    pub const MAX_PORTS: usize = 64;
+    /// CIDRs per list (`-i`, `-x`).
+    pub const MAX_CIDRS: usize = 64;
+    /// Interface names per list (`-c`, `-k`).
+    pub const MAX_INTERFACES: usize = 16;
+    /// Proxy uids or gids (`-u`, `-g`).
+    pub const MAX_IDS: usize = 16;
+    /// DNS servers (v4 and v6 together).
+    pub const MAX_DNS_SERVERS: usize = 16;
+    /// Owner groups, included or excluded (Istio caps the include list at 64: one rule's
+    /// match list).
+    pub const MAX_OWNER_GROUPS: usize = 64;
+    /// Port entries of one pod in all lists together (`-b`/`-d` inbound, `-q`, `-o` and the
+    /// guarded ports with the proxy's own three): what `maps::capacity::PORTS_PER_POD` holds.
+    pub const MAX_PORT_ENTRIES: usize = crate::maps::capacity::PORTS_PER_POD as usize;
+}
+
+/// A list too long to quote in an error: its start only.
+fn shorten(value: &str) -> String {
+    let shown: String = value.chars().take(64).collect();
+    if shown.len() < value.len() {
+        format!("{shown}...")
+    } else {
+        shown
+    }
+}
+
+/// Checks a list's length against its limit; the error names the flag, the limit and the count.
+fn check_len<T>(
+    flag: &'static str,
+    value: &str,
+    items: Vec<T>,
+    limit: usize,
+    what: &str,
+) -> Result<Vec<T>, ConfigError> {
+    if items.len() > limit {
+        return Err(ConfigError::new(
+            flag,
+            shorten(value),
+            format!(
+                "too many {what}: {} given, the limit is {limit}",
+                items.len()
+            ),
+        ));
+    }
+    Ok(items)
+}
+
 fn parse_ports(flag: &'static str, s: &str) -> Result<Vec<u16>, ConfigError> {
+    let ports = parse_port_items(flag, s)?;
+    check_len(flag, s, ports, limits::MAX_PORTS, "ports")
+}
+
+fn parse_port_items(flag: &'static str, s: &str) -> Result<Vec<u16>, ConfigError> {
     split_list(s)
         .into_iter()
         .map(|item| {
@@ -226,7 +285,7 @@ fn parse_ids(flag: &'static str, s: &str) -> Result<Vec<u32>, ConfigError> {
     if ids.is_empty() {
         return Err(ConfigError::new(flag, s, "at least one id is required"));
     }
-    Ok(ids)
+    check_len(flag, s, ids, limits::MAX_IDS, "ids")
 }
 
 fn parse_cidr(flag: &'static str, item: &str) -> Result<IpNet, ConfigError> {
@@ -236,10 +295,11 @@ fn parse_cidr(flag: &'static str, item: &str) -> Result<IpNet, ConfigError> {
 }
 
 fn parse_cidrs(flag: &'static str, s: &str) -> Result<Vec<IpNet>, ConfigError> {
-    split_list(s)
+    let cidrs = split_list(s)
         .into_iter()
         .map(|item| parse_cidr(flag, item))
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    check_len(flag, s, cidrs, limits::MAX_CIDRS, "CIDRs")
 }
 
 fn parse_interfaces(flag: &'static str, s: &str) -> Result<Vec<String>, ConfigError> {
@@ -257,7 +317,7 @@ fn parse_interfaces(flag: &'static str, s: &str) -> Result<Vec<String>, ConfigEr
 }
 
 fn parse_groups(flag: &'static str, s: &str) -> Result<Vec<String>, ConfigError> {
-    split_list(s)
+    let groups = split_list(s)
         .into_iter()
         .map(|item| {
             if item
@@ -269,11 +329,9 @@ fn parse_groups(flag: &'static str, s: &str) -> Result<Vec<String>, ConfigError>
                 Err(ConfigError::new(flag, item, "not a group name or id"))
             }
         })
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    check_len(flag, s, groups, limits::MAX_OWNER_GROUPS, "groups")
 }
-
-/// Istio caps included owner groups because they become one rule's match list.
-const MAX_OWNER_GROUPS_INCLUDE: usize = 64;
 
 impl RawConfig {
     /// Validates every field; the first error names its flag and value.
@@ -312,8 +370,13 @@ impl RawConfig {
         };
         let inbound_ports_exclude =
             parse_ports("--istio-local-exclude-ports", &self.inbound_ports_exclude)?;
-        let exclude_interfaces =
-            parse_interfaces("--istio-exclude-interfaces", &self.exclude_interfaces)?;
+        let exclude_interfaces = check_len(
+            "--istio-exclude-interfaces",
+            &self.exclude_interfaces,
+            parse_interfaces("--istio-exclude-interfaces", &self.exclude_interfaces)?,
+            limits::MAX_INTERFACES,
+            "interfaces",
+        )?;
         let outbound_ip_ranges_include = if self.outbound_ip_ranges_include.trim() == "*" {
             CidrSelection::All
         } else {
@@ -347,8 +410,13 @@ impl RawConfig {
             "--istio-local-outbound-ports-exclude",
             &self.outbound_ports_exclude,
         )?;
-        let reroute_virtual_interfaces =
-            parse_interfaces("--kube-virt-interfaces", &self.reroute_virtual_interfaces)?;
+        let reroute_virtual_interfaces = check_len(
+            "--kube-virt-interfaces",
+            &self.reroute_virtual_interfaces,
+            parse_interfaces("--kube-virt-interfaces", &self.reroute_virtual_interfaces)?,
+            limits::MAX_INTERFACES,
+            "interfaces",
+        )?;
         let inbound_tproxy_mark = self
             .inbound_tproxy_mark
             .trim()
@@ -397,16 +465,6 @@ impl RawConfig {
                     "'*' must stand alone",
                 ));
             }
-            if groups.len() > MAX_OWNER_GROUPS_INCLUDE {
-                return Err(ConfigError::new(
-                    "ISTIO_OUTBOUND_OWNER_GROUPS",
-                    include,
-                    format!(
-                        "at most {MAX_OWNER_GROUPS_INCLUDE} groups, got {}",
-                        groups.len()
-                    ),
-                ));
-            }
             OwnerGroups::Include(groups)
         };
         let host_ipv4_loopback_cidr = self
@@ -441,11 +499,45 @@ impl RawConfig {
                 IpAddr::V6(_) => dns_servers_v6.push(entry),
             }
         }
+        let dns_count = dns_servers_v4.len() + dns_servers_v6.len();
+        if dns_count > limits::MAX_DNS_SERVERS {
+            return Err(ConfigError::new(
+                "--dns-servers",
+                shorten(&self.dns_servers),
+                format!(
+                    "too many DNS servers: {dns_count} given, the limit is {}",
+                    limits::MAX_DNS_SERVERS
+                ),
+            ));
+        }
         let mut bind_guard_ports = parse_ports("--bind-guard-ports", &self.bind_guard_ports)?;
         if !bind_guard_ports.is_empty() {
             bind_guard_ports.extend([proxy_port, inbound_capture_port, inbound_tunnel_port]);
             bind_guard_ports.sort_unstable();
             bind_guard_ports.dedup();
+        }
+        let inbound_port_entries = match &inbound_ports_include {
+            PortSelection::All => inbound_ports_exclude.len(),
+            PortSelection::List(l) => l.len(),
+        };
+        let port_entries = inbound_port_entries
+            + outbound_ports_include.len()
+            + outbound_ports_exclude.len()
+            + bind_guard_ports.len();
+        if port_entries > limits::MAX_PORT_ENTRIES {
+            return Err(ConfigError::new(
+                "ports",
+                format!(
+                    "-b/-d {inbound_port_entries}, -q {}, -o {}, --bind-guard-ports {}",
+                    outbound_ports_include.len(),
+                    outbound_ports_exclude.len(),
+                    bind_guard_ports.len()
+                ),
+                format!(
+                    "too many ports in total: {port_entries}, the limit for one pod is {}",
+                    limits::MAX_PORT_ENTRIES
+                ),
+            ));
         }
         Ok(Config {
             bind_guard_ports,
@@ -503,6 +595,174 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(raw.parse().unwrap().inbound_ports_exclude, vec![6000, 7000]);
+    }
+
+    fn list(n: usize, item: impl Fn(usize) -> String) -> String {
+        (0..n).map(item).collect::<Vec<_>>().join(",")
+    }
+
+    #[test]
+    fn every_list_has_a_limit_named_in_its_error() {
+        let port = |i: usize| (1000 + i).to_string();
+        let cidr = |i: usize| format!("10.{}.{}.0/24", i / 256, i % 256);
+        let ifname = |i: usize| format!("eth{i}");
+        let id = |i: usize| (2000 + i).to_string();
+        let ip = |i: usize| format!("10.0.0.{}", i + 1);
+        let cases: Vec<(&str, usize, RawConfig)> = vec![
+            (
+                "--istio-inbound-ports",
+                limits::MAX_PORTS,
+                RawConfig {
+                    inbound_ports_include: list(limits::MAX_PORTS + 1, port),
+                    ..Default::default()
+                },
+            ),
+            (
+                "--istio-local-exclude-ports",
+                limits::MAX_PORTS,
+                RawConfig {
+                    inbound_ports_exclude: list(limits::MAX_PORTS + 1, port),
+                    ..Default::default()
+                },
+            ),
+            (
+                "--istio-outbound-ports",
+                limits::MAX_PORTS,
+                RawConfig {
+                    outbound_ports_include: list(limits::MAX_PORTS + 1, port),
+                    ..Default::default()
+                },
+            ),
+            (
+                "--istio-local-outbound-ports-exclude",
+                limits::MAX_PORTS,
+                RawConfig {
+                    outbound_ports_exclude: list(limits::MAX_PORTS + 1, port),
+                    ..Default::default()
+                },
+            ),
+            (
+                "--bind-guard-ports",
+                limits::MAX_PORTS,
+                RawConfig {
+                    bind_guard_ports: list(limits::MAX_PORTS + 1, port),
+                    ..Default::default()
+                },
+            ),
+            (
+                "--istio-service-cidr",
+                limits::MAX_CIDRS,
+                RawConfig {
+                    outbound_ip_ranges_include: list(limits::MAX_CIDRS + 1, cidr),
+                    ..Default::default()
+                },
+            ),
+            (
+                "--istio-service-exclude-cidr",
+                limits::MAX_CIDRS,
+                RawConfig {
+                    outbound_ip_ranges_exclude: list(limits::MAX_CIDRS + 1, cidr),
+                    ..Default::default()
+                },
+            ),
+            (
+                "--istio-exclude-interfaces",
+                limits::MAX_INTERFACES,
+                RawConfig {
+                    exclude_interfaces: list(limits::MAX_INTERFACES + 1, ifname),
+                    ..Default::default()
+                },
+            ),
+            (
+                "--kube-virt-interfaces",
+                limits::MAX_INTERFACES,
+                RawConfig {
+                    reroute_virtual_interfaces: list(limits::MAX_INTERFACES + 1, ifname),
+                    ..Default::default()
+                },
+            ),
+            (
+                "--proxy-uid",
+                limits::MAX_IDS,
+                RawConfig {
+                    proxy_uid: list(limits::MAX_IDS + 1, id),
+                    ..Default::default()
+                },
+            ),
+            (
+                "--proxy-gid",
+                limits::MAX_IDS,
+                RawConfig {
+                    proxy_gid: list(limits::MAX_IDS + 1, id),
+                    ..Default::default()
+                },
+            ),
+            (
+                "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE",
+                limits::MAX_OWNER_GROUPS,
+                RawConfig {
+                    owner_groups_exclude: list(limits::MAX_OWNER_GROUPS + 1, id),
+                    ..Default::default()
+                },
+            ),
+            (
+                "--dns-servers",
+                limits::MAX_DNS_SERVERS,
+                RawConfig {
+                    dns_servers: list(limits::MAX_DNS_SERVERS + 1, ip),
+                    ..Default::default()
+                },
+            ),
+        ];
+        for (flag, limit, raw) in cases {
+            let e = raw.parse().expect_err(flag);
+            assert_eq!(e.flag, flag);
+            assert!(
+                e.reason.contains(&format!("the limit is {limit}")),
+                "{flag}: {e}"
+            );
+            assert!(
+                e.value.len() <= 67,
+                "{flag}: the error quotes the whole list"
+            );
+        }
+    }
+
+    #[test]
+    fn lists_at_their_limits_are_accepted() {
+        let port = |i: usize| (1000 + i).to_string();
+        let raw = RawConfig {
+            outbound_ports_exclude: list(limits::MAX_PORTS, port),
+            outbound_ip_ranges_include: list(limits::MAX_CIDRS, |i| format!("10.{i}.0.0/16")),
+            outbound_ip_ranges_exclude: list(limits::MAX_CIDRS, |i| format!("11.{i}.0.0/16")),
+            proxy_uid: list(limits::MAX_IDS, |i| i.to_string()),
+            owner_groups_exclude: list(limits::MAX_OWNER_GROUPS, |i| i.to_string()),
+            dns_servers: list(limits::MAX_DNS_SERVERS, |i| format!("10.0.0.{}", i + 1)),
+            ..Default::default()
+        };
+        let c = raw.parse().unwrap();
+        assert_eq!(c.outbound_ports_exclude.len(), limits::MAX_PORTS);
+    }
+
+    #[test]
+    fn ports_of_all_lists_together_are_limited() {
+        // Each list within its own limit, together over the pod's port entries.
+        let ports = |base: usize| list(limits::MAX_PORTS, |i| (base + i).to_string());
+        let raw = RawConfig {
+            inbound_ports_include: ports(1000),
+            outbound_ports_include: ports(2000),
+            outbound_ports_exclude: ports(3000),
+            ..Default::default()
+        };
+        let e = raw.parse().unwrap_err();
+        assert_eq!(e.flag, "ports");
+        assert!(
+            e.reason.contains(&format!(
+                "the limit for one pod is {}",
+                limits::MAX_PORT_ENTRIES
+            )),
+            "{e}"
+        );
     }
 
     #[test]

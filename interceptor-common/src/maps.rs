@@ -22,6 +22,29 @@ pub mod names {
     pub const ACCEL_PASSED: &str = "ACCEL_PASSED";
 }
 
+/// Capacities of the node-wide maps. Set maps hold every pod's lists; sized for `MAX_PODS`
+/// pods each at its config's limits (`config::limits`), so one pod's lists cannot crowd another
+/// out. They are created with `BPF_F_NO_PREALLOC`: memory follows use, only the hash buckets
+/// are allocated up front.
+pub mod capacity {
+    /// Registered pods (netns) on a node.
+    pub const MAX_PODS: u32 = 4096;
+    /// `PORTS` entries of one pod (all kinds together; `config::limits::MAX_PORT_ENTRIES`).
+    pub const PORTS_PER_POD: u32 = 128;
+    /// `ADDRS` entries of one pod: its own addresses and its DNS servers.
+    pub const ADDRS_PER_POD: u32 = 64;
+    /// The pod's own addresses that fit beside `config::limits::MAX_DNS_SERVERS`.
+    pub const LOCAL_ADDRS_PER_POD: u32 = 48;
+    /// `GROUPS` entries of one pod (`config::limits::MAX_OWNER_GROUPS`).
+    pub const GROUPS_PER_POD: u32 = 64;
+    /// Entries of one pod in each CIDR trie (`config::limits::MAX_CIDRS`).
+    pub const CIDRS_PER_POD: u32 = 64;
+    pub const PORTS: u32 = MAX_PODS * PORTS_PER_POD;
+    pub const ADDRS: u32 = MAX_PODS * ADDRS_PER_POD;
+    pub const GROUPS: u32 = MAX_PODS * GROUPS_PER_POD;
+    pub const CIDRS: u32 = MAX_PODS * CIDRS_PER_POD;
+}
+
 /// Per-pod counters in the per-CPU `STATS` array: index `pod_id * stat::PER_POD + counter`.
 /// Pods with an id of `stat::MAX_PODS` or more are not counted (ids are the smallest free ones,
 /// so this only happens past that many pods on a node).

@@ -38,8 +38,8 @@ use interceptor_common::{
         PodTables, Proto, Verdict,
     },
     maps::{
-        mapped_v4, stat, v6_bytes, AddrKey, Cidr4Data, Cidr6Data, GroupKey, OrigDst, PodRef,
-        PortKey, SockKey, TupleKey, ADDR_DNS, ADDR_LOCAL, PORT_EXCLUDED, PORT_GUARDED,
+        capacity, mapped_v4, stat, v6_bytes, AddrKey, Cidr4Data, Cidr6Data, GroupKey, OrigDst,
+        PodRef, PortKey, SockKey, TupleKey, ADDR_DNS, ADDR_LOCAL, PORT_EXCLUDED, PORT_GUARDED,
         PORT_INBOUND, PORT_INCLUDED,
     },
 };
@@ -61,7 +61,9 @@ const SOCK_OPS_TCP_LISTEN_CB: u32 = 11;
 const TCP_CLOSE: u32 = 7;
 const DNS_PORT: u16 = 53;
 
-const MAX_PODS: u32 = 4096;
+const MAX_PODS: u32 = capacity::MAX_PODS;
+/// Hash maps whose memory follows their use (only buckets are allocated at creation).
+const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// Set by the loader (`--ebpf-log`). It lives in .rodata, which the loader freezes, so the
 /// verifier knows its value and prunes every log call when it is 0: the hot path pays nothing.
@@ -108,19 +110,20 @@ fn count(pod_id: u32, counter: u32) {
 #[map]
 static POD_POLICY: HashMap<u64, PodPolicy> = HashMap::with_max_entries(MAX_PODS, 0);
 #[map]
-static PORTS: HashMap<PortKey, u8> = HashMap::with_max_entries(65536, 0);
+static PORTS: HashMap<PortKey, u8> = HashMap::with_max_entries(capacity::PORTS, BPF_F_NO_PREALLOC);
 #[map]
-static ADDRS: HashMap<AddrKey, u8> = HashMap::with_max_entries(16384, 0);
+static ADDRS: HashMap<AddrKey, u8> = HashMap::with_max_entries(capacity::ADDRS, BPF_F_NO_PREALLOC);
 #[map]
-static GROUPS: HashMap<GroupKey, u8> = HashMap::with_max_entries(16384, 0);
+static GROUPS: HashMap<GroupKey, u8> =
+    HashMap::with_max_entries(capacity::GROUPS, BPF_F_NO_PREALLOC);
 #[map]
-static CIDR4_EXCL: LpmTrie<Cidr4Data, u8> = LpmTrie::with_max_entries(65536, 0);
+static CIDR4_EXCL: LpmTrie<Cidr4Data, u8> = LpmTrie::with_max_entries(capacity::CIDRS, 0);
 #[map]
-static CIDR4_INCL: LpmTrie<Cidr4Data, u8> = LpmTrie::with_max_entries(65536, 0);
+static CIDR4_INCL: LpmTrie<Cidr4Data, u8> = LpmTrie::with_max_entries(capacity::CIDRS, 0);
 #[map]
-static CIDR6_EXCL: LpmTrie<Cidr6Data, u8> = LpmTrie::with_max_entries(65536, 0);
+static CIDR6_EXCL: LpmTrie<Cidr6Data, u8> = LpmTrie::with_max_entries(capacity::CIDRS, 0);
 #[map]
-static CIDR6_INCL: LpmTrie<Cidr6Data, u8> = LpmTrie::with_max_entries(65536, 0);
+static CIDR6_INCL: LpmTrie<Cidr6Data, u8> = LpmTrie::with_max_entries(capacity::CIDRS, 0);
 /// Socket cookie → original destination, for the life of the app's TCP connection. LRU only as
 /// a safety net: entries are removed when the connection closes.
 #[map]
@@ -541,7 +544,11 @@ pub fn ic_bind6(ctx: SockAddrContext) -> i32 {
 pub fn ic_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         SOCK_OPS_TCP_LISTEN_CB => on_listen(&ctx),
-        SOCK_OPS_TCP_CONNECT_CB | SOCK_OPS_STATE_CB => on_active(&ctx),
+        SOCK_OPS_TCP_CONNECT_CB => on_active(&ctx),
+        SOCK_OPS_STATE_CB => {
+            on_active(&ctx);
+            on_accel_close(&ctx);
+        }
         SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
             on_active(&ctx);
             on_established(&ctx);
@@ -685,7 +692,34 @@ fn on_established(ctx: &SockOpsContext) {
     };
     // A new connection on a tuple an earlier one marked: start unmarked.
     let _ = ACCEL_PASSED.remove(&key);
+    // The state callback forgets the socket's ACCEL_PASSED entry when it closes.
+    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
     let _ = ACCEL.update(key, unsafe { &mut *ctx.ops }, 0);
+}
+
+/// An accelerated socket closing: its `ACCEL_PASSED` mark goes with it (ACCEL drops the socket
+/// by itself). Only sockets that asked for state callbacks get here: redirected and
+/// accelerated ones.
+#[inline(always)]
+fn on_accel_close(ctx: &SockOpsContext) {
+    if ctx.arg(1) != TCP_CLOSE {
+        return;
+    }
+    match ACCEL_ON.get(0) {
+        Some(n) if *n != 0 => {}
+        _ => return,
+    }
+    let Some((local, remote, local_port, remote_port)) = sock_ends!(ctx.ops) else {
+        return;
+    };
+    let key = SockKey {
+        netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        local,
+        remote,
+        local_port,
+        remote_port,
+    };
+    let _ = ACCEL_PASSED.remove(&key);
 }
 
 /// Hands each message of an accelerated socket to its peer's receive queue, skipping the

@@ -296,7 +296,7 @@ fn cli_cases() -> Vec<Case> {
             args: vec![],
             env: vec![("ISTIO_OUTBOUND_OWNER_GROUPS".into(), many_groups)],
         },
-        named: s(&["ISTIO_OUTBOUND_OWNER_GROUPS", "at most 64 groups"]),
+        named: s(&["ISTIO_OUTBOUND_OWNER_GROUPS", "the limit is 64"]),
     });
     v
 }

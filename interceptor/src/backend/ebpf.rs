@@ -481,6 +481,9 @@ pub struct PodMaps {
     by_tuple: HashMap<MapData, TupleKey, OrigDst>,
     accel: SockHash<MapData, SockKey>,
     accel_on: Array<MapData, u32>,
+    dns_orig: HashMap<MapData, u64, OrigDst>,
+    proxy_binds: HashMap<MapData, u64, u8>,
+    accel_passed: HashMap<MapData, SockKey, u8>,
 }
 
 fn v4_cidr_key(pod_id: u32, net: &ipnet::Ipv4Net) -> Key<Cidr4Data> {
@@ -536,6 +539,9 @@ impl PodMaps {
             by_tuple: HashMap::try_from(Map::LruHashMap(open_map(pins, names::ORIG_BY_TUPLE)?))?,
             accel: SockHash::try_from(Map::SockHash(open_map(pins, names::ACCEL)?))?,
             accel_on: Array::try_from(Map::Array(open_map(pins, names::ACCEL_ON)?))?,
+            dns_orig: HashMap::try_from(Map::LruHashMap(open_map(pins, names::DNS_ORIG)?))?,
+            proxy_binds: HashMap::try_from(Map::LruHashMap(open_map(pins, names::PROXY_BINDS)?))?,
+            accel_passed: HashMap::try_from(Map::LruHashMap(open_map(pins, names::ACCEL_PASSED)?))?,
         })
     }
 
@@ -557,6 +563,14 @@ impl PodMaps {
     ) -> Result<PodHandle> {
         if let Some(why) = policy::ebpf_unsupported(cfg) {
             bail!("the eBPF backend cannot honour this config: {why}");
+        }
+        // ADDRS is sized for every pod at this many addresses (maps::capacity).
+        let max_local = interceptor_common::maps::capacity::LOCAL_ADDRS_PER_POD as usize;
+        if local.len() > max_local {
+            bail!(
+                "the pod netns has {} addresses; the eBPF backend's limit is {max_local} per pod",
+                local.len()
+            );
         }
         let cookie = facts.cookie;
         let old = self.policy.get(&cookie, 0).ok();
@@ -949,6 +963,10 @@ impl PodMaps {
             (names::ORIG_BY_COOKIE, self.by_cookie.keys().count()),
             (names::ORIG_BY_TUPLE, self.by_tuple.keys().count()),
             (names::ACCEL, self.accel.keys().count()),
+            (names::ACCEL_PASSED, self.accel_passed.keys().count()),
+            (names::DNS_ORIG, self.dns_orig.keys().count()),
+            (names::PROXY_BINDS, self.proxy_binds.keys().count()),
+            (names::LISTENERS, self.listeners.keys().count()),
             (names::CIDR4_EXCL, self.cidr4[0].keys().count()),
             (names::CIDR4_INCL, self.cidr4[1].keys().count()),
             (names::CIDR6_EXCL, self.cidr6[0].keys().count()),
