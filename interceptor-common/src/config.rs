@@ -305,13 +305,13 @@ fn parse_cidrs(flag: &'static str, s: &str) -> Result<Vec<IpNet>, ConfigError> {
 fn parse_interfaces(flag: &'static str, s: &str) -> Result<Vec<String>, ConfigError> {
     split_list(s)
         .into_iter()
-        .map(|item| {
-            // IFNAMSIZ is 16 including the NUL; no '/' or whitespace in a Linux interface name.
-            if item.len() > 15 || item.contains('/') || item.chars().any(char::is_whitespace) {
-                Err(ConfigError::new(flag, item, "not a valid interface name"))
-            } else {
-                Ok(item.to_string())
-            }
+        .map(|item| match crate::ifname::interface_name_problem(item) {
+            Some(why) => Err(ConfigError::new(
+                flag,
+                item,
+                format!("not a valid interface name: {why}"),
+            )),
+            None => Ok(item.to_string()),
         })
         .collect()
 }

@@ -10,6 +10,9 @@ pub mod maps;
 #[cfg(feature = "user")]
 pub mod config;
 
+#[cfg(feature = "user")]
+pub mod ifname;
+
 pub mod decision;
 
 #[cfg(feature = "user")]

@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod dns;
 pub mod ebpf;
 pub mod forward;
+pub mod netfilter;
 pub mod sidecar;
 pub mod topology;
 

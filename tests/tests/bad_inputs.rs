@@ -40,6 +40,10 @@ enum Via {
     Control(String),
 }
 
+/// The injection of issue 13: an nft statement separator, an include of the daemon's files
+/// matching `sh*`, and a comment eating the rest of the rule, in 15 bytes.
+const INJECTION: &str = "x;include\"sh*\"#";
+
 struct Case {
     kind: &'static str,
     what: String,
@@ -220,6 +224,23 @@ fn cli_cases() -> Vec<Case> {
             "--kube-virt-interfaces",
             "averyveryverylongifname0",
         ),
+        // Interface names that could end their token in a rule document (issue 13).
+        flag(
+            &["--backend", "nftables", "-k", INJECTION],
+            "--kube-virt-interfaces",
+            "x;include",
+        ),
+        flag(
+            &["--backend", "iptables", "-c", INJECTION],
+            "--istio-exclude-interfaces",
+            "x;include",
+        ),
+        flag(&["-k", "net1,a:b"], "--kube-virt-interfaces", "a:b"),
+        flag(&["-k", ".."], "--kube-virt-interfaces", "\"..\""),
+        flag(&["-c", "+"], "--istio-exclude-interfaces", "wildcard"),
+        flag(&["-c", "!"], "--istio-exclude-interfaces", "negation"),
+        flag(&["-k", "a\\b"], "--kube-virt-interfaces", "a\\\\b"),
+        flag(&["-k", "eth\u{1}"], "--kube-virt-interfaces", "eth\\u{1}"),
         flag(&["--backend", "magic"], "--backend", "magic"),
         flag(
             &["--force-iptables-binary", "old"],
@@ -374,6 +395,12 @@ fn cni_cases(fx: &Fixture) -> Vec<Case> {
             "istio.io/reroute-virtual-interfaces",
             "averyveryverylongifname0",
             "averyveryverylongifname0",
+        ),
+        ann("istio.io/reroute-virtual-interfaces", INJECTION, "x;include"),
+        ann(
+            "traffic.sidecar.istio.io/kubevirtInterfaces",
+            "net1,a:b",
+            "a:b",
         ),
         add(
             "annotation",
@@ -615,6 +642,13 @@ fn control_cases(fx: &Fixture) -> Vec<Case> {
             &["ebpf", "exclude"],
         ),
         c(
+            "interface name injection, nftables backend",
+            json!({"op": "add", "netns": ns, "backend": "nftables",
+                "config": {"reroute_virtual_interfaces": INJECTION}})
+            .to_string(),
+            &["--kube-virt-interfaces", "x;include"],
+        ),
+        c(
             "pod IP not an address",
             format!(r#"{{"op":"add","netns":"{ns}","config":{{}},"ips":["10.0.0.300"]}}"#),
             &["malformed request", "10.0.0.300"],
@@ -839,4 +873,56 @@ fn every_bad_input_is_named_and_applies_nothing() {
     );
     fx.d.pod_ok(&["remove", "--network-namespace", &ns]);
     assert_eq!(fx.state(), baseline, "CNI control: not removed");
+}
+
+/// Odd interface names Linux accepts are not bad inputs: the rule tools themselves
+/// (`iptables-nft-restore`, `nft`, in a scratch netns) parse our documents into rules on exactly
+/// those names, in every rule group that takes one. A name slipped past validation is caught.
+#[test]
+fn odd_interface_names_parse_as_configured_by_the_rule_tools() {
+    use interceptor_common::config::RawConfig;
+    use interceptor_tests::netfilter::check_rendered;
+    let names = [
+        "a;b#c{d}$e@f",
+        "eth+",
+        "x*",
+        "a*+",
+        "-j",
+        "--",
+        "!x",
+        "...",
+        "é",
+        "$x",
+        "@set",
+        "}{",
+        "'q'",
+        "123456789012345",
+    ];
+    let mut checked = 0;
+    for (i, name) in names.iter().enumerate() {
+        let other = names[(i + 1) % names.len()];
+        let raw = RawConfig {
+            inbound_interception_mode: if i % 2 == 0 { "TPROXY" } else { "REDIRECT" }.into(),
+            inbound_ports_include: "*".into(),
+            exclude_interfaces: format!("{name},eth9"),
+            reroute_virtual_interfaces: other.to_string(),
+            outbound_ip_ranges_include: if i % 3 == 0 { "*" } else { "10.0.0.0/8,fd00::/8" }.into(),
+            enable_ipv6: true,
+            ..RawConfig::default()
+        };
+        let cfg = raw
+            .parse()
+            .unwrap_or_else(|e| panic!("{name:?} refused: {e}"));
+        check_rendered(&cfg).unwrap_or_else(|e| panic!("{name:?}: {e}"));
+        checked += 1;
+    }
+    // Control: a name that bypassed validation (the fields are public) is caught by the tools.
+    for bad in ["a\"b", "x;include\"sh*\"#"] {
+        let mut cfg = RawConfig::default().parse().unwrap();
+        cfg.reroute_virtual_interfaces = vec![bad.to_string()];
+        let r = check_rendered(&cfg);
+        assert!(r.is_err(), "{bad:?} passed the real-tool check");
+        println!("control {bad:?}: {}", r.unwrap_err().lines().next().unwrap_or(""));
+    }
+    println!("odd interface names: {checked} configs parsed by iptables-nft and nft as asked");
 }

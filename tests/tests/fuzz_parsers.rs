@@ -62,6 +62,10 @@ struct Target<T> {
     save: fn(&T) -> Vec<u8>,
     /// `Ok(true)` accepted, `Ok(false)` rejected properly, `Err` a property violated.
     check: fn(&T) -> Result<bool, String>,
+    /// Generated cases to run ([`cases`] for the in-process parsers).
+    cases: u32,
+    /// A case slower than this is a hang ([`hang_bound`] for the in-process parsers).
+    hang: Duration,
 }
 
 fn save_finding<T>(t: &Target<T>, kind: &str, input: &T) -> PathBuf {
@@ -125,18 +129,18 @@ where
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watchdog = {
         let (slot, done) = (slot.clone(), done.clone());
-        let (name, ext, save) = (t.name, t.ext, t.save);
+        let (name, ext, save, hang) = (t.name, t.ext, t.save, t.hang);
         std::thread::spawn(move || {
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(100));
                 let s = slot.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some((start, input)) = s.as_ref() {
-                    if start.elapsed() > hang_bound() {
+                    if start.elapsed() > hang {
                         let path = corpus_dir(name).join(format!("hang-{}.{ext}", t0_id()));
                         let _ = std::fs::write(&path, save(input));
                         eprintln!(
                             "fuzz: {name}: HANG (> {:?}) on {input:?}, saved to {}",
-                            hang_bound(),
+                            hang,
                             path.display()
                         );
                         std::process::abort();
@@ -147,7 +151,7 @@ where
     };
 
     // 3. Generated cases; proptest replays its persisted failure seeds first.
-    let n = cases();
+    let n = t.cases;
     let mut runner = TestRunner::new(Config {
         cases: n,
         failure_persistence: Some(Box::new(FileFailurePersistence::Direct(t.regressions))),
@@ -186,7 +190,7 @@ where
         executed.get(),
         accepted.get(),
         slowest.get().as_secs_f64() * 1e3,
-        hang_bound(),
+        t.hang,
         t0.elapsed().as_secs_f64()
     );
 }
@@ -383,8 +387,83 @@ fn config_parser_never_panics_and_cannot_inject_rules() {
             load: json_load::<RawConfig>,
             save: json_save::<RawConfig>,
             check: check_raw,
+            cases: cases(),
+            hang: hang_bound(),
         },
         raw(),
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1b. What the rule tools parse out of the rendered documents. A line-prefix check cannot see a
+// value ending its token inside a line, so accepted configs (interface names biased toward
+// the syntax of iptables-restore, nft and the shell) are applied by iptables-nft-restore and nft
+// in a scratch netns and listed back: exactly the rules, names, ports and CIDRs asked for.
+
+/// Configs checked by the tools per run (each is a scratch netns and six tool runs, ~0.1 s).
+fn tool_cases() -> u32 {
+    std::env::var("FUZZ_TOOL_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or((300.0 / interceptor_tests::time_scale()) as u32)
+}
+
+/// Interface-name lists: mostly printable ASCII (every nft/iptables/shell metacharacter), some
+/// Unicode, some wildcards.
+fn ifname_list() -> impl Strategy<Value = String> {
+    let name = prop_oneof![
+        "[!-~]{1,15}",
+        "[a-z0-9]{1,6}[+*]",
+        "[\"\\\\;#{}$@*+!.:/-]{1,4}[a-z]{0,4}",
+        ".{1,6}",
+    ];
+    prop::collection::vec(name, 0..3).prop_map(|v| v.join(","))
+}
+
+fn tool_raw() -> impl Strategy<Value = RawConfig> {
+    (raw(), ifname_list(), ifname_list(), any::<bool>()).prop_map(|(mut r, ex, virt, tproxy)| {
+        r.exclude_interfaces = ex;
+        r.reroute_virtual_interfaces = virt;
+        if tproxy {
+            r.inbound_interception_mode = "TPROXY".into();
+        }
+        r
+    })
+}
+
+/// `check_raw`, and an accepted config's documents parse, in the real tools, as configured.
+fn check_tools(raw: &RawConfig) -> Result<bool, String> {
+    if !check_raw(raw)? {
+        return Ok(false);
+    }
+    let cfg = raw.parse().expect("accepted by check_raw");
+    interceptor_tests::netfilter::check_rendered(&cfg).map(|_| true)
+}
+
+#[test]
+fn rendered_documents_parse_as_configured_in_the_rule_tools() {
+    for tool in interceptor_tests::netfilter::TOOLS {
+        assert!(
+            interceptor::backend::exec::available(tool),
+            "{tool} is needed (scripts/setup.sh installs it)"
+        );
+    }
+    fuzz(
+        Target {
+            name: "tools",
+            ext: "json",
+            regressions: concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/fuzz/corpus/tools/proptest-regressions.txt"
+            ),
+            load: json_load::<RawConfig>,
+            save: json_save::<RawConfig>,
+            check: check_tools,
+            cases: tool_cases(),
+            // Process start-up under a loaded CI machine, not parsing, dominates a case.
+            hang: interceptor_tests::scaled(Duration::from_secs(20)),
+        },
+        tool_raw(),
     );
 }
 
@@ -487,6 +566,8 @@ fn cli_never_panics() {
             },
             save: |v: &Vec<String>| v.join("\n").into_bytes(),
             check: check_cli,
+            cases: cases(),
+            hang: hang_bound(),
         },
         args,
     );
@@ -681,6 +762,8 @@ fn annotation_parser_never_panics_and_names_bad_values() {
             load: json_load::<PodInput>,
             save: json_save::<PodInput>,
             check: check_pod,
+            cases: cases(),
+            hang: hang_bound(),
         },
         pod_input(),
     );
@@ -909,6 +992,8 @@ fn cni_stdin_parser_never_panics() {
             load: cni_load,
             save: cni_save,
             check: check_cni,
+            cases: cases(),
+            hang: hang_bound(),
         },
         cni_input(),
     );

@@ -334,17 +334,41 @@ fn is_loopback(addr: IpAddr) -> bool {
     }
 }
 
+/// An interface name as one restore-document token. Always quoted: names come from pod
+/// annotations, and the config only admits names without `"`, `\\`, whitespace or control
+/// characters (`interface_name_problem`), so nothing inside the quotes can end the token.
+/// iptables-restore strips the quotes; a trailing `+` stays iptables' prefix wildcard.
+fn quoted(nic: &str) -> String {
+    format!("\"{nic}\"")
+}
+
 /// Traffic on excluded NICs bypasses everything; in TPROXY mode mangle needs the same bypass.
 fn excluded_interfaces(b: &mut Builder) {
     let cfg = b.cfg;
     for nic in &cfg.exclude_interfaces {
-        b.append(Table::Nat, "PREROUTING", &format!("-i {nic} -j RETURN"));
-        b.append(Table::Nat, "OUTPUT", &format!("-o {nic} -j RETURN"));
+        b.append(
+            Table::Nat,
+            "PREROUTING",
+            &format!("-i {q} -j RETURN", q = quoted(nic)),
+        );
+        b.append(
+            Table::Nat,
+            "OUTPUT",
+            &format!("-o {q} -j RETURN", q = quoted(nic)),
+        );
     }
     if cfg.inbound_interception_mode == InterceptionMode::Tproxy {
         for nic in &cfg.exclude_interfaces {
-            b.append(Table::Mangle, "PREROUTING", &format!("-i {nic} -j RETURN"));
-            b.append(Table::Mangle, "OUTPUT", &format!("-o {nic} -j RETURN"));
+            b.append(
+                Table::Mangle,
+                "PREROUTING",
+                &format!("-i {q} -j RETURN", q = quoted(nic)),
+            );
+            b.append(
+                Table::Mangle,
+                "OUTPUT",
+                &format!("-o {q} -j RETURN", q = quoted(nic)),
+            );
         }
     }
 }
@@ -354,7 +378,12 @@ fn excluded_interfaces(b: &mut Builder) {
 fn kube_virt_short_circuit(b: &mut Builder) {
     let cfg = b.cfg;
     for nic in &cfg.reroute_virtual_interfaces {
-        b.insert(Table::Nat, "PREROUTING", 1, &format!("-i {nic} -j RETURN"));
+        b.insert(
+            Table::Nat,
+            "PREROUTING",
+            1,
+            &format!("-i {q} -j RETURN", q = quoted(nic)),
+        );
     }
 }
 
@@ -659,7 +688,7 @@ fn outbound_destinations(b: &mut Builder) {
                     Table::Nat,
                     "PREROUTING",
                     1,
-                    &format!("-i {nic} -j {ISTIO_REDIRECT}"),
+                    &format!("-i {q} -j {ISTIO_REDIRECT}", q = quoted(nic)),
                 );
             }
         }
@@ -670,7 +699,7 @@ fn outbound_destinations(b: &mut Builder) {
                         Table::Nat,
                         "PREROUTING",
                         1,
-                        &format!("-i {nic} -d {net} -j {ISTIO_REDIRECT}"),
+                        &format!("-i {q} -d {net} -j {ISTIO_REDIRECT}", q = quoted(nic)),
                     );
                 }
                 b.append(

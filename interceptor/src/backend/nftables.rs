@@ -185,20 +185,43 @@ fn build(cfg: &Config) -> Builder {
     b
 }
 
+/// An interface name as an nft string. Always quoted: names come from pod annotations, and
+/// the config only admits names without `"`, `\\`, whitespace or control characters
+/// (`interface_name_problem`), so nothing inside the quotes can end the string. The iptables
+/// prefix wildcard (a trailing `+`) becomes nft's trailing `*`; a name that really ends in `*`
+/// gets it escaped (`\*`), the only place nft gives `*` a meaning.
+fn ifname(nic: &str) -> String {
+    match nic.strip_suffix('+') {
+        Some(stem) => format!("\"{stem}*\""),
+        None => match nic.strip_suffix('*') {
+            Some(stem) => format!("\"{stem}\\*\""),
+            None => format!("\"{nic}\""),
+        },
+    }
+}
+
 /// Excluded NICs skip nat entirely in both directions (and mangle too in TPROXY mode).
 fn exclude_interfaces(b: &mut Builder, p: &Plan) {
     for nic in &p.cfg.exclude_interfaces {
-        b.nat
-            .append(PREROUTING, format!("iifname {nic} counter return"));
-        b.nat
-            .append(OUTPUT, format!("oifname {nic} counter return"));
+        b.nat.append(
+            PREROUTING,
+            format!("iifname {q} counter return", q = ifname(nic)),
+        );
+        b.nat.append(
+            OUTPUT,
+            format!("oifname {q} counter return", q = ifname(nic)),
+        );
     }
     if p.tproxy {
         for nic in &p.cfg.exclude_interfaces {
-            b.mangle
-                .append(PREROUTING, format!("iifname {nic} counter return"));
-            b.mangle
-                .append(OUTPUT, format!("oifname {nic} counter return"));
+            b.mangle.append(
+                PREROUTING,
+                format!("iifname {q} counter return", q = ifname(nic)),
+            );
+            b.mangle.append(
+                OUTPUT,
+                format!("oifname {q} counter return", q = ifname(nic)),
+            );
         }
     }
 }
@@ -206,8 +229,11 @@ fn exclude_interfaces(b: &mut Builder, p: &Plan) {
 /// Traffic arriving on kube-virt interfaces is not inbound traffic; put the return at the head.
 fn kube_virt_short_circuit(b: &mut Builder, p: &Plan) {
     for nic in &p.cfg.reroute_virtual_interfaces {
-        b.nat
-            .insert(PREROUTING, 0, format!("iifname {nic} counter return"));
+        b.nat.insert(
+            PREROUTING,
+            0,
+            format!("iifname {q} counter return", q = ifname(nic)),
+        );
     }
 }
 
@@ -576,7 +602,7 @@ fn outbound_cidrs_include(b: &mut Builder, p: &Plan) {
                 b.nat.insert(
                     PREROUTING,
                     0,
-                    format!("iifname {nic} counter jump {REDIRECT}"),
+                    format!("iifname {q} counter jump {REDIRECT}", q = ifname(nic)),
                 );
             }
         }
@@ -587,7 +613,10 @@ fn outbound_cidrs_include(b: &mut Builder, p: &Plan) {
                     b.nat.insert(
                         PREROUTING,
                         0,
-                        format!("iifname {nic} ip daddr {net} counter jump {REDIRECT}"),
+                        format!(
+                            "iifname {q} ip daddr {net} counter jump {REDIRECT}",
+                            q = ifname(nic)
+                        ),
                     );
                 }
                 b.nat.append(
@@ -602,7 +631,10 @@ fn outbound_cidrs_include(b: &mut Builder, p: &Plan) {
                         nat.insert(
                             PREROUTING,
                             0,
-                            format!("iifname {nic} ip6 daddr {net} counter jump {REDIRECT}"),
+                            format!(
+                                "iifname {q} ip6 daddr {net} counter jump {REDIRECT}",
+                                q = ifname(nic)
+                            ),
                         )
                     );
                 }
