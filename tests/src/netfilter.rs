@@ -94,7 +94,8 @@ fn listing() -> anyhow::Result<Parsed> {
             }
             for target in ["redirect", "tproxy", "dnat"] {
                 if let Some(port) = expr.get(target).and_then(|t| t.get("port")) {
-                    p.ports.extend(port.as_u64().and_then(|n| u16::try_from(n).ok()));
+                    p.ports
+                        .extend(port.as_u64().and_then(|n| u16::try_from(n).ok()));
                 }
             }
         }

@@ -396,7 +396,11 @@ fn cni_cases(fx: &Fixture) -> Vec<Case> {
             "averyveryverylongifname0",
             "averyveryverylongifname0",
         ),
-        ann("istio.io/reroute-virtual-interfaces", INJECTION, "x;include"),
+        ann(
+            "istio.io/reroute-virtual-interfaces",
+            INJECTION,
+            "x;include",
+        ),
         ann(
             "traffic.sidecar.istio.io/kubevirtInterfaces",
             "net1,a:b",
@@ -906,7 +910,12 @@ fn odd_interface_names_parse_as_configured_by_the_rule_tools() {
             inbound_ports_include: "*".into(),
             exclude_interfaces: format!("{name},eth9"),
             reroute_virtual_interfaces: other.to_string(),
-            outbound_ip_ranges_include: if i % 3 == 0 { "*" } else { "10.0.0.0/8,fd00::/8" }.into(),
+            outbound_ip_ranges_include: if i % 3 == 0 {
+                "*"
+            } else {
+                "10.0.0.0/8,fd00::/8"
+            }
+            .into(),
             enable_ipv6: true,
             ..RawConfig::default()
         };
@@ -922,7 +931,10 @@ fn odd_interface_names_parse_as_configured_by_the_rule_tools() {
         cfg.reroute_virtual_interfaces = vec![bad.to_string()];
         let r = check_rendered(&cfg);
         assert!(r.is_err(), "{bad:?} passed the real-tool check");
-        println!("control {bad:?}: {}", r.unwrap_err().lines().next().unwrap_or(""));
+        println!(
+            "control {bad:?}: {}",
+            r.unwrap_err().lines().next().unwrap_or("")
+        );
     }
     println!("odd interface names: {checked} configs parsed by iptables-nft and nft as asked");
 }

@@ -186,9 +186,12 @@ fn iptables_plan<'a>(
     netns: Option<&'a Path>,
     bin: &Binaries,
     v6: bool,
-    doc: Option<&'a str>,
+    config_doc: &'a str,
     mode: Mode,
 ) -> Result<Plan<'a>> {
+    // The config's rules tell which builtin-chain rules are ours (`-c`/`-k` RETURNs name no
+    // ISTIO_ chain), so they are rendered for a cleanup too; only applying them is skipped.
+    let doc = (!mode.cleanup_only).then_some(config_doc);
     let (save, restore) = if v6 {
         (bin.name("ip6tables-save"), bin.name("ip6tables-restore"))
     } else {
@@ -197,17 +200,14 @@ fn iptables_plan<'a>(
     let before = run(netns, &save, &[], None)?;
     let current = parse_save(&before);
     // What the wanted rules look like once applied, as this very tool prints them.
-    let wanted = match doc {
-        Some(doc) => {
-            let (doc, save2, restore2) = (doc.to_string(), save.clone(), restore.clone());
-            let dump = in_scratch(move || {
-                run(None, &restore2, &["--noflush"], Some(&doc))?;
-                run(None, &save2, &[], None)
-            })
-            .with_context(|| format!("{restore} rejected the generated rules"))?;
-            parse_save(&dump)
-        }
-        None => BTreeMap::new(),
+    let wanted = {
+        let (doc, save2, restore2) = (config_doc.to_string(), save.clone(), restore.clone());
+        let dump = in_scratch(move || {
+            run(None, &restore2, &["--noflush"], Some(&doc))?;
+            run(None, &save2, &[], None)
+        })
+        .with_context(|| format!("{restore} rejected the generated rules"))?;
+        parse_save(&dump)
     };
     let ours_builtin: Vec<String> = wanted
         .values()
@@ -377,17 +377,17 @@ pub fn apply_iptables(
     mode: Mode,
 ) -> Result<Outcome> {
     let docs = iptables::render(cfg);
-    let v4 = iptables_plan(
-        netns,
-        bin,
-        false,
-        (!mode.cleanup_only).then_some(docs.v4.as_str()),
-        mode,
-    )?;
+    let v4 = iptables_plan(netns, bin, false, &docs.v4, mode)?;
+    // A cleanup also looks at IPv6 when the config does not enable it (the rules may be from
+    // an earlier config that did), with the IPv6 rules this config would have.
+    let v6_doc = docs
+        .v6
+        .clone()
+        .unwrap_or_else(|| iptables::restore_doc(&iptables::rules(cfg, iptables::Family::V6)));
     let v6 = match (&docs.v6, mode.cleanup_only) {
-        (Some(doc), false) => Some(iptables_plan(netns, bin, true, Some(doc), mode)?),
+        (Some(doc), false) => Some(iptables_plan(netns, bin, true, doc, mode)?),
         // Clean up v6 too, but a node without IPv6 netfilter must not fail.
-        (_, true) => iptables_plan(netns, bin, true, None, mode).ok(),
+        (_, true) => iptables_plan(netns, bin, true, &v6_doc, mode).ok(),
         (None, false) => None,
     };
     let out4 = v4.execute(mode)?;

@@ -27,6 +27,12 @@ const ODD: &str = "a;b#c{d}$e@f";
 /// Every backend a CLI user can ask for: the compared pair plus native nftables.
 const CLI_BACKENDS: [Flavor; 3] = [BACKENDS[0], BACKENDS[1], Flavor::Nftables];
 
+/// Whether an error names [`INJECTION`], as given or quoted as Rust's Debug quotes it.
+fn names_injection(msg: &str) -> bool {
+    let debug = format!("{INJECTION:?}");
+    msg.contains(INJECTION) || msg.contains(&debug[1..debug.len() - 1])
+}
+
 #[test]
 fn injected_interface_name_is_refused_on_every_entry_point() {
     let topo = Topology::new("nfinj").expect("topology");
@@ -42,7 +48,7 @@ fn injected_interface_name_is_refused_on_every_entry_point() {
             args.extend_from_slice(&[flag, INJECTION, "-i", "*", "-b", "*"]);
             let out = bin::run(&args, &[]);
             let stderr = String::from_utf8_lossy(&out.stderr);
-            if out.status.code() != Some(2) || !stderr.contains(&format!("{INJECTION:?}")) {
+            if out.status.code() != Some(2) || !names_injection(&stderr) {
                 failures.push(format!(
                     "{flavor:?} {flag}: not refused naming the value (exit {:?}): {stderr}",
                     out.status.code()
@@ -86,12 +92,11 @@ fn injected_interface_name_is_refused_on_every_entry_point() {
         let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap_or_default();
         let text = |k: &str| v[k].as_str().unwrap_or_default().to_string();
         let msg = format!("{} {} {}", text("msg"), text("details"), r.stderr);
-        // The value, as given or as Rust's Debug quotes it.
-        let debug = format!("{INJECTION:?}");
-        let named = msg.contains(key)
-            && (msg.contains(INJECTION) || msg.contains(&debug[1..debug.len() - 1]));
+        let named = msg.contains(key) && names_injection(&msg);
         if r.ok || !named {
-            failures.push(format!("CNI annotation {key}: not refused naming it: {r:?}"));
+            failures.push(format!(
+                "CNI annotation {key}: not refused naming it: {r:?}"
+            ));
         }
         if msg.contains("include") && msg.contains("Error: ") {
             failures.push(format!("CNI annotation {key}: nft ran the input: {msg}"));
@@ -107,7 +112,7 @@ fn injected_interface_name_is_refused_on_every_entry_point() {
         BufReader::new(&sock).read_line(&mut line).unwrap();
         let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
         let message = v["message"].as_str().unwrap_or_default();
-        if v["result"] != "error" || !message.contains(INJECTION) {
+        if v["result"] != "error" || !names_injection(message) {
             failures.push(format!("control API: not refused naming it: {line}"));
         }
     }
@@ -141,18 +146,17 @@ fn odd_but_valid_interface_name_is_excluded_as_configured() {
     let base = ["-u", "1337", "-m", "REDIRECT", "-i", "*", "-b", "*"];
     let (captured, passed) = (
         ("sidecar:15001".to_string(), "sidecar:15006".to_string()),
-        (format!("upstream:{UPSTREAM_PORT}"), format!("app:{APP_PORT}")),
+        (
+            format!("upstream:{UPSTREAM_PORT}"),
+            format!("app:{APP_PORT}"),
+        ),
     );
     let mut failures = Vec::new();
     for flavor in CLI_BACKENDS {
         let pod = Pod::new("nfodd").expect("pod");
         rename_pod_if(&pod.topo, ODD).expect("renaming the pod's interface");
         // Exact name, iptables' prefix wildcard over it, and (control) another interface.
-        for (exclude, want) in [
-            (ODD, &passed),
-            ("a;b#c{+", &passed),
-            ("other0", &captured),
-        ] {
+        for (exclude, want) in [(ODD, &passed), ("a;b#c{+", &passed), ("other0", &captured)] {
             let mut args = base.to_vec();
             args.extend_from_slice(&["-c", exclude, "--ipv6", "false"]);
             match apply(&pod, flavor, &args) {
