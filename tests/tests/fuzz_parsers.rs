@@ -405,7 +405,7 @@ fn tool_cases() -> u32 {
     std::env::var("FUZZ_TOOL_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or((300.0 / interceptor_tests::time_scale()) as u32)
+        .unwrap_or((400.0 / interceptor_tests::time_scale()) as u32)
 }
 
 /// Interface-name lists: mostly printable ASCII (every nft/iptables/shell metacharacter), some
@@ -420,12 +420,42 @@ fn ifname_list() -> impl Strategy<Value = String> {
     prop::collection::vec(name, 0..3).prop_map(|v| v.join(","))
 }
 
+/// Mostly a valid config (so most cases reach the tools), sometimes [`raw`]'s fuzzed one.
 fn tool_raw() -> impl Strategy<Value = RawConfig> {
-    (raw(), ifname_list(), ifname_list(), any::<bool>()).prop_map(|(mut r, ex, virt, tproxy)| {
+    let base = prop_oneof![
+        3 => any::<[bool; 4]>().prop_map(|flags| RawConfig {
+            inbound_ports_include: "*".into(),
+            inbound_ports_exclude: "15090,15021,15020".into(),
+            outbound_ip_ranges_include: if flags[0] { "*" } else { "10.0.0.0/8,fd00::/8" }.into(),
+            outbound_ip_ranges_exclude: "10.1.0.0/16,fd00:1::/32".into(),
+            outbound_ports_include: "8080".into(),
+            outbound_ports_exclude: "8443".into(),
+            redirect_dns: flags[1],
+            capture_all_dns: flags[2],
+            enable_ipv6: flags[3],
+            dns_servers: "10.96.0.10,fd00::a".into(),
+            ..RawConfig::default()
+        }),
+        1 => raw(),
+    ];
+    (base, ifname_list(), ifname_list(), any::<bool>()).prop_map(|(mut r, ex, virt, tproxy)| {
         r.exclude_interfaces = ex;
         r.reroute_virtual_interfaces = virt;
         if tproxy {
             r.inbound_interception_mode = "TPROXY".into();
+        }
+        // iptables resolves group names through this machine's /etc/group when it parses a
+        // rule: names are valid config but not portable tool input, so only ids here.
+        for g in [&mut r.owner_groups_include, &mut r.owner_groups_exclude] {
+            if !g
+                .chars()
+                .all(|c| c.is_ascii_digit() || c == ',' || c == '*')
+            {
+                g.clear();
+            }
+        }
+        if r.owner_groups_include.is_empty() {
+            r.owner_groups_include = "*".into();
         }
         r
     })
