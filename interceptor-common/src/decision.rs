@@ -209,7 +209,8 @@ pub enum Reason {
     ExcludedInboundPort,
     /// Inbound: not in the `-b` list.
     NotIncludedInboundPort,
-    /// Inbound: the peer is the pod itself (the proxy's own connection to the app, over lo).
+    /// Inbound: the peer is the pod itself (the proxy's own connection to the app, over lo),
+    /// or the destination is loopback.
     LocalPeer,
     /// Inbound: a port in the `-b` list / not excluded: to the proxy's inbound port.
     InboundCaptured,
@@ -404,7 +405,9 @@ pub fn decide_inbound<T: PodTables>(
     if !p.has(flags::INBOUND_ALL) && !p.has(flags::INBOUND_LIST) {
         return Verdict::Pass(Reason::NoInboundCapture);
     }
-    if remote.is_loopback() || remote == local || t.is_local(remote) {
+    // A loopback destination (127/8, ::1, ::ffff:127/104) can only be reached from inside the
+    // pod; any other local address is captured, whether or not it was known at registration.
+    if local.is_loopback() || remote.is_loopback() || remote == local || t.is_local(remote) {
         return Verdict::Pass(Reason::LocalPeer);
     }
     if port == p.inbound_tunnel_port {

@@ -12,7 +12,8 @@ pub mod names {
     pub const CIDR6_INCL: &str = "CIDR6_INCL";
     pub const ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
     pub const ORIG_BY_TUPLE: &str = "ORIG_BY_TUPLE";
-    pub const POD_BY_ADDR: &str = "POD_BY_ADDR";
+    pub const INBOUND_NETNS: &str = "INBOUND_NETNS";
+    pub const INBOUND_PROG: &str = "INBOUND_PROG";
     pub const LISTENERS: &str = "LISTENERS";
     pub const DNS_ORIG: &str = "DNS_ORIG";
     pub const PROXY_BINDS: &str = "PROXY_BINDS";
@@ -82,16 +83,6 @@ pub const PORT_INCLUDED: u16 = 2;
 pub const PORT_INBOUND: u16 = 3;
 /// Ports only the proxy may bind.
 pub const PORT_GUARDED: u16 = 4;
-
-/// What an address of a pod leads to: `POD_BY_ADDR` maps each pod address (IPv4 as
-/// `::ffff:a.b.c.d`) to its pod, for the sk_lookup program, which cannot read netns cookies.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PodRef {
-    pub netns: u64,
-    pub pod_id: u32,
-    pub _pad: u32,
-}
 
 /// An outbound port of one pod: `-o` (excluded) or `-q` (included).
 #[repr(C)]
@@ -223,6 +214,5 @@ mod pod_impls {
     unsafe impl aya::Pod for super::GroupKey {}
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::TupleKey {}
-    unsafe impl aya::Pod for super::PodRef {}
     unsafe impl aya::Pod for crate::decision::PodPolicy {}
 }

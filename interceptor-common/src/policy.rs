@@ -470,6 +470,37 @@ mod inbound_tests {
         );
     }
 
+    /// ISTIO_INBOUND captures every local address: one the pod got after registration (a
+    /// second IP, a second interface, IPv6 link-local) is captured like the registered one;
+    /// a loopback destination never is.
+    #[test]
+    fn any_non_loopback_local_address_is_captured() {
+        let cfg = RawConfig {
+            inbound_ports_include: "*".into(),
+            enable_ipv6: true,
+            ..Default::default()
+        }
+        .parse()
+        .unwrap();
+        let tables = MemTables::new(&cfg, &[ip("10.1.0.5")], &[]);
+        let at =
+            |local: &str, remote: &str| explain_inbound(&cfg, &tables, ip(local), 8080, ip(remote));
+        let captured = Verdict::Redirect {
+            port: 15006,
+            reason: Reason::InboundCaptured,
+        };
+        for local in ["10.1.0.9", "192.168.7.1", "fe80::1", "fd00::9"] {
+            assert_eq!(at(local, "10.2.0.1"), captured, "{local}");
+        }
+        for local in ["127.0.0.1", "127.1.2.3", "::1", "::ffff:127.0.0.1"] {
+            assert_eq!(
+                at(local, "10.2.0.1"),
+                Verdict::Pass(Reason::LocalPeer),
+                "{local}"
+            );
+        }
+    }
+
     #[test]
     fn list_and_empty() {
         let list = RawConfig {

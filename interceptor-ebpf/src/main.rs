@@ -10,8 +10,11 @@
 //!   forgets both when the connection closes; registers the proxy's inbound listener.
 //! - `ic_getsockopt`: answers SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST on the proxy's socket.
 //! - `ic_getpeername4/6`: the app sees the original peer, as with NAT.
-//! - `ic_sk_lookup` (attached per pod netns): inbound connections to captured ports are handed
-//!   to the proxy's listener, keeping the original local address and the client's address.
+//! - `ic_sk_lookup`: inbound connections to captured ports of any non-loopback local address
+//!   are handed to the proxy's listener, keeping the original local address and the client's
+//!   address. It is not attached itself: each pod netns gets a tiny program of its own (built
+//!   by the loader, interceptor/src/backend/sk_lookup.rs) that stores the pod's netns cookie in
+//!   `INBOUND_NETNS` and tail-calls it through `INBOUND_PROG`.
 //! - `ic_bind4/6`: only the proxy may bind the proxy's ports.
 //! - `ic_sk_msg` (`--accelerate` pods): data on an app↔proxy loopback connection goes straight
 //!   to the peer socket's receive queue; sockops puts both ends into `ACCEL`.
@@ -24,7 +27,9 @@ use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_addr, sk_action, BPF_SOCK_OPS_STATE_CB_FLAG},
     helpers::{bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock, cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sk_msg, sock_ops},
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
+    maps::{
+        lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, SockHash,
+    },
     programs::{
         SkLookupContext, SkMsgContext, SockAddrContext, SockContext, SockOpsContext, SockoptContext,
     },
@@ -39,7 +44,7 @@ use interceptor_common::{
     },
     maps::{
         capacity, mapped_v4, stat, v6_bytes, AddrKey, Cidr4Data, Cidr6Data, GroupKey, OrigDst,
-        PodRef, PortKey, SockKey, TupleKey, ADDR_DNS, ADDR_LOCAL, PORT_EXCLUDED, PORT_GUARDED,
+        PortKey, SockKey, TupleKey, ADDR_DNS, ADDR_LOCAL, PORT_EXCLUDED, PORT_GUARDED,
         PORT_INBOUND, PORT_INCLUDED,
     },
 };
@@ -140,9 +145,16 @@ static DNS_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(65536, 
 /// runs for every socket, does not pay for it.
 #[map]
 static PROXY_BINDS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(4096, 0);
-/// Pod address → pod, for sk_lookup (which cannot read the netns cookie).
+/// `[0]`: the netns cookie of the pod whose sk_lookup program runs on this CPU right now
+/// (sk_lookup cannot read the netns cookie itself). Written by the pod's own program just before
+/// it tail-calls `ic_sk_lookup`; TCP lookups run in softirq, which does not nest on a CPU, so
+/// nothing can overwrite the slot in between.
 #[map]
-static POD_BY_ADDR: HashMap<[u8; 16], PodRef> = HashMap::with_max_entries(16384, 0);
+static INBOUND_NETNS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+/// `[0]`: `ic_sk_lookup`, the tail call target of every pod's sk_lookup program. Not used by
+/// the programs of this object: the per-pod programs refer to it by fd.
+#[map]
+static INBOUND_PROG: ProgramArray = ProgramArray::with_max_entries(1, 0);
 /// The proxy's inbound listeners: key `pod_id * 2 + (family is IPv6)`.
 #[map]
 static LISTENERS: SockHash<u32> = SockHash::with_max_entries(MAX_PODS, 0);
@@ -890,12 +902,12 @@ pub fn ic_getsockopt(ctx: SockoptContext) -> i32 {
         let tables = MapTables {
             pod_id: policy.pod_id,
         };
-        let answered = tables.is_local(local)
-            && matches!(
-                decide_inbound(policy, &tables, local, lport as u16, remote),
-                Verdict::Redirect { .. }
-            )
-            && write_sockaddr(so, level, local.0, lport as u16);
+        // Any local address the pod captures (decide_inbound passes loopback), not only the
+        // addresses known at registration.
+        let answered = matches!(
+            decide_inbound(policy, &tables, local, lport as u16, remote),
+            Verdict::Redirect { .. }
+        ) && write_sockaddr(so, level, local.0, lport as u16);
         // The kernel's own answer (NAT) counts as answered too: only a failed lookup is a miss.
         let kernel_ok = read_volatile(addr_of!((*so).retval)) == 0;
         count(
@@ -935,9 +947,12 @@ pub fn ic_getpeername6(ctx: SockAddrContext) -> i32 {
     1
 }
 
-/// Inbound: a TCP connection to one of the pod's addresses on a captured port goes to the
-/// proxy's listener. With no listener registered the lookup fails and the client gets a reset,
-/// as with Istio's REDIRECT to a port nobody listens on: never the app, unprotected.
+/// Inbound: a TCP connection to any non-loopback local address of the pod on a captured port
+/// goes to the proxy's listener, as ISTIO_INBOUND (PREROUTING) captures it: addresses added
+/// after registration, further interfaces and IPv6 link-local included. With no listener
+/// registered the lookup fails and the client gets a reset, as with Istio's REDIRECT to a port
+/// nobody listens on: never the app, unprotected. Reached by tail call from the pod's own
+/// program, which stored the pod's netns cookie in `INBOUND_NETNS`.
 #[sk_lookup]
 pub fn ic_sk_lookup(ctx: SkLookupContext) -> u32 {
     let l = ctx.lookup;
@@ -976,14 +991,15 @@ pub fn ic_sk_lookup(ctx: SkLookupContext) -> u32 {
         (Addr::v4(u32::from_be(f[0])), Addr::v4(u32::from_be(f[5])))
     };
     let port = unsafe { read_volatile(addr_of!((*l).local_port)) } as u16;
-    let key = local.0;
-    let Some(pod) = (unsafe { POD_BY_ADDR.get(&key) }) else {
+    let netns = match INBOUND_NETNS.get(0) {
+        Some(n) => *n,
+        None => return sk_action::SK_PASS,
+    };
+    // A pod being removed: its program is detached right after its policy goes.
+    let Some(policy) = (unsafe { POD_POLICY.get(&netns) }) else {
         return sk_action::SK_PASS;
     };
-    let pod_id = pod.pod_id;
-    let Some(policy) = (unsafe { POD_POLICY.get(&pod.netns) }) else {
-        return sk_action::SK_PASS;
-    };
+    let pod_id = policy.pod_id;
     if let Verdict::Pass(reason) =
         decide_inbound(policy, &MapTables { pod_id }, local, port, remote)
     {

@@ -53,6 +53,8 @@ pub mod rows {
     pub const GETPEERNAME4: &str = "cgroup/getpeername4";
     pub const GETPEERNAME6: &str = "cgroup/getpeername6";
     pub const SK_LOOKUP: &str = "sk_lookup";
+    /// The program each pod netns gets at registration (tail-calls `ic_sk_lookup`).
+    pub const SK_LOOKUP_POD: &str = "sk_lookup per-pod program";
     pub const SK_MSG: &str = "sk_msg";
     pub const CGROUP_LINK: &str = "bpf_link for cgroups";
     pub const NETNS_COOKIE_SOCK_ADDR: &str = "netns cookie in sock_addr";
@@ -278,6 +280,8 @@ pub fn probe_with(args: &EbpfArgs, depth: Depth) -> Report {
         }
         let why = format!("our cgroup links are pinned under {}", args.bpffs.display());
         checks.push(present(rows::CGROUP_LINK, true, why));
+        let why = format!("pods' programs tail-call the {SK_LOOKUP_PROGRAM} pinned there");
+        checks.push(present(rows::SK_LOOKUP_POD, true, why));
         checks.push(helper_row(
             rows::NETNS_COOKIE_SOCK_ADDR,
             ProgramType::CgroupSockAddr,
@@ -329,6 +333,17 @@ pub fn probe_with(args: &EbpfArgs, depth: Depth) -> Report {
                         Err(why) => missing(&name, loader_needs(prog), why.clone()),
                     });
                 }
+                checks.push(match obj.sk_lookup_pod {
+                    Ok(()) => present(
+                        rows::SK_LOOKUP_POD,
+                        true,
+                        format!(
+                            "{} (netns cookie, then a tail call into {SK_LOOKUP_PROGRAM}) accepted by the verifier",
+                            crate::backend::sk_lookup::PROGRAM_NAME
+                        ),
+                    ),
+                    Err(why) => missing(rows::SK_LOOKUP_POD, true, why),
+                });
                 checks.push(match obj.cgroup_link {
                     Some(c) => c,
                     None => not_probed(rows::CGROUP_LINK, true, (5, 7), "ic_connect4 did not load"),
@@ -340,6 +355,7 @@ pub fn probe_with(args: &EbpfArgs, depth: Depth) -> Report {
                     checks.push(not_probed(row, loader_needs(prog), *since, &why));
                 }
                 checks.push(not_probed(rows::CGROUP_LINK, true, (5, 7), &why));
+                checks.push(not_probed(rows::SK_LOOKUP_POD, true, (5, 9), &why));
             }
         }
         checks.push(helper_row(
@@ -360,6 +376,7 @@ pub fn probe_with(args: &EbpfArgs, depth: Depth) -> Report {
             checks.push(not_probed(row, loader_needs(prog), *since, why));
         }
         checks.push(not_probed(rows::CGROUP_LINK, true, (5, 7), why));
+        checks.push(not_probed(rows::SK_LOOKUP_POD, true, (5, 9), why));
         checks.push(not_probed(rows::NETNS_COOKIE_SOCK_ADDR, true, (5, 7), why));
         checks.push(not_probed(rows::NETNS_COOKIE_SOCK_OPS, true, (5, 15), why));
         checks.push(not_probed(rows::NETNS_COOKIE_SOCKOPT, true, (5, 15), why));
@@ -767,6 +784,8 @@ struct ObjectProbe {
     /// Per program of the object: loaded, or the kernel's reason.
     programs: BTreeMap<String, Result<(), String>>,
     cgroup_link: Option<Check>,
+    /// The per-pod sk_lookup program, loaded against the object's maps.
+    sk_lookup_pod: Result<(), String>,
 }
 
 /// Loads the embedded object as the loader does, minus pins and attachment, with the maps
@@ -806,9 +825,11 @@ fn load_object() -> Result<ObjectProbe, String> {
         Some(Ok(fd)) => Some(cgroup_link_row(fd.as_fd())),
         _ => None,
     };
+    let sk_lookup_pod = crate::backend::sk_lookup::probe(&mut ebpf, SK_LOOKUP_PROGRAM);
     Ok(ObjectProbe {
         programs,
         cgroup_link,
+        sk_lookup_pod,
     })
 }
 

@@ -26,6 +26,7 @@ const NEEDED: &[&str] = &[
     rows::GETPEERNAME4,
     rows::GETPEERNAME6,
     rows::SK_LOOKUP,
+    rows::SK_LOOKUP_POD,
     rows::SK_MSG,
     rows::CGROUP_LINK,
     rows::NETNS_COOKIE_SOCK_ADDR,

@@ -3,7 +3,8 @@
 //! pods are registered (by netns cookie) with a few map writes.
 //!
 //! Layout under the bpffs folder: `maps/<MAP>`, `links/<program>` (bpf_link pins: unpinning
-//! detaches), `progs/ic_getsockopt`. aya 0.14 cannot turn a cgroup-sockopt link into a
+//! detaches), `links/sk_lookup-<netns cookie>` (each pod's own sk_lookup program, see
+//! `sk_lookup.rs`), `progs/<program>`. aya 0.14 cannot turn a cgroup-sockopt link into a
 //! pinnable `FdLink`, so getsockopt is attached with `BPF_PROG_ATTACH` (multi mode), which
 //! lives until `cleanup` detaches it. `ic_sk_msg` (acceleration) is attached to the pinned
 //! `ACCEL` SockHash with `BPF_PROG_ATTACH` too: the attachment lives as long as the map.
@@ -15,15 +16,15 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData};
-use aya::maps::{Array, PerCpuArray, PerCpuValues, SockHash};
+use aya::maps::{Array, PerCpuArray, PerCpuValues, ProgramArray, SockHash};
 use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSockopt, Program, SkLookup, SkMsg};
 use aya::{Ebpf, EbpfLoader};
 use interceptor_common::config::Config;
 use interceptor_common::decision::PodPolicy;
 use interceptor_common::maps::stat;
 use interceptor_common::maps::{
-    mapped_v4, names, AddrKey, Cidr4Data, Cidr6Data, GroupKey, OrigDst, PodRef, PortKey, SockKey,
-    TupleKey, ADDR_DNS, ADDR_LOCAL, PORT_EXCLUDED, PORT_GUARDED, PORT_INBOUND, PORT_INCLUDED,
+    mapped_v4, names, AddrKey, Cidr4Data, Cidr6Data, GroupKey, OrigDst, PortKey, SockKey, TupleKey,
+    ADDR_DNS, ADDR_LOCAL, PORT_EXCLUDED, PORT_GUARDED, PORT_INBOUND, PORT_INCLUDED,
 };
 use interceptor_common::policy;
 use ipnet::IpNet;
@@ -48,7 +49,8 @@ pub const LINKED_PROGRAMS: &[&str] = &[
     "ic_getpeername4",
     "ic_getpeername6",
 ];
-/// Attached per pod netns at registration (its program is pinned at load).
+/// The inbound program, pinned at load and put into `INBOUND_PROG[0]`: each pod netns gets a
+/// program of its own at registration that tail-calls it (`sk_lookup.rs`).
 pub const SK_LOOKUP_PROGRAM: &str = "ic_sk_lookup";
 /// The program attached with BPF_PROG_ATTACH (see the module docs).
 pub const GETSOCKOPT_PROGRAM: &str = "ic_getsockopt";
@@ -68,13 +70,18 @@ pub const MAPS: &[&str] = &[
     names::ORIG_BY_TUPLE,
     names::DNS_ORIG,
     names::PROXY_BINDS,
-    names::POD_BY_ADDR,
+    names::INBOUND_NETNS,
+    names::INBOUND_PROG,
     names::LISTENERS,
     names::STATS,
     names::ACCEL,
     names::ACCEL_ON,
     names::ACCEL_PASSED,
 ];
+
+/// Maps of earlier versions, unpinned on load and cleanup (`POD_BY_ADDR`: inbound by address,
+/// replaced by the per-pod sk_lookup program).
+const LEGACY_MAPS: &[&str] = &["POD_BY_ADDR"];
 
 const BPF_PROG_ATTACH: libc::c_long = 8;
 const BPF_PROG_DETACH: libc::c_long = 9;
@@ -223,6 +230,7 @@ impl Pins {
             && self.prog(GETSOCKOPT_PROGRAM).exists()
             && self.prog(SK_LOOKUP_PROGRAM).exists()
             && self.prog(SK_MSG_PROGRAM).exists()
+            && self.map(names::INBOUND_PROG).exists()
     }
 
     /// Loads the programs and attaches them at `cgroup` unless already loaded; returns whether
@@ -243,8 +251,12 @@ impl Pins {
                 self.dir.display()
             );
         }
-        // A half-finished earlier attempt: start from a clean slate, keeping pinned maps.
+        // A half-finished earlier attempt (or an earlier version's installation): start from a
+        // clean slate, keeping pinned maps.
         self.detach_all(Some(cgroup));
+        for m in LEGACY_MAPS {
+            let _ = std::fs::remove_file(self.map(m));
+        }
         for sub in ["maps", "links", "progs"] {
             std::fs::create_dir_all(self.dir.join(sub))
                 .with_context(|| format!("creating {}", self.dir.display()))?;
@@ -314,6 +326,14 @@ impl Pins {
             .load()
             .with_context(|| format!("loading {SK_LOOKUP_PROGRAM}"))?;
         sk_lookup.pin(self.prog(SK_LOOKUP_PROGRAM))?;
+        let target = sk_lookup.fd()?.try_clone()?;
+        let mut inbound = ProgramArray::try_from(
+            ebpf.map_mut(names::INBOUND_PROG)
+                .ok_or_else(|| anyhow!("map {} missing", names::INBOUND_PROG))?,
+        )?;
+        inbound
+            .set(0, &target, 0)
+            .with_context(|| format!("putting {SK_LOOKUP_PROGRAM} into INBOUND_PROG"))?;
         let prog: &mut CgroupSockopt = ebpf
             .program_mut(GETSOCKOPT_PROGRAM)
             .ok_or_else(|| anyhow!("program {GETSOCKOPT_PROGRAM} missing"))?
@@ -400,8 +420,9 @@ impl Pins {
         }
     }
 
-    /// Attaches sk_lookup to the pod's netns (once) and pins the link; returns the pin when it
-    /// was made now.
+    /// Attaches the pod's own sk_lookup program (its netns cookie baked in, tail-calling
+    /// `ic_sk_lookup`) to the pod's netns, once, and pins the link; returns the pin when it was
+    /// made now.
     fn attach_sk_lookup(&self, netns: &Path, cookie: u64) -> Result<Option<PathBuf>> {
         let pin = self.sk_lookup_link(cookie);
         if pin.exists() {
@@ -413,14 +434,14 @@ impl Pins {
                 crate::fault::FAULT_ENV
             );
         }
-        let mut prog = SkLookup::from_pin(self.prog(SK_LOOKUP_PROGRAM))
-            .context("opening the pinned sk_lookup program")?;
+        let slot = open_map(self, names::INBOUND_NETNS)?;
+        let target = open_map(self, names::INBOUND_PROG)?;
+        let prog = super::sk_lookup::load(slot.fd().as_fd(), target.fd().as_fd(), cookie)
+            .context("loading the pod's sk_lookup program")?;
         let ns = File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
-        let id = prog
-            .attach(ns)
+        let link = super::sk_lookup::attach(prog.as_fd(), ns.as_fd())
             .context("attaching sk_lookup to the pod netns")?;
-        let link: FdLink = prog.take_link(id)?.into();
-        link.pin(&pin).context("pinning the sk_lookup link")?;
+        super::sk_lookup::pin(link.as_fd(), &pin).context("pinning the sk_lookup link")?;
         Ok(Some(pin))
     }
 
@@ -430,7 +451,7 @@ impl Pins {
             return Ok(false);
         }
         self.detach_all(Some(cgroup));
-        for m in MAPS.iter().chain(["AYA_LOGS"].iter()) {
+        for m in MAPS.iter().chain(LEGACY_MAPS).chain(["AYA_LOGS"].iter()) {
             let _ = std::fs::remove_file(self.map(m));
         }
         for sub in ["maps", "links", "progs"] {
@@ -469,7 +490,6 @@ fn open_map(pins: &Pins, name: &str) -> Result<MapData> {
 pub struct PodMaps {
     pins: Pins,
     stats: PerCpuArray<MapData, u64>,
-    pod_by_addr: HashMap<MapData, [u8; 16], PodRef>,
     listeners: SockHash<MapData, u32>,
     policy: HashMap<MapData, u64, PodPolicy>,
     ports: HashMap<MapData, PortKey, u8>,
@@ -521,7 +541,6 @@ impl PodMaps {
         Ok(Self {
             pins: pins.clone(),
             stats: PerCpuArray::try_from(Map::PerCpuArray(open_map(pins, names::STATS)?))?,
-            pod_by_addr: HashMap::try_from(Map::HashMap(open_map(pins, names::POD_BY_ADDR)?))?,
             listeners: SockHash::try_from(Map::SockHash(open_map(pins, names::LISTENERS)?))?,
             policy: HashMap::try_from(Map::HashMap(open_map(pins, names::POD_POLICY)?))?,
             ports: HashMap::try_from(Map::HashMap(open_map(pins, names::PORTS)?))?,
@@ -545,8 +564,8 @@ impl PodMaps {
         })
     }
 
-    /// Registers (or re-registers) the pod whose netns is at `netns`: set entries, address
-    /// entries, the sk_lookup link and an existing proxy listener first, the policy last (so a
+    /// Registers (or re-registers) the pod whose netns is at `netns`: set entries, the pod's
+    /// sk_lookup program and an existing proxy listener first, the policy last (so a
     /// connect never sees half a pod), then stale entries of an earlier registration are
     /// removed. The pod keeps its id across re-registrations.
     ///
@@ -672,21 +691,6 @@ impl PodMaps {
                 }
             }
         }
-        for a in local {
-            let key = addr16(*a);
-            let before = self.pod_by_addr.get(&key, 0).ok();
-            w.step()?;
-            self.pod_by_addr.insert(
-                key,
-                PodRef {
-                    netns: cookie,
-                    pod_id,
-                    _pad: 0,
-                },
-                0,
-            )?;
-            w.undo.push(Undo::PodByAddr(key, before));
-        }
         let t = std::time::Instant::now();
         if let Some(pin) = self.pins.attach_sk_lookup(netns, cookie)? {
             w.undo.push(Undo::Pin(pin));
@@ -729,8 +733,6 @@ impl PodMaps {
                     Removed::Cidr4(i, k) => self.cidr4[i].insert(&k, 1, 0).map_err(Into::into),
                     Removed::Cidr6(i, k) => self.cidr6[i].insert(&k, 1, 0).map_err(Into::into),
                 },
-                Undo::PodByAddr(k, Some(v)) => self.pod_by_addr.insert(k, v, 0).map_err(Into::into),
-                Undo::PodByAddr(k, None) => self.pod_by_addr.remove(&k).map_err(Into::into),
                 Undo::Policy(c, Some(p)) => self.policy.insert(c, p, 0).map_err(Into::into),
                 Undo::Policy(c, None) => self.policy.remove(&c).map_err(Into::into),
                 Undo::Listener(k) => self.listeners.remove(&k).map_err(Into::into),
@@ -859,19 +861,6 @@ impl PodMaps {
             self.groups.remove(&k)?;
             note(Undo::Restore(Removed::Group(k)));
         }
-        let stale_refs: Vec<([u8; 16], PodRef)> = self
-            .pod_by_addr
-            .iter()
-            .filter_map(|r| r.ok())
-            .filter(|(a, r)| {
-                r.pod_id == pod_id
-                    && !keep.is_some_and(|(_, t)| t.local.iter().any(|l| addr16(*l) == *a))
-            })
-            .collect();
-        for (a, r) in stale_refs {
-            self.pod_by_addr.remove(&a)?;
-            note(Undo::PodByAddr(a, Some(r)));
-        }
         let id = pod_id.to_be_bytes();
         let (keep4, keep6): (Vec<Key<Cidr4Data>>, Vec<Key<Cidr6Data>>) = match keep {
             None => (vec![], vec![]),
@@ -959,7 +948,6 @@ impl PodMaps {
             (names::PORTS, self.ports.keys().count()),
             (names::ADDRS, self.addrs.keys().count()),
             (names::GROUPS, self.groups.keys().count()),
-            (names::POD_BY_ADDR, self.pod_by_addr.keys().count()),
             (names::ORIG_BY_COOKIE, self.by_cookie.keys().count()),
             (names::ORIG_BY_TUPLE, self.by_tuple.keys().count()),
             (names::ACCEL, self.accel.keys().count()),
@@ -1036,7 +1024,6 @@ enum Undo {
     Cidr6(usize, Key<Cidr6Data>),
     /// A stale entry the re-registration removed.
     Restore(Removed),
-    PodByAddr([u8; 16], Option<PodRef>),
     Policy(u64, Option<PodPolicy>),
     Listener(u32),
     Pin(PathBuf),
