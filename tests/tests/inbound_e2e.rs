@@ -252,3 +252,50 @@ fn app_listening_on_the_capture_port_is_not_the_proxy() {
         "want connection refused, got {err:#}"
     );
 }
+
+/// A map pin like the ones an earlier version left behind (an empty hash map).
+fn pin_stale_map(path: &Path) {
+    use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+    // BPF_MAP_CREATE: map_type (BPF_MAP_TYPE_HASH), key_size, value_size, max_entries.
+    let mut attr = [0u32; 8];
+    attr[..4].copy_from_slice(&[1, 16, 16, 16]);
+    // SAFETY: a zeroed bpf_attr prefix for BPF_MAP_CREATE (cmd 0), of the size passed.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            0,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a new fd the kernel just returned to us.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    interceptor::backend::sk_lookup::pin(fd.as_fd(), path).unwrap();
+}
+
+/// Upgrade from the version that found pods by address (`POD_BY_ADDR`, no `INBOUND_PROG`):
+/// the next registration reloads the programs, drops the old pin and captures inbound through
+/// the per-pod sk_lookup program; cleanup removes an old pin too and leaves nothing behind.
+#[test]
+fn upgrade_from_pod_by_addr_installation() {
+    let pod = Pod::new("upg").unwrap();
+    apply(&pod, Flavor::Ebpf, &["-b", "*"]).unwrap();
+    let maps = pod.ebpf.dir().join("maps");
+    let old = maps.join("POD_BY_ADDR");
+    pin_stale_map(&old);
+    std::fs::remove_file(maps.join("INBOUND_PROG")).unwrap();
+    apply(&pod, Flavor::Ebpf, &["-b", "*"]).unwrap();
+    assert!(!old.exists(), "the old POD_BY_ADDR pin survived the reload");
+    assert!(maps.join("INBOUND_PROG").exists());
+    let dst = SocketAddr::new(pod.topo.pod_v4().into(), APP_PORT);
+    let out = pod.topo.inbound_connect(dst, None).unwrap();
+    assert_eq!(out.reply, "sidecar:15006", "inbound after the upgrade");
+    pin_stale_map(&old);
+    pod.ebpf.pins.cleanup(&pod.ebpf.cgroup).unwrap();
+    assert!(!pod.ebpf.dir().exists(), "cleanup left pins behind");
+}
