@@ -292,3 +292,37 @@ pub fn rename_pod_if(topo: &crate::topology::Topology, name: &str) -> anyhow::Re
     }
     Ok(())
 }
+
+/// What iptables-nft makes of restore document `doc` (IPv6 with `v6`): applied in a scratch
+/// netns and listed back with `*-save` (comments and counters dropped).
+pub fn iptables_listing(doc: &str, v6: bool) -> anyhow::Result<String> {
+    let (restore, save) = if v6 {
+        ("ip6tables-nft-restore", "ip6tables-nft-save")
+    } else {
+        ("iptables-nft-restore", "iptables-nft-save")
+    };
+    let doc = doc.to_string();
+    in_scratch(move || {
+        run(None, restore, &[], Some(&doc))?;
+        let out = run(None, save, &[], None)?;
+        Ok(out
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| match l.split_once(" [") {
+                // `:CHAIN POLICY [packets:bytes]`
+                Some((decl, _)) if l.starts_with(':') => decl.to_string(),
+                _ => l.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n"))
+    })
+}
+
+/// What nft makes of transaction `tx`: applied in a scratch netns and listed back.
+pub fn nft_listing(tx: &str) -> anyhow::Result<String> {
+    let tx = tx.to_string();
+    in_scratch(move || {
+        run(None, "nft", &["-f", "-"], Some(&tx))?;
+        run(None, "nft", &["list", "ruleset"], None)
+    })
+}
