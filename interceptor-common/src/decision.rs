@@ -278,10 +278,35 @@ fn in_v4_cidr(addr: u32, net: u32, prefix: u32) -> bool {
     addr & mask == net & mask
 }
 
-/// Istio's `ISTIO_OUTPUT` chain for one outbound connect, in rule order.
+/// Where the kernel really sends a connection addressed to `dst` from a socket bound to `src`.
+/// The unspecified address means "this host", and the connect/sendmsg hooks see it before the
+/// kernel replaces it: `0.0.0.0` becomes the bound source, or 127.0.0.1 when unbound
+/// (`ip_route_output_key`); `::` becomes `::1`, or `::ffff:127.0.0.1` on a socket bound to an
+/// IPv4-mapped address (`tcp_v6_connect`, `ip6_datagram_connect`, `udpv6_sendmsg`). Either
+/// way the route is `lo`, which is what Istio's `-o lo` rules see, with this destination.
+#[inline(always)]
+pub fn kernel_dst(dst: Addr, src: Option<Addr>) -> Addr {
+    const LOOPBACK_V4: Addr = Addr::v4(0x7f00_0001);
+    if dst.v4_host() == Some(0) {
+        match src {
+            Some(s) if s.is_v4() && !s.is_unspecified() => s,
+            _ => LOOPBACK_V4,
+        }
+    } else if dst.0 == [0; 16] {
+        match src {
+            Some(s) if s.is_v4() => LOOPBACK_V4,
+            _ => Addr(V6_LOOPBACK),
+        }
+    } else {
+        dst
+    }
+}
+
+/// Istio's `ISTIO_OUTPUT` chain for one outbound connect, in rule order. The destination is
+/// first taken as the kernel will route it (`kernel_dst`).
 #[inline(always)]
 pub fn decide<T: PodTables>(p: &PodPolicy, t: &T, c: &Conn) -> Verdict {
-    let dst = c.dst;
+    let dst = kernel_dst(c.dst, c.src);
     if !dst.is_v4() && !p.has(flags::IPV6) {
         return Verdict::Pass(Reason::Ipv6Disabled);
     }

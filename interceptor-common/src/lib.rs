@@ -17,3 +17,6 @@ pub mod decision;
 
 #[cfg(feature = "user")]
 pub mod policy;
+
+#[cfg(all(test, feature = "user"))]
+mod semantics_tests;

@@ -83,6 +83,9 @@ pub const PORT_INCLUDED: u16 = 2;
 pub const PORT_INBOUND: u16 = 3;
 /// Ports only the proxy may bind.
 pub const PORT_GUARDED: u16 = 4;
+/// Guarded ports this pod's registration added to its netns's `ip_local_reserved_ports`
+/// (userspace bookkeeping: released at removal; the programs never look them up).
+pub const PORT_RESERVED: u16 = 5;
 
 /// An outbound port of one pod: `-o` (excluded) or `-q` (included).
 #[repr(C)]

@@ -39,8 +39,8 @@ use aya_log_ebpf::info;
 use interceptor_common::decision::Reason;
 use interceptor_common::{
     decision::{
-        accelerated, bind_allowed, decide, decide_inbound, is_proxy, Addr, Conn, PodPolicy,
-        PodTables, Proto, Verdict,
+        accelerated, bind_allowed, decide, decide_inbound, is_proxy, kernel_dst, Addr, Conn,
+        PodPolicy, PodTables, Proto, Verdict,
     },
     maps::{
         capacity, mapped_v4, stat, v6_bytes, AddrKey, Cidr4Data, Cidr6Data, GroupKey, OrigDst,
@@ -354,6 +354,8 @@ fn outbound(ctx: &SockAddrContext, v6: bool) -> Option<(Addr, OrigDst)> {
         let s = unsafe { read_volatile(addr_of!((*sk).src_ip4)) };
         (s != 0).then_some(Addr::v4(u32::from_be(s)))
     };
+    // 0.0.0.0 / :: are decided (and remembered) as the address the kernel will use instead.
+    let dst = kernel_dst(dst, src);
     let ug = bpf_get_current_uid_gid();
     let conn = Conn {
         proto,
@@ -932,6 +934,12 @@ fn on_getpeername(ctx: &SockAddrContext, v6: bool) {
             None => return,
         },
     };
+    // Only while the socket is still connected to the proxy: after an AF_UNSPEC disconnect and
+    // a connect that was not redirected, the entry is stale and the real peer is the answer.
+    let (peer, port) = unsafe { user_addr(ctx.sock_addr, v6) };
+    if port != orig.redirect_port || !peer.is_loopback() {
+        return;
+    }
     unsafe { set_user_addr(ctx.sock_addr, v6, orig.addr, orig.port) };
 }
 

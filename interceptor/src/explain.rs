@@ -1,7 +1,5 @@
 //! `interceptor explain`: one connection's verdict from the shared decision model.
 
-use std::net::IpAddr;
-
 use anyhow::{anyhow, Result};
 use interceptor_common::config::{Config, ConfigError, OwnerGroups};
 use interceptor_common::decision::{Conn, Proto, Verdict};
@@ -24,9 +22,11 @@ pub fn owner_gids(cfg: &Config) -> Result<Vec<u32>> {
     .map_err(|g| anyhow!("owner group {g:?} does not exist"))
 }
 
-/// The in-memory tables of a pod: its config plus its netns's own addresses.
+/// The in-memory tables of a pod: its config plus its netns's own addresses (link-local ones
+/// included: the route to them is `lo`, as for the eBPF datapath's `ADDRS`).
 pub fn pod_tables(cfg: &Config, netns: Option<&std::path::Path>) -> Result<MemTables> {
-    let local: Vec<IpAddr> = crate::config::local_addrs(netns)?;
+    let (mut local, link) = crate::netns::run_in(netns, crate::config::own_addrs_here)?;
+    local.extend(link);
     Ok(MemTables::new(cfg, &local, &owner_gids(cfg)?))
 }
 

@@ -14,15 +14,19 @@ pub struct PodNetns {
     pub cookie: u64,
     /// Its own addresses (no loopback, no link-local), in interface order.
     pub local: Vec<std::net::IpAddr>,
+    /// Its own link-local addresses (fe80::/10, 169.254/16): local for outbound decisions only.
+    pub link_local: Vec<std::net::IpAddr>,
     pub listening: Vec<crate::listener::Listening>,
 }
 
 /// Visits the netns at `path` once and reads its cookie, addresses and listening sockets.
 pub fn pod_netns(path: &Path) -> Result<PodNetns> {
     run_in(Some(path), || {
+        let (local, link_local) = crate::config::own_addrs_here()?;
         Ok(PodNetns {
             cookie: crate::backend::ebpf::netns_cookie_here()?,
-            local: crate::config::local_addrs_here()?,
+            local,
+            link_local,
             listening: crate::listener::listening_here()?,
         })
     })

@@ -104,3 +104,47 @@ fn explain_names_verdict_and_rule() {
         "verdict: pass\nrule: Ipv6Disabled\n"
     );
 }
+
+/// `0.0.0.0` / `::` and the pod's own link-local address, decided as the eBPF datapath decides
+/// them (escape suite, semantics): the kernel's substitute destination over `lo`.
+#[test]
+fn explain_unspecified_and_own_link_local() {
+    let topo = Topology::new("explu").unwrap();
+    #[rustfmt::skip]
+    topo.pod_exec("ip", &["addr", "add", "fe80::1c:1/64", "dev", "eth0", "nodad"], None).unwrap();
+    let ns = topo.pod_netns().to_str().unwrap().to_string();
+    let src = topo.pod_v4().to_string();
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--uid", "1000", "--dst", "0.0.0.0:80"],
+            "verdict: pass\nrule: AppOverLoopbackUid\n",
+        ),
+        (
+            &["--uid", "1000", "--dst", "[::]:80"],
+            "verdict: pass\nrule: AppOverLoopbackUid\n",
+        ),
+        (
+            &["--uid", "1337", "--dst", "0.0.0.0:80"],
+            "verdict: pass\nrule: ProxyUid\n",
+        ),
+        (
+            &["--uid", "1337", "--dst", "0.0.0.0:80", "--src", &src],
+            "verdict: redirect 15006\nrule: ProxyUidToLocal\n",
+        ),
+        (
+            &["--uid", "1000", "--dst", "[fe80::1c:1]:80"],
+            "verdict: pass\nrule: AppOverLoopbackUid\n",
+        ),
+        (
+            &["--uid", "1337", "--dst", "[fe80::1c:1]:80"],
+            "verdict: redirect 15006\nrule: ProxyUidToLocal\n",
+        ),
+        (
+            &["--uid", "1000", "--dst", "[fe80::1c:2]:80"],
+            "verdict: redirect 15001\nrule: IncludeAll\n",
+        ),
+    ];
+    for (args, want) in cases {
+        assert_eq!(&explain(&ns, args), want, "{args:?}");
+    }
+}

@@ -31,6 +31,9 @@ use ipnet::IpNet;
 
 use crate::netns;
 
+#[path = "reserved_ports.rs"]
+pub mod reserved_ports;
+
 /// The object built by build.rs from interceptor-ebpf.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/interceptor"));
 
@@ -450,6 +453,12 @@ impl Pins {
         if !self.dir.exists() {
             return Ok(false);
         }
+        // The pods' reserved ports first: the record of which are ours is in the maps.
+        if self.loaded() {
+            if let Err(e) = self.maps().and_then(|m| m.release_all_reserved()) {
+                tracing::warn!("releasing reserved ports: {e:#}");
+            }
+        }
         self.detach_all(Some(cgroup));
         for m in MAPS.iter().chain(LEGACY_MAPS).chain(["AYA_LOGS"].iter()) {
             let _ = std::fs::remove_file(self.map(m));
@@ -649,8 +658,14 @@ impl PodMaps {
         old: Option<PodPolicy>,
     ) -> Result<()> {
         let (netns, cookie) = (w.netns, facts.cookie);
-        let tables = policy::MemTables::new(cfg, local, groups);
-        let keys = Keys::of(pod_id, &tables);
+        // Own link-local addresses are local for outbound decisions (ADDRS) only: several pods
+        // may share one, so they never key a pod (POD_BY_ADDR, which uses `local`).
+        let mut own = local.to_vec();
+        own.extend(facts.link_local.iter().filter(|a| !local.contains(a)));
+        let tables = policy::MemTables::new(cfg, &own, groups);
+        let mut keys = Keys::of(pod_id, &tables);
+        let (reserved, unreserve) = self.reserve_guarded(w, pod_id, &tables.guarded_ports)?;
+        keys.ports.extend(reserved);
         for k in &keys.ports {
             w.step()?;
             if set_insert(self.ports.insert(k, 1, BPF_NOEXIST))? {
@@ -713,6 +728,10 @@ impl PodMaps {
             // Only a re-registration can leave stale entries behind.
             self.purge(pod_id, Some((&keys, &tables)), Some(&mut *w.undo))?;
         }
+        if let Err(e) = reserved_ports::release(netns, unreserve) {
+            // The registration stands; a port stays reserved that no longer needs to be.
+            tracing::warn!("{e:#}");
+        }
         Ok(())
     }
 
@@ -736,6 +755,7 @@ impl PodMaps {
                 Undo::Policy(c, Some(p)) => self.policy.insert(c, p, 0).map_err(Into::into),
                 Undo::Policy(c, None) => self.policy.remove(&c).map_err(Into::into),
                 Undo::Listener(k) => self.listeners.remove(&k).map_err(Into::into),
+                Undo::Unreserve(ns, ports) => reserved_ports::release(&ns, ports),
                 Undo::Pin(p) => {
                     std::fs::remove_file(&p).with_context(|| format!("unpinning {}", p.display()))
                 }
@@ -778,14 +798,21 @@ impl PodMaps {
     /// Unregisters the pod of `netns`; returns whether it was registered.
     pub fn remove(&mut self, netns: &Path) -> Result<bool> {
         let cookie = netns_cookie(Some(netns))?;
-        self.remove_cookie(cookie)
+        self.remove_cookie_in(cookie, Some(netns))
     }
 
     /// Unregisters a pod by netns cookie (the policy first, so connects stop at once).
     pub fn remove_cookie(&mut self, cookie: u64) -> Result<bool> {
+        self.remove_cookie_in(cookie, None)
+    }
+
+    /// `remove_cookie`, releasing the ports the pod reserved in its netns at `netns` (if the
+    /// netns is gone, so is its reservation).
+    pub fn remove_cookie_in(&mut self, cookie: u64, netns: Option<&Path>) -> Result<bool> {
         let Ok(p) = self.policy.get(&cookie, 0) else {
             return Ok(false);
         };
+        self.release_reserved(p.pod_id, cookie, netns)?;
         // The policy entry goes last: a removal cut short leaves it, so a retry (or the daemon's
         // restart) finds the pod and completes the removal instead of leaking the rest.
         self.purge(p.pod_id, None, None)?;
@@ -1027,6 +1054,8 @@ enum Undo {
     Policy(u64, Option<PodPolicy>),
     Listener(u32),
     Pin(PathBuf),
+    /// Ports this registration added to the netns's reserved ports.
+    Unreserve(PathBuf, Vec<u16>),
 }
 
 enum Removed {

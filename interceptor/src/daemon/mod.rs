@@ -303,7 +303,7 @@ impl Daemon {
     ) -> Result<()> {
         match (pod.backend, maps) {
             (BackendKind::Ebpf, Some(maps)) => {
-                maps.remove_cookie(pod.netns_cookie)?;
+                maps.remove_cookie_in(pod.netns_cookie, Some(&pod.netns))?;
             }
             (BackendKind::Ebpf, None) => {}
             (backend, _) => {

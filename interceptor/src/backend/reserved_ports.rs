@@ -1,0 +1,276 @@
+//! The bind guard against autobind. `bind4/6` only see explicit binds: `listen()` or `connect()`
+//! on an unbound socket picks a port without them, and with `net.ipv4.ip_local_port_range` (a
+//! namespaced sysctl a pod may set) covering 15001 an app could take the proxy's port before
+//! the proxy starts. So at registration the guarded ports are merged into the pod netns's
+//! `net.ipv4.ip_local_reserved_ports`, which autobind skips (IPv6 too: the sysctl is shared)
+//! while an explicit bind (the proxy's) still works.
+//!
+//! Only the ports this registration added are ours: they are recorded in `PORTS` (kind
+//! `PORT_RESERVED`) and released at removal and `cleanup`; ports reserved before (by the
+//! pod's own sysctls, say) are left alone.
+
+use std::collections::{BTreeSet, HashMap as StdHashMap, HashSet};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use interceptor_common::maps::{PortKey, PORT_RESERVED};
+
+use super::{PodMaps, Undo, Writes};
+use crate::netns;
+
+/// The sysctl, as seen from inside the netns that opens it.
+const SYSCTL: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+
+/// Parses the sysctl's format: `1,2-5,7` (empty: none).
+pub fn parse(text: &str) -> Result<BTreeSet<u16>> {
+    let mut out = BTreeSet::new();
+    for part in text.trim().split(',').filter(|p| !p.trim().is_empty()) {
+        let p = part.trim();
+        let (lo, hi) = p.split_once('-').unwrap_or((p, p));
+        let num = |s: &str| {
+            s.trim()
+                .parse::<u16>()
+                .with_context(|| format!("bad port {s:?} in ip_local_reserved_ports"))
+        };
+        let (lo, hi) = (num(lo)?, num(hi)?);
+        if lo > hi {
+            bail!("bad range {p:?} in ip_local_reserved_ports");
+        }
+        out.extend(lo..=hi);
+    }
+    Ok(out)
+}
+
+/// Renders a port set in the sysctl's format, ranges collapsed.
+pub fn render(ports: &BTreeSet<u16>) -> String {
+    let mut parts = Vec::new();
+    let mut it = ports.iter().copied().peekable();
+    while let Some(lo) = it.next() {
+        let mut hi = lo;
+        while it.peek() == Some(&(hi.wrapping_add(1))) && hi != u16::MAX {
+            hi = it.next().unwrap_or(hi);
+        }
+        parts.push(if lo == hi {
+            lo.to_string()
+        } else {
+            format!("{lo}-{hi}")
+        });
+    }
+    parts.join(",")
+}
+
+/// The reserved ports of the caller's netns.
+pub fn read_here() -> Result<BTreeSet<u16>> {
+    parse(&read_sysctl(SYSCTL)?)
+}
+
+/// Reads a bitmap sysctl in one read(2): the kernel's `proc_do_large_bitmap` returns nothing to
+/// a read at a non-zero offset, so a short first read (`read_to_string` starts with 32 bytes)
+/// would cut the list.
+pub fn read_sysctl(path: &str) -> Result<String> {
+    use std::io::Read;
+    // Every port as its own entry ("65535,") fits.
+    let mut buf = vec![0u8; 6 * 65536 + 1];
+    let n = std::fs::File::open(path)
+        .and_then(|mut f| f.read(&mut buf))
+        .with_context(|| format!("reading {path}"))?;
+    buf.truncate(n);
+    String::from_utf8(buf).with_context(|| format!("{path} is not text"))
+}
+
+fn write_here(ports: &BTreeSet<u16>) -> Result<()> {
+    // An empty write is rejected by older kernels; "\n" clears the list everywhere.
+    let text = format!("{}\n", render(ports));
+    std::fs::write(SYSCTL, text).with_context(|| format!("writing {SYSCTL}"))
+}
+
+/// Adds `ports` to the reservation of the netns at `netns`; returns those not reserved before
+/// (the ones the caller now owns and must release).
+pub fn reserve(netns: &Path, ports: Vec<u16>) -> Result<Vec<u16>> {
+    netns::run_in(Some(netns), move || {
+        let mut set = read_here()?;
+        let added: Vec<u16> = ports.into_iter().filter(|p| set.insert(*p)).collect();
+        if !added.is_empty() {
+            write_here(&set)?;
+        }
+        Ok(added)
+    })
+    .with_context(|| format!("reserving the guarded ports in {}", netns.display()))
+}
+
+/// Removes `ports` (and only them) from the reservation of the netns at `netns`.
+pub fn release(netns: &Path, ports: Vec<u16>) -> Result<()> {
+    if ports.is_empty() {
+        return Ok(());
+    }
+    netns::run_in(Some(netns), move || {
+        let mut set = read_here()?;
+        let before = set.len();
+        for p in &ports {
+            set.remove(p);
+        }
+        if set.len() != before {
+            write_here(&set)?;
+        }
+        Ok(())
+    })
+    .with_context(|| format!("releasing reserved ports in {}", netns.display()))
+}
+
+/// Finds network namespaces by cookie, for `cleanup`, which knows only the cookies of the
+/// registered pods: named ones (`ip netns`, CNI runtimes) and every process's, each distinct
+/// netns visited once.
+pub fn find_netns(cookies: &HashSet<u64>) -> StdHashMap<u64, PathBuf> {
+    let mut found = StdHashMap::new();
+    let mut seen = HashSet::new();
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    for dir in ["/run/netns", "/var/run/netns"] {
+        if let Ok(rd) = std::fs::read_dir(dir) {
+            candidates.extend(rd.filter_map(|e| e.ok()).map(|e| e.path()));
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        candidates.extend(
+            rd.filter_map(|e| e.ok())
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .bytes()
+                        .all(|b| b.is_ascii_digit())
+                })
+                .map(|e| e.path().join("ns/net")),
+        );
+    }
+    for path in candidates {
+        if found.len() == cookies.len() {
+            break;
+        }
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if !seen.insert((meta.dev(), meta.ino())) || !netns::is_netns(&path) {
+            continue;
+        }
+        if let Ok(c) = super::netns_cookie(Some(&path)) {
+            if cookies.contains(&c) {
+                found.insert(c, path);
+            }
+        }
+    }
+    found
+}
+
+impl PodMaps {
+    /// The ports this pod's registrations reserved (recorded in `PORTS`).
+    pub fn reserved_by_us(&self, pod_id: u32) -> Vec<u16> {
+        self.ports
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.pod_id == pod_id && k.kind == PORT_RESERVED)
+            .map(|k| k.port)
+            .collect()
+    }
+
+    /// Registration step: reserves the guarded ports in the pod netns. Returns the `PORTS` keys
+    /// recording the ports that are ours after this registration (the caller writes them with
+    /// the other keys, so a stale one is purged like any entry) and the ports an earlier
+    /// registration reserved that are no longer guarded (released once it succeeded).
+    pub(super) fn reserve_guarded(
+        &mut self,
+        w: &mut Writes,
+        pod_id: u32,
+        guarded: &HashSet<u16>,
+    ) -> Result<(Vec<PortKey>, Vec<u16>)> {
+        let before = self.reserved_by_us(pod_id);
+        let mut wanted: Vec<u16> = guarded.iter().copied().collect();
+        wanted.sort_unstable();
+        let added = reserve(w.netns, wanted)?;
+        if !added.is_empty() {
+            w.undo
+                .push(Undo::Unreserve(w.netns.to_path_buf(), added.clone()));
+        }
+        let ours = before
+            .iter()
+            .copied()
+            .filter(|p| guarded.contains(p))
+            .chain(added);
+        let keys = ours
+            .map(|port| PortKey {
+                pod_id,
+                port,
+                kind: PORT_RESERVED,
+            })
+            .collect();
+        let stale = before
+            .into_iter()
+            .filter(|p| !guarded.contains(p))
+            .collect();
+        Ok((keys, stale))
+    }
+
+    /// Releases what `pod_id` reserved in its netns (cookie `cookie`), found at `netns` if that
+    /// still is it: a deleted netns took its sysctls with it, and a path now naming another
+    /// netns must not lose that one's reservations. Its `PORTS` keys go with the pod's purge.
+    pub(super) fn release_reserved(
+        &self,
+        pod_id: u32,
+        cookie: u64,
+        netns: Option<&Path>,
+    ) -> Result<()> {
+        let ours = self.reserved_by_us(pod_id);
+        match netns {
+            Some(ns)
+                if !ours.is_empty()
+                    && netns::is_netns(ns)
+                    && super::netns_cookie(Some(ns)).is_ok_and(|c| c == cookie) =>
+            {
+                release(ns, ours)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// `cleanup`: releases every registered pod's reservation (found by cookie).
+    pub fn release_all_reserved(&self) -> Result<()> {
+        let pods: Vec<(u64, u32)> = self
+            .pods()
+            .into_iter()
+            .map(|(c, p)| (c, p.pod_id))
+            .filter(|(_, id)| !self.reserved_by_us(*id).is_empty())
+            .collect();
+        if pods.is_empty() {
+            return Ok(());
+        }
+        let paths = find_netns(&pods.iter().map(|(c, _)| *c).collect());
+        let mut first_err = None;
+        for (cookie, id) in pods {
+            if let Err(e) =
+                self.release_reserved(id, cookie, paths.get(&cookie).map(PathBuf::as_path))
+            {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_and_render_round_trip() {
+        let s = parse("15001,15006-15008, 80\n").unwrap();
+        assert_eq!(
+            s.iter().copied().collect::<Vec<_>>(),
+            [80, 15001, 15006, 15007, 15008]
+        );
+        assert_eq!(render(&s), "80,15001,15006-15008");
+        assert!(parse("").unwrap().is_empty());
+        assert!(parse("\n").unwrap().is_empty());
+        assert_eq!(render(&parse("65534-65535").unwrap()), "65534-65535");
+        assert!(parse("9-3").is_err());
+        assert!(parse("70000").unwrap_err().to_string().contains("70000"));
+    }
+}
