@@ -180,6 +180,29 @@ fn odd_but_valid_interface_name_is_excluded_as_configured() {
                     if !rules.is_empty() {
                         failures.push(format!("{flavor:?}: refused but left rules:\n{rules}"));
                     }
+                    // `auto` (the default) serves such a pod with the netfilter fallback, on
+                    // which the name works as configured.
+                    args.extend_from_slice(&["--backend", "auto"]);
+                    match apply(&pod, flavor, &args) {
+                        Ok(said) if said.contains("eBPF cannot honour") => {
+                            let got = traffic(&pod);
+                            if &got != want {
+                                failures.push(format!(
+                                    "auto -c {exclude:?}: (outbound, inbound) answered by {got:?}, want {want:?}"
+                                ));
+                            }
+                        }
+                        Ok(said) => {
+                            failures.push(format!("auto -c {exclude:?}: no fallback: {said}"))
+                        }
+                        Err(e) => failures.push(format!("auto -c {exclude:?}: {e:#}")),
+                    }
+                    args.extend_from_slice(&["--backend", "iptables", "--cleanup-only"]);
+                    let _ = apply(&pod, flavor, &args);
+                    let left = cases::ruleset(&pod.topo);
+                    if !left.is_empty() {
+                        failures.push(format!("auto -c {exclude:?}: cleanup left rules:\n{left}"));
+                    }
                 }
                 Err(e) => failures.push(format!("{flavor:?} -c {exclude:?}: {e:#}")),
             }
