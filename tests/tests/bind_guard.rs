@@ -157,15 +157,18 @@ fn autobind_cannot_take_proxy_ports() {
     let ns = topo.pod_netns();
     // The pod's own reservation of a guarded port and of another port: not ours to release.
     sysctl(ns, "net.ipv4.ip_local_reserved_ports", Some("8081,15020"));
-    let apply = |netns: &Path| {
+    let apply_with = |netns: &Path, extra: &[&str]| {
+        let mut args = vec!["-i", "*", "-o", "8080"];
+        args.extend_from_slice(extra);
         interceptor_tests::cases::apply_in(
             netns,
             ebpf.dir(),
             interceptor_tests::cases::Flavor::Ebpf,
-            &["-i", "*", "-o", "8080"],
+            &args,
         )
         .unwrap()
     };
+    let apply = |netns: &Path| apply_with(netns, &[]);
     apply(ns);
     apply(other.pod_netns());
     sysctl(ns, "net.ipv4.ip_local_port_range", Some("15001 15001"));
@@ -193,7 +196,13 @@ fn autobind_cannot_take_proxy_ports() {
         sysctl(ns, "net.ipv4.ip_local_reserved_ports", None),
         reserved
     );
-    // `remove` releases what the registration added, and only that.
+    // Fewer guarded ports: those no longer guarded are released, the rest stay ours.
+    apply_with(ns, &["--bind-guard-ports", "15090"]);
+    assert_eq!(
+        sysctl(ns, "net.ipv4.ip_local_reserved_ports", None),
+        "8081,15001,15006,15008,15020,15090"
+    );
+    // `remove` releases what the registrations added, and only that.
     let out = interceptor_tests::bin::run(
         &[
             "remove",
