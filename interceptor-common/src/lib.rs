@@ -20,3 +20,6 @@ pub mod policy;
 
 #[cfg(all(test, feature = "user"))]
 mod semantics_tests;
+
+#[cfg(feature = "user")]
+pub mod idmap;

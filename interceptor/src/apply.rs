@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use std::path::Path;
 
 use interceptor_common::config::{Config, ConfigError};
-use interceptor_common::policy;
+use interceptor_common::{idmap, policy};
 
 use crate::backend::ebpf::{detect_cgroup2_root, Pins};
 use crate::backend::netfilter::{self, Mode, Outcome};
@@ -249,7 +249,17 @@ pub fn register_in(
         }
     }
     let groups = crate::explain::owner_gids(cfg)?;
-    maps.register(netns, &facts, cfg, &local, &groups)
+    // A pod with its own user namespace: the programs see host ids.
+    match crate::userns::maps_of(netns)? {
+        None => maps.register(netns, &facts, cfg, &local, &groups),
+        Some(m) => {
+            let host = idmap::host_config(cfg, &m).map_err(anyhow::Error::msg)?;
+            let groups = idmap::translate_ids(&groups, &m.gid_map, "owner group")
+                .map_err(anyhow::Error::msg)?;
+            tracing::debug!(uid_map = %m.uid_map.render(), "pod in its own user namespace");
+            maps.register(netns, &facts, &host, &local, &groups)
+        }
+    }
 }
 
 /// Applies (or removes) the iptables/nftables fallback for a pod.
@@ -478,9 +488,9 @@ pub fn pod(cmd: &crate::cli::PodCommand) -> Result<Result<(), ConfigError>> {
             },
         ),
         PodCommand::Show(r) => (
-            r.socket.socket.clone(),
+            r.pod.socket.socket.clone(),
             Request::Show {
-                netns: r.network_namespace.clone(),
+                netns: r.pod.network_namespace.clone(),
             },
         ),
         PodCommand::List(s) => (s.socket.clone(), Request::List),
@@ -492,7 +502,12 @@ pub fn pod(cmd: &crate::cli::PodCommand) -> Result<Result<(), ConfigError>> {
         } => Ok(Err(ConfigError::new("request", "", message))),
         Response::Error { message, .. } => bail!("{message}"),
         Response::Pod(p) => {
-            println!("{}", serde_json::to_string_pretty(&p)?);
+            match cmd {
+                PodCommand::Show(a) if a.output == crate::cli::OutputFormat::Text => {
+                    print!("{}", pod_text(&p))
+                }
+                _ => println!("{}", serde_json::to_string_pretty(&p)?),
+            }
             Ok(Ok(()))
         }
         Response::Pods { pods } => {
@@ -529,4 +544,34 @@ pub fn pod(cmd: &crate::cli::PodCommand) -> Result<Result<(), ConfigError>> {
         }
         Response::Pong | Response::PodInfo { .. } => Ok(Ok(())),
     }
+}
+
+/// `pod show -o text`: one `key: value` line each, in words.
+fn pod_text(p: &crate::daemon::protocol::PodStatus) -> String {
+    let mut out = format!(
+        "netns: {}\nbackend: {} ({})\npod id: {}\n",
+        p.netns.display(),
+        format!("{:?}", p.backend).to_lowercase(),
+        p.why,
+        p.pod_id
+    );
+    if let Some(i) = &p.identity {
+        out.push_str(&format!("pod: {}/{}\n", i.namespace, i.name));
+    }
+    if !p.ips.is_empty() {
+        let ips: Vec<String> = p.ips.iter().map(ToString::to_string).collect();
+        out.push_str(&format!("ips: {}\n", ips.join(", ")));
+    }
+    match &p.userns {
+        Some(u) => out.push_str(&format!(
+            "user namespace: own (uid_map {}; gid_map {})\nproxy uid: {}\nproxy gid: {}\n",
+            u.uid_map.render(),
+            u.gid_map.render(),
+            u.proxy_uid,
+            u.proxy_gid
+        )),
+        None => out.push_str("user namespace: the node's\n"),
+    }
+    out.push_str(&format!("registered in: {} µs\n", p.add_micros));
+    out
 }

@@ -75,8 +75,8 @@ pub enum PodCommand {
     Remove(PodRefArgs),
     /// List registered pods.
     List(SocketArgs),
-    /// Show one pod: backend, why, config.
-    Show(PodRefArgs),
+    /// Show one pod: backend, why, config (and its user namespace's id mapping, if any).
+    Show(PodShowArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -96,6 +96,22 @@ pub struct PodRefArgs {
     pub network_namespace: PathBuf,
     #[command(flatten)]
     pub socket: SocketArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PodShowArgs {
+    #[command(flatten)]
+    pub pod: PodRefArgs,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value = "json")]
+    pub output: OutputFormat,
+}
+
+/// Output of `pod show`: JSON (the default, for tools) or words for people.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Json,
+    Text,
 }
 
 #[derive(Args, Debug, Clone)]

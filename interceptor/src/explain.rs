@@ -55,5 +55,15 @@ pub fn run(args: &ExplainArgs) -> Result<Result<(), ConfigError>> {
         gid: args.gid.unwrap_or(args.uid),
     };
     print!("{}", format(policy::explain(&cfg, &tables, &conn)));
+    // `--uid`/`--gid` are in-namespace ids, as Istio's rules name them; the eBPF programs
+    // compare host ids, so show the translation when the pod has its own user namespace.
+    if let Some(ns) = args.apply.network_namespace.as_deref() {
+        if let Some(m) = crate::userns::maps_of(ns)? {
+            println!(
+                "userns: {}",
+                crate::userns::UsernsView::new(&m, &cfg).line()
+            );
+        }
+    }
     Ok(Ok(()))
 }

@@ -13,4 +13,5 @@ pub mod fault;
 pub mod k8s;
 pub mod listener;
 pub mod netns;
+pub mod userns;
 pub mod validate;

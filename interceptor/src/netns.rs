@@ -51,17 +51,22 @@ pub fn run_in<T: Send + 'static>(
     .map_err(|_| anyhow!("netns worker thread panicked"))?
 }
 
-/// A command that runs inside the netns at `path` (via nsenter), or here when `None`.
-pub fn command(path: Option<&Path>, program: &str) -> Command {
+/// A command that runs inside the netns at `path` (via nsenter), or here when `None`. A netns
+/// owned by another user namespace (a `hostUsers: false` pod) is entered together with that
+/// user namespace: the kernel only accepts owner-match rules written from there.
+pub fn command(path: Option<&Path>, program: &str) -> Result<Command> {
     match path {
         Some(p) => {
+            if let Some(userns) = crate::userns::foreign_owner(p)? {
+                return crate::userns::command(userns, p, program);
+            }
             let mut c = Command::new("nsenter");
             c.arg(format!("--net={}", p.display()))
                 .arg("--")
                 .arg(program);
-            c
+            Ok(c)
         }
-        None => Command::new(program),
+        None => Ok(Command::new(program)),
     }
 }
 

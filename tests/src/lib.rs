@@ -12,6 +12,7 @@ pub mod forward;
 pub mod netfilter;
 pub mod sidecar;
 pub mod topology;
+pub mod userns;
 
 use std::path::PathBuf;
 

@@ -87,6 +87,8 @@ pub struct Topology {
     pod_path: PathBuf,
     up_path: PathBuf,
     index: u8,
+    /// The pod netns is owned by a new user namespace ([`crate::userns`]).
+    pod_userns: bool,
 }
 
 impl Topology {
@@ -94,6 +96,16 @@ impl Topology {
     /// tag (ASCII letters, digits, `_`); names become `ic-<tag>-<pid>-<n>-pod` / `…-up`.
     /// A failure half-way removes whatever was already created.
     pub fn new(tag: &str) -> Result<Self> {
+        Self::build(tag, false)
+    }
+
+    /// [`Topology::new`] with a pod netns owned by a new user namespace mapping ids
+    /// 0..65536 to host 100000.. (a Kubernetes `hostUsers: false` pod; see [`crate::userns`]).
+    pub fn with_userns_pod(tag: &str) -> Result<Self> {
+        Self::build(tag, true)
+    }
+
+    fn build(tag: &str, pod_userns: bool) -> Result<Self> {
         ensure!(
             !tag.is_empty()
                 && tag.len() <= 24
@@ -114,6 +126,7 @@ impl Topology {
             // 1..=250: mixes the pid in so parallel processes' logs differ.
             index: ((pid.wrapping_mul(31).wrapping_add(n)) % 250 + 1) as u8,
             prefix,
+            pod_userns,
         };
         // `topo` owns cleanup from here on: an early return drops it, deleting both namespaces.
         topo.setup()
@@ -124,7 +137,11 @@ impl Topology {
     fn setup(&self) -> Result<()> {
         {
             let _guard = NETNS_ADD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-            ip(&["netns", "add", &self.pod_ns])?;
+            if self.pod_userns {
+                crate::userns::add_netns(&self.pod_ns)?;
+            } else {
+                ip(&["netns", "add", &self.pod_ns])?;
+            }
             ip(&["netns", "add", &self.up_ns])?;
         }
         let (pod, up) = (self.pod_ns.as_str(), self.up_ns.as_str());

@@ -15,7 +15,7 @@ pub fn run(
     args: &[&str],
     stdin: Option<&str>,
 ) -> Result<String> {
-    let mut cmd = netns::command(netns, program);
+    let mut cmd = netns::command(netns, program)?;
     cmd.args(args)
         .stdin(if stdin.is_some() {
             Stdio::piped()

@@ -279,6 +279,9 @@ impl Daemon {
                 (0, netns_identity(&spec.netns)?)
             }
         };
+        // Shown by `pod show`; the registration above translated through the same maps.
+        let userns =
+            crate::userns::maps_of(&spec.netns)?.map(|m| crate::userns::UsernsView::new(&m, &cfg));
         let status = PodStatus {
             netns: spec.netns.clone(),
             netns_cookie: cookie,
@@ -289,6 +292,7 @@ impl Daemon {
             identity: spec.identity.clone(),
             config: spec.config.clone(),
             add_micros: start.elapsed().as_micros() as u64,
+            userns,
             removing: false,
         };
         self.record(&status)?;

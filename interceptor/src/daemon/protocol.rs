@@ -83,6 +83,10 @@ pub struct PodStatus {
     pub config: RawConfig,
     /// How long the registration took, in microseconds.
     pub add_micros: u64,
+    /// The pod's own user namespace (`hostUsers: false`), if it has one: its id maps and the
+    /// proxy ids as the eBPF programs see them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub userns: Option<crate::userns::UsernsView>,
     /// Set on disk before a removal starts: a daemon killed mid-removal finishes it on restart
     /// instead of keeping a record of a half-removed pod.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

@@ -620,7 +620,7 @@ fn setup_cost(r: &mut Results, s: &Settings) -> Result<()> {
         }
         let ns = BareNetns::new(2000 + i)?;
         let t = Instant::now();
-        let out = interceptor::netns::command(Some(&ns.path()), "iptables-nft-restore")
+        let out = interceptor::netns::command(Some(&ns.path()), "iptables-nft-restore")?
             .arg("--noflush")
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::null())
