@@ -10,17 +10,19 @@ pub mod names {
     pub const CIDR4_INCL: &str = "CIDR4_INCL";
     pub const CIDR6_EXCL: &str = "CIDR6_EXCL";
     pub const CIDR6_INCL: &str = "CIDR6_INCL";
-    pub const ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
     pub const ORIG_BY_TUPLE: &str = "ORIG_BY_TUPLE";
     pub const INBOUND_NETNS: &str = "INBOUND_NETNS";
     pub const INBOUND_PROG: &str = "INBOUND_PROG";
+    pub const TUPLE_COUNT: &str = "TUPLE_COUNT";
+    pub const SK_ORIG: &str = "SK_ORIG";
+    pub const SK_PROXY: &str = "SK_PROXY";
+    pub const SK_ACCEL: &str = "SK_ACCEL";
     pub const LISTENERS: &str = "LISTENERS";
-    pub const DNS_ORIG: &str = "DNS_ORIG";
-    pub const PROXY_BINDS: &str = "PROXY_BINDS";
     pub const STATS: &str = "STATS";
     pub const ACCEL: &str = "ACCEL";
     pub const ACCEL_ON: &str = "ACCEL_ON";
-    pub const ACCEL_PASSED: &str = "ACCEL_PASSED";
+    /// Maps of earlier versions: removed at cleanup, never created.
+    pub const LEGACY: &[&str] = &["ORIG_BY_COOKIE", "DNS_ORIG", "PROXY_BINDS", "ACCEL_PASSED"];
 }
 
 /// Capacities of the node-wide maps. Set maps hold every pod's lists; sized for `MAX_PODS`
@@ -44,6 +46,11 @@ pub mod capacity {
     pub const ADDRS: u32 = MAX_PODS * ADDRS_PER_POD;
     pub const GROUPS: u32 = MAX_PODS * GROUPS_PER_POD;
     pub const CIDRS: u32 = MAX_PODS * CIDRS_PER_POD;
+    /// App→proxy connections of one pod whose original destination waits in `ORIG_BY_TUPLE`
+    /// for the proxy to accept them (`TUPLE_QUOTA`): past it, connect() fails with EPERM.
+    pub const TUPLE_QUOTA: u32 = 128;
+    /// `ORIG_BY_TUPLE`: every pod at its quota.
+    pub const TUPLES: u32 = MAX_PODS * TUPLE_QUOTA;
 }
 
 /// Per-pod counters in the per-CPU `STATS` array: index `pod_id * stat::PER_POD + counter`.
@@ -68,6 +75,12 @@ pub mod stat {
     pub const OUT_PASS: u32 = 8;
     /// Inbound passes: `IN_PASS + Reason as u32`.
     pub const IN_PASS: u32 = 32;
+    /// Redirects refused (connect fails with EPERM) because the pod had `TUPLE_QUOTA`
+    /// connections waiting for the proxy already.
+    pub const OUT_QUOTA_REFUSED: u32 = 62;
+    /// A redirected connection whose tuple entry could not be stored (a concurrent connect
+    /// took the last of the quota): the proxy gets no SO_ORIGINAL_DST and closes it.
+    pub const TUPLE_STORE_FAILED: u32 = 63;
 
     /// The array index of a pod's counter, if the pod is counted.
     #[inline(always)]
@@ -137,6 +150,25 @@ pub struct OrigDst {
     /// AF_INET or AF_INET6: the family of the original destination as the app gave it.
     pub family: u32,
 }
+
+/// Per-socket state in `SK_ORIG` (socket-local storage, freed with the socket), and the
+/// value of `ORIG_BY_TUPLE`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockOrig {
+    pub orig: OrigDst,
+    /// `SOCK_*` bits.
+    pub flags: u32,
+    /// The pod the connection belongs to (its `TUPLE_COUNT` slot).
+    pub pod_id: u32,
+}
+
+/// An app's redirected socket: getpeername and DNS replies show `orig`.
+pub const SOCK_APP: u32 = 1;
+/// A proxy's accepted socket: SO_ORIGINAL_DST answers `orig`.
+pub const SOCK_ANSWER: u32 = 2;
+/// An app socket whose `ORIG_BY_TUPLE` entry (counted in `TUPLE_COUNT`) may still exist.
+pub const SOCK_TUPLE: u32 = 4;
 
 /// A redirected connection as seen from both ends: the app's socket (local → proxy) and the
 /// proxy's accepted socket (proxy ← peer), qualified by netns. The app's address enters as its
@@ -216,6 +248,7 @@ mod pod_impls {
     unsafe impl aya::Pod for super::AddrKey {}
     unsafe impl aya::Pod for super::GroupKey {}
     unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::SockOrig {}
     unsafe impl aya::Pod for super::TupleKey {}
     unsafe impl aya::Pod for crate::decision::PodPolicy {}
 }

@@ -5,10 +5,15 @@
 //! - `ic_connect4/6`: Istio's ISTIO_OUTPUT decision; on redirect, the rewrite to the proxy on
 //!   loopback plus the original destination (TCP, and UDP DNS on connected sockets).
 //! - `ic_sendmsg4/6`, `ic_recvmsg4/6`: DNS on unconnected UDP sockets, replies restored to come
-//!   from the original server; `ic_sock_release` forgets the socket.
-//! - `ic_sockops`: moves the original destination to a tuple key the proxy's socket can find,
-//!   forgets both when the connection closes; registers the proxy's inbound listener.
-//! - `ic_getsockopt`: answers SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST on the proxy's socket.
+//!   from the original server.
+//! - `ic_sockops`: hands the original destination to the proxy's accepted socket through a
+//!   tuple entry (a bounded per-pod quota of them, see `TUPLE_COUNT`); registers the proxy's
+//!   inbound listener.
+//! - `ic_getsockopt`: answers SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST, on the proxy's sockets only.
+//!
+//! Per-socket state lives in socket-local storage (`sk.rs`): freed with its socket, with no
+//! node-wide capacity one pod could use up. Only the app→proxy handover needs a shared map,
+//! `ORIG_BY_TUPLE`, where each pod has a quota.
 //! - `ic_getpeername4/6`: the app sees the original peer, as with NAT.
 //! - `ic_sk_lookup`: inbound connections to captured ports of any non-loopback local address
 //!   are handed to the proxy's listener, keeping the original local address and the client's
@@ -20,19 +25,19 @@
 //!   to the peer socket's receive queue; sockops puts both ends into `ACCEL`.
 #![no_std]
 #![no_main]
+// BPF's atomic add (core has no atomic read-modify-write for this target): `tuple_count_add`.
+#![feature(asm_experimental_arch)]
+
+mod sk;
 
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use aya_ebpf::{
-    bindings::{bpf_sock, bpf_sock_addr, sk_action, BPF_SOCK_OPS_STATE_CB_FLAG},
-    helpers::{bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_sock, cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sk_msg, sock_ops},
-    maps::{
-        lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, SockHash,
-    },
-    programs::{
-        SkLookupContext, SkMsgContext, SockAddrContext, SockContext, SockOpsContext, SockoptContext,
-    },
+    bindings::{bpf_sock, bpf_sock_addr, sk_action, BPF_NOEXIST, BPF_SOCK_OPS_STATE_CB_FLAG},
+    helpers::{bpf_get_current_uid_gid, bpf_get_netns_cookie},
+    macros::{btf_map, cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sk_msg, sock_ops},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, ProgramArray, SockHash},
+    programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext, SockoptContext},
     EbpfContext,
 };
 use aya_log_ebpf::info;
@@ -44,8 +49,8 @@ use interceptor_common::{
     },
     maps::{
         capacity, mapped_v4, stat, v6_bytes, AddrKey, Cidr4Data, Cidr6Data, GroupKey, OrigDst,
-        PortKey, SockKey, TupleKey, ADDR_DNS, ADDR_LOCAL, PORT_EXCLUDED, PORT_GUARDED,
-        PORT_INBOUND, PORT_INCLUDED,
+        PortKey, SockKey, SockOrig, TupleKey, ADDR_DNS, ADDR_LOCAL, PORT_EXCLUDED, PORT_GUARDED,
+        PORT_INBOUND, PORT_INCLUDED, SOCK_ANSWER, SOCK_APP, SOCK_TUPLE,
     },
 };
 
@@ -61,6 +66,7 @@ const SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
 const SOCK_OPS_PASSIVE_ESTABLISHED_CB: u32 = 5;
 const BPF_F_INGRESS: u64 = 1;
 const SK_PASS: u32 = 1;
+const SK_DROP: u32 = 0;
 const SOCK_OPS_STATE_CB: u32 = 10;
 const SOCK_OPS_TCP_LISTEN_CB: u32 = 11;
 const TCP_CLOSE: u32 = 7;
@@ -89,6 +95,16 @@ static COUNT_ENABLED: u8 = 1;
 /// LOG_ENABLED, so at 0 (always, outside tests) the verifier prunes the check.
 #[unsafe(no_mangle)]
 static FAULT_STORE_PORT: u16 = 0;
+
+/// `ORIG_BY_TUPLE` entries one pod may hold (`capacity::TUPLE_QUOTA`; lowered by tests).
+/// Frozen like LOG_ENABLED.
+#[unsafe(no_mangle)]
+static TUPLE_QUOTA: u64 = capacity::TUPLE_QUOTA as u64;
+
+#[inline(always)]
+fn tuple_quota() -> u64 {
+    unsafe { read_volatile(&TUPLE_QUOTA) }
+}
 
 #[inline(always)]
 fn store_fault(port: u16) -> bool {
@@ -129,22 +145,24 @@ static CIDR4_INCL: LpmTrie<Cidr4Data, u8> = LpmTrie::with_max_entries(capacity::
 static CIDR6_EXCL: LpmTrie<Cidr6Data, u8> = LpmTrie::with_max_entries(capacity::CIDRS, 0);
 #[map]
 static CIDR6_INCL: LpmTrie<Cidr6Data, u8> = LpmTrie::with_max_entries(capacity::CIDRS, 0);
-/// Socket cookie → original destination, for the life of the app's TCP connection. LRU only as
-/// a safety net: entries are removed when the connection closes.
+/// Tuple → original destination of an app→proxy connection, from the app's connect until the
+/// proxy's socket for it is established (then it moves into that socket's `SK_ORIG`), or the
+/// app's socket closes. A plain hash: entries are never evicted; each pod may hold at most
+/// `TUPLE_QUOTA` (counted in `TUPLE_COUNT`), and the capacity is every pod at its quota.
 #[map]
-static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(65536, 0);
-/// Tuple → original destination, what the proxy's accepted socket can look up.
+static ORIG_BY_TUPLE: HashMap<TupleKey, SockOrig> =
+    HashMap::with_max_entries(capacity::TUPLES, BPF_F_NO_PREALLOC);
+/// Per pod (by id): its entries in `ORIG_BY_TUPLE`.
 #[map]
-static ORIG_BY_TUPLE: LruHashMap<TupleKey, OrigDst> = LruHashMap::with_max_entries(65536, 0);
-/// UDP socket cookie → the DNS server it last sent to; removed when the socket is released.
-#[map]
-static DNS_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(65536, 0);
-/// Socket cookies of sockets the proxy bound to the inbound capture port: sock_ops cannot ask
-/// who the caller is before 6.13, bind can. Consumed by the LISTEN callback; a socket bound and
-/// never listened on ages out of the LRU (cookies are never reused), so socket release, which
-/// runs for every socket, does not pay for it.
-#[map]
-static PROXY_BINDS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(4096, 0);
+static TUPLE_COUNT: Array<u64> = Array::with_max_entries(MAX_PODS, 0);
+/// Per socket: the original destination of the app's redirected socket (TCP, and UDP DNS),
+/// or the answer to SO_ORIGINAL_DST on the proxy's accepted socket.
+#[btf_map]
+static SK_ORIG: sk::SkStorage<SockOrig, { sk::NO_PREALLOC }> = sk::SkStorage::new();
+/// Sockets of the proxy: bound by a proxy uid/gid (or adopted by the loader), and, cloned by the
+/// kernel, every socket their listeners accept. Only these get SO_ORIGINAL_DST answered.
+#[btf_map]
+static SK_PROXY: sk::SkStorage<u32, { sk::CLONED }> = sk::SkStorage::new();
 /// `[0]`: the netns cookie of the pod whose sk_lookup program runs on this CPU right now
 /// (sk_lookup cannot read the netns cookie itself). Written by the pod's own program just before
 /// it tail-calls `ic_sk_lookup`; TCP lookups run in softirq, which does not nest on a CPU, so
@@ -169,8 +187,8 @@ static ACCEL: SockHash<SockKey> = SockHash::with_max_entries(65536, 0);
 static ACCEL_ON: Array<u32> = Array::with_max_entries(1, 0);
 /// Sockets that sent a message while their peer was not in `ACCEL` yet: that message took the
 /// TCP path, so every later one must too, or a redirected message could overtake it.
-#[map]
-static ACCEL_PASSED: LruHashMap<SockKey, u8> = LruHashMap::with_max_entries(4096, 0);
+#[btf_map]
+static SK_ACCEL: sk::SkStorage<u32, { sk::NO_PREALLOC }> = sk::SkStorage::new();
 
 /// The decision model's set lookups, backed by this pod's map entries.
 struct MapTables {
@@ -323,16 +341,27 @@ fn loopback_for(dst: Addr) -> [u8; 16] {
     }
 }
 
-/// Decides an outbound connect/sendmsg; returns the original destination and proxy port to
-/// use when it is redirected.
+/// What `outbound` decided.
+enum Out {
+    /// Not a meshed pod's TCP/UDP socket: nothing to do.
+    Untouched,
+    /// A meshed pod's connection left alone.
+    Pass,
+    /// Redirected: the original destination and proxy port, and the pod.
+    Redirect(Addr, OrigDst, u32),
+}
+
+/// Decides an outbound connect/sendmsg.
 #[inline(always)]
-fn outbound(ctx: &SockAddrContext, v6: bool) -> Option<(Addr, OrigDst)> {
+fn outbound(ctx: &SockAddrContext, v6: bool) -> Out {
     let sa = ctx.sock_addr;
-    let (netns, policy) = pod_of(ctx)?;
+    let Some((netns, policy)) = pod_of(ctx) else {
+        return Out::Untouched;
+    };
     let proto = match unsafe { read_volatile(addr_of!((*sa).protocol)) } {
         IPPROTO_TCP => Proto::Tcp,
         IPPROTO_UDP => Proto::Udp,
-        _ => return None,
+        _ => return Out::Untouched,
     };
     let (dst, dport) = unsafe { user_addr(sa, v6) };
     // The bound source, if any (Envoy binds 127.0.0.6 for its inbound passthrough).
@@ -401,11 +430,11 @@ fn outbound(ctx: &SockAddrContext, v6: bool) -> Option<(Addr, OrigDst)> {
         }
         Verdict::Pass(reason) => {
             count(policy.pod_id, stat::OUT_PASS + reason as u32);
-            return None;
+            return Out::Pass;
         }
     };
     let family = if v6 { AF_INET6 } else { AF_INET };
-    Some((
+    Out::Redirect(
         dst,
         OrigDst {
             addr: dst.0,
@@ -413,41 +442,83 @@ fn outbound(ctx: &SockAddrContext, v6: bool) -> Option<(Addr, OrigDst)> {
             redirect_port: port,
             family,
         },
-    ))
+        policy.pod_id,
+    )
+}
+
+/// The socket a sock_addr hook runs for.
+#[inline(always)]
+fn sock_of(ctx: &SockAddrContext) -> *mut bpf_sock {
+    unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk }
+}
+
+/// `ORIG_BY_TUPLE` entries the pod holds now.
+#[inline(always)]
+fn tuple_count(pod_id: u32) -> u64 {
+    match TUPLE_COUNT.get_ptr(pod_id) {
+        Some(c) => unsafe { read_volatile(c) },
+        None => u64::MAX,
+    }
+}
+
+/// Adds `delta` (wrapping: `u64::MAX` subtracts one) to the pod's tuple count, atomically.
+#[inline(always)]
+fn tuple_count_add(pod_id: u32, delta: u64) {
+    if let Some(c) = TUPLE_COUNT.get_ptr_mut(pod_id) {
+        // SAFETY: `c` is an 8-byte aligned array value, valid for the program run; BPF_ATOMIC
+        // add (no fetch: any kernel) is what every writer of it uses.
+        unsafe {
+            core::arch::asm!(
+                "lock *(u64 *)({p} + 0) += {d}",
+                p = in(reg) c,
+                d = in(reg) delta,
+                options(nostack),
+            )
+        };
+    }
 }
 
 /// Redirects a connect; false (the connect fails with EPERM) when the original destination
-/// cannot be stored: the proxy could not answer SO_ORIGINAL_DST for it, and leaving the
+/// cannot be stored, or, for TCP, when the pod already has `TUPLE_QUOTA` connections waiting
+/// for the proxy: the proxy could not answer SO_ORIGINAL_DST for it, and leaving the
 /// connection alone would let it escape. Fail closed, counted.
 #[inline(always)]
 fn on_connect(ctx: &SockAddrContext, v6: bool) -> bool {
-    let Some((dst, orig)) = outbound(ctx, v6) else {
-        return true;
+    let sk = sock_of(ctx);
+    let (dst, orig, pod_id) = match outbound(ctx, v6) {
+        Out::Untouched => return true,
+        Out::Pass => {
+            // A socket connected again (after connect(AF_UNSPEC)) somewhere not redirected:
+            // what it stored for an earlier redirect no longer applies.
+            if !sk.is_null() {
+                unsafe { SK_ORIG.delete(sk) };
+            }
+            return true;
+        }
+        Out::Redirect(dst, orig, pod_id) => (dst, orig, pod_id),
     };
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let udp = unsafe { read_volatile(addr_of!((*ctx.sock_addr).protocol)) } == IPPROTO_UDP;
-    // TCP state is dropped by sockops at close; UDP (DNS) state at sock_release.
-    let stored = if store_fault(orig.port) {
-        Err(0)
-    } else if udp {
-        DNS_ORIG.insert(&cookie, &orig, 0)
-    } else {
-        ORIG_BY_COOKIE.insert(&cookie, &orig, 0)
-    };
-    if stored.is_err() {
-        store_failed(ctx);
+    // TCP: checked here so the app gets EPERM; taken (atomically) when sockops stores the
+    // tuple, where a connect racing for the last slot fails closed instead.
+    if !udp && tuple_count(pod_id) >= tuple_quota() {
+        count(pod_id, stat::OUT_QUOTA_REFUSED);
         return false;
     }
+    let st = if sk.is_null() || store_fault(orig.port) {
+        None
+    } else {
+        unsafe { SK_ORIG.get_or_create(sk) }
+    };
+    let Some(st) = st else {
+        count(pod_id, stat::OUT_STORE_FAILED);
+        return false;
+    };
+    // A tuple entry of an earlier connection of this socket was settled when it closed.
+    st.orig = orig;
+    st.flags = SOCK_APP;
+    st.pod_id = pod_id;
     unsafe { set_user_addr(ctx.sock_addr, v6, loopback_for(dst), orig.redirect_port) };
     true
-}
-
-/// Counts a refused redirect (cold path: the pod is looked up again only here).
-#[inline(always)]
-fn store_failed(ctx: &SockAddrContext) {
-    if let Some((_, policy)) = pod_of(ctx) {
-        count(policy.pod_id, stat::OUT_STORE_FAILED);
-    }
 }
 
 #[cgroup_sock_addr(connect4)]
@@ -463,18 +534,26 @@ pub fn ic_connect6(ctx: SockAddrContext) -> i32 {
 /// Unconnected UDP: only DNS is ever redirected (Istio captures nothing else of UDP).
 #[inline(always)]
 fn on_sendmsg(ctx: &SockAddrContext, v6: bool) -> bool {
-    let Some((dst, orig)) = outbound(ctx, v6) else {
+    let Out::Redirect(dst, orig, pod_id) = outbound(ctx, v6) else {
         return true;
     };
     if orig.port != DNS_PORT {
         return true;
     }
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if store_fault(orig.port) || DNS_ORIG.insert(&cookie, &orig, 0).is_err() {
+    let sk = sock_of(ctx);
+    let st = if sk.is_null() || store_fault(orig.port) {
+        None
+    } else {
+        unsafe { SK_ORIG.get_or_create(sk) }
+    };
+    let Some(st) = st else {
         // As in on_connect: refused (EPERM), never sent around the DNS proxy.
-        store_failed(ctx);
+        count(pod_id, stat::OUT_STORE_FAILED);
         return false;
-    }
+    };
+    st.orig = orig;
+    st.flags = SOCK_APP;
+    st.pod_id = pod_id;
     unsafe { set_user_addr(ctx.sock_addr, v6, loopback_for(dst), orig.redirect_port) };
     true
 }
@@ -489,11 +568,21 @@ pub fn ic_sendmsg6(ctx: SockAddrContext) -> i32 {
     i32::from(on_sendmsg(&ctx, true))
 }
 
+/// The app's original destination stored on its socket, if the socket was redirected.
+#[inline(always)]
+fn app_orig(ctx: &SockAddrContext) -> Option<OrigDst> {
+    let sk = sock_of(ctx);
+    if sk.is_null() {
+        return None;
+    }
+    let st = unsafe { SK_ORIG.get(sk) }?;
+    (st.flags & SOCK_APP != 0).then_some(st.orig)
+}
+
 /// A DNS reply from the proxy appears to come from the server the app asked.
 #[inline(always)]
 fn on_recvmsg(ctx: &SockAddrContext, v6: bool) {
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(orig) = (unsafe { DNS_ORIG.get(&cookie) }) else {
+    let Some(orig) = app_orig(ctx) else {
         return;
     };
     let (from, port) = unsafe { user_addr(ctx.sock_addr, v6) };
@@ -514,13 +603,6 @@ pub fn ic_recvmsg6(ctx: SockAddrContext) -> i32 {
     1
 }
 
-#[cgroup_sock(sock_release)]
-pub fn ic_sock_release(ctx: SockContext) -> i32 {
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let _ = DNS_ORIG.remove(&cookie);
-    1
-}
-
 /// Only the proxy may bind the proxy's ports (an app could otherwise impersonate it).
 #[inline(always)]
 fn on_bind(ctx: &SockAddrContext, v6: bool) -> i32 {
@@ -536,10 +618,16 @@ fn on_bind(ctx: &SockAddrContext, v6: bool) -> i32 {
     let allowed = bind_allowed(policy, &tables, port, uid, gid);
     if !allowed {
         count(policy.pod_id, stat::BIND_DENIED);
-    } else if port == policy.inbound_capture_port && is_proxy(policy, uid, gid) {
-        // Remembered for sock_ops' LISTEN callback, which registers the proxy's listener.
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        let _ = PROXY_BINDS.insert(&cookie, &1, 0);
+    } else if is_proxy(policy, uid, gid) {
+        // The proxy's socket: sock_ops cannot ask who the caller is before 6.13, bind can.
+        // Marks the listener sock_ops registers, and (cloned) every socket it accepts, the
+        // only ones SO_ORIGINAL_DST is answered on.
+        let sk = sock_of(ctx);
+        if !sk.is_null() {
+            if let Some(m) = unsafe { SK_PROXY.get_or_create(sk) } {
+                *m = 1;
+            }
+        }
     }
     i32::from(allowed)
 }
@@ -552,90 +640,6 @@ pub fn ic_bind4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(bind6)]
 pub fn ic_bind6(ctx: SockAddrContext) -> i32 {
     on_bind(&ctx, true)
-}
-
-#[sock_ops]
-pub fn ic_sockops(ctx: SockOpsContext) -> u32 {
-    match ctx.op() {
-        SOCK_OPS_TCP_LISTEN_CB => on_listen(&ctx),
-        SOCK_OPS_TCP_CONNECT_CB => on_active(&ctx),
-        SOCK_OPS_STATE_CB => {
-            on_active(&ctx);
-            on_accel_close(&ctx);
-        }
-        SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
-            on_active(&ctx);
-            on_established(&ctx);
-        }
-        SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_established(&ctx),
-        _ => {}
-    }
-    1
-}
-
-/// The proxy's inbound listener registers itself: a listen() on the inbound capture port in a
-/// meshed netns, on a socket the proxy itself bound there (see `on_bind`).
-#[inline(always)]
-fn on_listen(ctx: &SockOpsContext) {
-    let Some((_, policy)) = pod_of(ctx) else {
-        return;
-    };
-    let port = unsafe { read_volatile(addr_of!((*ctx.ops).local_port)) };
-    if port != u32::from(policy.inbound_capture_port) {
-        return;
-    }
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // Removing doubles as the lookup: it succeeds only for a marked socket.
-    if PROXY_BINDS.remove(&cookie).is_ok() {
-        let v6 = u32::from(unsafe { read_volatile(addr_of!((*ctx.ops).family)) } == AF_INET6);
-        let _ = LISTENERS.update(policy.pod_id * 2 + v6, unsafe { &mut *ctx.ops }, 0);
-    }
-}
-
-#[inline(always)]
-fn on_active(ctx: &SockOpsContext) {
-    let op = ctx.op();
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(&cookie) }) else {
-        forget_evicted(ctx, op);
-        return;
-    };
-    let orig = *orig;
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    // Read every context field once with a volatile load: LLVM otherwise selects between field
-    // addresses and the verifier rejects dereferencing a modified ctx pointer.
-    let ops = ctx.ops;
-    let (family, ip4, ip6_tail, lport) = unsafe {
-        (
-            read_volatile(addr_of!((*ops).family)),
-            read_volatile(addr_of!((*ops).local_ip4)),
-            read_volatile(addr_of!((*ops).local_ip6[3])),
-            read_volatile(addr_of!((*ops).local_port)),
-        )
-    };
-    let key = TupleKey {
-        netns,
-        client_addr_tail: if family == AF_INET6 { ip6_tail } else { ip4 },
-        client_port: lport,
-        proxy_port: u32::from(orig.redirect_port),
-        _pad: 0,
-    };
-    match op {
-        // Ask for state callbacks so the entries go away when the connection does, even if
-        // it never establishes.
-        SOCK_OPS_TCP_CONNECT_CB => {
-            let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
-        }
-        SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
-            let _ = ORIG_BY_TUPLE.insert(&key, &orig, 0);
-        }
-        _ => {
-            if ctx.arg(1) == TCP_CLOSE {
-                let _ = ORIG_BY_TUPLE.remove(&key);
-                let _ = ORIG_BY_COOKIE.remove(&cookie);
-            }
-        }
-    }
 }
 
 /// The two ends of a TCP socket as `SockKey` fields, from a `bpf_sock_ops` or an `sk_msg_md`
@@ -679,6 +683,173 @@ macro_rules! sock_ends {
     }};
 }
 
+#[sock_ops]
+pub fn ic_sockops(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        SOCK_OPS_TCP_LISTEN_CB => on_listen(&ctx),
+        SOCK_OPS_TCP_CONNECT_CB => on_app_connect(&ctx),
+        SOCK_OPS_STATE_CB => {
+            if ctx.arg(1) == TCP_CLOSE {
+                on_app_close(&ctx);
+            }
+        }
+        SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(&ctx),
+        SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            on_proxy_accepted(&ctx);
+            on_established(&ctx);
+        }
+        _ => {}
+    }
+    1
+}
+
+/// The socket a sock_ops callback runs for (NULL for request sockets).
+#[inline(always)]
+fn ops_sock(ctx: &SockOpsContext) -> *mut bpf_sock {
+    unsafe { read_volatile(addr_of!((*ctx.ops).__bindgen_anon_2.sk)) }
+}
+
+/// The proxy's inbound listener registers itself: a listen() on the inbound capture port in a
+/// meshed netns, on a socket the proxy itself bound (see `on_bind`).
+#[inline(always)]
+fn on_listen(ctx: &SockOpsContext) {
+    let Some((_, policy)) = pod_of(ctx) else {
+        return;
+    };
+    let port = unsafe { read_volatile(addr_of!((*ctx.ops).local_port)) };
+    if port != u32::from(policy.inbound_capture_port) {
+        return;
+    }
+    let sk = ops_sock(ctx);
+    if sk.is_null() || unsafe { SK_PROXY.get(sk) }.is_none() {
+        return;
+    }
+    let v6 = u32::from(unsafe { read_volatile(addr_of!((*ctx.ops).family)) } == AF_INET6);
+    let _ = LISTENERS.update(policy.pod_id * 2 + v6, unsafe { &mut *ctx.ops }, 0);
+}
+
+/// The tuple key of an app→proxy connection from the app's side: its own address (last 32
+/// bits) and port, and the proxy port it was redirected to.
+#[inline(always)]
+fn app_tuple(ctx: &SockOpsContext, redirect_port: u16) -> TupleKey {
+    // Read every context field once with a volatile load: LLVM otherwise selects between field
+    // addresses and the verifier rejects dereferencing a modified ctx pointer.
+    let ops = ctx.ops;
+    let (family, ip4, ip6_tail, lport) = unsafe {
+        (
+            read_volatile(addr_of!((*ops).family)),
+            read_volatile(addr_of!((*ops).local_ip4)),
+            read_volatile(addr_of!((*ops).local_ip6[3])),
+            read_volatile(addr_of!((*ops).local_port)),
+        )
+    };
+    TupleKey {
+        netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        client_addr_tail: if family == AF_INET6 { ip6_tail } else { ip4 },
+        client_port: lport,
+        proxy_port: u32::from(redirect_port),
+        _pad: 0,
+    }
+}
+
+/// A redirected app socket sends its SYN: its source port is known now, so its original
+/// destination goes where the proxy's accepted socket can find it, within the pod's quota.
+/// Also asks for state callbacks, so the entry goes when the connection does if the proxy
+/// never takes it.
+#[inline(always)]
+fn on_app_connect(ctx: &SockOpsContext) {
+    let sk = ops_sock(ctx);
+    if sk.is_null() {
+        return;
+    }
+    let Some(st) = (unsafe { SK_ORIG.get(sk) }) else {
+        return;
+    };
+    if st.flags & SOCK_APP == 0 {
+        return;
+    }
+    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+    let pod_id = st.pod_id;
+    // Taken first, then checked: of connects racing for the last slot, the losers give theirs
+    // back (none is ever over the quota).
+    tuple_count_add(pod_id, 1);
+    if tuple_count(pod_id) > tuple_quota() {
+        tuple_count_add(pod_id, u64::MAX);
+        count(pod_id, stat::TUPLE_STORE_FAILED);
+        return;
+    }
+    let key = app_tuple(ctx, st.orig.redirect_port);
+    let value = SockOrig {
+        orig: st.orig,
+        flags: SOCK_ANSWER,
+        pod_id,
+    };
+    if ORIG_BY_TUPLE
+        .insert(&key, &value, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
+        tuple_count_add(pod_id, u64::MAX);
+        count(pod_id, stat::TUPLE_STORE_FAILED);
+        return;
+    }
+    st.flags |= SOCK_TUPLE;
+}
+
+/// A redirected app socket closing: its tuple entry goes, unless the proxy took it already
+/// (whoever deletes the entry gives the quota slot back, exactly once).
+#[inline(always)]
+fn on_app_close(ctx: &SockOpsContext) {
+    let sk = ops_sock(ctx);
+    if sk.is_null() {
+        return;
+    }
+    let Some(st) = (unsafe { SK_ORIG.get(sk) }) else {
+        return;
+    };
+    if st.flags & SOCK_TUPLE == 0 {
+        return;
+    }
+    st.flags &= !SOCK_TUPLE;
+    let key = app_tuple(ctx, st.orig.redirect_port);
+    if ORIG_BY_TUPLE.remove(&key).is_ok() {
+        tuple_count_add(st.pod_id, u64::MAX);
+    }
+}
+
+/// The proxy's listener accepted a connection: if it is an app's redirected one, its original
+/// destination moves into the accepted socket's `SK_ORIG`, where SO_ORIGINAL_DST finds it.
+/// Sockets not marked as the proxy's (`SK_PROXY`, cloned from the listener) are skipped after
+/// one socket-storage lookup, with no map lookup at all.
+#[inline(always)]
+fn on_proxy_accepted(ctx: &SockOpsContext) {
+    let sk = ops_sock(ctx);
+    if sk.is_null() || unsafe { SK_PROXY.get(sk) }.is_none() {
+        return;
+    }
+    let Some((_, remote, local_port, remote_port)) = sock_ends!(ctx.ops) else {
+        return;
+    };
+    let key = TupleKey {
+        netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        client_addr_tail: remote[3],
+        client_port: remote_port,
+        proxy_port: local_port,
+        _pad: 0,
+    };
+    let Some(v) = (unsafe { ORIG_BY_TUPLE.get(&key) }) else {
+        return;
+    };
+    let v = *v;
+    let Some(st) = (unsafe { SK_ORIG.get_or_create(sk) }) else {
+        // Left in ORIG_BY_TUPLE: getsockopt looks there too; the app's close removes it.
+        return;
+    };
+    *st = v;
+    if ORIG_BY_TUPLE.remove(&key).is_ok() {
+        tuple_count_add(v.pod_id, u64::MAX);
+    }
+}
+
 /// Acceleration: an established connection of an `--accelerate` pod whose ends both live in
 /// this netns joins `ACCEL` (each end from its own callback: active for the connecting side,
 /// passive for the accepted one).
@@ -704,36 +875,7 @@ fn on_established(ctx: &SockOpsContext) {
         local_port,
         remote_port,
     };
-    // A new connection on a tuple an earlier one marked: start unmarked.
-    let _ = ACCEL_PASSED.remove(&key);
-    // The state callback forgets the socket's ACCEL_PASSED entry when it closes.
-    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
     let _ = ACCEL.update(key, unsafe { &mut *ctx.ops }, 0);
-}
-
-/// An accelerated socket closing: its `ACCEL_PASSED` mark goes with it (ACCEL drops the socket
-/// by itself). Only sockets that asked for state callbacks get here: redirected and
-/// accelerated ones.
-#[inline(always)]
-fn on_accel_close(ctx: &SockOpsContext) {
-    if ctx.arg(1) != TCP_CLOSE {
-        return;
-    }
-    match ACCEL_ON.get(0) {
-        Some(n) if *n != 0 => {}
-        _ => return,
-    }
-    let Some((local, remote, local_port, remote_port)) = sock_ends!(ctx.ops) else {
-        return;
-    };
-    let key = SockKey {
-        netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
-        local,
-        remote,
-        local_port,
-        remote_port,
-    };
-    let _ = ACCEL_PASSED.remove(&key);
 }
 
 /// Hands each message of an accelerated socket to its peer's receive queue, skipping the
@@ -750,12 +892,21 @@ pub fn ic_sk_msg(ctx: SkMsgContext) -> u32 {
         local_port,
         remote_port,
     };
-    if unsafe { ACCEL_PASSED.get(&key) }.is_some() {
+    let sk = unsafe { read_volatile(addr_of!((*ctx.msg).__bindgen_anon_3.sk)) };
+    if sk.is_null() {
+        return SK_PASS;
+    }
+    if unsafe { SK_ACCEL.get(sk) }.is_some() {
         return SK_PASS;
     }
     // SK_PASS with the peer set: redirected; anything else: the peer is not in ACCEL.
     if ACCEL.redirect_msg(&ctx, key.peer(), BPF_F_INGRESS) != i64::from(SK_PASS) {
-        let _ = ACCEL_PASSED.insert(&key, &1, 0);
+        // Marks this socket for good; freed with it. Not storable: this message and every
+        // later one is dropped rather than risk one overtaking another.
+        match unsafe { SK_ACCEL.get_or_create(sk) } {
+            Some(m) => *m = 1,
+            None => return SK_DROP,
+        }
     }
     SK_PASS
 }
@@ -764,37 +915,6 @@ pub fn ic_sk_msg(ctx: SkMsgContext) -> u32 {
 #[inline(always)]
 fn mapped_words(ip4: u32) -> [u32; 4] {
     [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), ip4]
-}
-
-/// A redirected connection closing after its cookie entry was evicted (LRU under pressure):
-/// its tuple entry cannot be found through the cookie, so it is keyed by the socket's own peer
-/// port (the proxy's). Left behind, it could answer SO_ORIGINAL_DST for a later connection on
-/// the same ports whose own entry was evicted too: a wrong destination. Only sockets that asked
-/// for state callbacks (redirected ones) get here with STATE_CB: no cost on the hot path.
-#[inline(always)]
-fn forget_evicted(ctx: &SockOpsContext, op: u32) {
-    if op != SOCK_OPS_STATE_CB || ctx.arg(1) != TCP_CLOSE {
-        return;
-    }
-    let ops = ctx.ops;
-    let (family, ip4, ip6_tail, lport, rport) = unsafe {
-        (
-            read_volatile(addr_of!((*ops).family)),
-            read_volatile(addr_of!((*ops).local_ip4)),
-            read_volatile(addr_of!((*ops).local_ip6[3])),
-            read_volatile(addr_of!((*ops).local_port)),
-            read_volatile(addr_of!((*ops).remote_port)),
-        )
-    };
-    let key = TupleKey {
-        netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
-        client_addr_tail: if family == AF_INET6 { ip6_tail } else { ip4 },
-        client_port: lport,
-        // be16 in the upper half of remote_port.
-        proxy_port: u32::from(u16::from_be((rport >> 16) as u16)),
-        _pad: 0,
-    };
-    let _ = ORIG_BY_TUPLE.remove(&key);
 }
 
 /// sockaddr_in / sockaddr_in6 of `addr:port` into getsockopt's buffer; false if it does not fit.
@@ -856,6 +976,20 @@ pub fn ic_getsockopt(ctx: SockoptContext) -> i32 {
         if sk.is_null() {
             return 1;
         }
+        // Only the proxy's sockets get an answer: any other socket in the pod (one that took a
+        // proxy port, say) learns nothing from us.
+        if SK_PROXY.get(sk).is_none() {
+            return 1;
+        }
+        // Outbound: moved onto the proxy's accepted socket when it was established.
+        if let Some(st) = SK_ORIG.get(sk) {
+            if st.flags & SOCK_ANSWER != 0 {
+                if write_sockaddr(so, level, st.orig.addr, st.orig.port) {
+                    count(st.pod_id, stat::ORIG_DST_ANSWERED);
+                }
+                return 1;
+            }
+        }
         // One constant-offset load per field: the verifier forbids arithmetic on sock pointers.
         // Load both families' fields, then choose: a branch would let LLVM select the offset.
         let family = read_volatile(addr_of!((*sk).family));
@@ -864,7 +998,7 @@ pub fn ic_getsockopt(ctx: SockoptContext) -> i32 {
         let dport = u16::from_be(read_volatile(addr_of!((*sk).dst_port)));
         let lport = read_volatile(addr_of!((*sk).src_port));
         let netns = bpf_get_netns_cookie(ctx.as_ptr());
-        // Outbound: the proxy's accepted socket's peer is the app's socket.
+        // Still in the tuple map if the accepted socket's storage could not be allocated.
         let key = TupleKey {
             netns,
             client_addr_tail: if family == AF_INET6 { tail6 } else { tail4 },
@@ -875,8 +1009,8 @@ pub fn ic_getsockopt(ctx: SockoptContext) -> i32 {
         let Some(policy) = POD_POLICY.get(&netns) else {
             return 1;
         };
-        if let Some(orig) = ORIG_BY_TUPLE.get(&key) {
-            if write_sockaddr(so, level, orig.addr, orig.port) {
+        if let Some(v) = ORIG_BY_TUPLE.get(&key) {
+            if write_sockaddr(so, level, v.orig.addr, v.orig.port) {
                 count(policy.pod_id, stat::ORIG_DST_ANSWERED);
             }
             return 1;
@@ -926,16 +1060,12 @@ pub fn ic_getsockopt(ctx: SockoptContext) -> i32 {
 
 #[inline(always)]
 fn on_getpeername(ctx: &SockAddrContext, v6: bool) {
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let orig = match unsafe { ORIG_BY_COOKIE.get(&cookie) } {
-        Some(o) => o,
-        None => match unsafe { DNS_ORIG.get(&cookie) } {
-            Some(o) => o,
-            None => return,
-        },
+    let Some(orig) = app_orig(ctx) else {
+        return;
     };
     // Only while the socket is still connected to the proxy: after an AF_UNSPEC disconnect and
-    // a connect that was not redirected, the entry is stale and the real peer is the answer.
+    // a connect that was not redirected, the real peer is the answer (the pass verdict also
+    // dropped the stored destination; this holds even if dropping it failed).
     let (peer, port) = unsafe { user_addr(ctx.sock_addr, v6) };
     if port != orig.redirect_port || !peer.is_loopback() {
         return;

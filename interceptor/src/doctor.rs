@@ -79,7 +79,6 @@ const HOOKS: &[(&str, &str, (u8, u8))] = &[
     ("ic_recvmsg6", "cgroup/recvmsg6", (5, 2)),
     ("ic_bind4", "cgroup/bind4", (4, 17)),
     ("ic_bind6", "cgroup/bind6", (4, 17)),
-    ("ic_sock_release", "cgroup/sock_release", (5, 9)),
     ("ic_sockops", rows::SOCK_OPS, (4, 13)),
     ("ic_getsockopt", rows::GETSOCKOPT, (5, 3)),
     ("ic_getpeername4", rows::GETPEERNAME4, (5, 8)),

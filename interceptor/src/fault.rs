@@ -11,7 +11,8 @@
 //!     redirected connection to destination port `<port>` failed (a frozen global, pruned by the
 //!     verifier when unset).
 //! - `INTERCEPTOR_TEST_MAP_ENTRIES`: `MAP=N,…`, max_entries of maps created at load (the maps are
-//!   pinned, so this only takes effect for a fresh bpffs folder).
+//!   pinned, so this only takes effect for a fresh bpffs folder); `TUPLE_QUOTA=N` sets the
+//!   per-pod quota of app→proxy connections waiting for the proxy (frozen at load too).
 
 use std::path::Path;
 
@@ -70,12 +71,30 @@ pub fn store_port() -> u16 {
 
 /// `(map, max_entries)` overrides for maps created at load.
 pub fn map_entries() -> Vec<(String, u32)> {
+    map_entries_env()
+        .into_iter()
+        .filter(|(k, _)| k != TUPLE_QUOTA)
+        .collect()
+}
+
+const TUPLE_QUOTA: &str = "TUPLE_QUOTA";
+
+/// The per-pod tuple quota the programs are loaded with: `TUPLE_QUOTA=N` from
+/// `INTERCEPTOR_TEST_MAP_ENTRIES`, else `capacity::TUPLE_QUOTA`.
+pub fn tuple_quota() -> u32 {
+    map_entries_env()
+        .into_iter()
+        .find(|(k, _)| k == TUPLE_QUOTA)
+        .map_or(interceptor_common::maps::capacity::TUPLE_QUOTA, |(_, v)| v)
+}
+
+fn map_entries_env() -> Vec<(String, u32)> {
     std::env::var(MAP_ENTRIES_ENV)
         .unwrap_or_default()
         .split(',')
         .filter_map(|kv| {
             let (k, v) = kv.trim().split_once('=')?;
-            Some((k.to_string(), v.parse().ok()?))
+            Some((k.trim().to_string(), v.trim().parse().ok()?))
         })
         .collect()
 }

@@ -695,14 +695,15 @@ fn held_round(
     }
 }
 
-/// Map pressure: the per-connection maps (ORIG_BY_COOKIE, ORIG_BY_TUPLE) made 16 entries with
-/// the test-only INTERCEPTOR_TEST_MAP_ENTRIES, then hundreds of connections held at once, and
-/// rounds reusing the same few client ports (a tiny ip_local_port_range), which is what would
-/// turn a leftover entry into another connection's answer. Every connection keeps its own
-/// destination or fails closed (the proxy gets no SO_ORIGINAL_DST and closes it, counted as
-/// `missed`); none goes to a wrong place or escapes. Storing the original destination failing
-/// (INTERCEPTOR_FAULT=store:<port>) makes connect fail with EPERM, counted. The daemon's
-/// metrics show the occupancy against the tiny capacity and both counters.
+/// Map pressure: the per-pod quota of app→proxy connections waiting in ORIG_BY_TUPLE made 16
+/// (test-only INTERCEPTOR_TEST_MAP_ENTRIES=TUPLE_QUOTA=16), then hundreds of connections held
+/// at once in the proxy's accept queue, and rounds reusing the same few client ports (a tiny
+/// ip_local_port_range), which is what would turn a leftover entry into another connection's
+/// answer. A connection's original destination moves onto the proxy's socket when the
+/// handshake completes, so held connections use none of the quota: every one keeps its own
+/// destination, none goes to a wrong place or escapes, none is missed. Storing the original
+/// destination failing (INTERCEPTOR_FAULT=store:<port>) makes connect fail with EPERM,
+/// counted. The daemon's metrics show the tuple occupancy against the quota and the counters.
 #[test]
 fn map_pressure_fails_closed_never_misroutes() {
     use interceptor_tests::daemon::DaemonProc;
@@ -710,7 +711,7 @@ fn map_pressure_fails_closed_never_misroutes() {
     const SMALL: u32 = 16;
     const STORE_FAULT_PORT: u16 = 7777;
     let held = 256usize;
-    let sizes = format!("ORIG_BY_COOKIE={SMALL},ORIG_BY_TUPLE={SMALL}");
+    let sizes = format!("TUPLE_QUOTA={SMALL}");
     let fault = format!("store:{STORE_FAULT_PORT}");
     let d = DaemonProc::start_env(
         "mpress",
@@ -758,21 +759,15 @@ fn map_pressure_fails_closed_never_misroutes() {
     let gauge = |m: &str, map: &str| {
         DaemonProc::sample(&scraped, m, &[&format!("map=\"{map}\"")]).unwrap_or(-1.0)
     };
-    let (cookie_used, cookie_cap) = (
-        gauge("interceptor_map_entries", "ORIG_BY_COOKIE"),
-        gauge("interceptor_map_capacity", "ORIG_BY_COOKIE"),
-    );
-    let (tuple_used, tuple_cap) = (
-        gauge("interceptor_map_entries", "ORIG_BY_TUPLE"),
-        gauge("interceptor_map_capacity", "ORIG_BY_TUPLE"),
-    );
-    assert_eq!(
-        (cookie_cap, tuple_cap),
-        (f64::from(SMALL), f64::from(SMALL))
-    );
+    let tuple_used = gauge("interceptor_map_entries", "ORIG_BY_TUPLE");
+    let quota = DaemonProc::sample(&scraped, "interceptor_tuple_quota", &[]).unwrap_or(-1.0);
+    let pod_entries =
+        DaemonProc::sample(&scraped, "interceptor_tuple_entries", &[]).unwrap_or(-1.0);
+    assert_eq!(quota, f64::from(SMALL), "the quota in the metrics");
     assert!(
-        cookie_used > 0.0 && cookie_used <= f64::from(SMALL) && tuple_used <= f64::from(SMALL),
-        "occupancy while {held} connections were held: {cookie_used}/{tuple_used}"
+        (0.0..=f64::from(SMALL)).contains(&tuple_used)
+            && (0.0..=f64::from(SMALL)).contains(&pod_entries),
+        "occupancy while {held} connections were held: {tuple_used} entries, {pod_entries} counted"
     );
     let first = (t.correct, t.failed_closed);
 
@@ -814,22 +809,22 @@ fn map_pressure_fails_closed_never_misroutes() {
         after = maps.connection_entries();
     }
     println!(
-        "map pressure (per-connection maps of {SMALL} entries): {total} connections ({held} held \
+        "map pressure (tuple quota {SMALL}): {total} connections ({held} held \
          at once, then {rounds} rounds of 24 on 32 client ports, then 20 with the store fault): \
          {} correct, {} failed closed ({} closed by the proxy for lack of SO_ORIGINAL_DST, {} \
          refused with EPERM), {} wrong, {} escaped; first phase {first:?} (correct, failed); \
-         occupancy while held ORIG_BY_COOKIE {cookie_used}/{cookie_cap}, ORIG_BY_TUPLE \
-         {tuple_used}/{tuple_cap}; metrics: missed {metric_missed}, redirect_failed \
-         {metric_refused}; entries after {after:?} (baseline {baseline:?})",
+         ORIG_BY_TUPLE while held {tuple_used} entries, {pod_entries} counted, quota {quota}; \
+         metrics: missed {metric_missed}, redirect_failed {metric_refused}; entries after \
+         {after:?} (baseline {baseline:?})",
         t.correct, t.failed_closed, missed, t.refused_eperm, t.wrong, t.escaped
     );
     assert_eq!((t.wrong, t.escaped), (0, 0), "{:?}", t.examples);
     assert_eq!(t.correct + t.failed_closed, total);
     assert_eq!(t.correct, answered, "every answered connection was correct");
     assert_eq!(t.failed_closed, missed + t.refused_eperm);
-    assert!(
-        missed > 0,
-        "256 held connections did not overflow 16 entries?"
+    assert_eq!(
+        missed, 0,
+        "held connections lost their original destination (they use none of the quota)"
     );
     assert!(first.0 > 0, "nothing got through under pressure");
     assert_eq!(t.refused_eperm, 20, "store fault: want EPERM for each");

@@ -16,15 +16,15 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData};
-use aya::maps::{Array, PerCpuArray, PerCpuValues, ProgramArray, SockHash};
+use aya::maps::{Array, PerCpuArray, PerCpuValues, ProgramArray, SkStorage, SockHash};
 use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSockopt, Program, SkLookup, SkMsg};
 use aya::{Ebpf, EbpfLoader};
 use interceptor_common::config::Config;
 use interceptor_common::decision::PodPolicy;
 use interceptor_common::maps::stat;
 use interceptor_common::maps::{
-    mapped_v4, names, AddrKey, Cidr4Data, Cidr6Data, GroupKey, OrigDst, PortKey, SockKey, TupleKey,
-    ADDR_DNS, ADDR_LOCAL, PORT_EXCLUDED, PORT_GUARDED, PORT_INBOUND, PORT_INCLUDED,
+    mapped_v4, names, AddrKey, Cidr4Data, Cidr6Data, GroupKey, PortKey, SockKey, SockOrig,
+    TupleKey, ADDR_DNS, ADDR_LOCAL, PORT_EXCLUDED, PORT_GUARDED, PORT_INBOUND, PORT_INCLUDED,
 };
 use interceptor_common::policy;
 use ipnet::IpNet;
@@ -45,13 +45,14 @@ pub const LINKED_PROGRAMS: &[&str] = &[
     "ic_sendmsg6",
     "ic_recvmsg4",
     "ic_recvmsg6",
-    "ic_sock_release",
     "ic_bind4",
     "ic_bind6",
     "ic_sockops",
     "ic_getpeername4",
     "ic_getpeername6",
 ];
+/// Programs of earlier versions: their link pins are removed with the others.
+const LEGACY_PROGRAMS: &[&str] = &["ic_sock_release"];
 /// The inbound program, pinned at load and put into `INBOUND_PROG[0]`: each pod netns gets a
 /// program of its own at registration that tail-calls it (`sk_lookup.rs`).
 pub const SK_LOOKUP_PROGRAM: &str = "ic_sk_lookup";
@@ -69,17 +70,17 @@ pub const MAPS: &[&str] = &[
     names::CIDR4_INCL,
     names::CIDR6_EXCL,
     names::CIDR6_INCL,
-    names::ORIG_BY_COOKIE,
     names::ORIG_BY_TUPLE,
-    names::DNS_ORIG,
-    names::PROXY_BINDS,
+    names::TUPLE_COUNT,
+    names::SK_ORIG,
+    names::SK_PROXY,
+    names::SK_ACCEL,
     names::INBOUND_NETNS,
     names::INBOUND_PROG,
     names::LISTENERS,
     names::STATS,
     names::ACCEL,
     names::ACCEL_ON,
-    names::ACCEL_PASSED,
 ];
 
 /// Maps of earlier versions, unpinned on load and cleanup (`POD_BY_ADDR`: inbound by address,
@@ -257,8 +258,17 @@ impl Pins {
         // A half-finished earlier attempt (or an earlier version's installation): start from a
         // clean slate, keeping pinned maps.
         self.detach_all(Some(cgroup));
-        for m in LEGACY_MAPS {
+        for m in LEGACY_MAPS.iter().chain(names::LEGACY) {
             let _ = std::fs::remove_file(self.map(m));
+        }
+        // Earlier versions pinned ORIG_BY_TUPLE as an LRU: its entries only matter while the
+        // programs run, so an old one goes (with the counts that describe it).
+        let tuple_pin = self.map(names::ORIG_BY_TUPLE);
+        if let Ok(info) = aya::maps::MapInfo::from_pin(&tuple_pin) {
+            if !matches!(info.map_type(), Ok(aya::maps::MapType::Hash)) {
+                let _ = std::fs::remove_file(&tuple_pin);
+                let _ = std::fs::remove_file(self.map(names::TUPLE_COUNT));
+            }
         }
         for sub in ["maps", "links", "progs"] {
             std::fs::create_dir_all(self.dir.join(sub))
@@ -274,6 +284,8 @@ impl Pins {
             tracing::warn!(map = %name, max_entries = n, "test-only map size");
             loader.map_max_entries(name, *n);
         }
+        let quota = u64::from(crate::fault::tuple_quota());
+        loader.override_global("TUPLE_QUOTA", &quota, true);
         let store_port: u16 = crate::fault::store_port();
         loader.override_global("FAULT_STORE_PORT", &store_port, true);
         // Read-only global: with logging off the verifier prunes every log call.
@@ -377,7 +389,7 @@ impl Pins {
     /// Detaches every program (unpinning links detaches them) and, with `cgroup`, the
     /// getsockopt program. Best effort: used for cleanup and to recover from half-loads.
     fn detach_all(&self, cgroup: Option<&Path>) {
-        for name in LINKED_PROGRAMS {
+        for name in LINKED_PROGRAMS.iter().chain(LEGACY_PROGRAMS) {
             let _ = std::fs::remove_file(self.link(name));
         }
         let pin = self.prog(GETSOCKOPT_PROGRAM);
@@ -460,7 +472,12 @@ impl Pins {
             }
         }
         self.detach_all(Some(cgroup));
-        for m in MAPS.iter().chain(LEGACY_MAPS).chain(["AYA_LOGS"].iter()) {
+        for m in MAPS
+            .iter()
+            .chain(LEGACY_MAPS)
+            .chain(names::LEGACY)
+            .chain(["AYA_LOGS"].iter())
+        {
             let _ = std::fs::remove_file(self.map(m));
         }
         for sub in ["maps", "links", "progs"] {
@@ -506,13 +523,11 @@ pub struct PodMaps {
     groups: HashMap<MapData, GroupKey, u8>,
     cidr4: [LpmTrie<MapData, Cidr4Data, u8>; 2],
     cidr6: [LpmTrie<MapData, Cidr6Data, u8>; 2],
-    by_cookie: HashMap<MapData, u64, OrigDst>,
-    by_tuple: HashMap<MapData, TupleKey, OrigDst>,
+    by_tuple: HashMap<MapData, TupleKey, SockOrig>,
+    tuple_count: Array<MapData, u64>,
+    sk_proxy: SkStorage<MapData, u32>,
     accel: SockHash<MapData, SockKey>,
     accel_on: Array<MapData, u32>,
-    dns_orig: HashMap<MapData, u64, OrigDst>,
-    proxy_binds: HashMap<MapData, u64, u8>,
-    accel_passed: HashMap<MapData, SockKey, u8>,
 }
 
 fn v4_cidr_key(pod_id: u32, net: &ipnet::Ipv4Net) -> Key<Cidr4Data> {
@@ -563,13 +578,11 @@ impl PodMaps {
                 LpmTrie::try_from(Map::LpmTrie(open_map(pins, names::CIDR6_EXCL)?))?,
                 LpmTrie::try_from(Map::LpmTrie(open_map(pins, names::CIDR6_INCL)?))?,
             ],
-            by_cookie: HashMap::try_from(Map::LruHashMap(open_map(pins, names::ORIG_BY_COOKIE)?))?,
-            by_tuple: HashMap::try_from(Map::LruHashMap(open_map(pins, names::ORIG_BY_TUPLE)?))?,
+            by_tuple: HashMap::try_from(Map::HashMap(open_map(pins, names::ORIG_BY_TUPLE)?))?,
+            tuple_count: Array::try_from(Map::Array(open_map(pins, names::TUPLE_COUNT)?))?,
+            sk_proxy: SkStorage::try_from(Map::SkStorage(open_map(pins, names::SK_PROXY)?))?,
             accel: SockHash::try_from(Map::SockHash(open_map(pins, names::ACCEL)?))?,
             accel_on: Array::try_from(Map::Array(open_map(pins, names::ACCEL_ON)?))?,
-            dns_orig: HashMap::try_from(Map::LruHashMap(open_map(pins, names::DNS_ORIG)?))?,
-            proxy_binds: HashMap::try_from(Map::LruHashMap(open_map(pins, names::PROXY_BINDS)?))?,
-            accel_passed: HashMap::try_from(Map::LruHashMap(open_map(pins, names::ACCEL_PASSED)?))?,
         })
     }
 
@@ -714,6 +727,10 @@ impl PodMaps {
             micros = t.elapsed().as_micros() as u64,
             "sk_lookup attached"
         );
+        if old.is_none() {
+            self.reset_tuples(cookie, pod_id)?;
+        }
+        self.mark_proxy_listeners(facts, cfg)?;
         if !tables.inbound_ports.is_empty() || !cfg.inbound_ports_include.is_empty() {
             let t = std::time::Instant::now();
             self.adopt_listener(w, facts, cfg, pod_id, old.is_none())?;
@@ -817,6 +834,7 @@ impl PodMaps {
         // restart) finds the pod and completes the removal instead of leaking the rest.
         self.purge(p.pod_id, None, None)?;
         self.reset_counters(p.pod_id)?;
+        self.reset_tuples(cookie, p.pod_id)?;
         let _ = self.listeners.remove(&(p.pod_id * 2));
         let _ = self.listeners.remove(&(p.pod_id * 2 + 1));
         let _ = std::fs::remove_file(self.pins.sk_lookup_link(cookie));
@@ -975,12 +993,8 @@ impl PodMaps {
             (names::PORTS, self.ports.keys().count()),
             (names::ADDRS, self.addrs.keys().count()),
             (names::GROUPS, self.groups.keys().count()),
-            (names::ORIG_BY_COOKIE, self.by_cookie.keys().count()),
             (names::ORIG_BY_TUPLE, self.by_tuple.keys().count()),
             (names::ACCEL, self.accel.keys().count()),
-            (names::ACCEL_PASSED, self.accel_passed.keys().count()),
-            (names::DNS_ORIG, self.dns_orig.keys().count()),
-            (names::PROXY_BINDS, self.proxy_binds.keys().count()),
             (names::LISTENERS, self.listeners.keys().count()),
             (names::CIDR4_EXCL, self.cidr4[0].keys().count()),
             (names::CIDR4_INCL, self.cidr4[1].keys().count()),
@@ -996,10 +1010,54 @@ impl PodMaps {
         self.policy.iter().filter_map(|r| r.ok()).collect()
     }
 
-    /// Entries of the per-connection maps (by cookie, by tuple): they return to their
-    /// baseline once connections close.
+    /// The per-connection state in shared maps: (`ORIG_BY_TUPLE` entries, their count summed
+    /// over `TUPLE_COUNT`). Both return to their baseline once connections are accepted or
+    /// closed (everything else per connection is socket-local storage, freed with the socket).
     pub fn connection_entries(&self) -> (usize, usize) {
-        (self.by_cookie.keys().count(), self.by_tuple.keys().count())
+        let counted: u64 = self.tuple_count.iter().filter_map(|r| r.ok()).sum();
+        (self.by_tuple.keys().count(), counted as usize)
+    }
+
+    /// A pod's `ORIG_BY_TUPLE` entries (its `TUPLE_COUNT`), against `tuple_quota`.
+    pub fn tuple_entries(&self, pod_id: u32) -> u64 {
+        self.tuple_count.get(&pod_id, 0).unwrap_or(0)
+    }
+
+    /// Removes a pod's tuple entries and zeroes its count, so its id starts clean for a later
+    /// pod (an app socket closing after this finds no entry and gives nothing back).
+    fn reset_tuples(&mut self, netns: u64, pod_id: u32) -> Result<()> {
+        let keys: Vec<TupleKey> = self
+            .by_tuple
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.netns == netns)
+            .collect();
+        for k in keys {
+            let _ = self.by_tuple.remove(&k);
+        }
+        if pod_id < interceptor_common::maps::capacity::MAX_PODS {
+            self.tuple_count
+                .set(pod_id, 0, 0)
+                .context("zeroing TUPLE_COUNT")?;
+        }
+        Ok(())
+    }
+
+    /// Marks the proxy's listening sockets that predate our programs (they never went
+    /// through `bind4/6`) as the proxy's in `SK_PROXY`, so SO_ORIGINAL_DST is answered on what
+    /// they accept (the kernel clones the mark). Found by owner uid on the proxy's ports, duplicated
+    /// with pidfd_getfd.
+    fn mark_proxy_listeners(&mut self, facts: &netns::PodNetns, cfg: &Config) -> Result<()> {
+        for port in [cfg.proxy_port, cfg.inbound_capture_port] {
+            for (fd, _) in
+                crate::listener::find_proxy_listeners(&facts.listening, port, &cfg.proxy_uid)?
+            {
+                self.sk_proxy
+                    .insert(&fd, 1, 0)
+                    .with_context(|| format!("marking the proxy's listener on port {port}"))?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -161,6 +161,24 @@ fn snapshot(d: &Daemon) -> Snapshot {
             c[stat::OUT_STORE_FAILED as usize],
         ));
         s.counters.push((
+            "interceptor_redirect_quota_refused",
+            "Redirects refused (connect failed with EPERM) because the pod had its quota of connections waiting for the proxy",
+            l("outbound", &[]),
+            c[stat::OUT_QUOTA_REFUSED as usize],
+        ));
+        s.counters.push((
+            "interceptor_tuple_store_failed",
+            "Redirected connections whose original destination could not be handed to the proxy (it gets no SO_ORIGINAL_DST and closes them)",
+            l("outbound", &[]),
+            c[stat::TUPLE_STORE_FAILED as usize],
+        ));
+        s.gauges.push((
+            "interceptor_tuple_entries",
+            "Redirected connections of the pod waiting for the proxy to accept them (against interceptor_tuple_quota)",
+            vec![("pod".to_string(), pod.clone())],
+            maps.tuple_entries(p.pod_id) as i64,
+        ));
+        s.counters.push((
             "interceptor_bind_denied",
             "bind() of a proxy port by a non-proxy process, refused",
             l("outbound", &[]),
@@ -181,6 +199,12 @@ fn snapshot(d: &Daemon) -> Snapshot {
             }
         }
     }
+    s.gauges.push((
+        "interceptor_tuple_quota",
+        "Redirected connections one pod may have waiting for the proxy; past it connect() fails with EPERM",
+        vec![],
+        i64::from(crate::fault::tuple_quota()),
+    ));
     for (name, used, cap) in maps.occupancy() {
         let l = vec![("map".to_string(), name.to_string())];
         s.gauges.push((
