@@ -308,3 +308,94 @@ fn userns_unmapped_proxy_uid_is_refused() {
         }
     }
 }
+
+/// Registered through the daemon (the CNI plugin's path) on each backend: the app is captured,
+/// the proxy's own connection is not, and `pod show` (text and JSON) and `explain` name the
+/// mapping (`proxy uid: 1337 (host 101337)`); an ordinary pod shows none.
+#[test]
+fn userns_through_the_daemon_shows_the_mapping() {
+    let d = interceptor_tests::daemon::DaemonProc::start("usd").unwrap();
+    for flavor in BACKENDS {
+        let backend = if flavor == Flavor::Ebpf {
+            "ebpf"
+        } else {
+            "iptables"
+        };
+        let topo = Topology::with_userns_pod("usd").unwrap();
+        let ns = topo.pod_netns().to_str().unwrap().to_string();
+        let mut add = vec!["add", "--network-namespace", &ns, "--backend", backend];
+        add.extend_from_slice(ISTIO_FLAGS);
+        d.pod_ok(&add);
+        let sidecar = Sidecar::with_config(
+            topo.pod_netns(),
+            SidecarConfig {
+                creds: Some((host(PROXY), host(PROXY))),
+                ..SidecarConfig::default()
+            },
+        )
+        .unwrap_or_else(|e| panic!("{flavor:?}: the proxy could not start: {e:#}"));
+        let _up = TagServer::upstream(&topo, UPSTREAM_PORT).unwrap();
+        let up = SocketAddr::new(topo.upstream_v4().into(), UPSTREAM_PORT);
+        for (id, want) in [
+            (APP, "sidecar:15001".to_string()),
+            (PROXY, format!("upstream:{UPSTREAM_PORT}")),
+        ] {
+            let out = connect_as(
+                topo.pod_netns(),
+                host(id),
+                host(id),
+                up,
+                None,
+                DEFAULT_TIMEOUT,
+            )
+            .unwrap_or_else(|e| panic!("{flavor:?}: connect as {id}: {e:#}"));
+            assert_eq!(out.reply, want, "{flavor:?}: in-namespace {id} → {up}");
+        }
+        drop(sidecar);
+        let text = d.pod_ok(&["show", "--network-namespace", &ns, "-o", "text"]);
+        assert!(
+            text.contains("proxy uid: 1337 (host 101337)")
+                && text.contains("uid_map 0 100000 65536"),
+            "{flavor:?}: pod show -o text:\n{text}"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&d.pod_ok(&["show", "--network-namespace", &ns])).unwrap();
+        assert_eq!(json["userns"]["proxy_gid"], "1337 (host 101337)", "{json}");
+        assert_eq!(json["userns"]["uid_map"][0]["outside"], 100000, "{json}");
+        let out = interceptor_tests::bin::run(
+            &[
+                "explain",
+                "--network-namespace",
+                &ns,
+                "--uid",
+                "1337",
+                "--dst",
+                "10.0.0.1:80",
+                "-u",
+                "1337",
+                "-i",
+                "*",
+            ],
+            &[],
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success()
+                && text.contains("verdict: pass")
+                && text.contains("proxy uid 1337 (host 101337)"),
+            "explain: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        d.pod_ok(&["remove", "--network-namespace", &ns]);
+    }
+    // An ordinary pod: the node's user namespace, no translation shown.
+    let topo = Topology::new("usdo").unwrap();
+    let ns = topo.pod_netns().to_str().unwrap().to_string();
+    d.pod_ok(&["add", "--network-namespace", &ns, "-i", "*"]);
+    let text = d.pod_ok(&["show", "--network-namespace", &ns, "-o", "text"]);
+    assert!(text.contains("user namespace: the node's"), "{text}");
+    assert!(!d
+        .pod_ok(&["show", "--network-namespace", &ns])
+        .contains("userns"));
+    d.pod_ok(&["remove", "--network-namespace", &ns]);
+}
