@@ -399,3 +399,23 @@ fn userns_through_the_daemon_shows_the_mapping() {
         .contains("userns"));
     d.pod_ok(&["remove", "--network-namespace", &ns]);
 }
+
+/// The nftables fallback too writes its rules from inside the pod's user namespace (nft's
+/// `meta skuid` compares in-namespace ids): app captured, proxy not, inbound captured.
+#[test]
+fn userns_nftables_fallback_matches() {
+    let pod = UsernsPod::new("usnft", Flavor::Nftables, &[]).unwrap();
+    for up in pod.upstreams() {
+        let (who, orig) = pod.outbound(APP, up).unwrap();
+        assert_eq!(
+            (who.as_str(), orig),
+            ("sidecar:15001", Some(up)),
+            "app → {up}"
+        );
+        let (who, _) = pod.outbound(PROXY, up).unwrap();
+        assert_eq!(who, format!("upstream:{UPSTREAM_PORT}"), "proxy → {up}");
+    }
+    let dst = SocketAddr::new(pod.topo.pod_v4().into(), APP_PORT);
+    let out = inbound_connect(&pod.topo, dst, None).unwrap();
+    assert_eq!(out.reply, "sidecar:15006", "inbound {dst}");
+}
