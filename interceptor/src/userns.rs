@@ -26,7 +26,7 @@ const NS_GET_USERNS: libc::c_ulong = 0xb701;
 pub fn foreign_owner(netns: &Path) -> Result<Option<OwnedFd>> {
     let net = File::open(netns).with_context(|| format!("opening netns {}", netns.display()))?;
     // SAFETY: an ioctl on an fd we own; on success it returns a new fd that we then own.
-    let fd = unsafe { libc::ioctl(net.as_raw_fd(), NS_GET_USERNS) };
+    let fd = unsafe { libc::ioctl(net.as_raw_fd(), NS_GET_USERNS as _) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error())
             .with_context(|| format!("NS_GET_USERNS on {}", netns.display()));
