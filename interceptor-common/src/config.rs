@@ -211,7 +211,7 @@ pub mod limits {
     /// Ports per list (`-b`, `-d`, `-q`, `-o`, `--bind-guard-ports`).
     pub const MAX_PORTS: usize = 64;
     /// CIDRs per list (`-i`, `-x`).
-    pub const MAX_CIDRS: usize = 64;
+    pub const MAX_CIDRS: usize = 1024;
     /// Interface names per list (`-c`, `-k`).
     pub const MAX_INTERFACES: usize = 16;
     /// Proxy uids or gids (`-u`, `-g`).
@@ -733,8 +733,12 @@ mod tests {
         let port = |i: usize| (1000 + i).to_string();
         let raw = RawConfig {
             outbound_ports_exclude: list(limits::MAX_PORTS, port),
-            outbound_ip_ranges_include: list(limits::MAX_CIDRS, |i| format!("10.{i}.0.0/16")),
-            outbound_ip_ranges_exclude: list(limits::MAX_CIDRS, |i| format!("11.{i}.0.0/16")),
+            outbound_ip_ranges_include: list(limits::MAX_CIDRS, |i| {
+                format!("10.{}.{}.0/24", i / 256, i % 256)
+            }),
+            outbound_ip_ranges_exclude: list(limits::MAX_CIDRS, |i| {
+                format!("11.{}.{}.0/24", i / 256, i % 256)
+            }),
             proxy_uid: list(limits::MAX_IDS, |i| i.to_string()),
             owner_groups_exclude: list(limits::MAX_OWNER_GROUPS, |i| i.to_string()),
             dns_servers: list(limits::MAX_DNS_SERVERS, |i| format!("10.0.0.{}", i + 1)),

@@ -40,8 +40,9 @@ pub mod capacity {
     pub const LOCAL_ADDRS_PER_POD: u32 = 48;
     /// `GROUPS` entries of one pod (`config::limits::MAX_OWNER_GROUPS`).
     pub const GROUPS_PER_POD: u32 = 64;
-    /// Entries of one pod in each CIDR trie (`config::limits::MAX_CIDRS`).
-    pub const CIDRS_PER_POD: u32 = 64;
+    /// Entries of one pod in each CIDR trie (`config::limits::MAX_CIDRS`). LPM tries allocate
+    /// a node per entry, so the node-wide capacity costs nothing until it is used.
+    pub const CIDRS_PER_POD: u32 = 1024;
     pub const PORTS: u32 = MAX_PODS * PORTS_PER_POD;
     pub const ADDRS: u32 = MAX_PODS * ADDRS_PER_POD;
     pub const GROUPS: u32 = MAX_PODS * GROUPS_PER_POD;

@@ -473,12 +473,21 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// conn/s with 1…1,000 excluded CIDRs or ports, eBPF vs iptables-nft; the points interleave.
+/// conn/s with 1…1,000 excluded CIDRs or 1…64 excluded ports (the limit of a port list), eBPF
+/// vs iptables-nft; the points interleave.
 fn scaling_rules(r: &mut Results, s: &Settings) -> Result<()> {
     for dim in ["excluded CIDRs", "excluded ports"] {
         let mut rigs = Vec::new();
         for kind in [Kind::Ebpf, Kind::IptablesNft] {
-            for &n in &s.rule_points {
+            // A pod's port lists stop at the config's limit (the CIDR lists go to 1,000).
+            let max = if dim == "excluded ports" {
+                interceptor_common::config::limits::MAX_PORTS
+            } else {
+                usize::MAX
+            };
+            let mut points: Vec<usize> = s.rule_points.iter().map(|&n| n.min(max)).collect();
+            points.dedup();
+            for &n in &points {
                 let list: Vec<String> = (0..n)
                     .map(|i| {
                         if dim == "excluded CIDRs" {
