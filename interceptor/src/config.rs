@@ -31,46 +31,9 @@ fn default_proxy_uid() -> String {
 
 /// Istio's IPv6 detection: the first non-loopback, non-link-local address decides.
 pub fn detect_ipv6(netns: Option<&Path>) -> Result<bool> {
-    Ok(local_addrs(netns)?.first().is_some_and(IpAddr::is_ipv6))
-}
-
-/// The netns's own addresses, excluding loopback and link-local, in interface order.
-pub fn local_addrs(netns: Option<&Path>) -> Result<Vec<IpAddr>> {
-    netns::run_in(netns, local_addrs_here)
-}
-
-/// `local_addrs` of the caller's own netns.
-pub fn local_addrs_here() -> Result<Vec<IpAddr>> {
-    Ok(own_addrs_here()?.0)
-}
-
-/// The caller's netns's own addresses: (global ones, link-local ones), neither loopback nor
-/// multicast. Link-local addresses are local for outbound decisions (the route to them is
-/// `lo`), but unlike global ones they are not unique across pods.
-pub fn own_addrs_here() -> Result<(Vec<IpAddr>, Vec<IpAddr>)> {
-    let (mut global, mut link) = (Vec::new(), Vec::new());
-    for ifa in nix::ifaddrs::getifaddrs()? {
-        let Some(addr) = ifa.address else { continue };
-        let ip: IpAddr = if let Some(a) = addr.as_sockaddr_in() {
-            a.ip().into()
-        } else if let Some(a) = addr.as_sockaddr_in6() {
-            a.ip().to_canonical()
-        } else {
-            continue;
-        };
-        let link_local = match ip {
-            IpAddr::V4(a) => a.is_link_local(),
-            IpAddr::V6(a) => a.segments()[0] & 0xffc0 == 0xfe80,
-        };
-        if ip.is_loopback() || ip.is_multicast() {
-            continue;
-        }
-        let out = if link_local { &mut link } else { &mut global };
-        if !out.contains(&ip) {
-            out.push(ip);
-        }
-    }
-    Ok((global, link))
+    Ok(netns::local_addrs(netns)?
+        .first()
+        .is_some_and(IpAddr::is_ipv6))
 }
 
 /// The nameservers of the resolv.conf in effect for the netns: `/etc/netns/NAME/resolv.conf`

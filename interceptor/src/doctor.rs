@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::ffi::CStr;
 use std::fmt;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,7 @@ use aya::sys::{is_helper_supported, is_map_supported, is_program_supported, BpfH
 use aya::util::KernelVersion;
 use aya::EbpfLoader;
 
+use crate::backend::ebpf::sys;
 use crate::backend::ebpf::{
     bpffs_mounted, detect_cgroup2_root, Pins, GETSOCKOPT_PROGRAM, LINKED_PROGRAMS, MAPS,
     SK_LOOKUP_PROGRAM, SK_MSG_PROGRAM,
@@ -338,7 +339,7 @@ pub fn probe_with(args: &EbpfArgs, depth: Depth) -> Report {
                         true,
                         format!(
                             "{} (netns cookie, then a tail call into {SK_LOOKUP_PROGRAM}) accepted by the verifier",
-                            crate::backend::sk_lookup::PROGRAM_NAME
+                            crate::backend::ebpf::sk_lookup::PROGRAM_NAME
                         ),
                     ),
                     Err(why) => missing(rows::SK_LOOKUP_POD, true, why),
@@ -824,7 +825,7 @@ fn load_object() -> Result<ObjectProbe, String> {
         Some(Ok(fd)) => Some(cgroup_link_row(fd.as_fd())),
         _ => None,
     };
-    let sk_lookup_pod = crate::backend::sk_lookup::probe(&mut ebpf, SK_LOOKUP_PROGRAM);
+    let sk_lookup_pod = crate::backend::ebpf::sk_lookup::probe(&mut ebpf, SK_LOOKUP_PROGRAM);
     Ok(ObjectProbe {
         programs,
         cgroup_link,
@@ -876,33 +877,15 @@ fn describe_load_error(e: &ProgramError) -> String {
     }
 }
 
-const BPF_LINK_CREATE: libc::c_long = 28;
-const BPF_CGROUP_INET4_CONNECT: u32 = 10;
-
 /// BPF_LINK_CREATE (5.7) for our connect4 program with an invalid cgroup fd: EBADF means the
 /// kernel got as far as looking the cgroup up (cgroup links exist), EINVAL that the command or
 /// the cgroup link type is unknown. Nothing is attached either way.
 fn cgroup_link_row(prog: BorrowedFd<'_>) -> Check {
     let name = rows::CGROUP_LINK;
-    // union bpf_attr, link_create: prog_fd, target_fd, attach_type, flags.
-    let mut attr = [0u32; 16];
-    attr[0] = prog.as_raw_fd() as u32;
-    attr[1] = u32::MAX;
-    attr[2] = BPF_CGROUP_INET4_CONNECT;
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_CREATE,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(&attr),
-        )
-    };
-    if r >= 0 {
-        // Cannot happen with fd -1; never leak it if it does.
-        drop(unsafe { OwnedFd::from_raw_fd(r as i32) });
+    let Err(err) = sys::link_create_without_target(prog, sys::BPF_CGROUP_INET4_CONNECT) else {
+        // Cannot happen with fd -1 (and the link fd is closed at once if it does).
         return present(name, true, "BPF_LINK_CREATE succeeded".into());
-    }
-    let err = io::Error::last_os_error();
+    };
     match err.raw_os_error() {
         Some(libc::EBADF) => present(
             name,
@@ -967,7 +950,7 @@ fn so_netns_cookie_row() -> Check {
         );
     }
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    let err = match crate::backend::ebpf::socket_netns_cookie(sock.as_fd()) {
+    let err = match crate::netns::socket_cookie(sock.as_fd()) {
         Ok(cookie) => {
             return present(
                 name,

@@ -25,7 +25,7 @@ pub fn owner_gids(cfg: &Config) -> Result<Vec<u32>> {
 /// The in-memory tables of a pod: its config plus its netns's own addresses (link-local ones
 /// included: the route to them is `lo`, as for the eBPF datapath's `ADDRS`).
 pub fn pod_tables(cfg: &Config, netns: Option<&std::path::Path>) -> Result<MemTables> {
-    let (mut local, link) = crate::netns::run_in(netns, crate::config::own_addrs_here)?;
+    let (mut local, link) = crate::netns::run_in(netns, crate::netns::own_addrs_here)?;
     local.extend(link);
     Ok(MemTables::new(cfg, &local, &owner_gids(cfg)?))
 }

@@ -1,7 +1,13 @@
-//! Network namespaces: run Rust code or a command inside a netns given by path.
+//! Network namespaces: run Rust code or a command inside a netns given by path, and the facts
+//! read from inside one (its cookie and identity, its own addresses, its listening sockets).
+//! A facts module: it imports no backend and no config, so both can build on it.
 
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::path::Path;
+use std::net::IpAddr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{anyhow, Context, Result};
@@ -22,9 +28,9 @@ pub struct PodNetns {
 /// Visits the netns at `path` once and reads its cookie, addresses and listening sockets.
 pub fn pod_netns(path: &Path) -> Result<PodNetns> {
     run_in(Some(path), || {
-        let (local, link_local) = crate::config::own_addrs_here()?;
+        let (local, link_local) = own_addrs_here()?;
         Ok(PodNetns {
-            cookie: crate::backend::ebpf::netns_cookie_here()?,
+            cookie: cookie_here()?,
             local,
             link_local,
             listening: crate::listener::listening_here()?,
@@ -76,8 +82,147 @@ pub fn is_netns(path: &Path) -> bool {
         .ok()
         .and_then(|f| {
             // NS_GET_NSTYPE ioctl = _IO(0xb7, 0x3); returns CLONE_NEWNET for a netns.
-            let r = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&f), 0xb703) };
+            // SAFETY: an argument-less ioctl on an fd we own for the call; it reads no memory of ours.
+            let r = unsafe { libc::ioctl(f.as_raw_fd(), NS_GET_NSTYPE as _) };
             (r >= 0).then_some(r)
         })
         .is_some_and(|t| t == libc::CLONE_NEWNET)
+}
+
+/// `NS_GET_NSTYPE` = `_IO(0xb7, 0x3)`.
+const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+
+/// `SO_NETNS_COOKIE` (Linux 5.14+; not in every libc crate yet).
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// SO_NETNS_COOKIE of a socket created inside the netns at `path` (the current one for `None`).
+pub fn cookie(path: Option<&Path>) -> Result<u64> {
+    run_in(path, cookie_here)
+}
+
+/// The cookie of the caller's own netns.
+pub fn cookie_here() -> Result<u64> {
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0")
+        .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))
+        .context("creating a socket to read the netns cookie")?;
+    socket_cookie(sock.as_fd()).context("getsockopt(SO_NETNS_COOKIE)")
+}
+
+/// A netns's identity for the daemon's records: its cookie, or where SO_NETNS_COOKIE is missing
+/// (before 5.14, where the eBPF backend is unavailable anyway) its nsfs inode with the top bit
+/// set, so it can never equal a cookie. Inodes can be reused once a netns is gone; cookies not.
+pub fn identity(path: &Path) -> Result<u64> {
+    match cookie(Some(path)) {
+        Ok(c) => Ok(c),
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|e| e.raw_os_error() == Some(libc::ENOPROTOOPT))
+            }) =>
+        {
+            let meta =
+                std::fs::metadata(path).with_context(|| format!("stat {}", path.display()))?;
+            Ok(1 << 63 | meta.ino())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// SO_NETNS_COOKIE (Linux 5.14+) of a socket: the cookie of the netns it was created in.
+pub fn socket_cookie(sock: BorrowedFd<'_>) -> std::io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `sock` is a live fd for the call; the kernel writes at most `len` (8) bytes into
+    // `cookie`, a u64 on our stack, and updates `len`, also ours.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// The own addresses of the netns at `path` (the current one for `None`), excluding loopback
+/// and link-local, in interface order.
+pub fn local_addrs(path: Option<&Path>) -> Result<Vec<IpAddr>> {
+    run_in(path, || Ok(own_addrs_here()?.0))
+}
+
+/// The caller's netns's own addresses: (global ones, link-local ones), neither loopback nor
+/// multicast. Link-local addresses are local for outbound decisions (the route to them is
+/// `lo`), but unlike global ones they are not unique across pods.
+pub fn own_addrs_here() -> Result<(Vec<IpAddr>, Vec<IpAddr>)> {
+    let (mut global, mut link) = (Vec::new(), Vec::new());
+    for ifa in nix::ifaddrs::getifaddrs()? {
+        let Some(addr) = ifa.address else { continue };
+        let ip: IpAddr = if let Some(a) = addr.as_sockaddr_in() {
+            a.ip().into()
+        } else if let Some(a) = addr.as_sockaddr_in6() {
+            a.ip().to_canonical()
+        } else {
+            continue;
+        };
+        let link_local = match ip {
+            IpAddr::V4(a) => a.is_link_local(),
+            IpAddr::V6(a) => a.segments()[0] & 0xffc0 == 0xfe80,
+        };
+        if ip.is_loopback() || ip.is_multicast() {
+            continue;
+        }
+        let out = if link_local { &mut link } else { &mut global };
+        if !out.contains(&ip) {
+            out.push(ip);
+        }
+    }
+    Ok((global, link))
+}
+
+/// Finds network namespaces by cookie (for `cleanup`, which knows only the cookies of the
+/// registered pods): named ones (`ip netns`, CNI runtimes) and every process's, each distinct
+/// netns visited once.
+pub fn find_by_cookie(cookies: &HashSet<u64>) -> HashMap<u64, PathBuf> {
+    let mut found = HashMap::new();
+    let mut seen = HashSet::new();
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    for dir in ["/run/netns", "/var/run/netns"] {
+        if let Ok(rd) = std::fs::read_dir(dir) {
+            candidates.extend(rd.filter_map(|e| e.ok()).map(|e| e.path()));
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        candidates.extend(
+            rd.filter_map(|e| e.ok())
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .bytes()
+                        .all(|b| b.is_ascii_digit())
+                })
+                .map(|e| e.path().join("ns/net")),
+        );
+    }
+    for path in candidates {
+        if found.len() == cookies.len() {
+            break;
+        }
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if !seen.insert((meta.dev(), meta.ino())) || !is_netns(&path) {
+            continue;
+        }
+        if let Ok(c) = cookie(Some(&path)) {
+            if cookies.contains(&c) {
+                found.insert(c, path);
+            }
+        }
+    }
+    found
 }

@@ -80,7 +80,8 @@ fn proxy_crash_and_restart() {
 /// operation succeeds, and not one connection of the loop escaped interception.
 #[test]
 fn daemon_killed_mid_operation_converges() {
-    use interceptor::backend::ebpf::{netns_identity, Pins};
+    use interceptor::backend::ebpf::Pins;
+    use interceptor::netns;
     use interceptor_tests::daemon::DaemonProc;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::Arc;
@@ -178,7 +179,7 @@ fn daemon_killed_mid_operation_converges() {
                 .pod(&["show", "--network-namespace", p.to_str().unwrap()])
                 .status
                 .success();
-            let cookie = netns_identity(p).unwrap();
+            let cookie = netns::identity(p).unwrap();
             let in_maps = maps.pods().iter().any(|(c, _)| *c == cookie);
             let reply = t
                 .connect_from_pod(1000, 1000, SocketAddr::new(t.upstream_v4().into(), 9))
@@ -359,7 +360,7 @@ fn registration_fault_cli_all_or_nothing() {
 
     // 2. A re-registration with another config: each failure keeps the earlier one exactly.
     let maps = ebpf.pins.maps().unwrap();
-    let cookie = interceptor::backend::ebpf::netns_identity(bad.topo.pod_netns()).unwrap();
+    let cookie = interceptor::netns::identity(bad.topo.pod_netns()).unwrap();
     let policy_of = || maps.pods().into_iter().find(|(c, _)| *c == cookie);
     let before = policy_of().expect("registered");
     let mut m = 1;

@@ -275,7 +275,7 @@ fn pin_stale_map(path: &Path) {
     );
     // SAFETY: a new fd the kernel just returned to us.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    interceptor::backend::sk_lookup::pin(fd.as_fd(), path).unwrap();
+    interceptor::backend::ebpf::sk_lookup::pin(fd.as_fd(), path).unwrap();
 }
 
 /// Upgrade from the version that found pods by address (`POD_BY_ADDR`, no `INBOUND_PROG`):

@@ -12,7 +12,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use interceptor::backend::ebpf::{netns_identity, Pins};
+use interceptor::backend::ebpf::Pins;
+use interceptor::netns;
 use interceptor_tests::cases::{Pod, UPSTREAM_PORT};
 use interceptor_tests::daemon::DaemonProc;
 use interceptor_tests::topology::{enter_netns, set_thread_creds, Topology};
@@ -217,7 +218,7 @@ fn non_root_cannot_touch_pins_or_maps() {
     let mut after = Vec::new();
     walk(&bpffs, &mut after);
     assert_eq!(after, pins, "pins changed");
-    let cookie = netns_identity(topo.pod_netns()).unwrap();
+    let cookie = netns::identity(topo.pod_netns()).unwrap();
     let maps = Pins::new(&bpffs).maps().unwrap();
     assert!(
         maps.pods().iter().any(|(c, _)| *c == cookie),
@@ -366,7 +367,7 @@ fn a_pod_cannot_reach_another_pods_policy() {
     let list = d.pod_ok(&["list"]);
     assert!(list.contains(pa_s), "removing B unregistered A:\n{list}");
     if interceptor_tests::ebpf_expected() {
-        let cookie_a = netns_identity(a.topo.pod_netns()).unwrap();
+        let cookie_a = netns::identity(a.topo.pod_netns()).unwrap();
         let maps = Pins::new(d.bpffs()).maps().unwrap();
         assert!(maps.pods().iter().any(|(c, _)| *c == cookie_a));
     }

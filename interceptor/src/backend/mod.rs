@@ -6,4 +6,3 @@ pub mod iptables;
 pub mod netfilter;
 pub mod nftables;
 pub mod pin_dir;
-pub mod sk_lookup;

@@ -10,7 +10,7 @@ use super::spec::{
     self, code, parse_cni_args, parse_netconf, pass_through, prev_result_ips, CniEnv, CniError,
     Command, K8sArgs, NetConf,
 };
-use crate::backend::ebpf::{netns_identity, Pins};
+use crate::backend::ebpf::Pins;
 use crate::cli::BackendKind;
 use crate::daemon::client::call;
 use crate::daemon::protocol::{PodIdentity, PodSpec, PodStatus, Request, Response};
@@ -135,7 +135,7 @@ fn bad_annotation(e: AnnotationError) -> CniError {
 /// Istio's IPv6 detection in the pod netns: the first non-loopback, non-link-local address
 /// decides; with ISTIO_DUAL_STACK any IPv6 address does.
 fn detect_ipv6(netns: &Path, dual_stack: bool) -> Result<bool, CniError> {
-    let addrs = crate::config::local_addrs(Some(netns)).map_err(|e| {
+    let addrs = crate::netns::local_addrs(Some(netns)).map_err(|e| {
         CniError::new(
             code::IO,
             format!("cannot read the addresses of {}", netns.display()),
@@ -364,7 +364,7 @@ fn check(env: &CniEnv, conf: &NetConf, k8s: &K8sArgs) -> Result<String, CniError
             ))
         }
     };
-    let cookie = netns_identity(netns)
+    let cookie = crate::netns::identity(netns)
         .map_err(|e| CniError::new(code::IO, "cannot read the netns cookie", format!("{e:#}")))?;
     if cookie != pod.netns_cookie {
         return Err(CniError::new(

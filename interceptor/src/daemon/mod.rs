@@ -19,7 +19,7 @@ use clap::Args;
 use interceptor_common::config::ConfigError;
 
 use crate::apply::{self, cgroup_of};
-use crate::backend::ebpf::{netns_identity, Pins};
+use crate::backend::ebpf::Pins;
 use crate::backend::netfilter::Mode;
 use crate::cli::{BackendKind, EbpfArgs};
 use protocol::{PodSpec, PodStatus, Request, Response};
@@ -176,7 +176,7 @@ impl Daemon {
                 continue;
             }
             let alive = crate::netns::is_netns(&pod.netns)
-                && netns_identity(&pod.netns).is_ok_and(|c| c == pod.netns_cookie);
+                && crate::netns::identity(&pod.netns).is_ok_and(|c| c == pod.netns_cookie);
             if alive {
                 live.push(pod.netns_cookie);
                 tracing::info!(netns = %pod.netns.display(), backend = ?pod.backend, "re-adopted pod");
@@ -276,7 +276,7 @@ impl Daemon {
                     ..Mode::default()
                 };
                 apply::apply_netfilter(backend, Some(&spec.netns), &cfg, None, mode)?;
-                (0, netns_identity(&spec.netns)?)
+                (0, crate::netns::identity(&spec.netns)?)
             }
         };
         // Shown by `pod show`; the registration above translated through the same maps.

@@ -230,7 +230,7 @@ fn hostile_neighbour_cannot_starve_another_pods_connections() {
         let mut detail = String::new();
         if flavor == Flavor::Ebpf {
             let maps = ebpf.pins.maps().unwrap();
-            let cookie = interceptor::backend::ebpf::netns_cookie(Some(a.pod_netns())).unwrap();
+            let cookie = interceptor::netns::cookie(Some(a.pod_netns())).unwrap();
             let a_id = maps
                 .pods()
                 .into_iter()

@@ -7,20 +7,15 @@
 //! the IPv6 link-local address is captured like the registered one (as ISTIO_INBOUND does).
 //! If the tail call fails (no target), the program drops the connection: fail closed.
 //!
-//! Raw `bpf()` calls: aya loads programs from an object file only, and this one is 18
-//! instructions known at registration time.
+//! The program is 18 instructions known at registration time, built here; aya loads programs
+//! from an object file only, so loading, attaching and pinning go through `sys`.
 
-use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 
-const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_OBJ_PIN: libc::c_long = 6;
-const BPF_LINK_CREATE: libc::c_long = 28;
-const BPF_PROG_TYPE_SK_LOOKUP: u32 = 30;
-/// `enum bpf_attach_type` BPF_SK_LOOKUP.
-const BPF_SK_LOOKUP: u32 = 36;
+use super::sys::{self, Insn, BPF_PROG_TYPE_SK_LOOKUP, BPF_SK_LOOKUP};
+
 /// The per-pod program's name (at most 15 bytes), as `bpftool prog` shows it.
 pub const PROGRAM_NAME: &str = "ic_inbound";
 
@@ -29,16 +24,6 @@ const FN_MAP_LOOKUP_ELEM: i32 = 1;
 const FN_TAIL_CALL: i32 = 12;
 /// `SK_DROP`.
 const SK_DROP: i32 = 0;
-
-/// One eBPF instruction: opcode, dst/src registers, offset, immediate.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(C)]
-struct Insn {
-    code: u8,
-    regs: u8,
-    off: i16,
-    imm: i32,
-}
 
 fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
     Insn {
@@ -96,31 +81,6 @@ fn program(netns_map: i32, prog_array: i32, cookie: u64) -> Vec<Insn> {
     p
 }
 
-fn bpf(cmd: libc::c_long, attr: &mut [u8]) -> io::Result<i64> {
-    // SAFETY: `attr` is a zero-initialised `union bpf_attr` prefix of the size we pass, laid
-    // out for `cmd`; the kernel reads (and for PROG_LOAD's log, writes through pointers we own
-    // and that outlive the call) nothing beyond it.
-    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
-}
-
-fn put_u32(attr: &mut [u8], at: usize, v: u32) {
-    attr[at..at + 4].copy_from_slice(&v.to_ne_bytes());
-}
-
-fn put_u64(attr: &mut [u8], at: usize, v: u64) {
-    attr[at..at + 8].copy_from_slice(&v.to_ne_bytes());
-}
-
-fn owned(fd: i64) -> OwnedFd {
-    // SAFETY: `fd` is a new descriptor the kernel just returned to us; nothing else owns it.
-    unsafe { OwnedFd::from_raw_fd(fd as i32) }
-}
-
 /// Loads the pod's program; on a verifier rejection the error carries the verifier's log.
 pub fn load(
     netns_map: BorrowedFd<'_>,
@@ -128,23 +88,14 @@ pub fn load(
     cookie: u64,
 ) -> io::Result<OwnedFd> {
     let insns = program(netns_map.as_raw_fd(), prog_array.as_raw_fd(), cookie);
-    let license = c"GPL";
     let attempt = |log: Option<&mut [u8]>| {
-        // BPF_PROG_LOAD: prog_type, insn_cnt, insns, license, log_level, log_size, log_buf,
-        // kern_version, prog_flags, prog_name[16], prog_ifindex, expected_attach_type.
-        let mut attr = [0u8; 72];
-        put_u32(&mut attr, 0, BPF_PROG_TYPE_SK_LOOKUP);
-        put_u32(&mut attr, 4, insns.len() as u32);
-        put_u64(&mut attr, 8, insns.as_ptr() as u64);
-        put_u64(&mut attr, 16, license.as_ptr() as u64);
-        if let Some(log) = log {
-            put_u32(&mut attr, 24, 1);
-            put_u32(&mut attr, 28, log.len() as u32);
-            put_u64(&mut attr, 32, log.as_mut_ptr() as u64);
-        }
-        attr[48..48 + PROGRAM_NAME.len()].copy_from_slice(PROGRAM_NAME.as_bytes());
-        put_u32(&mut attr, 68, BPF_SK_LOOKUP);
-        bpf(BPF_PROG_LOAD, &mut attr).map(owned)
+        sys::prog_load(
+            BPF_PROG_TYPE_SK_LOOKUP,
+            BPF_SK_LOOKUP,
+            &insns,
+            PROGRAM_NAME,
+            log,
+        )
     };
     match attempt(None) {
         Ok(fd) => Ok(fd),
@@ -171,24 +122,12 @@ pub fn load(
 /// Attaches `prog` to the netns of `netns` (BPF_LINK_CREATE); the link detaches when its last
 /// reference (fd or pin) goes.
 pub fn attach(prog: BorrowedFd<'_>, netns: BorrowedFd<'_>) -> io::Result<OwnedFd> {
-    // BPF_LINK_CREATE: prog_fd, target_fd, attach_type, flags.
-    let mut attr = [0u8; 16];
-    put_u32(&mut attr, 0, prog.as_raw_fd() as u32);
-    put_u32(&mut attr, 4, netns.as_raw_fd() as u32);
-    put_u32(&mut attr, 8, BPF_SK_LOOKUP);
-    bpf(BPF_LINK_CREATE, &mut attr).map(owned)
+    sys::link_create(prog, netns, BPF_SK_LOOKUP)
 }
 
-/// Pins a bpf object (here: the link) at `path` on a bpffs.
-pub fn pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in pin path"))?;
-    // BPF_OBJ_PIN: pathname, bpf_fd, file_flags.
-    let mut attr = [0u8; 16];
-    put_u64(&mut attr, 0, path.as_ptr() as u64);
-    put_u32(&mut attr, 8, fd.as_raw_fd() as u32);
-    bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
+/// Pins the pod's link at `path` on a bpffs.
+pub fn pin(link: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    sys::obj_pin(link, path)
 }
 
 /// For `doctor`: puts `ic_sk_lookup` of a loaded (not attached) object into its `INBOUND_PROG`
@@ -265,6 +204,5 @@ mod tests {
             .collect();
         assert_eq!(maps, [7, 9]);
         assert_eq!(p.last().unwrap().code, 0x95);
-        assert_eq!(std::mem::size_of::<Insn>(), 8);
     }
 }

@@ -9,14 +9,14 @@
 //! `PORT_RESERVED`) and released at removal and `cleanup`; ports reserved before (by the
 //! pod's own sysctls, say) are left alone.
 
-use std::collections::{BTreeSet, HashMap as StdHashMap, HashSet};
-use std::os::unix::fs::MetadataExt;
+use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use interceptor_common::maps::{PortKey, PORT_RESERVED};
 
-use super::{PodMaps, Undo, Writes};
+use super::journal::{Undo, Writes};
+use super::PodMaps;
 use crate::netns;
 
 /// The sysctl, as seen from inside the netns that opens it.
@@ -118,49 +118,6 @@ pub fn release(netns: &Path, ports: Vec<u16>) -> Result<()> {
     .with_context(|| format!("releasing reserved ports in {}", netns.display()))
 }
 
-/// Finds network namespaces by cookie, for `cleanup`, which knows only the cookies of the
-/// registered pods: named ones (`ip netns`, CNI runtimes) and every process's, each distinct
-/// netns visited once.
-pub fn find_netns(cookies: &HashSet<u64>) -> StdHashMap<u64, PathBuf> {
-    let mut found = StdHashMap::new();
-    let mut seen = HashSet::new();
-    let mut candidates: Vec<PathBuf> = Vec::new();
-    for dir in ["/run/netns", "/var/run/netns"] {
-        if let Ok(rd) = std::fs::read_dir(dir) {
-            candidates.extend(rd.filter_map(|e| e.ok()).map(|e| e.path()));
-        }
-    }
-    if let Ok(rd) = std::fs::read_dir("/proc") {
-        candidates.extend(
-            rd.filter_map(|e| e.ok())
-                .filter(|e| {
-                    e.file_name()
-                        .to_string_lossy()
-                        .bytes()
-                        .all(|b| b.is_ascii_digit())
-                })
-                .map(|e| e.path().join("ns/net")),
-        );
-    }
-    for path in candidates {
-        if found.len() == cookies.len() {
-            break;
-        }
-        let Ok(meta) = std::fs::metadata(&path) else {
-            continue;
-        };
-        if !seen.insert((meta.dev(), meta.ino())) || !netns::is_netns(&path) {
-            continue;
-        }
-        if let Ok(c) = super::netns_cookie(Some(&path)) {
-            if cookies.contains(&c) {
-                found.insert(c, path);
-            }
-        }
-    }
-    found
-}
-
 impl PodMaps {
     /// The ports this pod's registrations reserved (recorded in `PORTS`).
     pub fn reserved_by_us(&self, pod_id: u32) -> Vec<u16> {
@@ -223,7 +180,7 @@ impl PodMaps {
             Some(ns)
                 if !ours.is_empty()
                     && netns::is_netns(ns)
-                    && super::netns_cookie(Some(ns)).is_ok_and(|c| c == cookie) =>
+                    && netns::cookie(Some(ns)).is_ok_and(|c| c == cookie) =>
             {
                 release(ns, ours)
             }
@@ -242,7 +199,7 @@ impl PodMaps {
         if pods.is_empty() {
             return Ok(());
         }
-        let paths = find_netns(&pods.iter().map(|(c, _)| *c).collect());
+        let paths = netns::find_by_cookie(&pods.iter().map(|(c, _)| *c).collect());
         let mut first_err = None;
         for (cookie, id) in pods {
             if let Err(e) =

@@ -1,0 +1,473 @@
+//! The pod registry: one pod's entries in the pinned maps, written all or nothing
+//! (`register`) and removed (`remove*`), keyed by netns cookie; a pod keeps its id across
+//! re-registrations.
+
+use std::net::IpAddr;
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
+use aya::maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData};
+use aya::maps::{Array, PerCpuArray, PerCpuValues, SkStorage, SockHash};
+use interceptor_common::config::Config;
+use interceptor_common::decision::PodPolicy;
+use interceptor_common::maps::stat;
+use interceptor_common::maps::{
+    names, AddrKey, Cidr4Data, Cidr6Data, GroupKey, PortKey, SockKey, SockOrig, TupleKey,
+};
+use interceptor_common::policy;
+use ipnet::IpNet;
+
+use super::journal::{set_insert, Removed, Undo, Writes, BPF_NOEXIST};
+use super::keys::{cidr_keys, v4_cidr_key, v6_cidr_key, Keys};
+use super::pins::{open_map, Pins};
+use super::reserved_ports;
+use crate::netns;
+
+/// The maps a pod's registration writes, opened from their pins.
+pub struct PodMaps {
+    pub(super) pins: Pins,
+    pub(super) stats: PerCpuArray<MapData, u64>,
+    pub(super) listeners: SockHash<MapData, u32>,
+    pub(super) policy: HashMap<MapData, u64, PodPolicy>,
+    pub(super) ports: HashMap<MapData, PortKey, u8>,
+    pub(super) addrs: HashMap<MapData, AddrKey, u8>,
+    pub(super) groups: HashMap<MapData, GroupKey, u8>,
+    pub(super) cidr4: [LpmTrie<MapData, Cidr4Data, u8>; 2],
+    pub(super) cidr6: [LpmTrie<MapData, Cidr6Data, u8>; 2],
+    pub(super) by_tuple: HashMap<MapData, TupleKey, SockOrig>,
+    pub(super) tuple_count: Array<MapData, u64>,
+    pub(super) sk_proxy: SkStorage<MapData, u32>,
+    pub(super) accel: SockHash<MapData, SockKey>,
+    pub(super) accel_on: Array<MapData, u32>,
+}
+
+/// A registered pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PodHandle {
+    pub netns_cookie: u64,
+    pub pod_id: u32,
+}
+
+impl PodMaps {
+    pub(super) fn open(pins: &Pins) -> Result<Self> {
+        Ok(Self {
+            pins: pins.clone(),
+            stats: PerCpuArray::try_from(Map::PerCpuArray(open_map(pins, names::STATS)?))?,
+            listeners: SockHash::try_from(Map::SockHash(open_map(pins, names::LISTENERS)?))?,
+            policy: HashMap::try_from(Map::HashMap(open_map(pins, names::POD_POLICY)?))?,
+            ports: HashMap::try_from(Map::HashMap(open_map(pins, names::PORTS)?))?,
+            addrs: HashMap::try_from(Map::HashMap(open_map(pins, names::ADDRS)?))?,
+            groups: HashMap::try_from(Map::HashMap(open_map(pins, names::GROUPS)?))?,
+            cidr4: [
+                LpmTrie::try_from(Map::LpmTrie(open_map(pins, names::CIDR4_EXCL)?))?,
+                LpmTrie::try_from(Map::LpmTrie(open_map(pins, names::CIDR4_INCL)?))?,
+            ],
+            cidr6: [
+                LpmTrie::try_from(Map::LpmTrie(open_map(pins, names::CIDR6_EXCL)?))?,
+                LpmTrie::try_from(Map::LpmTrie(open_map(pins, names::CIDR6_INCL)?))?,
+            ],
+            by_tuple: HashMap::try_from(Map::HashMap(open_map(pins, names::ORIG_BY_TUPLE)?))?,
+            tuple_count: Array::try_from(Map::Array(open_map(pins, names::TUPLE_COUNT)?))?,
+            sk_proxy: SkStorage::try_from(Map::SkStorage(open_map(pins, names::SK_PROXY)?))?,
+            accel: SockHash::try_from(Map::SockHash(open_map(pins, names::ACCEL)?))?,
+            accel_on: Array::try_from(Map::Array(open_map(pins, names::ACCEL_ON)?))?,
+        })
+    }
+
+    /// Registers (or re-registers) the pod whose netns is at `netns`: set entries, the pod's
+    /// sk_lookup program and an existing proxy listener first, the policy last (so a
+    /// connect never sees half a pod), then stale entries of an earlier registration are
+    /// removed. The pod keeps its id across re-registrations.
+    ///
+    /// All or nothing: if any step fails, every write of this call is undone (a new pod leaves
+    /// no entry, pin or listener behind; a re-registered one keeps its earlier registration)
+    /// and the error is returned.
+    pub fn register(
+        &mut self,
+        netns: &Path,
+        facts: &netns::PodNetns,
+        cfg: &Config,
+        local: &[IpAddr],
+        groups: &[u32],
+    ) -> Result<PodHandle> {
+        if let Some(why) = policy::ebpf_unsupported(cfg) {
+            bail!("the eBPF backend cannot honour this config: {why}");
+        }
+        // ADDRS is sized for every pod at this many addresses (maps::capacity).
+        let max_local = interceptor_common::maps::capacity::LOCAL_ADDRS_PER_POD as usize;
+        if local.len() > max_local {
+            bail!(
+                "the pod netns has {} addresses; the eBPF backend's limit is {max_local} per pod",
+                local.len()
+            );
+        }
+        let cookie = facts.cookie;
+        let old = self.policy.get(&cookie, 0).ok();
+        let pod_id = match old {
+            Some(p) => p.pod_id,
+            None => free_pod_id(
+                self.policy
+                    .iter()
+                    .filter_map(|r| r.ok())
+                    .map(|(_, p)| p.pod_id),
+            ),
+        };
+        let mut undo = Vec::new();
+        let mut w = Writes {
+            netns,
+            n: 0,
+            undo: &mut undo,
+        };
+        let result = self.register_steps(&mut w, facts, cfg, local, groups, pod_id, old);
+        match result {
+            Ok(()) => Ok(PodHandle {
+                netns_cookie: cookie,
+                pod_id,
+            }),
+            Err(e) => {
+                let n = undo.len();
+                if let Err(u) = self.undo(undo) {
+                    return Err(e.context(format!(
+                        "registration failed and undoing it failed too: {u:#}"
+                    )));
+                }
+                tracing::warn!(undone = n, "registration failed; its writes were undone");
+                // The gate may have counted the undone policy (best effort: it only gates work).
+                let _ = self.update_accel_on();
+                Err(e.context(format!(
+                    "registering {} (nothing was left registered for it)",
+                    netns.display()
+                )))
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn register_steps(
+        &mut self,
+        w: &mut Writes,
+        facts: &netns::PodNetns,
+        cfg: &Config,
+        local: &[IpAddr],
+        groups: &[u32],
+        pod_id: u32,
+        old: Option<PodPolicy>,
+    ) -> Result<()> {
+        let (netns, cookie) = (w.netns, facts.cookie);
+        let tables = policy::MemTables::new(cfg, &own_addrs(local, &facts.link_local), groups);
+        let mut keys = Keys::of(pod_id, &tables);
+        let (reserved, unreserve) = self.reserve_guarded(w, pod_id, &tables.guarded_ports)?;
+        keys.ports.extend(reserved);
+        for k in &keys.ports {
+            w.step()?;
+            if set_insert(self.ports.insert(k, 1, BPF_NOEXIST))? {
+                w.undo.push(Undo::Port(*k));
+            }
+        }
+        for k in &keys.addrs {
+            w.step()?;
+            if set_insert(self.addrs.insert(k, 1, BPF_NOEXIST))? {
+                w.undo.push(Undo::Addr(*k));
+            }
+        }
+        for k in &keys.groups {
+            w.step()?;
+            if set_insert(self.groups.insert(k, 1, BPF_NOEXIST))? {
+                w.undo.push(Undo::Group(*k));
+            }
+        }
+        for (i, nets) in [&tables.cidrs_excluded, &tables.cidrs_included]
+            .into_iter()
+            .enumerate()
+        {
+            for net in nets {
+                w.step()?;
+                match net {
+                    IpNet::V4(n) => {
+                        let k = v4_cidr_key(pod_id, n);
+                        if set_insert(self.cidr4[i].insert(&k, 1, BPF_NOEXIST))? {
+                            w.undo.push(Undo::Cidr4(i, k));
+                        }
+                    }
+                    IpNet::V6(n) => {
+                        let k = v6_cidr_key(pod_id, n);
+                        if set_insert(self.cidr6[i].insert(&k, 1, BPF_NOEXIST))? {
+                            w.undo.push(Undo::Cidr6(i, k));
+                        }
+                    }
+                }
+            }
+        }
+        let t = std::time::Instant::now();
+        if let Some(pin) = self.pins.attach_sk_lookup(netns, cookie)? {
+            w.undo.push(Undo::Pin(pin));
+        }
+        tracing::debug!(
+            micros = t.elapsed().as_micros() as u64,
+            "sk_lookup attached"
+        );
+        if old.is_none() {
+            self.reset_tuples(cookie, pod_id)?;
+        }
+        self.mark_proxy_listeners(facts, cfg)?;
+        if !tables.inbound_ports.is_empty() || !cfg.inbound_ports_include.is_empty() {
+            let t = std::time::Instant::now();
+            self.adopt_listener(w, facts, cfg, pod_id, old.is_none())?;
+            tracing::debug!(micros = t.elapsed().as_micros() as u64, "listener adoption");
+        }
+        w.step()?;
+        self.policy
+            .insert(cookie, policy::pod_policy(cfg, pod_id), 0)?;
+        w.undo.push(Undo::Policy(cookie, old));
+        self.update_accel_on()?;
+        if old.is_some() {
+            // Only a re-registration can leave stale entries behind.
+            self.purge(pod_id, Some((&keys, &tables)), Some(&mut *w.undo))?;
+        }
+        if let Err(e) = reserved_ports::release(netns, unreserve) {
+            // The registration stands; a port stays reserved that no longer needs to be.
+            tracing::warn!("{e:#}");
+        }
+        Ok(())
+    }
+
+    /// A proxy listener that existed before we attached never went through sockops' listen
+    /// callback: find it in the netns and take a duplicate of its fd with pidfd_getfd.
+    /// `new_pod`: the entries are this registration's own, to be removed if it fails (a
+    /// re-registration only refreshes the proxy's listener, which stays valid).
+    fn adopt_listener(
+        &mut self,
+        w: &mut Writes,
+        facts: &netns::PodNetns,
+        cfg: &Config,
+        pod_id: u32,
+        new_pod: bool,
+    ) -> Result<()> {
+        let port = cfg.inbound_capture_port;
+        for (fd, v6) in
+            crate::listener::find_proxy_listeners(&facts.listening, port, &cfg.proxy_uid)?
+        {
+            let key = pod_id * 2 + u32::from(v6);
+            w.step()?;
+            self.listeners
+                .insert(key, std::os::fd::AsRawFd::as_raw_fd(&fd), 0)
+                .context("adding the existing proxy listener")?;
+            if new_pod {
+                w.undo.push(Undo::Listener(key));
+            }
+        }
+        Ok(())
+    }
+
+    /// Unregisters the pod of `netns`; returns whether it was registered.
+    pub fn remove(&mut self, netns: &Path) -> Result<bool> {
+        let cookie = netns::cookie(Some(netns))?;
+        self.remove_cookie_in(cookie, Some(netns))
+    }
+
+    /// Unregisters a pod by netns cookie (the policy first, so connects stop at once).
+    pub fn remove_cookie(&mut self, cookie: u64) -> Result<bool> {
+        self.remove_cookie_in(cookie, None)
+    }
+
+    /// `remove_cookie`, releasing the ports the pod reserved in its netns at `netns` (if the
+    /// netns is gone, so is its reservation).
+    pub fn remove_cookie_in(&mut self, cookie: u64, netns: Option<&Path>) -> Result<bool> {
+        let Ok(p) = self.policy.get(&cookie, 0) else {
+            return Ok(false);
+        };
+        self.release_reserved(p.pod_id, cookie, netns)?;
+        // The policy entry goes last: a removal cut short leaves it, so a retry (or the daemon's
+        // restart) finds the pod and completes the removal instead of leaking the rest.
+        self.purge(p.pod_id, None, None)?;
+        self.reset_counters(p.pod_id)?;
+        self.reset_tuples(cookie, p.pod_id)?;
+        let _ = self.listeners.remove(&(p.pod_id * 2));
+        let _ = self.listeners.remove(&(p.pod_id * 2 + 1));
+        let _ = std::fs::remove_file(self.pins.sk_lookup_link(cookie));
+        self.policy.remove(&cookie)?;
+        self.update_accel_on()?;
+        Ok(true)
+    }
+
+    /// `ACCEL_ON[0]` = how many pods asked for acceleration (0 spares everybody else the
+    /// per-connection policy lookup in sockops).
+    fn update_accel_on(&mut self) -> Result<()> {
+        let n = self
+            .policy
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(_, p)| p.has(interceptor_common::decision::flags::ACCELERATE))
+            .count() as u32;
+        self.accel_on.set(0, n, 0).context("updating ACCEL_ON")?;
+        Ok(())
+    }
+
+    /// Deletes the set entries of `pod_id`, except those of `keep` (the current registration).
+    /// With `journal`, each removal is recorded so a failed re-registration can restore it.
+    fn purge(
+        &mut self,
+        pod_id: u32,
+        keep: Option<(&Keys, &policy::MemTables)>,
+        mut journal: Option<&mut Vec<Undo>>,
+    ) -> Result<()> {
+        let mut note = |u: Undo| {
+            if let Some(j) = journal.as_deref_mut() {
+                j.push(u);
+            }
+        };
+        let stale_ports: Vec<PortKey> = self
+            .ports
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.pod_id == pod_id && !keep.is_some_and(|(keys, _)| keys.ports.contains(k)))
+            .collect();
+        for k in stale_ports {
+            self.ports.remove(&k)?;
+            note(Undo::Restore(Removed::Port(k)));
+        }
+        let stale_addrs: Vec<AddrKey> = self
+            .addrs
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.pod_id == pod_id && !keep.is_some_and(|(keys, _)| keys.addrs.contains(k)))
+            .collect();
+        for k in stale_addrs {
+            self.addrs.remove(&k)?;
+            note(Undo::Restore(Removed::Addr(k)));
+        }
+        let stale_groups: Vec<GroupKey> = self
+            .groups
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| {
+                k.pod_id == pod_id && !keep.is_some_and(|(keys, _)| keys.groups.contains(k))
+            })
+            .collect();
+        for k in stale_groups {
+            self.groups.remove(&k)?;
+            note(Undo::Restore(Removed::Group(k)));
+        }
+        let id = pod_id.to_be_bytes();
+        let (keep4, keep6) = match keep {
+            None => (vec![], vec![]),
+            Some((_, t)) => cidr_keys(pod_id, t),
+        };
+        let same4 = |a: &Key<Cidr4Data>, b: &Key<Cidr4Data>| {
+            a.prefix_len() == b.prefix_len() && a.data() == b.data()
+        };
+        let same6 = |a: &Key<Cidr6Data>, b: &Key<Cidr6Data>| {
+            a.prefix_len() == b.prefix_len() && a.data() == b.data()
+        };
+        for (i, t) in self.cidr4.iter_mut().enumerate() {
+            let stale: Vec<_> = t
+                .keys()
+                .filter_map(|k| k.ok())
+                .filter(|k| k.data()[..4] == id && !keep4.iter().any(|x| same4(x, k)))
+                .collect();
+            for k in stale {
+                t.remove(&k)?;
+                note(Undo::Restore(Removed::Cidr4(i, k)));
+            }
+        }
+        for (i, t) in self.cidr6.iter_mut().enumerate() {
+            let stale: Vec<_> = t
+                .keys()
+                .filter_map(|k| k.ok())
+                .filter(|k| k.data()[..4] == id && !keep6.iter().any(|x| same6(x, k)))
+                .collect();
+            for k in stale {
+                t.remove(&k)?;
+                note(Undo::Restore(Removed::Cidr6(i, k)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Zeroes a pod's counters so a later pod with the same id starts from 0.
+    fn reset_counters(&mut self, pod_id: u32) -> Result<()> {
+        let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
+        for c in 0..stat::PER_POD {
+            if let Some(i) = stat::index(pod_id, c) {
+                self.stats
+                    .set(i, PerCpuValues::try_from(vec![0u64; cpus])?, 0)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes a pod's tuple entries and zeroes its count, so its id starts clean for a later
+    /// pod (an app socket closing after this finds no entry and gives nothing back).
+    fn reset_tuples(&mut self, netns: u64, pod_id: u32) -> Result<()> {
+        let keys: Vec<TupleKey> = self
+            .by_tuple
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.netns == netns)
+            .collect();
+        for k in keys {
+            let _ = self.by_tuple.remove(&k);
+        }
+        if pod_id < interceptor_common::maps::capacity::MAX_PODS {
+            self.tuple_count
+                .set(pod_id, 0, 0)
+                .context("zeroing TUPLE_COUNT")?;
+        }
+        Ok(())
+    }
+
+    /// Marks the proxy's listening sockets that predate our programs (they never went
+    /// through `bind4/6`) as the proxy's in `SK_PROXY`, so SO_ORIGINAL_DST is answered on what
+    /// they accept (the kernel clones the mark). Found by owner uid on the proxy's ports, duplicated
+    /// with pidfd_getfd.
+    fn mark_proxy_listeners(&mut self, facts: &netns::PodNetns, cfg: &Config) -> Result<()> {
+        for port in [cfg.proxy_port, cfg.inbound_capture_port] {
+            for (fd, _) in
+                crate::listener::find_proxy_listeners(&facts.listening, port, &cfg.proxy_uid)?
+            {
+                self.sk_proxy
+                    .insert(&fd, 1, 0)
+                    .with_context(|| format!("marking the proxy's listener on port {port}"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The smallest id no registered pod uses: keeps ids (and the counter array they index) bounded
+/// by the number of pods on the node. Ids start at 1.
+fn free_pod_id(used: impl IntoIterator<Item = u32>) -> u32 {
+    let used: std::collections::HashSet<u32> = used.into_iter().collect();
+    (1..).find(|id| !used.contains(id)).expect("a free pod id")
+}
+
+/// The addresses that are local for the pod's outbound decisions (ADDRS): its own, then its
+/// link-local ones. Several pods may share a link-local address, so those never key a pod.
+fn own_addrs(local: &[IpAddr], link_local: &[IpAddr]) -> Vec<IpAddr> {
+    let mut own = local.to_vec();
+    own.extend(link_local.iter().filter(|a| !local.contains(a)));
+    own
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_ids_fill_the_smallest_gap() {
+        assert_eq!(free_pod_id([]), 1);
+        assert_eq!(free_pod_id([1, 2, 3]), 4);
+        assert_eq!(free_pod_id([3, 1, 4]), 2);
+        assert_eq!(free_pod_id([2]), 1);
+    }
+
+    #[test]
+    fn link_local_addresses_follow_the_pods_own_once() {
+        let a: IpAddr = "10.0.0.5".parse().unwrap();
+        let ll4: IpAddr = "169.254.1.1".parse().unwrap();
+        let ll6: IpAddr = "fe80::1".parse().unwrap();
+        assert_eq!(own_addrs(&[a], &[ll4, ll6]), [a, ll4, ll6]);
+        assert_eq!(own_addrs(&[a, ll4], &[ll4]), [a, ll4]);
+        assert_eq!(own_addrs(&[], &[]), Vec::<IpAddr>::new());
+    }
+}

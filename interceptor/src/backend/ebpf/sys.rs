@@ -1,0 +1,181 @@
+//! Every raw `bpf()` call of the backend, and nothing else: aya covers loading the object and
+//! its maps, these are the commands it does not (attaching getsockopt and sk_msg with
+//! `BPF_PROG_ATTACH`, the per-pod sk_lookup program built at registration, its link and pin,
+//! the doctor's cgroup-link probe). Each builds its `union bpf_attr` from typed arguments, so
+//! the only pointers the kernel sees are to memory borrowed for the call.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_PROG_ATTACH: libc::c_long = 8;
+const BPF_PROG_DETACH: libc::c_long = 9;
+const BPF_LINK_CREATE: libc::c_long = 28;
+
+/// `enum bpf_prog_type` BPF_PROG_TYPE_SK_LOOKUP.
+pub const BPF_PROG_TYPE_SK_LOOKUP: u32 = 30;
+/// `enum bpf_attach_type` values we attach with.
+pub const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+pub const BPF_SK_MSG_VERDICT: u32 = 7;
+pub const BPF_CGROUP_GETSOCKOPT: u32 = 21;
+pub const BPF_SK_LOOKUP: u32 = 36;
+/// `BPF_PROG_ATTACH` flag: several programs on one cgroup.
+pub const BPF_F_ALLOW_MULTI: u32 = 2;
+
+/// One eBPF instruction as the kernel reads it: opcode, dst/src registers, offset, immediate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct Insn {
+    pub code: u8,
+    pub regs: u8,
+    pub off: i16,
+    pub imm: i32,
+}
+
+/// `bpf(cmd, attr, sizeof attr)`: private, since `attr` may hold pointers; each public function
+/// below fills it from borrowed data that outlives the call.
+fn bpf(cmd: libc::c_long, attr: &mut [u8]) -> io::Result<i64> {
+    // SAFETY: `attr` is a zeroed `union bpf_attr` prefix of the length passed, laid out for
+    // `cmd` by the callers in this file; any pointer in it is to memory they borrow for the
+    // duration of the call, sized as the attr says. The kernel touches nothing else.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn put_u32(attr: &mut [u8], at: usize, v: u32) {
+    attr[at..at + 4].copy_from_slice(&v.to_ne_bytes());
+}
+
+fn put_u64(attr: &mut [u8], at: usize, v: u64) {
+    attr[at..at + 8].copy_from_slice(&v.to_ne_bytes());
+}
+
+fn owned(fd: i64) -> OwnedFd {
+    // SAFETY: `fd` is a new descriptor the kernel just returned to us; nothing else owns it.
+    unsafe { OwnedFd::from_raw_fd(fd as RawFd) }
+}
+
+/// BPF_PROG_LOAD of `insns` (license GPL) as a program of `prog_type`, named `name` (at most 15
+/// bytes, as `bpftool prog` shows it). With `log`, the verifier writes its log there.
+pub fn prog_load(
+    prog_type: u32,
+    expected_attach_type: u32,
+    insns: &[Insn],
+    name: &str,
+    log: Option<&mut [u8]>,
+) -> io::Result<OwnedFd> {
+    let license = c"GPL";
+    // BPF_PROG_LOAD: prog_type, insn_cnt, insns, license, log_level, log_size, log_buf,
+    // kern_version, prog_flags, prog_name[16], prog_ifindex, expected_attach_type.
+    let mut attr = [0u8; 72];
+    put_u32(&mut attr, 0, prog_type);
+    put_u32(&mut attr, 4, insns.len() as u32);
+    put_u64(&mut attr, 8, insns.as_ptr() as u64);
+    put_u64(&mut attr, 16, license.as_ptr() as u64);
+    if let Some(log) = log {
+        put_u32(&mut attr, 24, 1);
+        put_u32(&mut attr, 28, log.len() as u32);
+        put_u64(&mut attr, 32, log.as_mut_ptr() as u64);
+    }
+    let name = &name.as_bytes()[..name.len().min(15)];
+    attr[48..48 + name.len()].copy_from_slice(name);
+    put_u32(&mut attr, 68, expected_attach_type);
+    bpf(BPF_PROG_LOAD, &mut attr).map(owned)
+}
+
+fn link_create_raw(prog: BorrowedFd<'_>, target: RawFd, attach_type: u32) -> io::Result<OwnedFd> {
+    // BPF_LINK_CREATE: prog_fd, target_fd, attach_type, flags.
+    let mut attr = [0u8; 64];
+    put_u32(&mut attr, 0, prog.as_raw_fd() as u32);
+    put_u32(&mut attr, 4, target as u32);
+    put_u32(&mut attr, 8, attach_type);
+    bpf(BPF_LINK_CREATE, &mut attr).map(owned)
+}
+
+/// BPF_LINK_CREATE: attaches `prog` to `target`; the link lives while its fd or a pin does.
+pub fn link_create(
+    prog: BorrowedFd<'_>,
+    target: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<OwnedFd> {
+    link_create_raw(prog, target.as_raw_fd(), attach_type)
+}
+
+/// BPF_LINK_CREATE with an invalid target fd (-1): attaches nothing, and the errno tells how
+/// far the kernel got (EBADF: it looked the target up, so the link type exists).
+pub fn link_create_without_target(prog: BorrowedFd<'_>, attach_type: u32) -> io::Result<()> {
+    link_create_raw(prog, -1, attach_type).map(drop)
+}
+
+/// BPF_OBJ_PIN: pins a bpf object (program, map or link) at `path` on a bpffs.
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in pin path"))?;
+    // BPF_OBJ_PIN: pathname, bpf_fd, file_flags.
+    let mut attr = [0u8; 16];
+    put_u64(&mut attr, 0, path.as_ptr() as u64);
+    put_u32(&mut attr, 8, fd.as_raw_fd() as u32);
+    bpf(BPF_OBJ_PIN, &mut attr).map(drop)
+}
+
+fn prog_attach_cmd(
+    cmd: libc::c_long,
+    target: BorrowedFd<'_>,
+    prog: BorrowedFd<'_>,
+    attach_type: u32,
+    flags: u32,
+) -> io::Result<()> {
+    // BPF_PROG_ATTACH/DETACH: target_fd, attach_bpf_fd, attach_type, attach_flags.
+    let mut attr = [0u8; 32];
+    put_u32(&mut attr, 0, target.as_raw_fd() as u32);
+    put_u32(&mut attr, 4, prog.as_raw_fd() as u32);
+    put_u32(&mut attr, 8, attach_type);
+    put_u32(&mut attr, 12, flags);
+    bpf(cmd, &mut attr).map(drop)
+}
+
+/// BPF_PROG_ATTACH of `prog` to `target` (a cgroup or a map): lives until detached (or the
+/// map goes), not tied to any fd of ours.
+pub fn prog_attach(
+    target: BorrowedFd<'_>,
+    prog: BorrowedFd<'_>,
+    attach_type: u32,
+    flags: u32,
+) -> io::Result<()> {
+    prog_attach_cmd(BPF_PROG_ATTACH, target, prog, attach_type, flags)
+}
+
+/// BPF_PROG_DETACH: undoes [`prog_attach`].
+pub fn prog_detach(
+    target: BorrowedFd<'_>,
+    prog: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<()> {
+    prog_attach_cmd(BPF_PROG_DETACH, target, prog, attach_type, 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn insn_is_the_kernels_8_bytes() {
+        assert_eq!(std::mem::size_of::<Insn>(), 8);
+    }
+
+    #[test]
+    fn pin_path_with_nul_is_refused_before_the_syscall() {
+        let f = std::fs::File::open("/dev/null").unwrap();
+        use std::os::fd::AsFd;
+        let e = obj_pin(f.as_fd(), Path::new("/sys/fs/bpf/a\0b")).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+    }
+}
