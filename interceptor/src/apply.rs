@@ -9,7 +9,8 @@ use interceptor_common::{idmap, policy};
 use crate::backend::ebpf::{detect_cgroup2_root, Pins};
 use crate::backend::netfilter::{self, Mode, Outcome};
 use crate::backend::{exec, iptables, nftables};
-use crate::cli::{ApplyArgs, BackendKind, EbpfArgs, LogsArgs, RemoveArgs};
+use crate::cli::{ApplyArgs, LogsArgs, RemoveArgs};
+use crate::model::{BackendKind, EbpfSettings};
 
 /// The backend that will serve the pod, and why it was chosen.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,7 +26,7 @@ pub fn choose_backend(args: &ApplyArgs, cfg: &Config) -> Result<Choice, ConfigEr
     choose(
         args.backend,
         args.native_nftables,
-        || crate::doctor::ebpf_missing(&args.ebpf),
+        || crate::doctor::ebpf_missing(&args.ebpf.settings()),
         cfg,
     )
 }
@@ -176,7 +177,7 @@ pub fn render(backend: BackendKind, cfg: &Config, netns: Option<&Path>) -> Resul
     })
 }
 
-pub fn cgroup_of(a: &EbpfArgs) -> Result<std::path::PathBuf> {
+pub fn cgroup_of(a: &EbpfSettings) -> Result<std::path::PathBuf> {
     match &a.cgroup {
         Some(c) => Ok(c.clone()),
         None => detect_cgroup2_root(),
@@ -203,7 +204,7 @@ fn apply_ebpf(args: &ApplyArgs, cfg: &Config) -> Result<&'static str> {
     }
     crate::backend::pin_dir::ensure_private(&pins.dir)?;
     let loaded = pins.ensure_loaded_with(
-        &cgroup_of(&args.ebpf)?,
+        &cgroup_of(&args.ebpf.settings())?,
         args.ebpf_log,
         !args.ebpf.no_counters,
     )?;
@@ -267,7 +268,7 @@ pub fn apply_netfilter(
     backend: BackendKind,
     netns: Option<&Path>,
     cfg: &Config,
-    forced: Option<crate::cli::IptablesFlavor>,
+    forced: Option<crate::model::IptablesFlavor>,
     mode: Mode,
 ) -> Result<Outcome> {
     match backend {
@@ -301,7 +302,7 @@ pub fn remove(args: &RemoveArgs) -> Result<()> {
 }
 
 /// `interceptor cleanup`: detaches and unpins every program, link and map of ours.
-pub fn cleanup(args: &EbpfArgs) -> Result<()> {
+pub fn cleanup(args: &EbpfSettings) -> Result<()> {
     let removed = Pins::new(&args.bpffs).cleanup(&cgroup_of(args)?)?;
     eprintln!(
         "interceptor: {}",
@@ -443,7 +444,8 @@ fn via_daemon(args: &ApplyArgs) -> Result<Result<(), ConfigError>> {
 pub fn pod(cmd: &crate::cli::PodCommand) -> Result<Result<(), ConfigError>> {
     use crate::cli::PodCommand;
     use crate::daemon::client::call;
-    use crate::daemon::protocol::{PodIdentity, PodSpec, Request, Response};
+    use crate::daemon::protocol::{Request, Response};
+    use crate::model::{PodIdentity, PodSpec};
     let (socket, req) = match cmd {
         PodCommand::Add(a) => {
             let Some(netns) = a.apply.network_namespace.clone() else {

@@ -3,7 +3,10 @@
 
 use std::path::PathBuf;
 
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::model::{BackendKind, EbpfSettings, IptablesFlavor};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -65,6 +68,42 @@ pub struct EbpfArgs {
     /// for measuring what counting costs. Applies when the programs are loaded.
     #[arg(long)]
     pub no_counters: bool,
+}
+
+impl EbpfArgs {
+    /// The neutral settings the services take.
+    pub fn settings(&self) -> EbpfSettings {
+        EbpfSettings {
+            bpffs: self.bpffs.clone(),
+            cgroup: self.cgroup.clone(),
+            no_counters: self.no_counters,
+        }
+    }
+}
+
+/// `--backend`: the model's names, listed (with their help) as clap lists a value enum.
+fn backend_parser() -> impl TypedValueParser<Value = BackendKind> {
+    PossibleValuesParser::new(BackendKind::ALL.map(|k| {
+        let v = PossibleValue::new(k.as_str());
+        match k.help() {
+            Some(h) => v.help(h),
+            None => v,
+        }
+    }))
+    .map(|s| {
+        s.parse::<BackendKind>()
+            .expect("one of the possible values")
+    })
+}
+
+/// `--force-iptables-binary`.
+fn flavor_parser() -> impl TypedValueParser<Value = IptablesFlavor> {
+    PossibleValuesParser::new(IptablesFlavor::ALL.map(|f| PossibleValue::new(f.as_str()))).map(
+        |s| {
+            s.parse::<IptablesFlavor>()
+                .expect("one of the possible values")
+        },
+    )
 }
 
 #[derive(Subcommand, Debug)]
@@ -218,24 +257,6 @@ pub struct ValidateArgs {
     pub proxy_gid: Option<String>,
 }
 
-/// Which mechanism installs the interception.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BackendKind {
-    /// eBPF where the kernel and the config allow it, else iptables, else nftables.
-    Auto,
-    Ebpf,
-    Iptables,
-    Nftables,
-}
-
-/// `--force-iptables-binary` values.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum IptablesFlavor {
-    Legacy,
-    Nft,
-}
-
 #[derive(Args, Debug, Clone)]
 pub struct ApplyArgs {
     /// Outbound redirect target port.
@@ -377,10 +398,10 @@ pub struct ApplyArgs {
     #[arg(long, env = "NATIVE_NFTABLES")]
     pub native_nftables: bool,
     /// Force the iptables variant: legacy or nft.
-    #[arg(long, env = "FORCE_IPTABLES_BINARY", value_enum)]
+    #[arg(long, env = "FORCE_IPTABLES_BINARY", value_parser = flavor_parser())]
     pub force_iptables_binary: Option<IptablesFlavor>,
     /// Interception backend.
-    #[arg(long, env = "INTERCEPTOR_BACKEND", value_enum, default_value = "auto")]
+    #[arg(long, env = "INTERCEPTOR_BACKEND", value_parser = backend_parser(), default_value = "auto")]
     pub backend: BackendKind,
     /// IPv6 rules on or off (default: detected from the target netns's addresses, as Istio does).
     #[arg(long, value_parser = clap::builder::BoolishValueParser::new())]

@@ -34,7 +34,7 @@ use crate::backend::ebpf::{
     SK_LOOKUP_PROGRAM, SK_MSG_PROGRAM,
 };
 use crate::backend::exec;
-use crate::cli::EbpfArgs;
+use crate::model::EbpfSettings;
 
 /// The object built by build.rs from interceptor-ebpf: the same bytes the loader embeds.
 use crate::backend::ebpf::OBJECT;
@@ -217,12 +217,12 @@ pub enum Depth {
 
 /// Probes everything, loading every program; never fails (a probe that errors is a row that
 /// says so).
-pub fn probe(args: &EbpfArgs) -> Report {
+pub fn probe(args: &EbpfSettings) -> Report {
     probe_with(args, Depth::Full)
 }
 
 /// [`probe`], possibly trusting an existing installation (see [`Depth`]).
-pub fn probe_with(args: &EbpfArgs, depth: Depth) -> Report {
+pub fn probe_with(args: &EbpfSettings, depth: Depth) -> Report {
     let start = Instant::now();
     let env = ProcEnv::read();
     let version = KernelVersion::current().ok();
@@ -400,7 +400,7 @@ pub fn probe_with(args: &EbpfArgs, depth: Depth) -> Report {
 
 /// Why the eBPF backend cannot run here, if it cannot: `apply --backend auto` falls back to
 /// iptables/nftables with this reason.
-pub fn ebpf_missing(args: &EbpfArgs) -> Option<String> {
+pub fn ebpf_missing(args: &EbpfSettings) -> Option<String> {
     let report = probe_with(args, Depth::ReuseInstalled);
     tracing::debug!(
         elapsed_ms = report.elapsed.as_secs_f64() * 1e3,
@@ -428,7 +428,7 @@ pub fn auto_backend(report: &Report) -> String {
 }
 
 /// `interceptor doctor`: the table and the backend `auto` would use.
-pub fn run(args: &EbpfArgs) -> Result<()> {
+pub fn run(args: &EbpfSettings) -> Result<()> {
     let report = probe(args);
     print!("{}", report.table());
     println!("probe took {:.1} ms", report.elapsed.as_secs_f64() * 1e3);

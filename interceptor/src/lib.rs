@@ -12,6 +12,7 @@ pub mod explain;
 pub mod fault;
 pub mod k8s;
 pub mod listener;
+pub mod model;
 pub mod netns;
 pub mod userns;
 pub mod validate;

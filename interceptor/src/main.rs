@@ -23,11 +23,11 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Apply(args) => interceptor::apply::run(args),
         Command::Remove(args) => interceptor::apply::remove(args).map(Ok),
-        Command::Cleanup(args) => interceptor::apply::cleanup(args).map(Ok),
+        Command::Cleanup(args) => interceptor::apply::cleanup(&args.settings()).map(Ok),
         Command::Daemon(args) => interceptor::daemon::run(args).map(Ok),
         Command::Pod(cmd) => interceptor::apply::pod(cmd),
         Command::Logs(args) => interceptor::apply::logs(args).map(Ok),
-        Command::Doctor(args) => interceptor::doctor::run(args).map(Ok),
+        Command::Doctor(args) => interceptor::doctor::run(&args.settings()).map(Ok),
         Command::Explain(args) => interceptor::explain::run(args),
         Command::Validate(args) => interceptor::validate::run(args),
         Command::CniInstall(args) => interceptor::cni::install::run_install(args).map(Ok),

@@ -7,8 +7,8 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Output};
 use std::time::Instant;
 
-use interceptor::cli::EbpfArgs;
 use interceptor::doctor::{self, rows, Depth, Status};
+use interceptor::model::EbpfSettings;
 use interceptor_tests::bin;
 use interceptor_tests::ebpf::EbpfInstall;
 
@@ -115,7 +115,7 @@ fn every_needed_hook_is_present_here() {
 /// installation and costs only a few syscalls.
 #[test]
 fn probe_agrees_with_the_loader_and_is_cheap_once_installed() {
-    let fresh = EbpfArgs {
+    let fresh = EbpfSettings {
         bpffs: format!("/sys/fs/bpf/ic-doctor-none-{}", std::process::id()).into(),
         cgroup: None,
         no_counters: false,
@@ -140,7 +140,7 @@ fn probe_agrees_with_the_loader_and_is_cheap_once_installed() {
     install
         .load()
         .expect("doctor said eBPF is usable, yet the loader failed");
-    let args = EbpfArgs {
+    let args = EbpfSettings {
         bpffs: install.dir().to_path_buf(),
         cgroup: None,
         no_counters: false,

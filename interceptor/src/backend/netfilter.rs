@@ -14,7 +14,7 @@ use interceptor_common::config::Config;
 
 use super::exec::{self, in_scratch, run};
 use super::{iptables, nftables};
-use crate::cli::IptablesFlavor;
+use crate::model::IptablesFlavor;
 
 /// What to do about existing rules.
 #[derive(Clone, Copy, Debug, Default)]

@@ -11,9 +11,9 @@ use super::spec::{
     Command, K8sArgs, NetConf,
 };
 use crate::backend::ebpf::Pins;
-use crate::cli::BackendKind;
 use crate::daemon::client::call;
-use crate::daemon::protocol::{PodIdentity, PodSpec, PodStatus, Request, Response};
+use crate::daemon::protocol::{PodStatus, Request, Response};
+use crate::model::{BackendKind, PodIdentity, PodSpec};
 
 /// What the plugin prints on stdout and whether it succeeded.
 #[derive(Debug, Clone, PartialEq, Eq)]

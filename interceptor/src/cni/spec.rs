@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::cli::BackendKind;
+use crate::model::BackendKind;
 
 /// Spec versions whose configuration and result formats we accept. 0.1.0/0.2.0 predate chaining
 /// (no `prevResult`); 1.1.0 adds GC and STATUS, which this plugin does not implement.

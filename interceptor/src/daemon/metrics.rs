@@ -17,7 +17,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use super::Daemon;
-use crate::cli::BackendKind;
+use crate::model::BackendKind;
 
 type Labels = Vec<(String, String)>;
 

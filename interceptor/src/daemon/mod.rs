@@ -21,8 +21,10 @@ use interceptor_common::config::ConfigError;
 use crate::apply::{self, cgroup_of};
 use crate::backend::ebpf::Pins;
 use crate::backend::netfilter::Mode;
-use crate::cli::{BackendKind, EbpfArgs};
-use protocol::{PodSpec, PodStatus, Request, Response};
+use crate::cli::EbpfArgs;
+use crate::model::BackendKind;
+use crate::model::PodSpec;
+use protocol::{PodStatus, Request, Response};
 
 #[derive(Args, Debug, Clone)]
 pub struct DaemonArgs {
@@ -106,13 +108,13 @@ impl Daemon {
         // Why: the records hold every pod's config; no pod or other user needs to read them.
         std::fs::set_permissions(&args.state_dir, std::fs::Permissions::from_mode(0o700))
             .with_context(|| format!("chmod 0700 {}", args.state_dir.display()))?;
-        let ebpf_missing = crate::doctor::ebpf_missing(&args.ebpf);
+        let ebpf_missing = crate::doctor::ebpf_missing(&args.ebpf.settings());
         let pins = match &ebpf_missing {
             None => {
                 let pins = Pins::new(&args.ebpf.bpffs);
                 crate::backend::pin_dir::ensure_private(&pins.dir)?;
                 let loaded = pins.ensure_loaded_with(
-                    &cgroup_of(&args.ebpf)?,
+                    &cgroup_of(&args.ebpf.settings())?,
                     args.ebpf_log,
                     !args.ebpf.no_counters,
                 )?;

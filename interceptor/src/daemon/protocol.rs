@@ -6,47 +6,7 @@ use std::path::PathBuf;
 use interceptor_common::config::RawConfig;
 use serde::{Deserialize, Serialize};
 
-use crate::cli::BackendKind;
-
-/// Who a pod is, when known (from the CNI runtime or the Kubernetes API).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PodIdentity {
-    pub namespace: String,
-    pub name: String,
-    pub uid: String,
-}
-
-/// A pod to register: its netns, addresses, the full interception config (as `apply` takes it,
-/// validated by the daemon exactly as `apply` validates it) and identity.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PodSpec {
-    pub netns: PathBuf,
-    /// Pod IPs; empty means "read them from the netns".
-    #[serde(default, deserialize_with = "named_ips")]
-    pub ips: Vec<IpAddr>,
-    pub config: RawConfig,
-    #[serde(default = "auto")]
-    pub backend: BackendKind,
-    #[serde(default)]
-    pub identity: Option<PodIdentity>,
-}
-
-/// Why: serde's own `IpAddr` error ("invalid IP address syntax") does not say which value was
-/// bad; a control request's error must name it.
-fn named_ips<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<IpAddr>, D::Error> {
-    Vec::<String>::deserialize(d)?
-        .iter()
-        .map(|s| {
-            s.parse().map_err(|_| {
-                serde::de::Error::custom(format!("invalid pod IP {s:?}: not an IP address"))
-            })
-        })
-        .collect()
-}
-
-fn auto() -> BackendKind {
-    BackendKind::Auto
-}
+use crate::model::{BackendKind, PodIdentity, PodSpec};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]

@@ -599,11 +599,14 @@ fn setup_cost(r: &mut Results, s: &Settings) -> Result<()> {
     let doc = interceptor::backend::iptables::render(&cfg).v4;
     for i in 0..s.setup_n {
         for (label, backend) in [
-            ("daemon, eBPF", interceptor::cli::BackendKind::Ebpf),
-            ("daemon, iptables", interceptor::cli::BackendKind::Iptables),
+            ("daemon, eBPF", interceptor::model::BackendKind::Ebpf),
+            (
+                "daemon, iptables",
+                interceptor::model::BackendKind::Iptables,
+            ),
         ] {
             let ns = BareNetns::new(1000 + i)?;
-            let req = protocol::Request::Add(Box::new(protocol::PodSpec {
+            let req = protocol::Request::Add(Box::new(interceptor::model::PodSpec {
                 netns: ns.path(),
                 ips: vec![],
                 config: raw.clone(),
