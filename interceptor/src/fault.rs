@@ -13,95 +13,134 @@
 //! - `INTERCEPTOR_TEST_MAP_ENTRIES`: `MAP=N,…`, max_entries of maps created at load (the maps are
 //!   pinned, so this only takes effect for a fresh bpffs folder); `TUPLE_QUOTA=N` sets the
 //!   per-pod quota of app→proxy connections waiting for the proxy (frozen at load too).
-
-use std::path::Path;
+//!
+//! Only with the `fault-injection` cargo feature (the tests crate enables it). Without it —
+//! release builds, `cargo build -p interceptor` — every knob below is a constant "no fault",
+//! the environment is never read and the compiler drops the fault paths of the callers.
 
 /// Environment variable with the faults to inject.
 pub const FAULT_ENV: &str = "INTERCEPTOR_FAULT";
 /// Environment variable with map sizes for tests.
 pub const MAP_ENTRIES_ENV: &str = "INTERCEPTOR_TEST_MAP_ENTRIES";
 
-fn faults() -> Vec<(String, Option<String>)> {
-    std::env::var(FAULT_ENV)
-        .unwrap_or_default()
-        .split(',')
-        .map(str::trim)
-        .filter(|f| !f.is_empty())
-        .map(|f| match f.split_once('@') {
-            Some((what, ns)) => (what.to_string(), Some(ns.to_string())),
-            None => (f.to_string(), None),
-        })
-        .collect()
-}
+#[cfg(not(feature = "fault-injection"))]
+pub use off::*;
+#[cfg(feature = "fault-injection")]
+pub use on::*;
 
-fn applies(scope: &Option<String>, netns: Option<&Path>) -> bool {
-    match (scope, netns) {
-        (None, _) => true,
-        (Some(s), Some(ns)) => ns.to_string_lossy().contains(s.as_str()),
-        (Some(_), None) => false,
+/// Built without the feature: no fault, the real sizes and quota.
+#[cfg(not(feature = "fault-injection"))]
+mod off {
+    use std::path::Path;
+
+    pub fn map_write_fails(_netns: &Path, _nth: u32) -> bool {
+        false
+    }
+    pub fn attach_fails(_program: &str, _netns: Option<&Path>) -> bool {
+        false
+    }
+    pub fn store_port() -> u16 {
+        0
+    }
+    pub fn map_entries() -> Vec<(String, u32)> {
+        Vec::new()
+    }
+    pub fn tuple_quota() -> u32 {
+        interceptor_common::maps::capacity::TUPLE_QUOTA
     }
 }
 
-/// Whether the `nth` map write of the registration of the pod at `netns` is to fail.
-pub fn map_write_fails(netns: &Path, nth: u32) -> bool {
-    faults().iter().any(|(what, scope)| {
-        what.strip_prefix("map-write:")
-            .and_then(|n| n.parse::<u32>().ok())
-            .is_some_and(|n| n == nth)
-            && applies(scope, Some(netns))
-    })
-}
+#[cfg(feature = "fault-injection")]
+mod on {
+    use std::path::Path;
 
-/// Whether attaching `program` (for the pod at `netns`, if per pod) is to fail.
-pub fn attach_fails(program: &str, netns: Option<&Path>) -> bool {
-    faults().iter().any(|(what, scope)| {
-        what.strip_prefix("attach:").is_some_and(|p| {
-            p == program || format!("ic_{p}") == program || p == program.trim_start_matches("ic_")
-        }) && applies(scope, netns)
-    })
-}
+    use super::{FAULT_ENV, MAP_ENTRIES_ENV};
 
-/// The destination port whose original-destination store the programs fail (0: none).
-pub fn store_port() -> u16 {
-    faults()
-        .iter()
-        .find_map(|(what, _)| what.strip_prefix("store:")?.parse().ok())
-        .unwrap_or(0)
-}
+    fn faults() -> Vec<(String, Option<String>)> {
+        std::env::var(FAULT_ENV)
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|f| !f.is_empty())
+            .map(|f| match f.split_once('@') {
+                Some((what, ns)) => (what.to_string(), Some(ns.to_string())),
+                None => (f.to_string(), None),
+            })
+            .collect()
+    }
 
-/// `(map, max_entries)` overrides for maps created at load.
-pub fn map_entries() -> Vec<(String, u32)> {
-    map_entries_env()
-        .into_iter()
-        .filter(|(k, _)| k != TUPLE_QUOTA)
-        .collect()
-}
+    fn applies(scope: &Option<String>, netns: Option<&Path>) -> bool {
+        match (scope, netns) {
+            (None, _) => true,
+            (Some(s), Some(ns)) => ns.to_string_lossy().contains(s.as_str()),
+            (Some(_), None) => false,
+        }
+    }
 
-const TUPLE_QUOTA: &str = "TUPLE_QUOTA";
-
-/// The per-pod tuple quota the programs are loaded with: `TUPLE_QUOTA=N` from
-/// `INTERCEPTOR_TEST_MAP_ENTRIES`, else `capacity::TUPLE_QUOTA`.
-pub fn tuple_quota() -> u32 {
-    map_entries_env()
-        .into_iter()
-        .find(|(k, _)| k == TUPLE_QUOTA)
-        .map_or(interceptor_common::maps::capacity::TUPLE_QUOTA, |(_, v)| v)
-}
-
-fn map_entries_env() -> Vec<(String, u32)> {
-    std::env::var(MAP_ENTRIES_ENV)
-        .unwrap_or_default()
-        .split(',')
-        .filter_map(|kv| {
-            let (k, v) = kv.trim().split_once('=')?;
-            Some((k.trim().to_string(), v.trim().parse().ok()?))
+    /// Whether the `nth` map write of the registration of the pod at `netns` is to fail.
+    pub fn map_write_fails(netns: &Path, nth: u32) -> bool {
+        faults().iter().any(|(what, scope)| {
+            what.strip_prefix("map-write:")
+                .and_then(|n| n.parse::<u32>().ok())
+                .is_some_and(|n| n == nth)
+                && applies(scope, Some(netns))
         })
-        .collect()
+    }
+
+    /// Whether attaching `program` (for the pod at `netns`, if per pod) is to fail.
+    pub fn attach_fails(program: &str, netns: Option<&Path>) -> bool {
+        faults().iter().any(|(what, scope)| {
+            what.strip_prefix("attach:").is_some_and(|p| {
+                p == program
+                    || format!("ic_{p}") == program
+                    || p == program.trim_start_matches("ic_")
+            }) && applies(scope, netns)
+        })
+    }
+
+    /// The destination port whose original-destination store the programs fail (0: none).
+    pub fn store_port() -> u16 {
+        faults()
+            .iter()
+            .find_map(|(what, _)| what.strip_prefix("store:")?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// `(map, max_entries)` overrides for maps created at load.
+    pub fn map_entries() -> Vec<(String, u32)> {
+        map_entries_env()
+            .into_iter()
+            .filter(|(k, _)| k != TUPLE_QUOTA)
+            .collect()
+    }
+
+    const TUPLE_QUOTA: &str = "TUPLE_QUOTA";
+
+    /// The per-pod tuple quota the programs are loaded with: `TUPLE_QUOTA=N` from
+    /// `INTERCEPTOR_TEST_MAP_ENTRIES`, else `capacity::TUPLE_QUOTA`.
+    pub fn tuple_quota() -> u32 {
+        map_entries_env()
+            .into_iter()
+            .find(|(k, _)| k == TUPLE_QUOTA)
+            .map_or(interceptor_common::maps::capacity::TUPLE_QUOTA, |(_, v)| v)
+    }
+
+    fn map_entries_env() -> Vec<(String, u32)> {
+        std::env::var(MAP_ENTRIES_ENV)
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|kv| {
+                let (k, v) = kv.trim().split_once('=')?;
+                Some((k.trim().to_string(), v.trim().parse().ok()?))
+            })
+            .collect()
+    }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "fault-injection"))]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn parses_scoped_faults() {

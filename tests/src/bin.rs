@@ -23,7 +23,10 @@ pub fn interceptor_bin() -> PathBuf {
         let release = dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
+        // The same features as the library the tests link (fault knobs on, as `cargo test`
+        // builds it), so this build reuses that one instead of flipping the binary.
         cmd.args(["build", "-q", "-p", "interceptor", "--bin", "interceptor"]);
+        cmd.args(["--features", "fault-injection"]);
         if release {
             cmd.arg("--release");
         }

@@ -92,7 +92,16 @@ pub fn build(root: &Path, only: Option<&[String]>) -> Result<Built> {
     };
     let exes = cargo_executables(
         root,
-        &["build", "-p", "interceptor", "--bin", "interceptor"],
+        // The guests run the fault suite too: the knobs exist only with this feature.
+        &[
+            "build",
+            "-p",
+            "interceptor",
+            "--features",
+            "fault-injection",
+            "--bin",
+            "interceptor",
+        ],
     )?;
     let interceptor = find(&exes, "interceptor")?;
     let exes = cargo_executables(root, &["build", "-p", "xtask", "--bin", "vm-init"])?;
