@@ -7,6 +7,8 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::{IpNet, Ipv4Net};
 
+use crate::plan::defaults;
+
 /// A validation error: which flag, which value, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid value {value:?} for {flag}: {reason}")]
@@ -109,12 +111,12 @@ pub struct Config {
     pub accelerate: bool,
 }
 
-/// The proxy's ports guarded by default: outbound, inbound, tunnel, DNS, Prometheus, health,
-/// agent (plus whatever `-p`/`-z`/`-e` say).
+/// TEMPORARY until cli.rs reads `plan::default_bind_guard_ports`.
 pub const DEFAULT_BIND_GUARD_PORTS: &str = "15001,15006,15008,15053,15090,15021,15020";
 
 impl Default for Config {
-    /// Istio's defaults (`config.DefaultConfig()` plus uid/gid 1337); no capture at all.
+    /// Istio's defaults (`config.DefaultConfig()` plus the default proxy uid/gid); no capture
+    /// at all.
     fn default() -> Self {
         RawConfig::default().parse().expect("defaults are valid")
     }
@@ -157,10 +159,10 @@ pub struct RawConfig {
 impl Default for RawConfig {
     fn default() -> Self {
         Self {
-            proxy_port: "15001".into(),
-            inbound_capture_port: "15006".into(),
-            inbound_tunnel_port: "15008".into(),
-            proxy_uid: "1337".into(),
+            proxy_port: defaults::PROXY_PORT.to_string(),
+            inbound_capture_port: defaults::INBOUND_CAPTURE_PORT.to_string(),
+            inbound_tunnel_port: defaults::INBOUND_TUNNEL_PORT.to_string(),
+            proxy_uid: defaults::PROXY_UID.to_string(),
             proxy_gid: String::new(),
             inbound_interception_mode: String::new(),
             inbound_ports_include: String::new(),
@@ -171,17 +173,17 @@ impl Default for RawConfig {
             outbound_ports_include: String::new(),
             outbound_ports_exclude: String::new(),
             reroute_virtual_interfaces: String::new(),
-            inbound_tproxy_mark: "1337".into(),
-            inbound_tproxy_route_table: "133".into(),
+            inbound_tproxy_mark: defaults::TPROXY_MARK.to_string(),
+            inbound_tproxy_route_table: defaults::TPROXY_ROUTE_TABLE.to_string(),
             redirect_dns: false,
             capture_all_dns: false,
             drop_invalid: false,
             owner_groups_include: "*".into(),
             owner_groups_exclude: String::new(),
-            host_ipv4_loopback_cidr: "127.0.0.1/32".into(),
+            host_ipv4_loopback_cidr: defaults::IPV4_LOOPBACK_CIDR.into(),
             enable_ipv6: false,
             dns_servers: String::new(),
-            bind_guard_ports: DEFAULT_BIND_GUARD_PORTS.into(),
+            bind_guard_ports: crate::plan::default_bind_guard_ports(),
             accelerate: false,
         }
     }

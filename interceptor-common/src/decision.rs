@@ -18,7 +18,8 @@ pub mod flags {
     pub const DNS_CAPTURE_ALL: u32 = 1 << 2;
     /// `-i '*'`: every destination not returned earlier is redirected.
     pub const INCLUDE_ALL: u32 = 1 << 3;
-    /// An include CIDR lies in 127.0.0.0/8: Istio then omits the "app over lo → RETURN" rule.
+    /// An include CIDR is loopback (Go's `IsLoopback`: 127/8, ::1, ::ffff:127.x; see
+    /// `plan::is_loopback`): Istio then omits the "app over lo → RETURN" rule.
     pub const LOOPBACK_INCLUDED: u32 = 1 << 4;
     /// Owner groups: only listed groups are captured.
     pub const GROUPS_INCLUDE: u32 = 1 << 5;
@@ -115,9 +116,11 @@ impl Addr {
 }
 
 const V6_LOOPBACK: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
-/// Envoy's inbound passthrough source, 127.0.0.6 / ::6.
-const PASSTHROUGH_V4: Addr = Addr::v4(0x7f00_0006);
-const PASSTHROUGH_V6: Addr = Addr([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 6]);
+/// Envoy's inbound passthrough source, 127.0.0.6 / ::6 (the netfilter rules' `-s`, through
+/// `plan::Plan::passthrough`).
+pub const PASSTHROUGH_V4: Addr = Addr::v4(0x7f00_0006);
+pub const PASSTHROUGH_V6: Addr = Addr([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 6]);
+/// The port DNS capture matches.
 pub const DNS_PORT: u16 = 53;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -11,6 +11,9 @@ pub mod maps;
 pub mod config;
 
 #[cfg(feature = "user")]
+pub mod plan;
+
+#[cfg(feature = "user")]
 pub mod ifname;
 
 pub mod decision;

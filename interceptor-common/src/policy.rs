@@ -1,6 +1,6 @@
-//! From the typed `Config` to the decision model's inputs: the scalar `PodPolicy` and an
-//! in-memory `PodTables` (what `explain` and the tests use; the eBPF loader writes the same
-//! sets into maps).
+//! From the typed `Config` (through its derived `plan::Plan`) to the decision model's inputs:
+//! the scalar `PodPolicy` and an in-memory `PodTables` (what `explain` and the tests use; the
+//! eBPF loader writes the same sets into maps).
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -9,9 +9,7 @@ use ipnet::IpNet;
 
 use crate::config::{CidrSelection, Config, OwnerGroups, PortSelection};
 use crate::decision::{self, flags, Addr, PodPolicy, PodTables, MAX_IDS};
-
-/// Istio's DNS proxy port (not configurable in istio-iptables either).
-pub const DNS_PROXY_PORT: u16 = 15053;
+use crate::plan::{self, Plan};
 
 impl From<IpAddr> for Addr {
     fn from(ip: IpAddr) -> Self {
@@ -29,12 +27,6 @@ impl From<Addr> for IpAddr {
             None => IpAddr::V6(a.0.into()),
         }
     }
-}
-
-/// Whether DNS capture has anything to capture (Istio silently disables it otherwise).
-pub fn dns_enabled(cfg: &Config) -> bool {
-    cfg.redirect_dns
-        && (cfg.capture_all_dns || !cfg.dns_servers_v4.is_empty() || !cfg.dns_servers_v6.is_empty())
 }
 
 fn ids(list: &[u32]) -> (u32, [u32; MAX_IDS]) {
@@ -73,23 +65,22 @@ pub fn ebpf_unsupported(cfg: &Config) -> Option<String> {
 
 /// The scalar policy of one pod.
 pub fn pod_policy(cfg: &Config, pod_id: u32) -> PodPolicy {
+    let plan = Plan::new(cfg);
     let mut f = 0;
-    if cfg.enable_ipv6 {
+    if plan.ipv6 {
         f |= flags::IPV6;
     }
-    if dns_enabled(cfg) {
+    if plan.dns {
         f |= flags::DNS;
         if cfg.capture_all_dns {
             f |= flags::DNS_CAPTURE_ALL;
         }
     }
-    match &cfg.outbound_ip_ranges_include {
-        CidrSelection::All => f |= flags::INCLUDE_ALL,
-        CidrSelection::List(l) => {
-            if l.iter().any(|n| n.addr().is_loopback()) {
-                f |= flags::LOOPBACK_INCLUDED;
-            }
-        }
+    if cfg.outbound_ip_ranges_include == CidrSelection::All {
+        f |= flags::INCLUDE_ALL;
+    }
+    if plan.include_has_loopback {
+        f |= flags::LOOPBACK_INCLUDED;
     }
     match &cfg.inbound_ports_include {
         PortSelection::All => f |= flags::INBOUND_ALL,
@@ -115,7 +106,7 @@ pub fn pod_policy(cfg: &Config, pod_id: u32) -> PodPolicy {
         proxy_port: cfg.proxy_port,
         inbound_capture_port: cfg.inbound_capture_port,
         inbound_tunnel_port: cfg.inbound_tunnel_port,
-        dns_port: DNS_PROXY_PORT,
+        dns_port: plan::DNS_PROXY_PORT,
         loopback_v4_addr: u32::from(cfg.host_ipv4_loopback_cidr.addr()),
         loopback_v4_prefix: u32::from(cfg.host_ipv4_loopback_cidr.prefix_len()),
         n_uids,
@@ -159,22 +150,16 @@ pub struct MemTables {
 impl MemTables {
     /// `local` are the pod's own addresses; `groups` the resolved owner-group gids.
     pub fn new(cfg: &Config, local: &[IpAddr], groups: &[u32]) -> Self {
-        let v6_on = cfg.enable_ipv6;
-        // Istio only emits v6 rules when IPv6 is on; drop v6 entries otherwise.
-        let keep = |n: &&IpNet| v6_on || matches!(n, IpNet::V4(_));
+        let plan = Plan::new(cfg);
+        // Only the families that get rules (IPv6 only when on), each as its rules list it.
+        let nets = |of: &dyn Fn(plan::Family) -> Vec<IpNet>| -> Vec<IpNet> {
+            plan.families().iter().flat_map(|f| of(*f)).collect()
+        };
         Self {
             ports_excluded: cfg.outbound_ports_exclude.iter().copied().collect(),
             ports_included: cfg.outbound_ports_include.iter().copied().collect(),
-            cidrs_excluded: cfg
-                .outbound_ip_ranges_exclude
-                .iter()
-                .filter(keep)
-                .copied()
-                .collect(),
-            cidrs_included: match &cfg.outbound_ip_ranges_include {
-                CidrSelection::All => vec![],
-                CidrSelection::List(l) => l.iter().filter(keep).copied().collect(),
-            },
+            cidrs_excluded: nets(&|f| plan.excluded_nets(f)),
+            cidrs_included: nets(&|f| plan.included_nets(f).unwrap_or_default()),
             local: local.iter().copied().collect(),
             dns_servers: cfg
                 .dns_servers_v4
@@ -387,6 +372,40 @@ mod tests {
                 port: 15001,
                 reason: Reason::IncludedPort
             }
+        );
+    }
+
+    /// An include CIDR that is loopback only in Go's sense (`::ffff:127.0.0.1`) drops the
+    /// app-over-lo exemption as iptables and nftables do: the app's call to its own pod IP
+    /// reaches the include list.
+    #[test]
+    fn v4_mapped_loopback_include_captures_app_over_lo() {
+        let c: Config = RawConfig {
+            outbound_ip_ranges_include: "::ffff:127.0.0.1/128,10.1.0.0/16".into(),
+            ..Default::default()
+        }
+        .parse()
+        .unwrap();
+        assert!(pod_policy(&c, 0).has(flags::LOOPBACK_INCLUDED));
+        assert_eq!(
+            decide(&c, conn("10.1.0.5", 80, 1000)),
+            Verdict::Redirect {
+                port: 15001,
+                reason: Reason::IncludedCidr
+            }
+        );
+        // A v4-mapped include CIDR is an IPv6 rule: it never matches an IPv4 destination.
+        let mapped: Config = RawConfig {
+            outbound_ip_ranges_include: "::ffff:10.0.0.0/104".into(),
+            enable_ipv6: true,
+            ..Default::default()
+        }
+        .parse()
+        .unwrap();
+        assert!(!pod_policy(&mapped, 0).has(flags::LOOPBACK_INCLUDED));
+        assert_eq!(
+            decide(&mapped, conn("::ffff:10.200.0.2", 80, 1000)),
+            Verdict::Pass(Reason::NoMatch)
         );
     }
 

@@ -9,12 +9,9 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
-use std::net::IpAddr;
 
-use interceptor_common::config::{
-    CidrSelection, Config, InterceptionMode, IpText, OwnerGroups, PortSelection,
-};
-use ipnet::IpNet;
+use interceptor_common::config::{Config, OwnerGroups, PortSelection};
+use interceptor_common::plan::{Family, Owner, Plan, DNS_PROXY_PORT, OUTBOUND_MARK};
 
 /// Inbound entry chain (nat for REDIRECT, mangle for TPROXY; raw for DNS conntrack zones).
 pub const ISTIO_INBOUND: &str = "ISTIO_INBOUND";
@@ -62,19 +59,6 @@ pub const BUILTIN_CHAINS_AND_TARGETS: &[&str] = &[
 /// Whether `name` is a built-in chain or verdict rather than a chain to declare.
 pub fn is_builtin(name: &str) -> bool {
     BUILTIN_CHAINS_AND_TARGETS.contains(&name)
-}
-
-/// The mark the proxy's own loopback traffic gets in TPROXY mode (a constant in Istio, not
-/// derived from the configurable TPROXY mark).
-const OUTBOUND_MARK: &str = "1338";
-/// Where istio-agent's DNS proxy listens.
-const DNS_PROXY_PORT: &str = "15053";
-
-/// An address family: one restore document and one `iptables`/`ip6tables` binary each.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Family {
-    V4,
-    V6,
 }
 
 /// A netfilter table. The declaration order is the order tables appear in a restore document
@@ -158,8 +142,8 @@ pub struct RestoreDocs {
 pub fn render(cfg: &Config) -> RestoreDocs {
     RestoreDocs {
         v4: restore_doc(&rules(cfg, Family::V4)),
-        v6: cfg
-            .enable_ipv6
+        v6: Plan::new(cfg)
+            .ipv6
             .then(|| restore_doc(&rules(cfg, Family::V6))),
     }
 }
@@ -203,7 +187,12 @@ pub fn restore_doc(rules: &[Rule]) -> String {
 /// The ordered rules istio-iptables generates for one family. This does not look at
 /// `cfg.enable_ipv6`: [`render`] only asks for IPv6 rules when IPv6 is enabled.
 pub fn rules(cfg: &Config, family: Family) -> Vec<Rule> {
-    let mut b = Builder::new(cfg, family);
+    let mut b = Builder {
+        cfg,
+        plan: Plan::new(cfg),
+        family,
+        rules: Vec::new(),
+    };
     excluded_interfaces(&mut b);
     kube_virt_short_circuit(&mut b);
     drop_invalid(&mut b);
@@ -212,12 +201,12 @@ pub fn rules(cfg: &Config, family: Family) -> Vec<Rule> {
     outbound_entry(&mut b);
     proxy_owner_rules(&mut b);
     owner_groups(&mut b);
-    if b.dns {
+    if b.plan.dns {
         dns_redirect(&mut b);
         dns_conntrack_zones(&mut b);
     }
     outbound_destinations(&mut b);
-    if cfg.inbound_interception_mode == InterceptionMode::Tproxy {
+    if b.plan.tproxy {
         tproxy_marks(&mut b);
     }
     b.rules
@@ -230,34 +219,12 @@ pub fn rules(cfg: &Config, family: Family) -> Vec<Rule> {
 /// contain any.
 struct Builder<'a> {
     cfg: &'a Config,
+    plan: Plan<'a>,
     family: Family,
-    /// DNS capture is on: asked for, and there is something to capture.
-    dns: bool,
-    /// An included outbound CIDR (of either family) is loopback.
-    include_has_loopback: bool,
     rules: Vec<Rule>,
 }
 
-impl<'a> Builder<'a> {
-    fn new(cfg: &'a Config, family: Family) -> Self {
-        // Without servers to match (and without capture-all) Istio silently disables DNS capture.
-        let dns = cfg.redirect_dns
-            && (cfg.capture_all_dns
-                || !cfg.dns_servers_v4.is_empty()
-                || !cfg.dns_servers_v6.is_empty());
-        let include_has_loopback = match &cfg.outbound_ip_ranges_include {
-            CidrSelection::All => false,
-            CidrSelection::List(nets) => nets.iter().any(|n| is_loopback(n.addr())),
-        };
-        Self {
-            cfg,
-            family,
-            dns,
-            include_has_loopback,
-            rules: Vec::new(),
-        }
-    }
-
+impl Builder<'_> {
     fn push(&mut self, table: Table, chain: &'static str, position: Position, params: &str) {
         self.rules.push(Rule {
             table,
@@ -275,62 +242,35 @@ impl<'a> Builder<'a> {
         self.push(table, chain, Position::Insert(position), params);
     }
 
-    /// The host loopback range that app-to-app traffic uses.
+    /// This family's host loopback range that app-to-app traffic uses.
     fn loopback(&self) -> String {
-        match self.family {
-            Family::V4 => self.cfg.host_ipv4_loopback_cidr.to_string(),
-            Family::V6 => "::1/128".into(),
-        }
+        self.plan.loopback(self.family).to_string()
     }
 
-    /// The source address Envoy's inbound passthrough binds to when calling the app.
-    fn passthrough_source(&self) -> &'static str {
-        match self.family {
-            Family::V4 => "127.0.0.6/32",
-            Family::V6 => "::6/128",
-        }
-    }
-
-    /// This family's part of a CIDR list (the flags take both families in one list).
-    fn family_nets(&self, nets: &[IpNet]) -> Vec<IpNet> {
-        nets.iter()
-            .filter(|net| {
-                matches!(
-                    (self.family, net),
-                    (Family::V4, IpNet::V4(_)) | (Family::V6, IpNet::V6(_))
-                )
-            })
-            .copied()
-            .collect()
+    /// This family's source address of Envoy's inbound passthrough.
+    fn passthrough_source(&self) -> String {
+        self.plan.passthrough(self.family).to_string()
     }
 
     /// This family's DNS servers as host routes, spelled as the user gave them.
     fn dns_servers(&self) -> Vec<String> {
-        let (servers, len): (&[IpText], _) = match self.family {
-            Family::V4 => (&self.cfg.dns_servers_v4, 32),
-            Family::V6 => (&self.cfg.dns_servers_v6, 128),
-        };
-        servers
-            .iter()
-            .map(|s| format!("{}/{len}", s.text))
-            .collect()
+        self.plan.dns_servers(self.family)
     }
 
     /// The proxy's identities as `-m owner` match options, uids before gids.
-    fn proxy_owners(&self) -> Vec<(&'static str, String)> {
-        let uids = self.cfg.proxy_uid.iter().map(|u| ("--uid-owner", u));
-        let gids = self.cfg.proxy_gid.iter().map(|g| ("--gid-owner", g));
-        uids.chain(gids)
-            .map(|(flag, id)| (flag, id.to_string()))
+    fn proxy_owners(&self) -> Vec<(&'static str, u32)> {
+        self.plan
+            .proxy_owners()
+            .map(|(owner, id)| (owner_flag(owner), id))
             .collect()
     }
 }
 
-/// Go's `netip.Addr.IsLoopback`, which also treats IPv4-mapped loopback as loopback.
-fn is_loopback(addr: IpAddr) -> bool {
-    match addr {
-        IpAddr::V4(a) => a.is_loopback(),
-        IpAddr::V6(a) => a.is_loopback() || a.to_ipv4_mapped().is_some_and(|m| m.is_loopback()),
+/// The `-m owner` option naming a proxy identity.
+fn owner_flag(owner: Owner) -> &'static str {
+    match owner {
+        Owner::Uid => "--uid-owner",
+        Owner::Gid => "--gid-owner",
     }
 }
 
@@ -357,7 +297,7 @@ fn excluded_interfaces(b: &mut Builder) {
             &format!("-o {q} -j RETURN", q = quoted(nic)),
         );
     }
-    if cfg.inbound_interception_mode == InterceptionMode::Tproxy {
+    if b.plan.tproxy {
         for nic in &cfg.exclude_interfaces {
             b.append(
                 Table::Mangle,
@@ -432,7 +372,7 @@ fn inbound_capture(b: &mut Builder) {
     if cfg.inbound_ports_include.is_empty() {
         return;
     }
-    let tproxy = cfg.inbound_interception_mode == InterceptionMode::Tproxy;
+    let tproxy = b.plan.tproxy;
     let table = if tproxy {
         let mark = cfg.inbound_tproxy_mark;
         let capture = cfg.inbound_capture_port;
@@ -519,7 +459,6 @@ fn outbound_entry(b: &mut Builder) {
 /// own address over lo, which must go through inbound handling.
 fn proxy_owner_rules(b: &mut Builder) {
     let lo = b.loopback();
-    let tunnel = b.cfg.inbound_tunnel_port;
     // Envoy's inbound passthrough connects to the app from this address.
     let passthrough = b.passthrough_source();
     b.append(
@@ -528,14 +467,17 @@ fn proxy_owner_rules(b: &mut Builder) {
         &format!("-o lo -s {passthrough} -j RETURN"),
     );
 
-    for (owner, id) in b.proxy_owners() {
-        // With DNS capture, the agent's DNS to a local resolver must not loop through inbound.
-        // Istio does this for uids only; gids keep the plain tunnel-port exclusion.
-        let ports = if b.dns && owner == "--uid-owner" {
-            format!("-m multiport ! --dports 53,{tunnel}")
-        } else {
-            format!("! --dport {tunnel}")
+    for (owner, id) in b.plan.proxy_owners() {
+        // With DNS capture, the agent's DNS to a local resolver must not loop through inbound
+        // (uids only, as in Istio).
+        let ports = match b.plan.self_call_excluded_ports(owner).as_slice() {
+            [port] => format!("! --dport {port}"),
+            ports => {
+                let list: Vec<String> = ports.iter().map(u16::to_string).collect();
+                format!("-m multiport ! --dports {}", list.join(","))
+            }
         };
+        let owner = owner_flag(owner);
         let to_own_pod = format!("-o lo ! -d {lo} -p tcp {ports}");
         b.append(
             Table::Nat,
@@ -545,8 +487,12 @@ fn proxy_owner_rules(b: &mut Builder) {
 
         // Apps talking to each other over lo are not captured, unless the user explicitly
         // included a loopback range. TCP to port 53 stays capturable for a local resolver.
-        if !b.include_has_loopback {
-            let not_dns = if b.dns { "-p tcp ! --dport 53" } else { "" };
+        if !b.plan.include_has_loopback {
+            let not_dns = if b.plan.dns {
+                "-p tcp ! --dport 53"
+            } else {
+                ""
+            };
             b.append(
                 Table::Nat,
                 ISTIO_OUTPUT,
@@ -668,7 +614,7 @@ fn outbound_destinations(b: &mut Builder) {
     let lo = b.loopback();
     b.append(Table::Nat, ISTIO_OUTPUT, &format!("-d {lo} -j RETURN"));
 
-    for net in b.family_nets(&cfg.outbound_ip_ranges_exclude) {
+    for net in b.plan.excluded_nets(b.family) {
         b.append(Table::Nat, ISTIO_OUTPUT, &format!("-d {net} -j RETURN"));
     }
 
@@ -680,8 +626,8 @@ fn outbound_destinations(b: &mut Builder) {
         );
     }
 
-    match &cfg.outbound_ip_ranges_include {
-        CidrSelection::All => {
+    match b.plan.included_nets(b.family) {
+        None => {
             b.append(Table::Nat, ISTIO_OUTPUT, &format!("-j {ISTIO_REDIRECT}"));
             for nic in &cfg.reroute_virtual_interfaces {
                 b.insert(
@@ -692,8 +638,8 @@ fn outbound_destinations(b: &mut Builder) {
                 );
             }
         }
-        CidrSelection::List(nets) => {
-            for net in b.family_nets(nets) {
+        Some(nets) => {
+            for net in nets {
                 for nic in &cfg.reroute_virtual_interfaces {
                     b.insert(
                         Table::Nat,

@@ -11,6 +11,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use interceptor_common::config::Config;
+use interceptor_common::plan::Family;
 
 use super::exec::{self, in_scratch, run};
 use super::{iptables, nftables};
@@ -383,7 +384,7 @@ pub fn apply_iptables(
     let v6_doc = docs
         .v6
         .clone()
-        .unwrap_or_else(|| iptables::restore_doc(&iptables::rules(cfg, iptables::Family::V6)));
+        .unwrap_or_else(|| iptables::restore_doc(&iptables::rules(cfg, Family::V6)));
     let v6 = match (&docs.v6, mode.cleanup_only) {
         (Some(doc), false) => Some(iptables_plan(netns, bin, true, doc, mode)?),
         // Clean up v6 too, but a node without IPv6 netfilter must not fail.

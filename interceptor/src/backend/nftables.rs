@@ -10,10 +10,8 @@
 
 mod model;
 
-use interceptor_common::config::{
-    CidrSelection, Config, InterceptionMode, OwnerGroups, PortSelection,
-};
-use ipnet::IpNet;
+use interceptor_common::config::{Config, OwnerGroups, PortSelection};
+use interceptor_common::plan::{Family, Owner, Plan, DNS_PROXY_PORT, OUTBOUND_MARK};
 
 use model::{ChainDecl, Hook, Table};
 
@@ -35,15 +33,6 @@ const OUTPUT_DNS: &str = "istio-output-dns";
 const DIVERT: &str = "istio-divert";
 const TPROXY: &str = "istio-tproxy";
 const DROP: &str = "istio-drop";
-
-/// Mark Envoy's outbound-to-own-pod-IP packets get in TPROXY mode so inbound skips them.
-const OUTBOUND_MARK: u32 = 1338;
-/// The istio-agent DNS proxy port.
-const DNS_PROXY_PORT: u16 = 15053;
-/// Source of Envoy's inbound passthrough connections to the app.
-const PASSTHROUGH_V4: &str = "127.0.0.6/32";
-const PASSTHROUGH_V6: &str = "::6/128";
-const LOOPBACK_V6: &str = "::1/128";
 
 const fn base(
     name: &'static str,
@@ -129,34 +118,26 @@ macro_rules! v6 {
     };
 }
 
-/// The derived switches several rule groups share.
-struct Plan<'a> {
-    cfg: &'a Config,
-    tproxy: bool,
-    /// DNS capture is silently off when neither capture-all nor any server is configured.
-    dns: bool,
-    /// Loopback given as an include CIDR: app-to-app traffic over lo must then be captured.
-    include_has_loopback: bool,
-    /// The loopback CIDR the app uses to reach itself (ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR).
-    lo4: String,
+/// The loopback CIDR the app uses to reach itself, and `::1/128`.
+fn lo4(p: &Plan) -> String {
+    p.loopback(Family::V4).to_string()
+}
+fn lo6(p: &Plan) -> String {
+    p.loopback(Family::V6).to_string()
+}
+
+/// The nft meta key matching a proxy identity.
+fn owner_key(owner: Owner) -> &'static str {
+    match owner {
+        Owner::Uid => "skuid",
+        Owner::Gid => "skgid",
+    }
 }
 
 /// Builds the model: the rule groups in istio-nftables' order.
 fn build(cfg: &Config) -> Builder {
-    let plan = Plan {
-        cfg,
-        tproxy: cfg.inbound_interception_mode == InterceptionMode::Tproxy,
-        dns: cfg.redirect_dns
-            && (cfg.capture_all_dns
-                || !cfg.dns_servers_v4.is_empty()
-                || !cfg.dns_servers_v6.is_empty()),
-        include_has_loopback: match &cfg.outbound_ip_ranges_include {
-            CidrSelection::All => false,
-            CidrSelection::List(nets) => nets.iter().any(|n| n.addr().is_loopback()),
-        },
-        lo4: cfg.host_ipv4_loopback_cidr.to_string(),
-    };
-    let mut b = Builder::new(cfg.enable_ipv6);
+    let plan = Plan::new(cfg);
+    let mut b = Builder::new(plan.ipv6);
     exclude_interfaces(&mut b, &plan);
     kube_virt_short_circuit(&mut b, &plan);
     drop_invalid(&mut b, &plan);
@@ -164,12 +145,9 @@ fn build(cfg: &Config) -> Builder {
     inbound_capture(&mut b, &plan);
     b.nat.append(OUTPUT, format!("counter jump {ISTIO_OUTPUT}"));
     outbound_ports_exclude(&mut b, &plan);
-    passthrough_return(&mut b);
-    for uid in &cfg.proxy_uid {
-        proxy_owner(&mut b, &plan, "skuid", *uid);
-    }
-    for gid in &cfg.proxy_gid {
-        proxy_owner(&mut b, &plan, "skgid", *gid);
+    passthrough_return(&mut b, &plan);
+    for (owner, id) in plan.proxy_owners() {
+        proxy_owner(&mut b, &plan, owner, id);
     }
     owner_groups(&mut b, &cfg.owner_groups);
     if plan.dns {
@@ -327,13 +305,14 @@ fn inbound_tproxy(b: &mut Builder, p: &Plan) {
         TPROXY,
         format!(
             "meta l4proto tcp ip daddr != {} tproxy ip to :{port} meta mark set {mark} counter accept",
-            p.lo4
+            lo4(p)
         ),
     );
     v6!(b, mangle.append(
         TPROXY,
         format!(
-            "meta l4proto tcp ip6 daddr != {LOOPBACK_V6} tproxy ip6 to :{port} meta mark set {mark} counter accept"
+            "meta l4proto tcp ip6 daddr != {} tproxy ip6 to :{port} meta mark set {mark} counter accept",
+            lo6(p)
         ),
     ));
     b.mangle.append(
@@ -383,42 +362,51 @@ fn outbound_ports_exclude(b: &mut Builder, p: &Plan) {
 }
 
 /// Envoy's inbound passthrough connects to the app from 127.0.0.6 (::6): never recapture it.
-fn passthrough_return(b: &mut Builder) {
+fn passthrough_return(b: &mut Builder, p: &Plan) {
     b.nat.append(
         ISTIO_OUTPUT,
-        format!("oifname lo ip saddr {PASSTHROUGH_V4} counter return"),
+        format!(
+            "oifname lo ip saddr {} counter return",
+            p.passthrough(Family::V4)
+        ),
     );
     v6!(
         b,
         nat.append(
             ISTIO_OUTPUT,
-            format!("oifname lo ip6 saddr {PASSTHROUGH_V6} counter return"),
+            format!(
+                "oifname lo ip6 saddr {} counter return",
+                p.passthrough(Family::V6)
+            ),
         )
     );
 }
 
-/// Per proxy uid (`key` = skuid) or gid (skgid): the proxy calling its own pod IP goes through
+/// Per proxy uid (skuid) or gid (skgid): the proxy calling its own pod IP goes through
 /// inbound handling; other sockets on lo are app-to-app and returned (unless loopback is an
 /// include CIDR); the proxy's own remaining traffic is never recaptured.
-fn proxy_owner(b: &mut Builder, p: &Plan, key: &str, id: u32) {
-    let tunnel = p.cfg.inbound_tunnel_port;
+fn proxy_owner(b: &mut Builder, p: &Plan, owner: Owner, id: u32) {
+    let key = owner_key(owner);
     // Istio excludes DNS from the self-call redirect only for uids, not gids.
-    let dports = if p.dns && key == "skuid" {
-        format!("{{ 53, {tunnel} }}")
-    } else {
-        tunnel.to_string()
+    let dports = match p.self_call_excluded_ports(owner).as_slice() {
+        [port] => port.to_string(),
+        ports => {
+            let list: Vec<String> = ports.iter().map(u16::to_string).collect();
+            format!("{{ {} }}", list.join(", "))
+        }
     };
     b.nat.append(
         ISTIO_OUTPUT,
         format!(
             "oifname lo meta l4proto tcp ip daddr != {} tcp dport != {dports} {key} {id} counter jump {IN_REDIRECT}",
-            p.lo4
+            lo4(p)
         ),
     );
     v6!(b, nat.append(
         ISTIO_OUTPUT,
         format!(
-            "oifname lo meta l4proto tcp ip6 daddr != {LOOPBACK_V6} tcp dport != {dports} {key} {id} counter jump {IN_REDIRECT}"
+            "oifname lo meta l4proto tcp ip6 daddr != {} tcp dport != {dports} {key} {id} counter jump {IN_REDIRECT}",
+            lo6(p)
         ),
     ));
     if !p.include_has_loopback {
@@ -471,24 +459,18 @@ fn dns_redirect(b: &mut Builder, p: &Plan) {
         return;
     }
     for proto in ["tcp", "udp"] {
-        for s in &c.dns_servers_v4 {
+        for s in p.dns_servers(Family::V4) {
             b.nat.append(
                 OUTPUT_DNS,
-                format!(
-                    "ip daddr {}/32 {proto} dport 53 counter redirect to :{DNS_PROXY_PORT}",
-                    s.text
-                ),
+                format!("ip daddr {s} {proto} dport 53 counter redirect to :{DNS_PROXY_PORT}"),
             );
         }
-        for s in &c.dns_servers_v6 {
+        for s in p.dns_servers(Family::V6) {
             v6!(
                 b,
                 nat.append(
                     OUTPUT_DNS,
-                    format!(
-                        "ip6 daddr {}/128 {proto} dport 53 counter redirect to :{DNS_PROXY_PORT}",
-                        s.text
-                    ),
+                    format!("ip6 daddr {s} {proto} dport 53 counter redirect to :{DNS_PROXY_PORT}"),
                 )
             );
         }
@@ -499,12 +481,8 @@ fn dns_redirect(b: &mut Builder, p: &Plan) {
 /// of a proxied query do not collide in conntrack.
 fn dns_conntrack_zones(b: &mut Builder, p: &Plan) {
     let c = p.cfg;
-    let owners = c
-        .proxy_uid
-        .iter()
-        .map(|id| ("skuid", id))
-        .chain(c.proxy_gid.iter().map(|id| ("skgid", id)));
-    for (key, id) in owners {
+    for (owner, id) in p.proxy_owners() {
+        let key = owner_key(owner);
         b.raw.append(
             OUTPUT_DNS,
             format!("udp dport 53 meta {key} {id} counter ct zone set 1"),
@@ -523,34 +501,32 @@ fn dns_conntrack_zones(b: &mut Builder, p: &Plan) {
         return;
     }
     // Only jump to raw istio-inbound when it will hold rules (a v4 or v6 server exists).
-    if !c.dns_servers_v4.is_empty() || !c.dns_servers_v6.is_empty() {
+    if p.has_dns_servers() {
         b.raw.append(PREROUTING, format!("counter jump {INBOUND}"));
     }
-    for s in &c.dns_servers_v4 {
-        let ip = &s.text;
+    for s in p.dns_servers(Family::V4) {
         b.raw.append(
             OUTPUT_DNS,
-            format!("udp dport 53 ip daddr {ip}/32 counter ct zone set 2"),
+            format!("udp dport 53 ip daddr {s} counter ct zone set 2"),
         );
         b.raw.append(
             INBOUND,
-            format!("udp sport 53 ip saddr {ip}/32 counter ct zone set 1"),
+            format!("udp sport 53 ip saddr {s} counter ct zone set 1"),
         );
     }
-    for s in &c.dns_servers_v6 {
-        let ip = &s.text;
+    for s in p.dns_servers(Family::V6) {
         v6!(
             b,
             raw.append(
                 OUTPUT_DNS,
-                format!("udp dport 53 ip6 daddr {ip}/128 counter ct zone set 2"),
+                format!("udp dport 53 ip6 daddr {s} counter ct zone set 2"),
             )
         );
         v6!(
             b,
             raw.append(
                 INBOUND,
-                format!("udp sport 53 ip6 saddr {ip}/128 counter ct zone set 1"),
+                format!("udp sport 53 ip6 saddr {s} counter ct zone set 1"),
             )
         );
     }
@@ -559,20 +535,16 @@ fn dns_conntrack_zones(b: &mut Builder, p: &Plan) {
 /// Explicit-localhost traffic is never captured; then the excluded CIDRs (`-x`), before any include.
 fn loopback_and_excluded_cidrs(b: &mut Builder, p: &Plan) {
     b.nat
-        .append(ISTIO_OUTPUT, format!("ip daddr {} counter return", p.lo4));
+        .append(ISTIO_OUTPUT, format!("ip daddr {} counter return", lo4(p)));
     v6!(
         b,
-        nat.append(
-            ISTIO_OUTPUT,
-            format!("ip6 daddr {LOOPBACK_V6} counter return"),
-        )
+        nat.append(ISTIO_OUTPUT, format!("ip6 daddr {} counter return", lo6(p)))
     );
-    let (v4, v6) = split_families(&p.cfg.outbound_ip_ranges_exclude);
-    for net in v4 {
+    for net in p.excluded_nets(Family::V4) {
         b.nat
             .append(ISTIO_OUTPUT, format!("ip daddr {net} counter return"));
     }
-    for net in v6 {
+    for net in p.excluded_nets(Family::V6) {
         v6!(
             b,
             nat.append(ISTIO_OUTPUT, format!("ip6 daddr {net} counter return"))
@@ -594,8 +566,8 @@ fn outbound_ports_include(b: &mut Builder, p: &Plan) {
 /// prerouting, since their traffic is really outbound.
 fn outbound_cidrs_include(b: &mut Builder, p: &Plan) {
     let virt = &p.cfg.reroute_virtual_interfaces;
-    match &p.cfg.outbound_ip_ranges_include {
-        CidrSelection::All => {
+    match p.included_nets(Family::V4) {
+        None => {
             b.nat
                 .append(ISTIO_OUTPUT, format!("counter jump {REDIRECT}"));
             for nic in virt {
@@ -606,8 +578,7 @@ fn outbound_cidrs_include(b: &mut Builder, p: &Plan) {
                 );
             }
         }
-        CidrSelection::List(nets) => {
-            let (v4, v6) = split_families(nets);
+        Some(v4) => {
             for net in v4 {
                 for nic in virt {
                     b.nat.insert(
@@ -624,7 +595,7 @@ fn outbound_cidrs_include(b: &mut Builder, p: &Plan) {
                     format!("ip daddr {net} counter jump {REDIRECT}"),
                 );
             }
-            for net in v6 {
+            for net in p.included_nets(Family::V6).unwrap_or_default() {
                 for nic in virt {
                     v6!(
                         b,
@@ -664,23 +635,20 @@ fn tproxy_marks(b: &mut Builder, p: &Plan) {
         OUTPUT,
         format!("oifname lo meta l4proto tcp mark {mark} counter return"),
     );
-    let owners = c
-        .proxy_uid
-        .iter()
-        .map(|id| ("skuid", id))
-        .chain(c.proxy_gid.iter().map(|id| ("skgid", id)));
-    for (key, id) in owners {
+    for (owner, id) in p.proxy_owners() {
+        let key = owner_key(owner);
         b.mangle.append(
             OUTPUT,
             format!(
                 "oifname lo meta l4proto tcp ip daddr != {} {key} {id} counter meta mark set {OUTBOUND_MARK}",
-                p.lo4
+                lo4(p)
             ),
         );
         v6!(b, mangle.append(
             OUTPUT,
             format!(
-                "oifname lo meta l4proto tcp ip6 daddr != {LOOPBACK_V6} {key} {id} counter meta mark set {OUTBOUND_MARK}"
+                "oifname lo meta l4proto tcp ip6 daddr != {} {key} {id} counter meta mark set {OUTBOUND_MARK}",
+                lo6(p)
             ),
         ));
     }
@@ -696,14 +664,20 @@ fn tproxy_marks(b: &mut Builder, p: &Plan) {
     b.mangle.insert(
         INBOUND,
         1,
-        format!("iifname lo meta l4proto tcp ip saddr {PASSTHROUGH_V4} counter return"),
+        format!(
+            "iifname lo meta l4proto tcp ip saddr {} counter return",
+            p.passthrough(Family::V4)
+        ),
     );
     v6!(
         b,
         mangle.insert(
             INBOUND,
             1,
-            format!("iifname lo meta l4proto tcp ip6 saddr {PASSTHROUGH_V6} counter return"),
+            format!(
+                "iifname lo meta l4proto tcp ip6 saddr {} counter return",
+                p.passthrough(Family::V6)
+            ),
         )
     );
     b.mangle.insert(
@@ -711,11 +685,6 @@ fn tproxy_marks(b: &mut Builder, p: &Plan) {
         2,
         format!("iifname lo meta l4proto tcp mark != {OUTBOUND_MARK} counter return"),
     );
-}
-
-/// Splits CIDRs into IPv4 and IPv6, keeping their order (Istio's `SeparateV4V6`).
-fn split_families(nets: &[IpNet]) -> (Vec<&IpNet>, Vec<&IpNet>) {
-    nets.iter().partition(|n| matches!(n, IpNet::V4(_)))
 }
 
 #[cfg(test)]

@@ -1,0 +1,358 @@
+//! The netfilter plan: every switch and constant istio-iptables derives from a config, derived
+//! here once. The iptables and nftables emitters and the eBPF policy (`policy`) all read it, so
+//! "is DNS capture on", "is an include CIDR loopback" and the fixed ports and addresses cannot
+//! differ between backends.
+//!
+//! The constants live here too, each spelled once: Istio's defaults for the configurable values
+//! ([`defaults`]: 15001, 15006, 15008, 1337, 133, which the flags, the pod annotations and
+//! `RawConfig::default` read) and the values Istio fixes (15053, 1338). The two addresses the
+//! eBPF programs compare against as well (127.0.0.6 / ::6) and port 53 are `decision`'s, which
+//! is `no_std`; this module gives them their netfilter form.
+
+use std::net::{IpAddr, Ipv6Addr};
+
+use ipnet::{IpNet, Ipv6Net};
+
+use crate::config::{CidrSelection, Config, InterceptionMode, IpText};
+use crate::decision;
+
+/// Istio's defaults for the configurable values (`config.DefaultConfig()`, and what the sidecar
+/// injector passes: `-p 15001 -z 15006 -u 1337`).
+pub mod defaults {
+    /// `-p`: the proxy's outbound port.
+    pub const PROXY_PORT: u16 = 15001;
+    /// `-z`: the proxy's inbound capture port.
+    pub const INBOUND_CAPTURE_PORT: u16 = 15006;
+    /// `-e`: the HBONE tunnel port.
+    pub const INBOUND_TUNNEL_PORT: u16 = 15008;
+    /// `-u`/`-g`: the proxy's uid (and gid) when `$ENVOY_USER` names no user.
+    pub const PROXY_UID: u32 = 1337;
+    /// `-t`: the TPROXY mark.
+    pub const TPROXY_MARK: u32 = 1337;
+    /// `-r`: the TPROXY routing table.
+    pub const TPROXY_ROUTE_TABLE: u32 = 133;
+    /// `ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR`.
+    pub const IPV4_LOOPBACK_CIDR: &str = "127.0.0.1/32";
+    /// The agent's Prometheus, health and status ports.
+    pub const AGENT_PORTS: [u16; 3] = [15090, 15021, 15020];
+}
+
+/// `--bind-guard-ports`' default: every port a default sidecar listens on (outbound, inbound,
+/// tunnel, DNS, then the agent's), comma separated.
+pub fn default_bind_guard_ports() -> String {
+    let proxy = [
+        defaults::PROXY_PORT,
+        defaults::INBOUND_CAPTURE_PORT,
+        defaults::INBOUND_TUNNEL_PORT,
+        DNS_PROXY_PORT,
+    ];
+    let all: Vec<String> = proxy
+        .iter()
+        .chain(&defaults::AGENT_PORTS)
+        .map(u16::to_string)
+        .collect();
+    all.join(",")
+}
+
+/// Where istio-agent's DNS proxy listens (fixed in Istio, not a flag).
+pub const DNS_PROXY_PORT: u16 = 15053;
+/// The port DNS capture matches.
+pub const DNS_PORT: u16 = decision::DNS_PORT;
+/// The mark the proxy's own loopback traffic gets in TPROXY mode (a constant in Istio, not
+/// derived from the configurable TPROXY mark).
+pub const OUTBOUND_MARK: u32 = 1338;
+
+/// An address family: one restore document and one `iptables`/`ip6tables` binary each in
+/// iptables, `ip`/`ip6` matches in nftables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// The family a CIDR belongs to. An IPv4-mapped IPv6 CIDR (`::ffff:10.0.0.0/104`) is IPv6,
+    /// as in Istio (`netip.Addr.Is4` is false for it): it goes to the IPv6 rules only.
+    pub fn of(net: &IpNet) -> Family {
+        match net {
+            IpNet::V4(_) => Family::V4,
+            IpNet::V6(_) => Family::V6,
+        }
+    }
+
+    /// The prefix length of a host route.
+    pub fn host_prefix(self) -> u8 {
+        match self {
+            Family::V4 => 32,
+            Family::V6 => 128,
+        }
+    }
+}
+
+/// Which proxy identity an owner match names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    Uid,
+    Gid,
+}
+
+/// Go's `net.IP.IsLoopback` / `netip.Addr.IsLoopback`, which Istio asks of an include CIDR's
+/// address: 127.0.0.0/8, ::1, and also an IPv4-mapped 127.x (`::ffff:127.0.0.1`), which
+/// Rust's `Ipv6Addr::is_loopback` does not count.
+pub fn is_loopback(addr: IpAddr) -> bool {
+    match addr {
+        IpAddr::V4(a) => a.is_loopback(),
+        IpAddr::V6(a) => a.is_loopback() || a.to_ipv4_mapped().is_some_and(|m| m.is_loopback()),
+    }
+}
+
+/// This family's part of a CIDR list, in the list's order (Istio's `SeparateV4V6`).
+pub fn family_nets(nets: &[IpNet], family: Family) -> Vec<IpNet> {
+    nets.iter()
+        .filter(|n| Family::of(n) == family)
+        .copied()
+        .collect()
+}
+
+/// The switches and values derived from one config.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan<'a> {
+    pub cfg: &'a Config,
+    /// DNS capture is on: asked for, and there is something to capture (capture-all, or a
+    /// resolv.conf server); Istio silently disables it otherwise.
+    pub dns: bool,
+    /// An included outbound CIDR (of either family) is loopback in Go's sense
+    /// ([`is_loopback`]): Istio then omits the "app over lo → RETURN" rules, so app-to-app
+    /// traffic over lo can be captured.
+    pub include_has_loopback: bool,
+    /// Inbound capture by TPROXY (mangle) rather than REDIRECT (nat).
+    pub tproxy: bool,
+    /// Some inbound port is captured (`-b` is not empty).
+    pub inbound: bool,
+    /// IPv6 rules are emitted (and the eBPF path decides IPv6 destinations).
+    pub ipv6: bool,
+}
+
+impl<'a> Plan<'a> {
+    pub fn new(cfg: &'a Config) -> Self {
+        Self {
+            cfg,
+            dns: cfg.redirect_dns
+                && (cfg.capture_all_dns
+                    || !cfg.dns_servers_v4.is_empty()
+                    || !cfg.dns_servers_v6.is_empty()),
+            include_has_loopback: match &cfg.outbound_ip_ranges_include {
+                CidrSelection::All => false,
+                CidrSelection::List(nets) => nets.iter().any(|n| is_loopback(n.addr())),
+            },
+            tproxy: cfg.inbound_interception_mode == InterceptionMode::Tproxy,
+            inbound: !cfg.inbound_ports_include.is_empty(),
+            ipv6: cfg.enable_ipv6,
+        }
+    }
+
+    /// The families that get rules: IPv4 always, IPv6 when enabled.
+    pub fn families(&self) -> &'static [Family] {
+        if self.ipv6 {
+            &[Family::V4, Family::V6]
+        } else {
+            &[Family::V4]
+        }
+    }
+
+    /// The host loopback range app-to-app traffic uses: `ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR`
+    /// (as given, host bits kept), or `::1/128`.
+    pub fn loopback(&self, family: Family) -> IpNet {
+        match family {
+            Family::V4 => IpNet::V4(self.cfg.host_ipv4_loopback_cidr),
+            Family::V6 => host_net(Ipv6Addr::LOCALHOST.into()),
+        }
+    }
+
+    /// The source address Envoy's inbound passthrough binds to when calling the app
+    /// (127.0.0.6/32, ::6/128).
+    pub fn passthrough(&self, family: Family) -> IpNet {
+        match family {
+            Family::V4 => host_net(decision::PASSTHROUGH_V4.into()),
+            Family::V6 => host_net(decision::PASSTHROUGH_V6.into()),
+        }
+    }
+
+    /// This family's excluded outbound CIDRs (`-x`), in order.
+    pub fn excluded_nets(&self, family: Family) -> Vec<IpNet> {
+        family_nets(&self.cfg.outbound_ip_ranges_exclude, family)
+    }
+
+    /// This family's included outbound CIDRs (`-i`), in order; `None` for `*`.
+    pub fn included_nets(&self, family: Family) -> Option<Vec<IpNet>> {
+        match &self.cfg.outbound_ip_ranges_include {
+            CidrSelection::All => None,
+            CidrSelection::List(nets) => Some(family_nets(nets, family)),
+        }
+    }
+
+    /// This family's resolv.conf DNS servers as host routes, spelled as the user gave them
+    /// (Istio emits `::127.0.0.53/128`, which Rust would print differently).
+    pub fn dns_servers(&self, family: Family) -> Vec<String> {
+        let servers: &[IpText] = match family {
+            Family::V4 => &self.cfg.dns_servers_v4,
+            Family::V6 => &self.cfg.dns_servers_v6,
+        };
+        servers
+            .iter()
+            .map(|s| format!("{}/{}", s.text, family.host_prefix()))
+            .collect()
+    }
+
+    /// Whether any DNS server is known (of either family).
+    pub fn has_dns_servers(&self) -> bool {
+        !self.cfg.dns_servers_v4.is_empty() || !self.cfg.dns_servers_v6.is_empty()
+    }
+
+    /// The proxy's identities in Istio's rule order: every uid, then every gid.
+    pub fn proxy_owners(&self) -> impl Iterator<Item = (Owner, u32)> + 'a {
+        let cfg = self.cfg;
+        let uids = cfg.proxy_uid.iter().map(|u| (Owner::Uid, *u));
+        uids.chain(cfg.proxy_gid.iter().map(|g| (Owner::Gid, *g)))
+    }
+
+    /// The ports the proxy's self-call rule (the proxy calling its own pod over lo) leaves
+    /// alone: the tunnel port, and port 53 too for uids when DNS capture is on. Istio excludes
+    /// DNS for uids only; its gid rules keep the plain tunnel-port exclusion.
+    pub fn self_call_excluded_ports(&self, owner: Owner) -> Vec<u16> {
+        let tunnel = self.cfg.inbound_tunnel_port;
+        if self.dns && owner == Owner::Uid {
+            vec![DNS_PORT, tunnel]
+        } else {
+            vec![tunnel]
+        }
+    }
+}
+
+/// A host route for `addr` (/32 or /128).
+fn host_net(addr: IpAddr) -> IpNet {
+    match addr {
+        IpAddr::V4(a) => IpNet::V4(ipnet::Ipv4Net::new(a, 32).expect("/32 is valid")),
+        IpAddr::V6(a) => IpNet::V6(Ipv6Net::new(a, 128).expect("/128 is valid")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RawConfig;
+
+    fn cfg(f: impl FnOnce(&mut RawConfig)) -> Config {
+        let mut raw = RawConfig::default();
+        f(&mut raw);
+        raw.parse().expect("valid test config")
+    }
+
+    #[test]
+    fn loopback_follows_go_including_v4_mapped() {
+        for a in [
+            "127.0.0.1",
+            "127.1.2.3",
+            "::1",
+            "::ffff:127.0.0.1",
+            "::ffff:127.9.9.9",
+        ] {
+            assert!(is_loopback(a.parse().unwrap()), "{a}");
+        }
+        for a in [
+            "126.0.0.0",
+            "10.0.0.1",
+            "::",
+            "::ffff:10.0.0.1",
+            "::127.0.0.1",
+            "::2",
+        ] {
+            assert!(!is_loopback(a.parse().unwrap()), "{a}");
+        }
+    }
+
+    #[test]
+    fn include_has_loopback_looks_at_every_family() {
+        let with = |i: &str| {
+            Plan::new(&cfg(|c| c.outbound_ip_ranges_include = i.into())).include_has_loopback
+        };
+        assert!(with("127.1.2.3/32"));
+        assert!(with("10.0.0.0/8,::1/128"));
+        assert!(with("::ffff:127.0.0.1/128"));
+        assert!(with("::ffff:127.0.0.0/104"));
+        // The CIDR's own address decides, as in Go: 126/7 covers 127/8 but is not loopback.
+        assert!(!with("126.0.0.0/7"));
+        assert!(!with("::ffff:10.0.0.0/104"));
+        assert!(!with("*"));
+        // IPv6 off does not change it: Istio decides before it splits by family.
+        assert!(
+            Plan::new(&cfg(|c| {
+                c.outbound_ip_ranges_include = "::ffff:127.0.0.1/128".into();
+                c.enable_ipv6 = false;
+            }))
+            .include_has_loopback
+        );
+    }
+
+    #[test]
+    fn dns_is_on_only_with_something_to_capture() {
+        assert!(!Plan::new(&cfg(|c| c.redirect_dns = true)).dns);
+        assert!(
+            Plan::new(&cfg(|c| {
+                c.redirect_dns = true;
+                c.capture_all_dns = true;
+            }))
+            .dns
+        );
+        assert!(
+            Plan::new(&cfg(|c| {
+                c.redirect_dns = true;
+                c.dns_servers = "::127.0.0.53".into();
+            }))
+            .dns
+        );
+        assert!(!Plan::new(&cfg(|c| c.dns_servers = "10.0.0.1".into())).dns);
+    }
+
+    #[test]
+    fn per_family_values() {
+        let c = cfg(|c| {
+            c.host_ipv4_loopback_cidr = "127.0.0.1/8".into();
+            c.outbound_ip_ranges_include = "10.0.0.0/8,fd00::/8,::ffff:10.0.0.0/104".into();
+            c.dns_servers = "127.0.0.53,::127.0.0.53".into();
+            c.enable_ipv6 = true;
+        });
+        let p = Plan::new(&c);
+        assert_eq!(p.families(), [Family::V4, Family::V6]);
+        assert_eq!(p.loopback(Family::V4).to_string(), "127.0.0.1/8");
+        assert_eq!(p.loopback(Family::V6).to_string(), "::1/128");
+        assert_eq!(p.passthrough(Family::V4).to_string(), "127.0.0.6/32");
+        assert_eq!(p.passthrough(Family::V6).to_string(), "::6/128");
+        let inc = |f| -> Vec<String> {
+            p.included_nets(f)
+                .unwrap()
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        };
+        assert_eq!(inc(Family::V4), ["10.0.0.0/8"]);
+        assert_eq!(inc(Family::V6), ["fd00::/8", "::ffff:10.0.0.0/104"]);
+        assert_eq!(p.dns_servers(Family::V6), ["::127.0.0.53/128"]);
+        assert_eq!(Plan::new(&Config::default()).families(), [Family::V4]);
+    }
+
+    #[test]
+    fn owners_are_uids_then_gids_and_only_uids_skip_dns() {
+        let c = cfg(|c| {
+            c.proxy_uid = "3,4".into();
+            c.proxy_gid = "1".into();
+            c.redirect_dns = true;
+            c.capture_all_dns = true;
+        });
+        let p = Plan::new(&c);
+        let owners: Vec<_> = p.proxy_owners().collect();
+        assert_eq!(owners, [(Owner::Uid, 3), (Owner::Uid, 4), (Owner::Gid, 1)]);
+        assert_eq!(p.self_call_excluded_ports(Owner::Uid), [53, 15008]);
+        assert_eq!(p.self_call_excluded_ports(Owner::Gid), [15008]);
+    }
+}
