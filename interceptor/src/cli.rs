@@ -200,6 +200,9 @@ pub struct ExplainArgs {
     /// Decide for UDP instead of TCP.
     #[arg(long)]
     pub udp: bool,
+    /// `text` for people, `json` for tools (long form only: `-o` is Istio's flag).
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: OutputFormat,
     /// The pod's interception config, exactly as for `apply`.
     #[command(flatten)]
     pub apply: ApplyArgs,
