@@ -126,7 +126,14 @@ fn netfilter_report(
         out_if: out_if.clone(),
     };
     let walk = netfilter::walk(cfg, &pkt, &group_gid)?;
-    let deciding = walk.matched.last().cloned();
+    // The deciding rule is the one that chose the verdict: for a redirect the jump to the
+    // redirect chain, not the REDIRECT inside it.
+    let deciding = match walk.outcome {
+        netfilter::Outcome::Redirect(_) if walk.matched.len() >= 2 => {
+            walk.matched.get(walk.matched.len() - 2).cloned()
+        }
+        _ => walk.matched.last().cloned(),
+    };
     let (verdict, port, mut why) = match walk.outcome {
         netfilter::Outcome::Redirect(p) => (
             "redirect",
