@@ -111,9 +111,6 @@ pub struct Config {
     pub accelerate: bool,
 }
 
-/// TEMPORARY until cli.rs reads `plan::default_bind_guard_ports`.
-pub const DEFAULT_BIND_GUARD_PORTS: &str = "15001,15006,15008,15053,15090,15021,15020";
-
 impl Default for Config {
     /// Istio's defaults (`config.DefaultConfig()` plus the default proxy uid/gid); no capture
     /// at all.

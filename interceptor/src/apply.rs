@@ -4,6 +4,7 @@ use anyhow::{bail, Context, Result};
 use std::path::Path;
 
 use interceptor_common::config::{Config, ConfigError};
+use interceptor_common::plan::defaults;
 use interceptor_common::{idmap, policy};
 
 use crate::backend::ebpf::{detect_cgroup2_root, Pins};
@@ -337,7 +338,7 @@ pub fn run(args: &ApplyArgs) -> Result<Result<(), ConfigError>> {
             proxy_uid: cfg
                 .proxy_uid
                 .first()
-                .map_or_else(|| "1337".into(), u32::to_string),
+                .map_or_else(|| defaults::PROXY_UID.to_string(), u32::to_string),
             proxy_gid: cfg.proxy_gid.first().map(u32::to_string),
         };
         return crate::validate::run(&v);

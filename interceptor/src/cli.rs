@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use interceptor_common::plan::defaults;
+
 use crate::model::{BackendKind, EbpfSettings, IptablesFlavor};
 
 #[derive(Parser, Debug)]
@@ -236,14 +238,14 @@ pub struct ValidateArgs {
     #[arg(long, env = "NETWORK_NAMESPACE")]
     pub network_namespace: Option<PathBuf>,
     /// Outbound redirect target port (listened on).
-    #[arg(short = 'p', long = "envoy-port", default_value = "15001")]
+    #[arg(short = 'p', long = "envoy-port", default_value_t = defaults::PROXY_PORT.to_string())]
     pub envoy_port: String,
     /// Inbound redirect target port (listened on).
     #[arg(
         short = 'z',
         long,
         env = "INBOUND_CAPTURE_PORT",
-        default_value = "15006"
+        default_value_t = defaults::INBOUND_CAPTURE_PORT.to_string()
     )]
     pub inbound_capture_port: String,
     /// Port the probes dial (127.0.0.6:PORT inbound, 192.0.2.1:PORT outbound).
@@ -253,7 +255,7 @@ pub struct ValidateArgs {
     #[arg(long, default_value = "5s")]
     pub probe_timeout: String,
     /// uid the listeners and the inbound probe run as.
-    #[arg(long, default_value = "1337")]
+    #[arg(long, default_value_t = defaults::PROXY_UID.to_string())]
     pub proxy_uid: String,
     /// gid the listeners and the inbound probe run as (default: the uid).
     #[arg(long)]
@@ -263,14 +265,14 @@ pub struct ValidateArgs {
 #[derive(Args, Debug, Clone)]
 pub struct ApplyArgs {
     /// Outbound redirect target port.
-    #[arg(short = 'p', long = "envoy-port", default_value = "15001")]
+    #[arg(short = 'p', long = "envoy-port", default_value_t = defaults::PROXY_PORT.to_string())]
     pub envoy_port: String,
     /// Inbound redirect / TPROXY target port.
     #[arg(
         short = 'z',
         long,
         env = "INBOUND_CAPTURE_PORT",
-        default_value = "15006"
+        default_value_t = defaults::INBOUND_CAPTURE_PORT.to_string()
     )]
     pub inbound_capture_port: String,
     /// HBONE tunnel port, always excluded from inbound capture.
@@ -278,7 +280,7 @@ pub struct ApplyArgs {
         short = 'e',
         long,
         env = "INBOUND_TUNNEL_PORT",
-        default_value = "15008"
+        default_value_t = defaults::INBOUND_TUNNEL_PORT.to_string()
     )]
     pub inbound_tunnel_port: String,
     /// Comma list of proxy uids never redirected (default: uid of $ENVOY_USER, else 1337).
@@ -350,7 +352,7 @@ pub struct ApplyArgs {
         short = 't',
         long,
         env = "ISTIO_INBOUND_TPROXY_MARK",
-        default_value = "1337"
+        default_value_t = defaults::TPROXY_MARK.to_string()
     )]
     pub istio_inbound_tproxy_mark: String,
     /// TPROXY routing table.
@@ -358,7 +360,7 @@ pub struct ApplyArgs {
         short = 'r',
         long,
         env = "ISTIO_INBOUND_TPROXY_ROUTE_TABLE",
-        default_value = "133"
+        default_value_t = defaults::TPROXY_ROUTE_TABLE.to_string()
     )]
     pub istio_inbound_tproxy_route_table: String,
     /// Print what would be applied; apply nothing.
@@ -414,7 +416,7 @@ pub struct ApplyArgs {
     pub dns_servers: Option<String>,
     /// eBPF path: ports only the proxy uid/gid may bind in the pod (plus -p/-z/-e); empty
     /// disables the guard.
-    #[arg(long, env = "INTERCEPTOR_BIND_GUARD_PORTS", default_value = interceptor_common::config::DEFAULT_BIND_GUARD_PORTS)]
+    #[arg(long, env = "INTERCEPTOR_BIND_GUARD_PORTS", default_value_t = interceptor_common::plan::default_bind_guard_ports())]
     pub bind_guard_ports: String,
     /// eBPF path: app↔proxy loopback connections hand their data straight to the peer socket
     /// (sockops + sk_msg), skipping the loopback TCP stack. Refused with --backend

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use anyhow::Result;
 use interceptor_common::config::{Config, ConfigError, RawConfig};
+use interceptor_common::plan::defaults;
 
 use crate::cli::ApplyArgs;
 use crate::netns;
@@ -26,7 +27,7 @@ fn default_proxy_uid() -> String {
         .ok()
         .flatten()
         .map(|u| u.uid.to_string())
-        .unwrap_or_else(|| "1337".into())
+        .unwrap_or_else(|| defaults::PROXY_UID.to_string())
 }
 
 /// Istio's IPv6 detection: the first non-loopback, non-link-local address decides.

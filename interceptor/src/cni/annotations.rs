@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use interceptor_common::config::{ConfigError, RawConfig};
+use interceptor_common::plan::defaults;
 
 /// The annotation keys Istio's CNI plugin reads (istio.io/api `annotation`).
 pub mod keys {
@@ -41,9 +42,9 @@ pub mod env {
 /// Istio's constants (`sidecar_redirect.go`).
 const REDIRECT_MODE_REDIRECT: &str = "REDIRECT";
 const REDIRECT_MODE_TPROXY: &str = "TPROXY";
-const DEFAULT_REDIRECT_TO_PORT: &str = "15001";
-const DEFAULT_NO_REDIRECT_UID: &str = "1337";
-const DEFAULT_NO_REDIRECT_GID: &str = "1337";
+const DEFAULT_REDIRECT_TO_PORT: u16 = defaults::PROXY_PORT;
+const DEFAULT_NO_REDIRECT_UID: u32 = defaults::PROXY_UID;
+const DEFAULT_NO_REDIRECT_GID: u32 = defaults::PROXY_UID;
 const DEFAULT_REDIRECT_IP_CIDR: &str = "*";
 const DEFAULT_REDIRECT_EXCLUDE_IP_CIDR: &str = "";
 /// The proxy's status port: the default of both exclude-port annotations.
@@ -291,7 +292,7 @@ pub struct Redirect {
     pub warnings: Vec<String>,
 }
 
-fn proxy_id(v: Option<i64>, field: &str, default: &str) -> Result<String, AnnotationError> {
+fn proxy_id(v: Option<i64>, field: &str, default: u32) -> Result<String, AnnotationError> {
     match v {
         // As Istio: unset or 0 (root) means the default proxy id.
         None | Some(0) => Ok(default.to_string()),
@@ -392,7 +393,7 @@ impl Redirect {
         let dual_stack = env_bool(env::DUAL_STACK);
         let invalid_drop = env_bool(env::INVALID_DROP);
         Ok(Self {
-            target_port: DEFAULT_REDIRECT_TO_PORT.into(),
+            target_port: DEFAULT_REDIRECT_TO_PORT.to_string(),
             redirect_mode,
             no_redirect_uid,
             no_redirect_gid,
