@@ -11,9 +11,11 @@
 use core::{ffi::c_void, ptr};
 
 use aya_ebpf::{
-    bindings::{bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, bpf_sock, BPF_SK_STORAGE_GET_F_CREATE},
+    bindings::{bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, BPF_SK_STORAGE_GET_F_CREATE},
     helpers::generated::{bpf_sk_storage_delete, bpf_sk_storage_get},
 };
+
+use crate::ctx::Sk;
 
 /// `BPF_F_NO_PREALLOC`: required for socket storage.
 pub const NO_PREALLOC: usize = 1;
@@ -51,31 +53,29 @@ impl<V, const FLAGS: usize> SkStorage<V, FLAGS> {
         ptr::from_ref(self).cast_mut().cast()
     }
 
-    /// The socket's value, if it has one.
-    ///
-    /// # Safety
-    /// `sk` must be a socket pointer the program was given by the kernel (a context's `sk`).
+    /// The socket's value, if it has one. The value is the kernel's, not borrowed from the map
+    /// definition (hence `&mut` from `&self`); it stays valid for the program run.
     #[inline(always)]
-    pub unsafe fn get(&self, sk: *mut bpf_sock) -> Option<&mut V> {
-        // SAFETY: the helper returns NULL or this socket's value, valid for the program run.
+    #[allow(clippy::mut_from_ref)]
+    pub fn get(&self, sk: Sk) -> Option<&mut V> {
+        // SAFETY: `sk` is a socket the kernel gave this run (`ctx::Sk`); the helper returns
+        // NULL or this socket's value, valid for the program run.
         unsafe {
-            bpf_sk_storage_get(self.map(), sk.cast(), ptr::null_mut(), 0)
+            bpf_sk_storage_get(self.map(), sk.as_ptr().cast(), ptr::null_mut(), 0)
                 .cast::<V>()
                 .as_mut()
         }
     }
 
     /// The socket's value, created zeroed if it has none; None if it cannot be allocated.
-    ///
-    /// # Safety
-    /// As `get`.
     #[inline(always)]
-    pub unsafe fn get_or_create(&self, sk: *mut bpf_sock) -> Option<&mut V> {
+    #[allow(clippy::mut_from_ref)]
+    pub fn get_or_create(&self, sk: Sk) -> Option<&mut V> {
         // SAFETY: as in `get`; with F_CREATE and no initial value the kernel zeroes it.
         unsafe {
             bpf_sk_storage_get(
                 self.map(),
-                sk.cast(),
+                sk.as_ptr().cast(),
                 ptr::null_mut(),
                 u64::from(BPF_SK_STORAGE_GET_F_CREATE),
             )
@@ -85,14 +85,11 @@ impl<V, const FLAGS: usize> SkStorage<V, FLAGS> {
     }
 
     /// Drops the socket's value (nothing if it has none).
-    ///
-    /// # Safety
-    /// As `get`.
     #[inline(always)]
-    pub unsafe fn delete(&self, sk: *mut bpf_sock) {
+    pub fn delete(&self, sk: Sk) {
         // SAFETY: as in `get`; deleting a missing value only returns -ENOENT.
         unsafe {
-            bpf_sk_storage_delete(self.map(), sk.cast());
+            bpf_sk_storage_delete(self.map(), sk.as_ptr().cast());
         }
     }
 }

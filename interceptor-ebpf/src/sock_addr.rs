@@ -1,0 +1,239 @@
+//! cgroup sock_addr hooks: connect and unconnected sendmsg (outbound capture, Istio's
+//! ISTIO_OUTPUT decision), recvmsg and getpeername (the app sees its original peer, as with
+//! NAT), bind (the bind guard). Each handler takes `v6`: the AF_INET6 hook of the pair.
+
+use aya_ebpf::{helpers::bpf_get_current_uid_gid, programs::SockAddrContext};
+use aya_log_ebpf::info;
+use interceptor_common::{
+    decision::{bind_allowed, decide, is_proxy, kernel_dst, Addr, Conn, Proto, Reason, Verdict},
+    maps::{mapped_v4, stat, OrigDst, SOCK_APP},
+};
+
+use crate::{
+    counters::{count, tuple_count},
+    ctx::{
+        set_user_addr, sock_addr_bound_src, sock_addr_protocol, sock_addr_sk, user_addr, Sk,
+        AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP,
+    },
+    maps::{log_enabled, store_fault, tuple_quota, SK_ORIG, SK_PROXY},
+    tables::{pod_of, MapTables},
+};
+
+const DNS_PORT: u16 = 53;
+
+/// Loopback in the family the destination travels in.
+#[inline(always)]
+fn loopback_for(dst: Addr) -> [u8; 16] {
+    if dst.is_v4() {
+        mapped_v4(0x7f00_0001u32.to_be())
+    } else {
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]
+    }
+}
+
+/// What `outbound` decided.
+enum Out {
+    /// Not a meshed pod's TCP/UDP socket: nothing to do.
+    Untouched,
+    /// A meshed pod's connection left alone.
+    Pass,
+    /// Redirected: the original destination and proxy port, and the pod.
+    Redirect(Addr, OrigDst, u32),
+}
+
+/// Decides an outbound connect/sendmsg.
+#[inline(always)]
+fn outbound(ctx: &SockAddrContext, v6: bool) -> Out {
+    let Some((netns, policy)) = pod_of(ctx) else {
+        return Out::Untouched;
+    };
+    let proto = match sock_addr_protocol(ctx) {
+        IPPROTO_TCP => Proto::Tcp,
+        IPPROTO_UDP => Proto::Udp,
+        _ => return Out::Untouched,
+    };
+    let (dst, dport) = user_addr(ctx, v6);
+    // The bound source, if any (Envoy binds 127.0.0.6 for its inbound passthrough).
+    let src = sock_addr_bound_src(ctx, v6);
+    // 0.0.0.0 / :: are decided (and remembered) as the address the kernel will use instead.
+    let dst = kernel_dst(dst, src);
+    let ug = bpf_get_current_uid_gid();
+    let conn = Conn {
+        proto,
+        dst,
+        dport,
+        src,
+        uid: ug as u32,
+        gid: (ug >> 32) as u32,
+    };
+    let verdict = decide(
+        policy,
+        &MapTables {
+            pod_id: policy.pod_id,
+        },
+        &conn,
+    );
+    if log_enabled() {
+        let (port, reason) = match verdict {
+            Verdict::Redirect { port, reason } => (port, reason as u32),
+            Verdict::Pass(reason) => (0, reason as u32),
+        };
+        info!(
+            ctx,
+            "connect netns={} uid={} dport={} -> port={} rule={}",
+            netns,
+            conn.uid,
+            dport,
+            port,
+            reason
+        );
+    }
+    let port = match verdict {
+        Verdict::Redirect { port, reason } => {
+            count(
+                policy.pod_id,
+                if matches!(reason, Reason::Dns) {
+                    stat::OUT_DNS
+                } else {
+                    stat::OUT_REDIRECTED
+                },
+            );
+            port
+        }
+        Verdict::Pass(reason) => {
+            count(policy.pod_id, stat::OUT_PASS + reason as u32);
+            return Out::Pass;
+        }
+    };
+    let family = if v6 { AF_INET6 } else { AF_INET };
+    Out::Redirect(
+        dst,
+        OrigDst {
+            addr: dst.0,
+            port: dport,
+            redirect_port: port,
+            family,
+        },
+        policy.pod_id,
+    )
+}
+
+/// Sends a redirected connect/sendmsg to the proxy on loopback, after storing its original
+/// destination on the socket (`SK_ORIG`). False (the call fails with EPERM) when it cannot be
+/// stored: the proxy could not learn the destination, and leaving the call alone would let
+/// it escape. Fail closed, counted.
+#[inline(always)]
+fn redirect(
+    ctx: &SockAddrContext,
+    v6: bool,
+    sk: Option<Sk>,
+    dst: Addr,
+    orig: OrigDst,
+    pod_id: u32,
+) -> bool {
+    let st = match sk {
+        Some(sk) if !store_fault(orig.port) => SK_ORIG.get_or_create(sk),
+        _ => None,
+    };
+    let Some(st) = st else {
+        count(pod_id, stat::OUT_STORE_FAILED);
+        return false;
+    };
+    // A tuple entry of an earlier connection of this socket was settled when it closed.
+    st.orig = orig;
+    st.flags = SOCK_APP;
+    st.pod_id = pod_id;
+    set_user_addr(ctx, v6, loopback_for(dst), orig.redirect_port);
+    true
+}
+
+/// connect4/6: redirects as decided; false (EPERM) as in `redirect`, or, for TCP, when the pod
+/// already has `TUPLE_QUOTA` connections waiting for the proxy (see `sockops`).
+#[inline(always)]
+pub fn connect(ctx: &SockAddrContext, v6: bool) -> bool {
+    let sk = sock_addr_sk(ctx);
+    let (dst, orig, pod_id) = match outbound(ctx, v6) {
+        Out::Untouched => return true,
+        Out::Pass => {
+            // A socket connected again (after connect(AF_UNSPEC)) somewhere not redirected:
+            // what it stored for an earlier redirect no longer applies.
+            if let Some(sk) = sk {
+                SK_ORIG.delete(sk);
+            }
+            return true;
+        }
+        Out::Redirect(dst, orig, pod_id) => (dst, orig, pod_id),
+    };
+    let udp = sock_addr_protocol(ctx) == IPPROTO_UDP;
+    // TCP: checked here so the app gets EPERM; taken (atomically) when sockops stores the
+    // tuple, where a connect racing for the last slot fails closed instead.
+    if !udp && tuple_count(pod_id) >= tuple_quota() {
+        count(pod_id, stat::OUT_QUOTA_REFUSED);
+        return false;
+    }
+    redirect(ctx, v6, sk, dst, orig, pod_id)
+}
+
+/// sendmsg4/6 on unconnected UDP: only DNS is ever redirected (Istio captures nothing else of
+/// UDP); refused (EPERM) as in `redirect`, never sent around the DNS proxy.
+#[inline(always)]
+pub fn sendmsg(ctx: &SockAddrContext, v6: bool) -> bool {
+    let Out::Redirect(dst, orig, pod_id) = outbound(ctx, v6) else {
+        return true;
+    };
+    if orig.port != DNS_PORT {
+        return true;
+    }
+    redirect(ctx, v6, sock_addr_sk(ctx), dst, orig, pod_id)
+}
+
+/// The app's original destination stored on its socket, if the socket was redirected.
+#[inline(always)]
+fn app_orig(ctx: &SockAddrContext) -> Option<OrigDst> {
+    let st = SK_ORIG.get(sock_addr_sk(ctx)?)?;
+    (st.flags & SOCK_APP != 0).then_some(st.orig)
+}
+
+/// recvmsg4/6 and getpeername4/6: an address the kernel reports as the proxy's (loopback, the
+/// port the socket was redirected to) is replaced by the original one. For recvmsg: a DNS
+/// reply from the proxy appears to come from the server the app asked. For getpeername: the
+/// app sees its original peer, but only while the socket is still connected to the proxy;
+/// after an AF_UNSPEC disconnect and a connect that was not redirected, the real peer is the
+/// answer (the pass verdict also dropped the stored destination; this holds even if dropping
+/// it failed).
+#[inline(always)]
+pub fn restore_peer(ctx: &SockAddrContext, v6: bool) {
+    let Some(orig) = app_orig(ctx) else {
+        return;
+    };
+    let (from, port) = user_addr(ctx, v6);
+    if port == orig.redirect_port && from.is_loopback() {
+        set_user_addr(ctx, v6, orig.addr, orig.port);
+    }
+}
+
+/// bind4/6: only the proxy may bind the proxy's ports (an app could otherwise impersonate it).
+#[inline(always)]
+pub fn bind(ctx: &SockAddrContext, v6: bool) -> i32 {
+    let Some((_, policy)) = pod_of(ctx) else {
+        return 1;
+    };
+    let (_, port) = user_addr(ctx, v6);
+    let ug = bpf_get_current_uid_gid();
+    let tables = MapTables {
+        pod_id: policy.pod_id,
+    };
+    let (uid, gid) = (ug as u32, (ug >> 32) as u32);
+    let allowed = bind_allowed(policy, &tables, port, uid, gid);
+    if !allowed {
+        count(policy.pod_id, stat::BIND_DENIED);
+    } else if is_proxy(policy, uid, gid) {
+        // The proxy's socket: sock_ops cannot ask who the caller is before 6.13, bind can.
+        // Marks the listener sock_ops registers, and (cloned) every socket it accepts, the
+        // only ones SO_ORIGINAL_DST is answered on.
+        if let Some(m) = sock_addr_sk(ctx).and_then(|sk| SK_PROXY.get_or_create(sk)) {
+            *m = 1;
+        }
+    }
+    i32::from(allowed)
+}
