@@ -509,6 +509,41 @@ fn nft_scratch_list(tx: &str) -> Result<BTreeMap<String, String>> {
     })
 }
 
+/// Configs the emitters' unit tests share.
+#[cfg(test)]
+pub(crate) mod test_configs {
+    use interceptor_common::config::{Config, RawConfig};
+
+    /// Istio's defaults, changed by `f`.
+    pub fn config(f: impl FnOnce(&mut RawConfig)) -> Config {
+        let mut raw = RawConfig::default();
+        f(&mut raw);
+        raw.parse().expect("valid test config")
+    }
+
+    /// A config that exercises every rule group of both emitters: TPROXY, DNS servers of both
+    /// families, kube-virt and excluded interfaces, CIDRs and ports both ways, owner groups,
+    /// drop-invalid, IPv6.
+    pub fn everything() -> Config {
+        config(|c| {
+            c.inbound_interception_mode = "TPROXY".into();
+            c.inbound_ports_include = "*".into();
+            c.inbound_ports_exclude = "9000".into();
+            c.exclude_interfaces = "eth9".into();
+            c.reroute_virtual_interfaces = "eth1,eth2".into();
+            c.outbound_ip_ranges_include = "10.0.0.0/8,fd00::/8".into();
+            c.outbound_ip_ranges_exclude = "10.1.0.0/16,fd00:1::/32".into();
+            c.outbound_ports_include = "8080".into();
+            c.outbound_ports_exclude = "8443".into();
+            c.redirect_dns = true;
+            c.dns_servers = "10.96.0.10,fd00::10".into();
+            c.drop_invalid = true;
+            c.owner_groups_exclude = "888".into();
+            c.enable_ipv6 = true;
+        })
+    }
+}
+
 #[cfg(test)]
 mod counter_tests {
     #[test]

@@ -1,122 +1,13 @@
-//! The nftables backend: one `nft -f -` transaction identical to istio-nftables' output.
-//!
-//! Generation is two steps, as in `istio-iptables --native-nftables`: the rule-group functions
-//! below fill an ordered model (three `inet` tables, each with its declarable chains and its
-//! rules in generation order), and [`model::serialise`] turns that into the transaction text.
-//! Byte-for-byte equality with Istio's goldens depends on the order of the groups, on the exact
-//! token order inside each rule (`counter` sits right before the verdict), and on which rules are
-//! IPv6-only, so all three are kept as Istio has them — including its quirks (e.g. only the uid
-//! rule excludes port 53 from the loopback redirect when DNS capture is on, not the gid rule).
-
-mod model;
+//! istio-nftables' rule groups in its emission order, filling the three tables of the
+//! transaction; each reads its switches and values from the config's `plan::Plan`.
 
 use interceptor_common::config::{Config, OwnerGroups, PortSelection};
 use interceptor_common::plan::{Family, Owner, Plan, DNS_PROXY_PORT, OUTBOUND_MARK};
 
-use model::{ChainDecl, Hook, Table};
-
-const NAT: &str = "istio-proxy-nat";
-const MANGLE: &str = "istio-proxy-mangle";
-const RAW: &str = "istio-proxy-raw";
-
-/// The tables this backend owns, in the order they are emitted.
-pub const TABLES: &[&str] = &[NAT, MANGLE, RAW];
-
-// Chain names (lower-case, unlike iptables, as istio-nftables names them).
-const PREROUTING: &str = "prerouting";
-const OUTPUT: &str = "output";
-const INBOUND: &str = "istio-inbound";
-const REDIRECT: &str = "istio-redirect";
-const IN_REDIRECT: &str = "istio-in-redirect";
-const ISTIO_OUTPUT: &str = "istio-output";
-const OUTPUT_DNS: &str = "istio-output-dns";
-const DIVERT: &str = "istio-divert";
-const TPROXY: &str = "istio-tproxy";
-const DROP: &str = "istio-drop";
-
-const fn base(
-    name: &'static str,
-    kind: &'static str,
-    hook: &'static str,
-    priority: i32,
-) -> ChainDecl {
-    ChainDecl {
-        name,
-        hook: Some(Hook {
-            kind,
-            hook,
-            priority,
-        }),
-    }
-}
-
-const fn regular(name: &'static str) -> ChainDecl {
-    ChainDecl { name, hook: None }
-}
-
-// Declarable chains per table, in declaration order. Priorities are the numeric values of
-// dstnat (-100), mangle (-150) and raw (-300); mangle output is a `route` chain so that a mark
-// set there re-routes the packet (needed for TPROXY policy routing).
-const NAT_CHAINS: &[ChainDecl] = &[
-    base(PREROUTING, "nat", "prerouting", -100),
-    base(OUTPUT, "nat", "output", -100),
-    regular(INBOUND),
-    regular(REDIRECT),
-    regular(IN_REDIRECT),
-    regular(ISTIO_OUTPUT),
-    regular(OUTPUT_DNS),
-];
-const MANGLE_CHAINS: &[ChainDecl] = &[
-    base(PREROUTING, "filter", "prerouting", -150),
-    base(OUTPUT, "route", "output", -150),
-    regular(DIVERT),
-    regular(TPROXY),
-    regular(INBOUND),
-    regular(DROP),
-];
-const RAW_CHAINS: &[ChainDecl] = &[
-    base(PREROUTING, "filter", "prerouting", -300),
-    base(OUTPUT, "filter", "output", -300),
-    regular(INBOUND),
-    regular(OUTPUT_DNS),
-];
-
-/// Renders the nft transaction istio-iptables --native-nftables would apply.
-pub fn render(cfg: &Config) -> String {
-    model::serialise(&build(cfg).tables())
-}
-
-/// The three tables being filled, plus the IPv6 switch that gates the v6-only rules.
-struct Builder {
-    nat: Table,
-    mangle: Table,
-    raw: Table,
-    ipv6: bool,
-}
-
-impl Builder {
-    fn new(ipv6: bool) -> Self {
-        Self {
-            nat: Table::new(NAT, NAT_CHAINS),
-            mangle: Table::new(MANGLE, MANGLE_CHAINS),
-            raw: Table::new(RAW, RAW_CHAINS),
-            ipv6,
-        }
-    }
-
-    fn tables(self) -> [Table; 3] {
-        [self.nat, self.mangle, self.raw]
-    }
-}
-
-/// Runs `table.append(..)` / `table.insert(..)` only when IPv6 is on (Istio's `*V6RuleIfSupported`).
-macro_rules! v6 {
-    ($b:expr, $table:ident . $op:ident ( $($arg:expr),* $(,)? )) => {
-        if $b.ipv6 {
-            $b.$table.$op($($arg),*);
-        }
-    };
-}
+use super::{
+    Builder, DIVERT, DROP, INBOUND, IN_REDIRECT, ISTIO_OUTPUT, OUTPUT, OUTPUT_DNS, PREROUTING,
+    REDIRECT, TPROXY,
+};
 
 /// The loopback CIDR the app uses to reach itself, and `::1/128`.
 fn lo4(p: &Plan) -> String {
@@ -135,7 +26,7 @@ fn owner_key(owner: Owner) -> &'static str {
 }
 
 /// Builds the model: the rule groups in istio-nftables' order.
-fn build(cfg: &Config) -> Builder {
+pub(super) fn build(cfg: &Config) -> Builder {
     let plan = Plan::new(cfg);
     let mut b = Builder::new(plan.ipv6);
     exclude_interfaces(&mut b, &plan);
@@ -685,90 +576,4 @@ fn tproxy_marks(b: &mut Builder, p: &Plan) {
         2,
         format!("iifname lo meta l4proto tcp mark != {OUTBOUND_MARK} counter return"),
     );
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use interceptor_common::config::RawConfig;
-
-    fn cfg(f: impl FnOnce(&mut RawConfig)) -> Config {
-        let mut raw = RawConfig::default();
-        f(&mut raw);
-        raw.parse().expect("valid test config")
-    }
-
-    /// A config exercising every rule group (TPROXY, DNS, kube-virt, exclusions, IPv6).
-    fn everything() -> Config {
-        cfg(|c| {
-            c.inbound_interception_mode = "TPROXY".into();
-            c.inbound_ports_include = "*".into();
-            c.inbound_ports_exclude = "15090".into();
-            c.exclude_interfaces = "eth9".into();
-            c.reroute_virtual_interfaces = "eth1,eth2".into();
-            c.outbound_ip_ranges_include = "10.0.0.0/8,fd00::/8".into();
-            c.outbound_ip_ranges_exclude = "10.1.0.0/16,fd00:1::/32".into();
-            c.outbound_ports_include = "3306".into();
-            c.outbound_ports_exclude = "15020".into();
-            c.redirect_dns = true;
-            c.dns_servers = "10.96.0.10,fd00::10".into();
-            c.drop_invalid = true;
-            c.owner_groups_exclude = "888".into();
-            c.enable_ipv6 = true;
-        })
-    }
-
-    /// Every chain a rule uses or jumps to is declared in that table before any rule line.
-    #[test]
-    fn chains_are_declared_before_use_and_jump_targets_exist() {
-        for c in [Config::default(), everything()] {
-            let out = render(&c);
-            let mut declared: Vec<(String, String)> = Vec::new();
-            for line in out.lines() {
-                let w: Vec<&str> = line.split_whitespace().collect();
-                match (w[0], w[1]) {
-                    ("add", "chain") => declared.push((w[3].into(), w[4].into())),
-                    ("add" | "insert", "rule") => {
-                        let (table, chain) = (w[3].to_string(), w[4].to_string());
-                        assert!(declared.contains(&(table.clone(), chain)), "{line}");
-                        if let Some(i) = w.iter().position(|t| *t == "jump") {
-                            let target = w[i + 1].to_string();
-                            assert!(declared.contains(&(table, target)), "{line}");
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        }
-    }
-
-    /// Tables come in TABLES order, each opened by `add` then `flush`, with no v6 rule when IPv6 is off.
-    #[test]
-    fn tables_in_order_and_ipv6_gated() {
-        let mut c = everything();
-        let out = render(&c);
-        let opened: Vec<&str> = out
-            .lines()
-            .filter_map(|l| l.strip_prefix("add table inet "))
-            .collect();
-        assert_eq!(opened, TABLES);
-        for t in TABLES {
-            assert!(out.contains(&format!("add table inet {t}\nflush table inet {t}\n")));
-        }
-        assert!(out.contains(" ip6 "));
-
-        c.enable_ipv6 = false;
-        let out = render(&c);
-        assert!(!out.contains("ip6"), "{out}");
-    }
-
-    /// With nothing to capture, only the nat table exists (its always-present rules).
-    #[test]
-    fn defaults_touch_only_nat() {
-        let out = render(&Config::default());
-        assert!(out.contains(&format!("add table inet {NAT}")));
-        assert!(!out.contains(MANGLE));
-        assert!(!out.contains(RAW));
-        assert!(!out.contains("insert rule"));
-    }
 }
