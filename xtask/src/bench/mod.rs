@@ -9,10 +9,12 @@
 
 mod measure;
 mod plot;
+mod report;
 
-use std::collections::BTreeMap;
+use report::{report, Results};
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -283,56 +285,32 @@ impl Rig {
     }
 }
 
-/// Every sample, keyed by (section, metric, path): one value per round.
-#[derive(Default)]
-struct Results {
-    samples: BTreeMap<(String, String, String), Vec<f64>>,
-    units: BTreeMap<String, &'static str>,
-    extra: serde_json::Map<String, serde_json::Value>,
+/// Connect rate of every path, back to back: once in order and once in reverse, with the
+/// order rotated each round, so each path and explicit addressing are seconds apart and no
+/// path always runs first. The ratios are paired by position (see `paired_ratio`).
+fn measure_connects(
+    r: &mut Results,
+    section: &str,
+    rigs: &[Rig],
+    round: usize,
+    secs: f64,
+) -> Result<()> {
+    let n = rigs.len();
+    let forward = (0..n).map(|i| (i + round) % n);
+    for i in forward.clone().chain(forward.rev()) {
+        let rig = &rigs[i];
+        let (c, cpu) = measure::conn_rate(&rig.app(), rig.out_echo(), secs)
+            .with_context(|| format!("{} connect rate, round {round}", rig.kind.name()))?;
+        r.push(section, "connections/s", "conn/s", rig.kind.name(), c);
+        r.push(section, "CPU per connection", "µs", rig.kind.name(), cpu);
+    }
+    Ok(())
 }
 
-impl Results {
-    fn push(&mut self, section: &str, metric: &str, unit: &'static str, path: &str, v: f64) {
-        self.units.insert(metric.to_string(), unit);
-        self.samples
-            .entry((section.into(), metric.into(), path.into()))
-            .or_default()
-            .push(v);
-    }
-
-    fn get(&self, section: &str, metric: &str, path: &str) -> Option<&Vec<f64>> {
-        self.samples
-            .get(&(section.to_string(), metric.to_string(), path.to_string()))
-    }
-
-    fn median(&self, section: &str, metric: &str, path: &str) -> Option<f64> {
-        self.get(section, metric, path).map(|v| median(v))
-    }
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    let n = s.len();
-    if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
-}
-
-fn spread(v: &[f64]) -> (f64, f64) {
-    v.iter()
-        .fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(*x), b.max(*x)))
-}
-
-/// The per-path metrics of the main table.
+/// The per-path metrics of the main table besides the connect rate.
 fn measure_path(r: &mut Results, section: &str, rig: &Rig, secs: f64, full: bool) -> Result<()> {
     let name = rig.kind.name();
     let app = rig.app();
-    let (c, cpu) = measure::conn_rate(&app, rig.out_echo(), secs)?;
-    r.push(section, "connections/s", "conn/s", name, c);
-    r.push(section, "CPU per connection", "µs", name, cpu);
     let one = measure::rr(&app, rig.out_echo(), 1, secs)?;
     r.push(section, "RR p50 c=1", "µs", name, one.p50_us);
     r.push(section, "RR p99 c=1", "µs", name, one.p99_us);
@@ -427,6 +405,7 @@ pub fn run(args: Args) -> Result<()> {
             .collect::<Result<Vec<_>>>()?;
         let ct0: Vec<u64> = rigs.iter().map(Rig::conntrack).collect();
         for round in 0..s.rounds {
+            measure_connects(&mut r, "outbound", &rigs, round, s.secs)?;
             for rig in &rigs {
                 measure_path(&mut r, "outbound", rig, s.secs, true)
                     .with_context(|| format!("{} round {round}", rig.kind.name()))?;
@@ -453,7 +432,8 @@ pub fn run(args: Args) -> Result<()> {
             .iter()
             .map(|k| Rig::new(*k, None, &[]))
             .collect::<Result<Vec<_>>>()?;
-        for _ in 0..s.rounds.div_ceil(2) {
+        for round in 0..s.rounds.div_ceil(2) {
+            measure_connects(&mut r, "outbound unpinned", &rigs, round, s.secs)?;
             for rig in &rigs {
                 measure_path(&mut r, "outbound unpinned", rig, s.secs, false)?;
             }
@@ -649,310 +629,4 @@ fn setup_cost(r: &mut Results, s: &Settings) -> Result<()> {
         r.push("setup", "pod setup", "µs", "iptables-restore in netns", us);
     }
     Ok(())
-}
-
-fn machine() -> serde_json::Value {
-    let uname = std::process::Command::new("uname")
-        .arg("-sr")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_string())
-        })
-        .unwrap_or_default();
-    json!({
-        "kernel": uname,
-        "cpu": cpu,
-        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        "load average at end": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
-    })
-}
-
-const SECTIONS: &[&str] = &[
-    "outbound",
-    "outbound unpinned",
-    "inbound",
-    "hop",
-    "scaling excluded CIDRs",
-    "scaling excluded ports",
-    "scaling pods",
-    "setup",
-];
-
-const METRICS: &[&str] = &[
-    "connections/s",
-    "CPU per connection",
-    "RR p50 c=1",
-    "RR p99 c=1",
-    "CPU per RR",
-    "RR p50 c=32",
-    "RR p99 c=32",
-    "RR/s c=32",
-    "bulk",
-    "hop RR p50 c=1",
-    "hop bulk",
-];
-
-/// Ratio of a path's median to explicit addressing's, in the same section.
-fn ratio(r: &Results, section: &str, metric: &str, path: &str) -> Option<f64> {
-    Some(r.median(section, metric, path)? / r.median(section, metric, "explicit")?)
-}
-
-fn report(r: &Results, s: &Settings, out: &Path) -> Result<()> {
-    let mut md = String::new();
-    let m = machine();
-    md.push_str(&format!(
-        "Machine: {} · {} CPUs · {}. {} rounds × {} s per measurement, paths interleaved.\n\n",
-        m["kernel"].as_str().unwrap_or(""),
-        m["cpus"],
-        m["cpu"].as_str().unwrap_or(""),
-        s.rounds,
-        s.secs
-    ));
-    let sections: Vec<String> = {
-        let mut v: Vec<String> = r.samples.keys().map(|k| k.0.clone()).collect();
-        v.dedup();
-        v.sort_by_key(|s| SECTIONS.iter().position(|x| x == s).unwrap_or(99));
-        v
-    };
-    let mut charts = Vec::new();
-    for section in &sections {
-        let metrics: Vec<String> = {
-            let mut v: Vec<String> = r
-                .samples
-                .keys()
-                .filter(|k| &k.0 == section)
-                .map(|k| k.1.clone())
-                .collect();
-            v.dedup();
-            // Scaling points numerically, the rest in the table's reading order.
-            v.sort_by_key(|m| {
-                m.parse::<usize>()
-                    .unwrap_or_else(|_| METRICS.iter().position(|x| x == m).unwrap_or(99))
-            });
-            v
-        };
-        let paths: Vec<String> = {
-            let mut v: Vec<String> = Vec::new();
-            for k in r.samples.keys().filter(|k| &k.0 == section) {
-                if !v.contains(&k.2) {
-                    v.push(k.2.clone());
-                }
-            }
-            // The table's path order: as measured.
-            let order = |p: &String| KINDS.iter().position(|k| k.name() == p).unwrap_or(99);
-            v.sort_by_key(order);
-            v
-        };
-        md.push_str(&format!(
-            "### {section}\n\nmedian (× explicit, same run) [min–max]\n\n| path |"
-        ));
-        for m in &metrics {
-            md.push_str(&format!(" {m} ({}) |", r.units[m]));
-        }
-        md.push_str("\n|---|");
-        md.push_str(&"---|".repeat(metrics.len()));
-        md.push('\n');
-        for p in &paths {
-            md.push_str(&format!("| {p} |"));
-            for m in &metrics {
-                match r.get(section, m, p) {
-                    Some(v) => {
-                        let (lo, hi) = spread(v);
-                        let rat = ratio(r, section, m, p)
-                            .map(|x| format!(" (×{x:.2})"))
-                            .unwrap_or_default();
-                        md.push_str(&format!(" {:.1}{rat} [{lo:.1}–{hi:.1}] |", median(v)));
-                    }
-                    None => md.push_str(" – |"),
-                }
-            }
-            md.push('\n');
-        }
-        md.push('\n');
-        if section.starts_with("scaling") {
-            let series: Vec<(String, Vec<(f64, f64)>)> = paths
-                .iter()
-                .map(|p| {
-                    let pts = metrics
-                        .iter()
-                        .filter_map(|m| Some((m.parse::<f64>().ok()?, r.median(section, m, p)?)))
-                        .collect();
-                    (p.clone(), pts)
-                })
-                .collect();
-            let file = format!("{}.svg", slug(section));
-            let what = section.trim_start_matches("scaling ");
-            plot::lines(
-                &out.join(&file),
-                &format!("connections/s vs number of {what}"),
-                what,
-                "conn/s",
-                &series,
-            )?;
-            charts.push(file);
-        } else {
-            for m in &metrics {
-                let bars: Vec<plot::Bar> = paths
-                    .iter()
-                    .filter_map(|p| {
-                        let v = r.get(section, m, p)?;
-                        let (min, max) = spread(v);
-                        Some(plot::Bar {
-                            label: p.clone(),
-                            median: median(v),
-                            min,
-                            max,
-                        })
-                    })
-                    .collect();
-                let file = format!("{}-{}.svg", slug(section), slug(m));
-                plot::bars(
-                    &out.join(&file),
-                    &format!("{section}: {m}"),
-                    r.units[m],
-                    &bars,
-                )?;
-                charts.push(file);
-            }
-        }
-    }
-    md.push_str("### Counts\n\n| what | value |\n|---|---|\n");
-    for (k, v) in &r.extra {
-        md.push_str(&format!("| {k} | {v} |\n"));
-    }
-    md.push_str(&targets(r));
-    md.push_str("\n### Charts\n\n");
-    for c in &charts {
-        md.push_str(&format!("![{c}]({c})\n"));
-    }
-    std::fs::write(out.join("results.md"), &md)?;
-    let samples: Vec<serde_json::Value> = r
-        .samples
-        .iter()
-        .map(|((sec, m, p), v)| {
-            json!({"section": sec, "metric": m, "unit": r.units[m], "path": p,
-                   "rounds": v, "median": median(v), "ratio_to_explicit": ratio(r, sec, m, p)})
-        })
-        .collect();
-    let doc = json!({
-        "machine": m,
-        "settings": {"secs": s.secs, "rounds": s.rounds},
-        "samples": samples,
-        "counts": r.extra,
-        "charts": charts,
-    });
-    std::fs::write(out.join("results.json"), serde_json::to_vec_pretty(&doc)?)?;
-    println!("{md}");
-    eprintln!(
-        "bench: wrote {}/results.{{json,md}} and {} charts",
-        out.display(),
-        charts.len()
-    );
-    Ok(())
-}
-
-/// The targets against this run's numbers.
-fn targets(r: &Results) -> String {
-    let mut t = String::from("\n### Targets\n\n| target | measured | met |\n|---|---|---|\n");
-    let mut row =
-        |name: &str, v: Option<f64>, fmt: &dyn Fn(f64) -> String, ok: &dyn Fn(f64) -> bool| {
-            let (m, met) = match v {
-                Some(x) => (fmt(x), if ok(x) { "yes" } else { "no" }),
-                None => ("–".into(), "–"),
-            };
-            t.push_str(&format!("| {name} | {m} | {met} |\n"));
-        };
-    let x = |v: f64| format!("×{v:.3}");
-    row(
-        "eBPF connect rate ≥ 0.97× explicit",
-        ratio(r, "outbound", "connections/s", "eBPF"),
-        &x,
-        &|v| v >= 0.97,
-    );
-    row(
-        "iptables-nft connect rate (expected ~0.75×)",
-        ratio(r, "outbound", "connections/s", "iptables-nft"),
-        &x,
-        &|_| true,
-    );
-    row(
-        "eBPF 1-byte RR p50 within 3% of explicit",
-        ratio(r, "outbound", "RR p50 c=1", "eBPF"),
-        &x,
-        &|v| v <= 1.03,
-    );
-    let hop = r
-        .median("hop", "hop RR p50 c=1", "eBPF+sk_msg")
-        .zip(r.median("hop", "hop RR p50 c=1", "eBPF"))
-        .map(|(a, p)| 1.0 - a / p);
-    row(
-        "--accelerate: app↔proxy hop RR p50 ≥ 20% faster than loopback TCP",
-        hop,
-        &|v| format!("{:.1}% faster", v * 100.0),
-        &|v| v >= 0.20,
-    );
-    let flat = |sec: &str, path: &str| -> Option<f64> {
-        let sec = format!("scaling {sec}");
-        let keys: Vec<usize> = r
-            .samples
-            .keys()
-            .filter(|k| k.0 == sec && k.2 == path)
-            .filter_map(|k| k.1.parse().ok())
-            .collect();
-        let (lo, hi) = (keys.iter().min()?, keys.iter().max()?);
-        Some(r.median(&sec, &hi.to_string(), path)? / r.median(&sec, &lo.to_string(), path)? - 1.0)
-    };
-    let pct = |v: f64| format!("{:+.1}%", v * 100.0);
-    for (sec, path) in [
-        ("excluded CIDRs", "eBPF"),
-        ("excluded ports", "eBPF"),
-        ("pods", "eBPF"),
-        ("excluded CIDRs", "iptables-nft"),
-        ("excluded ports", "iptables-nft"),
-    ] {
-        let target = path == "eBPF";
-        row(
-            &format!(
-                "{path}: conn/s change from fewest to most {sec}{}",
-                if target { " within 3%" } else { " (reference)" }
-            ),
-            flat(sec, path),
-            &pct,
-            &|v| !target || v.abs() <= 0.03,
-        );
-    }
-    let setup = r
-        .median("setup", "pod setup", "iptables-restore in netns")
-        .zip(r.median("setup", "pod setup", "daemon, eBPF"))
-        .map(|(i, e)| i / e);
-    row(
-        "pod setup via the daemon ≥ 10× faster than iptables-restore in a netns",
-        setup,
-        &|v| format!("{v:.1}×"),
-        &|v| v >= 10.0,
-    );
-    t
-}
-
-fn slug(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '-'
-            }
-        })
-        .collect::<String>()
-        .split('-')
-        .filter(|p| !p.is_empty())
-        .collect::<Vec<_>>()
-        .join("-")
 }
