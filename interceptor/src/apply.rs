@@ -27,7 +27,7 @@ pub fn choose_backend(args: &ApplyArgs, cfg: &Config) -> Result<Choice, ConfigEr
     choose(
         args.backend,
         args.native_nftables,
-        || crate::doctor::ebpf_missing(&args.ebpf.settings()),
+        || crate::service::probe::ebpf_missing(&args.ebpf.bpffs, args.ebpf.cgroup.as_deref()),
         cfg,
     )
 }

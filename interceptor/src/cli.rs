@@ -39,7 +39,7 @@ pub enum Command {
     /// Print the eBPF programs' decision log (programs loaded with `apply --ebpf-log`).
     Logs(LogsArgs),
     /// Which backend `auto` would use and why: the kernel features each hook needs.
-    Doctor(EbpfArgs),
+    Doctor(crate::doctor::DoctorArgs),
     /// The verdict for one connection of a pod (redirect to which port, or pass) and the rule
     /// that decided it, from the same decision model the eBPF programs follow.
     Explain(Box<ExplainArgs>),

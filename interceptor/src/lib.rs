@@ -14,5 +14,6 @@ pub mod k8s;
 pub mod listener;
 pub mod model;
 pub mod netns;
+pub mod service;
 pub mod userns;
 pub mod validate;

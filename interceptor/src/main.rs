@@ -27,7 +27,7 @@ fn main() -> ExitCode {
         Command::Daemon(args) => interceptor::daemon::run(args).map(Ok),
         Command::Pod(cmd) => interceptor::apply::pod(cmd),
         Command::Logs(args) => interceptor::apply::logs(args).map(Ok),
-        Command::Doctor(args) => interceptor::doctor::run(&args.settings()).map(Ok),
+        Command::Doctor(args) => interceptor::doctor::run(args).map(Ok),
         Command::Explain(args) => interceptor::explain::run(args),
         Command::Validate(args) => interceptor::validate::run(args),
         Command::CniInstall(args) => interceptor::cni::install::run_install(args).map(Ok),

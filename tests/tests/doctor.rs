@@ -4,11 +4,12 @@
 //! `auto` falls back to iptables/nftables.
 
 use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::Instant;
 
-use interceptor::doctor::{self, rows, Depth, Status};
-use interceptor::model::EbpfSettings;
+use interceptor::doctor;
+use interceptor::service::probe::{self, rows, Depth, Status};
 use interceptor_tests::bin;
 use interceptor_tests::ebpf::EbpfInstall;
 
@@ -110,20 +111,44 @@ fn every_needed_hook_is_present_here() {
     );
 }
 
+/// `-o json` is the same probe for tools: every needed row present (status as the table's
+/// word), no reason to fall back, the same verdict line.
+#[test]
+fn json_output_carries_the_same_rows() {
+    let out = text(&bin::run(&["doctor", "-o", "json"], &[]));
+    let doc: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let checks = doc["checks"].as_array().expect("checks");
+    for name in NEEDED {
+        let c = checks
+            .iter()
+            .find(|c| c["name"] == *name)
+            .unwrap_or_else(|| panic!("no {name} in {out}"));
+        assert_eq!(c["status"], "present", "{c}");
+        assert_eq!(c["needed"], true, "{c}");
+        assert!(!c["why"].as_str().unwrap_or_default().is_empty(), "{c}");
+    }
+    assert!(doc["ebpf_missing"].is_null(), "{out}");
+    assert_eq!(
+        doc["auto_backend"],
+        "ebpf (the kernel supports every eBPF hook needed)"
+    );
+    assert!(
+        doc["elapsed_ms"].as_f64().is_some_and(|ms| ms > 0.0),
+        "{out}"
+    );
+}
+
 /// The library answer `apply --backend auto` uses: the full probe says usable, the real loader
 /// agrees (it loads and attaches the same object), and once installed the probe trusts the
 /// installation and costs only a few syscalls.
 #[test]
 fn probe_agrees_with_the_loader_and_is_cheap_once_installed() {
-    let fresh = EbpfSettings {
-        bpffs: format!("/sys/fs/bpf/ic-doctor-none-{}", std::process::id()).into(),
-        cgroup: None,
-        no_counters: false,
-    };
+    let fresh = PathBuf::from(format!("/sys/fs/bpf/ic-doctor-none-{}", std::process::id()));
     let start = Instant::now();
-    let full = doctor::probe_with(&fresh, Depth::ReuseInstalled);
+    let full = probe::probe(&fresh, None, Depth::ReuseInstalled);
     let full_ms = start.elapsed().as_secs_f64() * 1e3;
-    assert_eq!(full.ebpf_missing(), None, "{}", full.table());
+    assert_eq!(full.ebpf_missing(), None, "{}", doctor::table(&full));
     for name in NEEDED {
         assert_eq!(
             full.get(name).map(|c| c.status),
@@ -140,18 +165,14 @@ fn probe_agrees_with_the_loader_and_is_cheap_once_installed() {
     install
         .load()
         .expect("doctor said eBPF is usable, yet the loader failed");
-    let args = EbpfSettings {
-        bpffs: install.dir().to_path_buf(),
-        cgroup: None,
-        no_counters: false,
-    };
+    let bpffs = install.dir().to_path_buf();
     let start = Instant::now();
     let runs = 5;
     for _ in 0..runs {
-        assert_eq!(doctor::ebpf_missing(&args), None);
+        assert_eq!(probe::ebpf_missing(&bpffs, None), None);
     }
     let quick_ms = start.elapsed().as_secs_f64() * 1e3 / f64::from(runs);
-    let quick = doctor::probe_with(&args, Depth::ReuseInstalled);
+    let quick = probe::probe(&bpffs, None, Depth::ReuseInstalled);
     assert_eq!(
         quick.get(rows::INSTALLATION).map(|c| c.status),
         Some(Status::Present)
@@ -163,7 +184,7 @@ fn probe_agrees_with_the_loader_and_is_cheap_once_installed() {
             .why
             .contains("already loaded"),
         "{}",
-        quick.table()
+        doctor::table(&quick)
     );
     println!(
         "full probe: {full_ms:.1} ms; with an installation: {quick_ms:.1} ms per ebpf_missing call"

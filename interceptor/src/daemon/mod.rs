@@ -108,7 +108,8 @@ impl Daemon {
         // Why: the records hold every pod's config; no pod or other user needs to read them.
         std::fs::set_permissions(&args.state_dir, std::fs::Permissions::from_mode(0o700))
             .with_context(|| format!("chmod 0700 {}", args.state_dir.display()))?;
-        let ebpf_missing = crate::doctor::ebpf_missing(&args.ebpf.settings());
+        let ebpf_missing =
+            crate::service::probe::ebpf_missing(&args.ebpf.bpffs, args.ebpf.cgroup.as_deref());
         let pins = match &ebpf_missing {
             None => {
                 let pins = Pins::new(&args.ebpf.bpffs);

@@ -1,0 +1,3 @@
+//! Services between the front ends (CLI, daemon, CNI) and the backends.
+
+pub mod probe;
