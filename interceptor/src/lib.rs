@@ -1,6 +1,8 @@
 //! interceptor: an eBPF replacement for istio-init's iptables traffic interception, with an
 //! iptables/nftables fallback that emits exactly what istio-iptables would.
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod apply;
 pub mod backend;
 pub mod cli;

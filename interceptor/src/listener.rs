@@ -192,11 +192,15 @@ pub fn find_proxy_listeners(
 }
 
 fn dup_from(pid: i32, fd: i32) -> Result<OwnedFd> {
+    // SAFETY: pidfd_open takes two integers and returns a new fd or -1; no memory is passed.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if pidfd < 0 {
         return Err(std::io::Error::last_os_error()).context("pidfd_open");
     }
+    // SAFETY: `pidfd` is a new descriptor the kernel just returned to us; nothing else owns it.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    // SAFETY: pidfd_getfd takes our live pidfd and two integers and returns a new fd or -1;
+    // no memory is passed.
     let dup = unsafe {
         libc::syscall(
             libc::SYS_pidfd_getfd,
@@ -208,5 +212,6 @@ fn dup_from(pid: i32, fd: i32) -> Result<OwnedFd> {
     if dup < 0 {
         return Err(std::io::Error::last_os_error()).context("pidfd_getfd");
     }
+    // SAFETY: `dup` is a new descriptor the kernel just returned to us; nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(dup as i32) })
 }
