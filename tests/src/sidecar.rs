@@ -38,7 +38,7 @@ pub struct Record {
 
 /// A threaded server in one namespace, listening on `0.0.0.0:<port>` and `[::]:<port>`
 /// (v6-only) for each port, replying `"<tag>:<port>\n"` and recording each connection.
-/// Stopped (thread joined, listeners closed) on drop.
+/// Stopped (listeners shut down and closed, thread joined) on drop.
 #[derive(Debug)]
 pub struct TagServer {
     tag: String,
@@ -219,6 +219,14 @@ fn serve(
                 }
             }
         }
+    }
+    // Stopped means gone, as when a proxy process dies. Closing our fd is not enough: a child
+    // another test thread forks at that moment (every `connect_with` forks) holds a copy of the
+    // listener until it closes its fds, and a connection arriving meanwhile is completed into
+    // the backlog and reset when the copy goes (ECONNRESET where the caller wants
+    // ECONNREFUSED). shutdown() takes the socket out of LISTEN whoever else holds it.
+    for (_, listener) in listeners {
+        let _ = sock::shutdown(listener.as_raw_fd(), sock::Shutdown::Both);
     }
 }
 

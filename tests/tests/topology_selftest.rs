@@ -255,6 +255,48 @@ fn run_in_netns_uses_the_pod_namespace() {
     .is_err());
 }
 
+/// A stopped server is gone even while another process still holds a copy of its listener (a
+/// child that a parallel test forked, as every `connect_with` does, holds the whole fd table
+/// until it closes it): connections are refused, not completed into the backlog and reset
+/// when the copy closes. `faults::proxy_crash_and_restart` relies on this when it stops the
+/// proxy; closing the fd alone once let it see a reset under the parallel suite.
+#[test]
+fn stopped_server_refuses_while_a_forked_child_holds_its_listener() {
+    /// Kills and reaps the child, also when an assertion fails.
+    struct Child(libc::pid_t);
+    impl Drop for Child {
+        fn drop(&mut self) {
+            // SAFETY: our own child, not yet reaped.
+            unsafe {
+                libc::kill(self.0, libc::SIGKILL);
+                libc::waitpid(self.0, std::ptr::null_mut(), 0);
+            }
+        }
+    }
+    let topo = Topology::new("stop").unwrap();
+    let upstream = TagServer::upstream(&topo, UPSTREAM_PORT).unwrap();
+    let dst = sa(topo.upstream_v4(), UPSTREAM_PORT);
+    let reply = topo.connect_from_pod(1000, 1000, dst).unwrap().reply;
+    assert_eq!(reply, format!("upstream:{UPSTREAM_PORT}"));
+    // SAFETY: the child only waits in pause() (async-signal-safe) until it is SIGKILLed.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        loop {
+            // SAFETY: as above.
+            unsafe { libc::pause() };
+        }
+    }
+    let child = Child(pid);
+    drop(upstream);
+    let err = topo
+        .connect_from_pod(1000, 1000, dst)
+        .expect_err("a stopped server answered");
+    drop(child);
+    let ce = err.downcast_ref::<ConnectError>().expect("a ConnectError");
+    assert!(ce.is_refused(), "want connection refused, got {ce}");
+}
+
 #[test]
 fn client_errors_are_classified() {
     let topo = Topology::new("errors").unwrap();
