@@ -5,7 +5,7 @@ use aya::maps::MapInfo;
 use interceptor_common::decision::PodPolicy;
 use interceptor_common::maps::{names, stat};
 
-use super::PodMaps;
+use super::pod_maps::PodMaps;
 
 impl PodMaps {
     /// Sockets in the acceleration map (both ends of every accelerated connection open now).

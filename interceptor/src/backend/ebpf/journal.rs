@@ -1,14 +1,12 @@
-//! How a registration is undone: each map write is counted (for the fault knob) and journaled,
-//! and a failure reverts the journal newest first (`PodMaps::undo`).
+//! What a registration would undo: each map write is counted (for the fault knob) and journaled;
+//! a failure makes `registry` revert the journal newest first.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use aya::maps::lpm_trie::Key;
 use interceptor_common::decision::PodPolicy;
 use interceptor_common::maps::{AddrKey, Cidr4Data, Cidr6Data, GroupKey, PortKey};
-
-use super::{reserved_ports, PodMaps};
 
 pub(super) const BPF_NOEXIST: u64 = 1;
 
@@ -71,40 +69,6 @@ pub(super) enum Removed {
     Group(GroupKey),
     Cidr4(usize, Key<Cidr4Data>),
     Cidr6(usize, Key<Cidr6Data>),
-}
-
-impl PodMaps {
-    /// Reverts a failed registration's writes, newest first.
-    pub(super) fn undo(&mut self, undo: Vec<Undo>) -> Result<()> {
-        let mut first_err = None;
-        for u in undo.into_iter().rev() {
-            let r: Result<()> = match u {
-                Undo::Port(k) => self.ports.remove(&k).map_err(Into::into),
-                Undo::Addr(k) => self.addrs.remove(&k).map_err(Into::into),
-                Undo::Group(k) => self.groups.remove(&k).map_err(Into::into),
-                Undo::Cidr4(i, k) => self.cidr4[i].remove(&k).map_err(Into::into),
-                Undo::Cidr6(i, k) => self.cidr6[i].remove(&k).map_err(Into::into),
-                Undo::Restore(r) => match r {
-                    Removed::Port(k) => self.ports.insert(k, 1, 0).map_err(Into::into),
-                    Removed::Addr(k) => self.addrs.insert(k, 1, 0).map_err(Into::into),
-                    Removed::Group(k) => self.groups.insert(k, 1, 0).map_err(Into::into),
-                    Removed::Cidr4(i, k) => self.cidr4[i].insert(&k, 1, 0).map_err(Into::into),
-                    Removed::Cidr6(i, k) => self.cidr6[i].insert(&k, 1, 0).map_err(Into::into),
-                },
-                Undo::Policy(c, Some(p)) => self.policy.insert(c, p, 0).map_err(Into::into),
-                Undo::Policy(c, None) => self.policy.remove(&c).map_err(Into::into),
-                Undo::Listener(k) => self.listeners.remove(&k).map_err(Into::into),
-                Undo::Unreserve(ns, ports) => reserved_ports::release(&ns, ports),
-                Undo::Pin(p) => {
-                    std::fs::remove_file(&p).with_context(|| format!("unpinning {}", p.display()))
-                }
-            };
-            if let Err(e) = r {
-                first_err.get_or_insert(e);
-            }
-        }
-        first_err.map_or(Ok(()), Err)
-    }
 }
 
 #[cfg(test)]

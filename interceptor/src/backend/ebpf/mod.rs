@@ -10,15 +10,18 @@
 //! `ACCEL` SockHash with `BPF_PROG_ATTACH` too: the attachment lives as long as the map.
 //!
 //! One file per concern, as aya splits its crate: `sys` (every raw `bpf()` call, nothing else
-//! unsafe), `pins` (load, attach, pin, detach, cleanup), `registry` (a pod's map writes and
-//! removal, all or nothing), `keys` (which keys a registration writes: pure), `journal` (how a
-//! failed registration is undone), `inspect` (read-only views for metrics and `pod show`),
-//! `sk_lookup` (the per-pod inbound program), `reserved_ports` (the bind guard's sysctl).
+//! unsafe), `pins` (load, attach, pin, detach), `pod_maps` (the open maps pods are written to),
+//! `registry` (a pod's map writes and removal, all or nothing; `cleanup`), `keys` (which keys
+//! a registration writes: pure), `journal` (what a failed registration undoes),
+//! `inspect` (read-only views for metrics and `pod show`), `sk_lookup` (the per-pod inbound
+//! program), `reserved_ports` (the bind guard's sysctl). Edges point one way: everything uses
+//! `pod_maps`, which uses only `pins`.
 
 mod inspect;
 mod journal;
 mod keys;
 mod pins;
+mod pod_maps;
 mod registry;
 pub mod reserved_ports;
 pub mod sk_lookup;
@@ -27,7 +30,7 @@ pub mod sys;
 use interceptor_common::maps::names;
 
 pub use pins::{bpffs_mounted, detect_cgroup2_root, Pins};
-pub use registry::{PodHandle, PodMaps};
+pub use pod_maps::{PodHandle, PodMaps};
 
 /// The object built by build.rs from interceptor-ebpf.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/interceptor"));

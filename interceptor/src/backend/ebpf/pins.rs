@@ -14,8 +14,8 @@ use interceptor_common::maps::{names, SockKey};
 
 use super::sys;
 use super::{
-    sk_lookup, PodMaps, GETSOCKOPT_PROGRAM, LEGACY_MAPS, LEGACY_PROGRAMS, LINKED_PROGRAMS, MAPS,
-    OBJECT, SK_LOOKUP_PROGRAM, SK_MSG_PROGRAM,
+    sk_lookup, GETSOCKOPT_PROGRAM, LEGACY_MAPS, LEGACY_PROGRAMS, LINKED_PROGRAMS, MAPS, OBJECT,
+    SK_LOOKUP_PROGRAM, SK_MSG_PROGRAM,
 };
 
 /// The cgroup v2 mount point: `/sys/fs/cgroup` on unified hosts, `/sys/fs/cgroup/unified` on
@@ -291,16 +291,11 @@ impl Pins {
         Ok(Some(pin))
     }
 
-    /// Detaches and unpins everything of ours, maps included.
-    pub fn cleanup(&self, cgroup: &Path) -> Result<bool> {
+    /// Detaches and unpins everything of ours, maps included (`Pins::cleanup` releases the
+    /// pods' reserved ports first).
+    pub(super) fn unpin_all(&self, cgroup: &Path) -> Result<bool> {
         if !self.dir.exists() {
             return Ok(false);
-        }
-        // The pods' reserved ports first: the record of which are ours is in the maps.
-        if self.loaded() {
-            if let Err(e) = self.maps().and_then(|m| m.release_all_reserved()) {
-                tracing::warn!("releasing reserved ports: {e:#}");
-            }
         }
         self.detach_all(Some(cgroup));
         for m in MAPS
@@ -324,17 +319,6 @@ impl Pins {
         let link = aya::programs::links::PinnedLink::from_pin(self.link("ic_connect4"))
             .with_context(|| format!("no programs loaded under {}", self.dir.display()))?;
         Ok(FdLink::from(link).info()?.program_id())
-    }
-
-    /// Opens the pinned maps for writing pod entries.
-    pub fn maps(&self) -> Result<PodMaps> {
-        if !self.loaded() {
-            bail!(
-                "the eBPF programs are not loaded under {}",
-                self.dir.display()
-            );
-        }
-        PodMaps::open(self)
     }
 }
 

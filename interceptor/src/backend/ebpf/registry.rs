@@ -1,79 +1,29 @@
 //! The pod registry: one pod's entries in the pinned maps, written all or nothing
-//! (`register`) and removed (`remove*`), keyed by netns cookie; a pod keeps its id across
-//! re-registrations.
+//! (`register`, reverting its `journal` on failure) and removed (`remove*`), keyed by netns
+//! cookie; a pod keeps its id across re-registrations. `Pins::cleanup` (everything) is here too:
+//! it releases the pods' reserved ports before `pins` unpins.
 
 use std::net::IpAddr;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
-use aya::maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData};
-use aya::maps::{Array, PerCpuArray, PerCpuValues, SkStorage, SockHash};
+use aya::maps::lpm_trie::Key;
+use aya::maps::PerCpuValues;
 use interceptor_common::config::Config;
 use interceptor_common::decision::PodPolicy;
 use interceptor_common::maps::stat;
-use interceptor_common::maps::{
-    names, AddrKey, Cidr4Data, Cidr6Data, GroupKey, PortKey, SockKey, SockOrig, TupleKey,
-};
+use interceptor_common::maps::{AddrKey, Cidr4Data, Cidr6Data, GroupKey, PortKey, TupleKey};
 use interceptor_common::policy;
 use ipnet::IpNet;
 
 use super::journal::{set_insert, Removed, Undo, Writes, BPF_NOEXIST};
 use super::keys::{cidr_keys, v4_cidr_key, v6_cidr_key, Keys};
-use super::pins::{open_map, Pins};
+use super::pins::Pins;
+use super::pod_maps::{PodHandle, PodMaps};
 use super::reserved_ports;
 use crate::netns;
 
-/// The maps a pod's registration writes, opened from their pins.
-pub struct PodMaps {
-    pub(super) pins: Pins,
-    pub(super) stats: PerCpuArray<MapData, u64>,
-    pub(super) listeners: SockHash<MapData, u32>,
-    pub(super) policy: HashMap<MapData, u64, PodPolicy>,
-    pub(super) ports: HashMap<MapData, PortKey, u8>,
-    pub(super) addrs: HashMap<MapData, AddrKey, u8>,
-    pub(super) groups: HashMap<MapData, GroupKey, u8>,
-    pub(super) cidr4: [LpmTrie<MapData, Cidr4Data, u8>; 2],
-    pub(super) cidr6: [LpmTrie<MapData, Cidr6Data, u8>; 2],
-    pub(super) by_tuple: HashMap<MapData, TupleKey, SockOrig>,
-    pub(super) tuple_count: Array<MapData, u64>,
-    pub(super) sk_proxy: SkStorage<MapData, u32>,
-    pub(super) accel: SockHash<MapData, SockKey>,
-    pub(super) accel_on: Array<MapData, u32>,
-}
-
-/// A registered pod.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PodHandle {
-    pub netns_cookie: u64,
-    pub pod_id: u32,
-}
-
 impl PodMaps {
-    pub(super) fn open(pins: &Pins) -> Result<Self> {
-        Ok(Self {
-            pins: pins.clone(),
-            stats: PerCpuArray::try_from(Map::PerCpuArray(open_map(pins, names::STATS)?))?,
-            listeners: SockHash::try_from(Map::SockHash(open_map(pins, names::LISTENERS)?))?,
-            policy: HashMap::try_from(Map::HashMap(open_map(pins, names::POD_POLICY)?))?,
-            ports: HashMap::try_from(Map::HashMap(open_map(pins, names::PORTS)?))?,
-            addrs: HashMap::try_from(Map::HashMap(open_map(pins, names::ADDRS)?))?,
-            groups: HashMap::try_from(Map::HashMap(open_map(pins, names::GROUPS)?))?,
-            cidr4: [
-                LpmTrie::try_from(Map::LpmTrie(open_map(pins, names::CIDR4_EXCL)?))?,
-                LpmTrie::try_from(Map::LpmTrie(open_map(pins, names::CIDR4_INCL)?))?,
-            ],
-            cidr6: [
-                LpmTrie::try_from(Map::LpmTrie(open_map(pins, names::CIDR6_EXCL)?))?,
-                LpmTrie::try_from(Map::LpmTrie(open_map(pins, names::CIDR6_INCL)?))?,
-            ],
-            by_tuple: HashMap::try_from(Map::HashMap(open_map(pins, names::ORIG_BY_TUPLE)?))?,
-            tuple_count: Array::try_from(Map::Array(open_map(pins, names::TUPLE_COUNT)?))?,
-            sk_proxy: SkStorage::try_from(Map::SkStorage(open_map(pins, names::SK_PROXY)?))?,
-            accel: SockHash::try_from(Map::SockHash(open_map(pins, names::ACCEL)?))?,
-            accel_on: Array::try_from(Map::Array(open_map(pins, names::ACCEL_ON)?))?,
-        })
-    }
-
     /// Registers (or re-registers) the pod whose netns is at `netns`: set entries, the pod's
     /// sk_lookup program and an existing proxy listener first, the policy last (so a
     /// connect never sees half a pod), then stale entries of an earlier registration are
@@ -259,6 +209,38 @@ impl PodMaps {
         Ok(())
     }
 
+    /// Reverts a failed registration's writes, newest first.
+    fn undo(&mut self, undo: Vec<Undo>) -> Result<()> {
+        let mut first_err = None;
+        for u in undo.into_iter().rev() {
+            let r: Result<()> = match u {
+                Undo::Port(k) => self.ports.remove(&k).map_err(Into::into),
+                Undo::Addr(k) => self.addrs.remove(&k).map_err(Into::into),
+                Undo::Group(k) => self.groups.remove(&k).map_err(Into::into),
+                Undo::Cidr4(i, k) => self.cidr4[i].remove(&k).map_err(Into::into),
+                Undo::Cidr6(i, k) => self.cidr6[i].remove(&k).map_err(Into::into),
+                Undo::Restore(r) => match r {
+                    Removed::Port(k) => self.ports.insert(k, 1, 0).map_err(Into::into),
+                    Removed::Addr(k) => self.addrs.insert(k, 1, 0).map_err(Into::into),
+                    Removed::Group(k) => self.groups.insert(k, 1, 0).map_err(Into::into),
+                    Removed::Cidr4(i, k) => self.cidr4[i].insert(&k, 1, 0).map_err(Into::into),
+                    Removed::Cidr6(i, k) => self.cidr6[i].insert(&k, 1, 0).map_err(Into::into),
+                },
+                Undo::Policy(c, Some(p)) => self.policy.insert(c, p, 0).map_err(Into::into),
+                Undo::Policy(c, None) => self.policy.remove(&c).map_err(Into::into),
+                Undo::Listener(k) => self.listeners.remove(&k).map_err(Into::into),
+                Undo::Unreserve(ns, ports) => reserved_ports::release(&ns, ports),
+                Undo::Pin(p) => {
+                    std::fs::remove_file(&p).with_context(|| format!("unpinning {}", p.display()))
+                }
+            };
+            if let Err(e) = r {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
     /// Unregisters the pod of `netns`; returns whether it was registered.
     pub fn remove(&mut self, netns: &Path) -> Result<bool> {
         let cookie = netns::cookie(Some(netns))?;
@@ -431,6 +413,19 @@ impl PodMaps {
             }
         }
         Ok(())
+    }
+}
+
+impl Pins {
+    /// Detaches and unpins everything of ours, maps included. The pods' reserved ports go
+    /// first: the record of which are ours is in the maps.
+    pub fn cleanup(&self, cgroup: &Path) -> Result<bool> {
+        if self.dir.exists() && self.loaded() {
+            if let Err(e) = self.maps().and_then(|m| m.release_all_reserved()) {
+                tracing::warn!("releasing reserved ports: {e:#}");
+            }
+        }
+        self.unpin_all(cgroup)
     }
 }
 

@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use interceptor_common::maps::{PortKey, PORT_RESERVED};
 
 use super::journal::{Undo, Writes};
-use super::PodMaps;
+use super::pod_maps::PodMaps;
 use crate::netns;
 
 /// The sysctl, as seen from inside the netns that opens it.

@@ -2,7 +2,8 @@
 //!
 //! Generation is two steps, as in istio-iptables: [`rules`] builds the ordered rule list of one
 //! address family from the config, and [`restore_doc`] serialises such a list into an
-//! `iptables-restore --noflush` document. Byte-for-byte equality with Istio's goldens depends on
+//! `iptables-restore --noflush` document ([`render`]: both families). This file is the
+//! vocabulary (chains, tables, rules) and the serialisation; `rules.rs` builds on it. Byte-for-byte equality with Istio's goldens depends on
 //! both the order of the rule groups (`rules.rs`) and the exact parameter spelling inside each rule
 //! (`--to-ports` vs `--to-port`, `-p` before or after `-d`, ...), so both are kept exactly as
 //! Istio has them, quirks included.
@@ -10,12 +11,9 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 
-use interceptor_common::config::Config;
-use interceptor_common::plan::{Family, Plan};
-
 mod rules;
 
-pub use rules::rules;
+pub use rules::{render, rules};
 
 /// Inbound entry chain (nat for REDIRECT, mangle for TPROXY; raw for DNS conntrack zones).
 pub const ISTIO_INBOUND: &str = "ISTIO_INBOUND";
@@ -142,16 +140,6 @@ pub struct RestoreDocs {
     pub v6: Option<String>,
 }
 
-/// Renders the restore documents istio-iptables would feed to `iptables-restore --noflush`.
-pub fn render(cfg: &Config) -> RestoreDocs {
-    RestoreDocs {
-        v4: restore_doc(&rules(cfg, Family::V4)),
-        v6: Plan::new(cfg)
-            .ipv6
-            .then(|| restore_doc(&rules(cfg, Family::V6))),
-    }
-}
-
 /// Serialises rules as Istio's builder does: per table (sorted, empty ones omitted) a
 /// `* table` line, `-N` for each non-built-in chain in first-appearance order, then `-N` for
 /// jump targets not yet declared, then the rules in generation order, then `COMMIT`.
@@ -190,6 +178,8 @@ pub fn restore_doc(rules: &[Rule]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use interceptor_common::plan::Family;
+
     use super::*;
     use crate::backend::netfilter::test_configs::{config, everything};
 

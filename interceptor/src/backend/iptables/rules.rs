@@ -5,9 +5,19 @@ use interceptor_common::config::{Config, OwnerGroups, PortSelection};
 use interceptor_common::plan::{Family, Owner, Plan, DNS_PROXY_PORT, OUTBOUND_MARK};
 
 use super::{
-    Position, Rule, Table, ISTIO_DIVERT, ISTIO_DROP, ISTIO_INBOUND, ISTIO_IN_REDIRECT,
-    ISTIO_OUTPUT, ISTIO_OUTPUT_DNS, ISTIO_REDIRECT, ISTIO_TPROXY,
+    restore_doc, Position, RestoreDocs, Rule, Table, ISTIO_DIVERT, ISTIO_DROP, ISTIO_INBOUND,
+    ISTIO_IN_REDIRECT, ISTIO_OUTPUT, ISTIO_OUTPUT_DNS, ISTIO_REDIRECT, ISTIO_TPROXY,
 };
+
+/// Renders the restore documents istio-iptables would feed to `iptables-restore --noflush`.
+pub fn render(cfg: &Config) -> RestoreDocs {
+    RestoreDocs {
+        v4: restore_doc(&rules(cfg, Family::V4)),
+        v6: Plan::new(cfg)
+            .ipv6
+            .then(|| restore_doc(&rules(cfg, Family::V6))),
+    }
+}
 
 /// The ordered rules istio-iptables generates for one family. This does not look at
 /// `cfg.enable_ipv6`: [`render`] only asks for IPv6 rules when IPv6 is enabled.

@@ -1,16 +1,15 @@
 //! The nftables backend: one `nft -f -` transaction identical to istio-nftables' output.
 //!
 //! Generation is two steps, as in `istio-iptables --native-nftables`: the rule-group functions
-//! (`rules.rs`) fill an ordered model (three `inet` tables, each with its declarable chains and its
-//! rules in generation order), and [`model::serialise`] turns that into the transaction text.
+//! (`rules.rs`, with [`render`]) fill an ordered model (three `inet` tables, each with its
+//! declarable chains and its rules in generation order), and [`model::serialise`] turns that
+//! into the transaction text. This file names the tables and chains the rules fill.
 //! Byte-for-byte equality with Istio's goldens depends on the order of the groups, on the exact
 //! token order inside each rule (`counter` sits right before the verdict), and on which rules are
 //! IPv6-only, so all three are kept as Istio has them — including its quirks (e.g. only the uid
 //! rule excludes port 53 from the loopback redirect when DNS capture is on, not the gid rule).
 
 mod model;
-
-use interceptor_common::config::Config;
 
 use model::{ChainDecl, Hook, Table};
 
@@ -80,11 +79,6 @@ const RAW_CHAINS: &[ChainDecl] = &[
     regular(OUTPUT_DNS),
 ];
 
-/// Renders the nft transaction istio-iptables --native-nftables would apply.
-pub fn render(cfg: &Config) -> String {
-    model::serialise(&rules::build(cfg).tables())
-}
-
 /// The three tables being filled, plus the IPv6 switch that gates the v6-only rules.
 struct Builder {
     nat: Table,
@@ -120,8 +114,12 @@ macro_rules! v6 {
 // After `v6!`, which it uses.
 mod rules;
 
+pub use rules::render;
+
 #[cfg(test)]
 mod tests {
+    use interceptor_common::config::Config;
+
     use super::*;
     use crate::backend::netfilter::test_configs::everything;
 

@@ -4,10 +4,16 @@
 use interceptor_common::config::{Config, OwnerGroups, PortSelection};
 use interceptor_common::plan::{Family, Owner, Plan, DNS_PROXY_PORT, OUTBOUND_MARK};
 
+use super::model::serialise;
 use super::{
     Builder, DIVERT, DROP, INBOUND, IN_REDIRECT, ISTIO_OUTPUT, OUTPUT, OUTPUT_DNS, PREROUTING,
     REDIRECT, TPROXY,
 };
+
+/// Renders the nft transaction istio-iptables --native-nftables would apply.
+pub fn render(cfg: &Config) -> String {
+    serialise(&build(cfg).tables())
+}
 
 /// The loopback CIDR the app uses to reach itself, and `::1/128`.
 fn lo4(p: &Plan) -> String {

@@ -1,0 +1,77 @@
+//! The open handles on the pinned maps a pod's registration writes, and the handle of a
+//! registered pod: the type `registry` (writes), `journal`'s undo, `reserved_ports` and
+//! `inspect` (reads) all work on, in a room of its own so their edges point one way.
+
+use anyhow::{bail, Result};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, SkStorage, SockHash};
+use interceptor_common::decision::PodPolicy;
+use interceptor_common::maps::{
+    names, AddrKey, Cidr4Data, Cidr6Data, GroupKey, PortKey, SockKey, SockOrig, TupleKey,
+};
+
+use super::pins::{open_map, Pins};
+
+/// The maps a pod's registration writes, opened from their pins.
+pub struct PodMaps {
+    pub(super) pins: Pins,
+    pub(super) stats: PerCpuArray<MapData, u64>,
+    pub(super) listeners: SockHash<MapData, u32>,
+    pub(super) policy: HashMap<MapData, u64, PodPolicy>,
+    pub(super) ports: HashMap<MapData, PortKey, u8>,
+    pub(super) addrs: HashMap<MapData, AddrKey, u8>,
+    pub(super) groups: HashMap<MapData, GroupKey, u8>,
+    pub(super) cidr4: [LpmTrie<MapData, Cidr4Data, u8>; 2],
+    pub(super) cidr6: [LpmTrie<MapData, Cidr6Data, u8>; 2],
+    pub(super) by_tuple: HashMap<MapData, TupleKey, SockOrig>,
+    pub(super) tuple_count: Array<MapData, u64>,
+    pub(super) sk_proxy: SkStorage<MapData, u32>,
+    pub(super) accel: SockHash<MapData, SockKey>,
+    pub(super) accel_on: Array<MapData, u32>,
+}
+
+/// A registered pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PodHandle {
+    pub netns_cookie: u64,
+    pub pod_id: u32,
+}
+
+impl PodMaps {
+    pub(super) fn open(pins: &Pins) -> Result<Self> {
+        Ok(Self {
+            pins: pins.clone(),
+            stats: PerCpuArray::try_from(Map::PerCpuArray(open_map(pins, names::STATS)?))?,
+            listeners: SockHash::try_from(Map::SockHash(open_map(pins, names::LISTENERS)?))?,
+            policy: HashMap::try_from(Map::HashMap(open_map(pins, names::POD_POLICY)?))?,
+            ports: HashMap::try_from(Map::HashMap(open_map(pins, names::PORTS)?))?,
+            addrs: HashMap::try_from(Map::HashMap(open_map(pins, names::ADDRS)?))?,
+            groups: HashMap::try_from(Map::HashMap(open_map(pins, names::GROUPS)?))?,
+            cidr4: [
+                LpmTrie::try_from(Map::LpmTrie(open_map(pins, names::CIDR4_EXCL)?))?,
+                LpmTrie::try_from(Map::LpmTrie(open_map(pins, names::CIDR4_INCL)?))?,
+            ],
+            cidr6: [
+                LpmTrie::try_from(Map::LpmTrie(open_map(pins, names::CIDR6_EXCL)?))?,
+                LpmTrie::try_from(Map::LpmTrie(open_map(pins, names::CIDR6_INCL)?))?,
+            ],
+            by_tuple: HashMap::try_from(Map::HashMap(open_map(pins, names::ORIG_BY_TUPLE)?))?,
+            tuple_count: Array::try_from(Map::Array(open_map(pins, names::TUPLE_COUNT)?))?,
+            sk_proxy: SkStorage::try_from(Map::SkStorage(open_map(pins, names::SK_PROXY)?))?,
+            accel: SockHash::try_from(Map::SockHash(open_map(pins, names::ACCEL)?))?,
+            accel_on: Array::try_from(Map::Array(open_map(pins, names::ACCEL_ON)?))?,
+        })
+    }
+}
+
+impl Pins {
+    /// Opens the pinned maps for writing pod entries.
+    pub fn maps(&self) -> Result<PodMaps> {
+        if !self.loaded() {
+            bail!(
+                "the eBPF programs are not loaded under {}",
+                self.dir.display()
+            );
+        }
+        PodMaps::open(self)
+    }
+}
