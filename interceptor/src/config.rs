@@ -1,28 +1,19 @@
-//! From the command line and environment to the validated `Config`, including what Istio detects
-//! from the pod (IPv6, DNS servers, the proxy uid) unless overridden.
+//! From a pod's config as given (neutral `Input`: the CLI, the daemon and the CNI plugin fill it)
+//! to the raw config, including what Istio detects from the pod (IPv6, DNS servers, the proxy
+//! uid) unless given.
 
 use std::net::IpAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
-use interceptor_common::config::{Config, ConfigError, RawConfig};
+use interceptor_common::config::{ConfigError, RawConfig};
 use interceptor_common::plan::defaults;
 
-use crate::cli::ApplyArgs;
 use crate::netns;
-
-fn env_true(name: &str) -> bool {
-    std::env::var(name)
-        .is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "true" | "1" | "yes" | "on"))
-}
-
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_string())
-}
 
 /// Istio's default proxy uid: the uid of $ENVOY_USER (istio-proxy), else 1337.
 fn default_proxy_uid() -> String {
-    let user = env_or("ENVOY_USER", "istio-proxy");
+    let user = std::env::var("ENVOY_USER").unwrap_or_else(|_| "istio-proxy".into());
     nix::unistd::User::from_name(&user)
         .ok()
         .flatten()
@@ -71,15 +62,36 @@ pub fn check_netns(ns: &Path) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// A pod's config as given (flags and env, annotations, a control request), before what Istio
+/// detects from the pod. `raw` holds every given value; the fields below are the ones detected
+/// when not given.
+#[derive(Debug, Clone, Default)]
+pub struct Input {
+    pub raw: RawConfig,
+    /// The pod's netns (None: this process's own).
+    pub netns: Option<PathBuf>,
+    /// Comma list of proxy uids; default: the uid of $ENVOY_USER, else 1337.
+    pub proxy_uid: Option<String>,
+    /// Default: the netns's first non-loopback, non-link-local address is IPv6.
+    pub ipv6: Option<bool>,
+    /// Default (with DNS capture, not of all DNS): the resolv.conf in effect.
+    pub dns_servers: Option<String>,
+}
+
 /// Builds the raw (string) config exactly as istio-iptables would see it.
-pub fn raw_config(a: &ApplyArgs) -> Result<RawConfig, ConfigError> {
-    if let Some(ns) = &a.network_namespace {
+pub fn raw_config(input: Input) -> Result<RawConfig, ConfigError> {
+    let Input {
+        mut raw,
+        netns,
+        proxy_uid,
+        ipv6,
+        dns_servers,
+    } = input;
+    if let Some(ns) = &netns {
         check_netns(ns)?;
     }
-    let netns = a.network_namespace.as_deref();
-    let redirect_dns = a.redirect_dns || env_true("ISTIO_META_DNS_CAPTURE");
-    let capture_all_dns = a.capture_all_dns;
-    let enable_ipv6 = match a.ipv6 {
+    let netns = netns.as_deref();
+    raw.enable_ipv6 = match ipv6 {
         Some(v) => v,
         None => detect_ipv6(netns).map_err(|e| {
             ConfigError::new(
@@ -90,63 +102,13 @@ pub fn raw_config(a: &ApplyArgs) -> Result<RawConfig, ConfigError> {
         })?,
     };
     // Istio reads resolv.conf only when it will use it.
-    let dns_servers = match &a.dns_servers {
-        Some(s) => s.clone(),
-        None if redirect_dns && !capture_all_dns => resolv_conf_servers(netns),
+    raw.dns_servers = match dns_servers {
+        Some(s) => s,
+        None if raw.redirect_dns && !raw.capture_all_dns => resolv_conf_servers(netns),
         None => String::new(),
     };
-    Ok(RawConfig {
-        proxy_port: a.envoy_port.clone(),
-        inbound_capture_port: a.inbound_capture_port.clone(),
-        inbound_tunnel_port: a.inbound_tunnel_port.clone(),
-        proxy_uid: a.proxy_uid.clone().unwrap_or_else(default_proxy_uid),
-        proxy_gid: a.proxy_gid.clone().unwrap_or_default(),
-        inbound_interception_mode: a.istio_inbound_interception_mode.clone(),
-        inbound_ports_include: a.istio_inbound_ports.clone(),
-        inbound_ports_exclude: a.istio_local_exclude_ports.clone(),
-        exclude_interfaces: a.istio_exclude_interfaces.clone(),
-        outbound_ip_ranges_include: a.istio_service_cidr.clone(),
-        outbound_ip_ranges_exclude: a.istio_service_exclude_cidr.clone(),
-        outbound_ports_include: a.istio_outbound_ports.clone(),
-        outbound_ports_exclude: a.istio_local_outbound_ports_exclude.clone(),
-        reroute_virtual_interfaces: a.kube_virt_interfaces.clone(),
-        inbound_tproxy_mark: a.istio_inbound_tproxy_mark.clone(),
-        inbound_tproxy_route_table: a.istio_inbound_tproxy_route_table.clone(),
-        redirect_dns,
-        capture_all_dns,
-        drop_invalid: a.drop_invalid || env_true("INVALID_DROP"),
-        owner_groups_include: env_or("ISTIO_OUTBOUND_OWNER_GROUPS", "*"),
-        owner_groups_exclude: env_or("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", ""),
-        host_ipv4_loopback_cidr: env_or("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "127.0.0.1/32"),
-        enable_ipv6,
-        dns_servers,
-        bind_guard_ports: a.bind_guard_ports.clone(),
-        accelerate: a.accelerate,
-    })
-}
-
-/// Validates the whole command line: the config plus the operational flags.
-pub fn load(a: &ApplyArgs) -> Result<Config, ConfigError> {
-    let cfg = raw_config(a)?.parse()?;
-    a.iptables_probe_port
-        .parse::<u16>()
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(|| {
-            ConfigError::new(
-                "--iptables-probe-port",
-                &a.iptables_probe_port,
-                "not a port number (1-65535)",
-            )
-        })?;
-    parse_go_duration(&a.probe_timeout).ok_or_else(|| {
-        ConfigError::new(
-            "--probe-timeout",
-            &a.probe_timeout,
-            "not a duration such as 5s or 500ms",
-        )
-    })?;
-    Ok(cfg)
+    raw.proxy_uid = proxy_uid.unwrap_or_else(default_proxy_uid);
+    Ok(raw)
 }
 
 /// Go's time.ParseDuration for the simple forms Istio users pass (`5s`, `500ms`, `1m`).

@@ -3,19 +3,17 @@
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
-pub mod apply;
 pub mod backend;
 pub mod cli;
 pub mod cni;
 pub mod config;
 pub mod daemon;
-pub mod doctor;
-pub mod explain;
 pub mod fault;
 pub mod k8s;
 pub mod listener;
 pub mod model;
 pub mod netns;
 pub mod service;
+pub mod tables;
 pub mod userns;
 pub mod validate;

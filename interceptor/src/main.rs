@@ -22,19 +22,7 @@ fn main() -> ExitCode {
     } else {
         fmt.init();
     }
-    let result = match &cli.command {
-        Command::Apply(args) => interceptor::apply::run(args),
-        Command::Remove(args) => interceptor::apply::remove(args).map(Ok),
-        Command::Cleanup(args) => interceptor::apply::cleanup(&args.settings()).map(Ok),
-        Command::Daemon(args) => interceptor::daemon::run(args).map(Ok),
-        Command::Pod(cmd) => interceptor::apply::pod(cmd),
-        Command::Logs(args) => interceptor::apply::logs(args).map(Ok),
-        Command::Doctor(args) => interceptor::doctor::run(args).map(Ok),
-        Command::Explain(args) => interceptor::explain::run(args),
-        Command::Validate(args) => interceptor::validate::run(args),
-        Command::CniInstall(args) => interceptor::cni::install::run_install(args).map(Ok),
-        Command::CniUninstall(args) => interceptor::cni::install::run_uninstall(args).map(Ok),
-    };
+    let result = interceptor::cli::run(&cli.command);
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,
         // Bad input: named flag and value, nothing applied; exit 2 like a usage error.

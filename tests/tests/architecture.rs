@@ -549,11 +549,7 @@ fn cycles(g: &Graph) -> Vec<Vec<String>> {
         .collect()
 }
 
-// TODO(lead): remove the `ignore` once the cycles it prints are broken (the cli/ split and
-// service/install.rs on branch h-c1-wip; backend::ebpf::{journal, registry}); it is a hard
-// failure then. `cargo test -p interceptor-tests --test architecture -- --ignored` lists them.
 #[test]
-#[ignore = "interceptor/src still has module cycles (issue 14); run with --ignored to list them"]
 fn no_module_cycle_in_interceptor_src() {
     let src = repo().join("interceptor/src");
     let g = graph(&src);
@@ -659,13 +655,10 @@ fn oversized() -> Vec<String> {
 #[test]
 fn no_file_over_700_lines() {
     let big = oversized();
-    // TODO(lead): turn into a failure (`assert!(big.is_empty(), …)`) once the splits of
-    // backend/ebpf.rs, doctor.rs, validate.rs, iptables.rs, nftables.rs and
-    // interceptor-ebpf/src/main.rs have landed; until then it only lists the offenders.
-    if !big.is_empty() {
-        eprintln!(
-            "warning: files over {MAX_LINES} lines (to split):\n  {}",
-            big.join("\n  ")
-        );
-    }
+    assert!(
+        big.is_empty(),
+        "files over {MAX_LINES} lines in interceptor/src or interceptor-ebpf/src (split them by \
+         concern):\n  {}",
+        big.join("\n  ")
+    );
 }

@@ -157,7 +157,7 @@ fn flag<'a>(line: &'a [String], name: &str) -> Option<&'a str> {
 }
 
 /// Parses a container's command line with the real CLI. Until the daemon has the
-/// `--node-name` flag (interceptor::k8s::K8sArgs, to be flattened into DaemonArgs), the line is
+/// `--node-name` flag (interceptor::cli::K8sArgs, to be flattened into DaemonArgs), the line is
 /// parsed without it, and the flag's own parsing is checked through `K8sArgs`.
 fn parse(line: &[String]) -> Cli {
     match Cli::try_parse_from(line) {
@@ -167,7 +167,7 @@ fn parse(line: &[String]) -> Cli {
             #[derive(Parser)]
             struct K8sOnly {
                 #[command(flatten)]
-                k8s: interceptor::k8s::K8sArgs,
+                k8s: interceptor::cli::K8sArgs,
             }
             let node = flag(line, "--node-name").expect("--node-name has a value");
             let k = K8sOnly::try_parse_from(["x", "--node-name", node]).unwrap();

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::Instant;
 
-use interceptor::doctor;
+use interceptor::cli::doctor;
 use interceptor::service::probe::{self, rows, Depth, Status};
 use interceptor_tests::bin;
 use interceptor_tests::ebpf::EbpfInstall;

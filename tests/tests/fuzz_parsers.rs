@@ -555,7 +555,7 @@ fn check_cli(args: &Vec<String>) -> Result<bool, String> {
             command: interceptor::cli::Command::Explain(a),
         }) => {
             // The full validation path, without touching any netns.
-            let raw = interceptor::config::raw_config(&a.apply).map_err(|e| e.to_string());
+            let raw = a.apply.raw_config().map_err(|e| e.to_string());
             Ok(match raw {
                 Ok(raw) => check_raw(&raw)?,
                 Err(_) => false,

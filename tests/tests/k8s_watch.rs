@@ -620,14 +620,14 @@ fn kubeconfig_flag_selects_the_cluster() {
          users:\n- name: nobody\n  user: {}\n",
     )
     .unwrap();
-    let args = interceptor::k8s::K8sArgs {
+    let args = interceptor::k8s::ApiAccess {
         node_name: Some("node-a".into()),
         kubeconfig: Some(path),
     };
     let config = args.config_blocking().unwrap();
     assert_eq!(config.cluster_url.to_string(), "http://127.0.0.1:6443/");
     assert_eq!(config.default_namespace, "shop");
-    let missing = interceptor::k8s::K8sArgs {
+    let missing = interceptor::k8s::ApiAccess {
         node_name: None,
         kubeconfig: Some(dir.join("absent")),
     };
@@ -641,7 +641,7 @@ fn flags_parse() {
     #[derive(Parser)]
     struct Cli {
         #[command(flatten)]
-        k8s: interceptor::k8s::K8sArgs,
+        k8s: interceptor::cli::K8sArgs,
     }
     let cli = Cli::parse_from(["x", "--node-name", "node-a", "--kubeconfig", "/etc/kc"]);
     assert_eq!(cli.k8s.node_name.as_deref(), Some("node-a"));

@@ -5,4 +5,3 @@ pub mod exec;
 pub mod iptables;
 pub mod netfilter;
 pub mod nftables;
-pub mod pin_dir;

@@ -16,7 +16,17 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Map, Value};
 
 use super::spec::{CRI_POD_ANNOTATIONS, PLUGIN_TYPE};
-use crate::cli::CniInstallArgs;
+
+/// Where the node's CNI setup lives, and the daemon socket our conflist entry names.
+#[derive(Debug, Clone)]
+pub struct Dirs {
+    /// The folder the container runtime runs CNI plugins from.
+    pub bin: PathBuf,
+    /// The folder the container runtime reads network configs from.
+    pub conf: PathBuf,
+    /// The daemon's control socket, written into our conflist entry.
+    pub socket: PathBuf,
+}
 
 /// What `install` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -264,9 +274,9 @@ pub fn uninstall_from(bin_dir: &Path, conf_dir: &Path) -> Result<Uninstalled> {
 }
 
 /// `interceptor cni-install`.
-pub fn run_install(args: &CniInstallArgs) -> Result<()> {
+pub fn run_install(dirs: &Dirs) -> Result<()> {
     let exe = std::env::current_exe().context("locating the interceptor binary")?;
-    let r = install_from(&exe, &args.cni_bin_dir, &args.cni_conf_dir, &args.socket)?;
+    let r = install_from(&exe, &dirs.bin, &dirs.conf, &dirs.socket)?;
     let did = |w: bool| if w { "installed" } else { "unchanged" };
     println!(
         "binary   {} ({})",
@@ -285,8 +295,8 @@ pub fn run_install(args: &CniInstallArgs) -> Result<()> {
 }
 
 /// `interceptor cni-uninstall`.
-pub fn run_uninstall(args: &CniInstallArgs) -> Result<()> {
-    let r = uninstall_from(&args.cni_bin_dir, &args.cni_conf_dir)?;
+pub fn run_uninstall(dirs: &Dirs) -> Result<()> {
+    let r = uninstall_from(&dirs.bin, &dirs.conf)?;
     for c in &r.conflists {
         println!("removed our entry from {}", c.display());
     }

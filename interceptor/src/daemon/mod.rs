@@ -6,64 +6,45 @@
 pub mod client;
 pub mod metrics;
 pub mod protocol;
+mod server;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use anyhow::{Context, Result};
-use clap::Args;
+use anyhow::{bail, Context, Result};
 use interceptor_common::config::ConfigError;
 
-use crate::apply::{self, cgroup_of};
 use crate::backend::ebpf::Pins;
 use crate::backend::netfilter::Mode;
-use crate::cli::EbpfArgs;
-use crate::model::BackendKind;
 use crate::model::PodSpec;
+use crate::model::{BackendKind, EbpfSettings};
+use crate::service::install::{self, Installed, Request as Install};
 use protocol::{PodStatus, Request, Response};
 
-#[derive(Args, Debug, Clone)]
-pub struct DaemonArgs {
+pub use server::run;
+
+/// What the daemon runs with (`cli::daemon` fills it from the flags).
+#[derive(Debug, Clone)]
+pub struct Settings {
     /// Control socket (root only, mode 0600).
-    #[arg(
-        long,
-        env = "INTERCEPTOR_SOCKET",
-        default_value = "/run/interceptor/interceptor.sock"
-    )]
     pub socket: PathBuf,
-    /// Where registered pods are recorded (tmpfs: state lives as long as the bpffs pins do).
-    #[arg(
-        long,
-        env = "INTERCEPTOR_STATE_DIR",
-        default_value = "/run/interceptor/pods"
-    )]
+    /// Where registered pods are recorded.
     pub state_dir: PathBuf,
-    /// Prometheus metrics address (keep it on loopback); empty disables.
-    #[arg(
-        long,
-        env = "INTERCEPTOR_METRICS_ADDR",
-        default_value = "127.0.0.1:15099"
-    )]
+    /// Prometheus metrics address; empty disables.
     pub metrics_addr: String,
-    /// Log as JSON lines instead of human-readable text.
-    #[arg(long)]
-    pub log_json: bool,
-    /// Load the programs with decision logging on (see `interceptor logs`).
-    #[arg(long)]
+    /// Load the programs with decision logging on.
     pub ebpf_log: bool,
-    #[command(flatten)]
-    pub ebpf: EbpfArgs,
-    #[command(flatten)]
-    pub k8s: crate::k8s::K8sArgs,
+    pub ebpf: EbpfSettings,
+    pub k8s: crate::k8s::ApiAccess,
 }
 
 /// The daemon's shared state; one lock serialises registrations.
 pub struct Daemon {
-    args: DaemonArgs,
+    args: Settings,
     pins: Option<Pins>,
     /// Probed once at start: why eBPF cannot serve pods here, if it cannot.
     ebpf_missing: Option<String>,
@@ -102,7 +83,7 @@ fn state_file(dir: &Path, netns: &Path) -> PathBuf {
 
 impl Daemon {
     /// Loads (or finds loaded) programs and re-adopts the recorded pods.
-    pub fn start(args: DaemonArgs) -> Result<Arc<Self>> {
+    pub fn start(args: Settings) -> Result<Arc<Self>> {
         std::fs::create_dir_all(&args.state_dir)
             .with_context(|| format!("creating {}", args.state_dir.display()))?;
         // Why: the records hold every pod's config; no pod or other user needs to read them.
@@ -113,12 +94,7 @@ impl Daemon {
         let pins = match &ebpf_missing {
             None => {
                 let pins = Pins::new(&args.ebpf.bpffs);
-                crate::backend::pin_dir::ensure_private(&pins.dir)?;
-                let loaded = pins.ensure_loaded_with(
-                    &cgroup_of(&args.ebpf.settings())?,
-                    args.ebpf_log,
-                    !args.ebpf.no_counters,
-                )?;
+                let loaded = install::load_programs(&pins, &args.ebpf, args.ebpf_log)?;
                 tracing::info!(bpffs = %args.ebpf.bpffs.display(), loaded_now = loaded, "eBPF datapath ready");
                 Some(pins)
             }
@@ -235,7 +211,7 @@ impl Daemon {
                     "eBPF is unavailable on this node (see `interceptor doctor`)",
                 )))
             }
-            _ => match apply::choose(spec.backend, false, || self.ebpf_missing.clone(), &cfg) {
+            _ => match install::choose(spec.backend, false, || self.ebpf_missing.clone(), &cfg) {
                 Ok(c) => c,
                 Err(e) => return Ok(Err(e)),
             },
@@ -250,37 +226,28 @@ impl Daemon {
                 let _ = std::fs::remove_file(state_file(&self.args.state_dir, &spec.netns));
             }
         }
+        let req = Install {
+            requested: spec.backend,
+            netns: Some(&spec.netns),
+            cfg: &cfg,
+            forced: None,
+            mode: Mode {
+                reconcile: true,
+                ..Mode::default()
+            },
+        };
         // eBPF registration reads the netns cookie itself: one netns visit, not two. It is all
         // or nothing: a failure leaves nothing registered (and, with `auto`, falls back).
-        let ebpf = match (choice.backend, maps.as_mut()) {
-            (BackendKind::Ebpf, Some(maps)) => {
+        let ebpf = || match maps.as_mut() {
+            Some(maps) => {
                 let ips = (!spec.ips.is_empty()).then_some(spec.ips.as_slice());
-                match apply::register_in(maps, &spec.netns, &cfg, ips) {
-                    Ok(h) => Some((h.pod_id, h.netns_cookie)),
-                    Err(e) if spec.backend == BackendKind::Auto => {
-                        let why = format!("eBPF registration failed: {e:#}");
-                        tracing::warn!(netns = %spec.netns.display(), "{why}; falling back");
-                        choice = match apply::netfilter_fallback(why) {
-                            Ok(c) => c,
-                            Err(fe) => return Err(e.context(fe.to_string())),
-                        };
-                        None
-                    }
-                    Err(e) => return Err(e),
-                }
+                install::register_in(maps, &spec.netns, &cfg, ips)
             }
-            _ => None,
+            None => bail!("eBPF is unavailable on this node"),
         };
-        let (pod_id, cookie) = match (ebpf, choice.backend) {
-            (Some(registered), _) => registered,
-            (None, backend) => {
-                let mode = Mode {
-                    reconcile: true,
-                    ..Mode::default()
-                };
-                apply::apply_netfilter(backend, Some(&spec.netns), &cfg, None, mode)?;
-                (0, crate::netns::identity(&spec.netns)?)
-            }
+        let (pod_id, cookie) = match install::install(&req, &mut choice, ebpf)? {
+            Installed::Ebpf(h) => (h.pod_id, h.netns_cookie),
+            Installed::Netfilter(_) => (0, crate::netns::identity(&spec.netns)?),
         };
         // Shown by `pod show`; the registration above translated through the same maps.
         let userns =
@@ -320,7 +287,7 @@ impl Daemon {
                         cleanup_only: true,
                         ..Mode::default()
                     };
-                    apply::apply_netfilter(backend, Some(&pod.netns), &cfg, None, mode)?;
+                    install::apply_netfilter(backend, Some(&pod.netns), &cfg, None, mode)?;
                 }
             }
         }
@@ -428,36 +395,6 @@ impl Daemon {
         }
         Ok(())
     }
-}
-
-/// Runs the daemon until killed. Stopping it leaves interception in place.
-pub fn run(args: &DaemonArgs) -> Result<()> {
-    let d = Daemon::start(args.clone())?;
-    if let Some(parent) = args.socket.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    let _ = std::fs::remove_file(&args.socket);
-    let listener = UnixListener::bind(&args.socket)
-        .with_context(|| format!("binding {}", args.socket.display()))?;
-    std::fs::set_permissions(&args.socket, std::fs::Permissions::from_mode(0o600))?;
-    if !args.metrics_addr.is_empty() {
-        let addr = args
-            .metrics_addr
-            .parse()
-            .with_context(|| format!("--metrics-addr {:?}", args.metrics_addr))?;
-        metrics::serve(d.clone(), addr)?;
-    }
-    tracing::info!(socket = %args.socket.display(), "serving");
-    for conn in listener.incoming() {
-        let Ok(conn) = conn else { continue };
-        let d = d.clone();
-        std::thread::spawn(move || {
-            if let Err(e) = d.serve_conn(conn) {
-                tracing::warn!(error = %e, "control connection failed");
-            }
-        });
-    }
-    Ok(())
 }
 
 #[cfg(test)]

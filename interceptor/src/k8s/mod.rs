@@ -15,7 +15,6 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use clap::Args;
 use k8s_openapi::api::core::v1::{Container, Pod};
 
 pub use watcher::PodWatcher;
@@ -23,20 +22,18 @@ pub use watcher::PodWatcher;
 /// The name of Istio's sidecar container, whose env and uid/gid the interception follows.
 pub const PROXY_CONTAINER: &str = "istio-proxy";
 
-/// How the daemon reaches the Kubernetes API (flattened into the daemon's flags).
-#[derive(Args, Debug, Clone, Default)]
-pub struct K8sArgs {
-    /// This node's name: only pods with `spec.nodeName` equal to it are watched. Set it from
-    /// the downward API (`spec.nodeName`); without it the daemon watches no pods.
-    #[arg(long, env = "NODE_NAME")]
+/// How the daemon reaches the Kubernetes API (`cli::K8sArgs` fills it from the flags).
+#[derive(Debug, Clone, Default)]
+pub struct ApiAccess {
+    /// This node's name: only pods with `spec.nodeName` equal to it are watched; none: no pods
+    /// are watched.
     pub node_name: Option<String>,
     /// A kubeconfig file to reach the API with; default: the in-cluster service account, else
     /// `$KUBECONFIG` / `~/.kube/config` (kube-rs' `Config::infer`).
-    #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
 }
 
-impl K8sArgs {
+impl ApiAccess {
     /// The client configuration these flags select (reads files only; no request is made).
     pub async fn config(&self) -> Result<kube::Config> {
         match &self.kubeconfig {

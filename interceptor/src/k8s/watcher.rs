@@ -135,7 +135,7 @@ impl PodWatcher {
     /// Starts watching `node`'s pods on a tokio runtime of its own, in a background thread
     /// (for synchronous callers such as the daemon). It takes a [`kube::Config`] rather than a
     /// [`Client`] because a client is bound to the runtime it was built on; see
-    /// [`crate::k8s::K8sArgs::config`]. Returns at once: see [`Self::wait_synced`].
+    /// [`crate::k8s::ApiAccess::config`]. Returns at once: see [`Self::wait_synced`].
     pub fn start(config: kube::Config, node: impl Into<String>) -> Result<Self> {
         let node = node.into();
         ensure!(!node.is_empty(), "no node name to watch the pods of");

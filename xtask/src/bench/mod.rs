@@ -547,7 +547,12 @@ fn scaling_pods(r: &mut Results, s: &Settings) -> Result<()> {
         for &n in &s.pod_points {
             // `n` pods in all: the measured one plus n - 1 others.
             while registered < n - 1 {
-                interceptor::apply::register_in(&mut maps, &others[registered].path(), &cfg, None)?;
+                interceptor::service::install::register_in(
+                    &mut maps,
+                    &others[registered].path(),
+                    &cfg,
+                    None,
+                )?;
                 registered += 1;
             }
             while registered > n - 1 {

@@ -1,57 +1,17 @@
-//! Command-line surface. `ApplyArgs` accepts istio-iptables' flags verbatim (long and short
-//! forms, defaults, environment variables; the flag wins over the env).
+//! Arguments several commands share: where the eBPF state lives, the daemon's socket, the output
+//! format, and a pod's interception config (`apply`, `pod add` and `explain` take the same flags).
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
-use clap::{Args, Parser, Subcommand, ValueEnum};
-
+use clap::{Args, ValueEnum};
+use interceptor_common::config::{Config, ConfigError, RawConfig};
 use interceptor_common::plan::defaults;
 
+use crate::config::{self, Input};
 use crate::model::{BackendKind, EbpfSettings, IptablesFlavor};
-
-#[derive(Parser, Debug)]
-#[command(
-    name = "interceptor",
-    version,
-    about = "eBPF replacement for istio-init's traffic interception"
-)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-#[derive(Subcommand, Debug)]
-pub enum Command {
-    /// Install a pod's interception (istio-iptables' flags and env are accepted verbatim).
-    // As with istio-iptables (pflag), a repeated flag is not an error: the last one wins.
-    #[command(args_override_self = true)]
-    Apply(Box<ApplyArgs>),
-    /// Unregister a pod from the eBPF datapath (its netns is left untouched otherwise).
-    Remove(RemoveArgs),
-    /// Detach and unpin every eBPF program, link and map of ours.
-    Cleanup(EbpfArgs),
-    /// Run the node-level daemon (control socket, re-adoption, per-pod fallback).
-    Daemon(crate::daemon::DaemonArgs),
-    /// Talk to the daemon: add, remove, list or show pods.
-    #[command(subcommand)]
-    Pod(PodCommand),
-    /// Print the eBPF programs' decision log (programs loaded with `apply --ebpf-log`).
-    Logs(LogsArgs),
-    /// Which backend `auto` would use and why: the kernel features each hook needs.
-    Doctor(crate::doctor::DoctorArgs),
-    /// The verdict for one connection of a pod (redirect to which port, or pass) and the rule
-    /// that decided it, from the same decision model the eBPF programs follow.
-    Explain(Box<ExplainArgs>),
-    /// Check that interception works in a pod, as Istio's istio-validation does: exit 0 when
-    /// it does, 126 when not. Runs as the proxy uid/gid with no capabilities.
-    Validate(ValidateArgs),
-    /// Install the CNI plugin: the binary into the CNI bin dir, our entry chained into the
-    /// node's primary network config (idempotent).
-    CniInstall(CniInstallArgs),
-    /// Remove our entry from the node's network configs and the binary from the CNI bin dir.
-    CniUninstall(CniInstallArgs),
-}
+use crate::validate;
 
 /// Where the eBPF state lives.
 #[derive(Args, Debug, Clone)]
@@ -83,6 +43,24 @@ impl EbpfArgs {
     }
 }
 
+#[derive(Args, Debug, Clone)]
+pub struct SocketArgs {
+    /// The daemon's control socket.
+    #[arg(
+        long,
+        env = "INTERCEPTOR_SOCKET",
+        default_value = "/run/interceptor/interceptor.sock"
+    )]
+    pub socket: PathBuf,
+}
+
+/// Output of `pod show`: JSON (the default, for tools) or words for people.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Json,
+    Text,
+}
+
 /// `--backend`: the model's names, listed (with their help) as clap lists a value enum.
 fn backend_parser() -> impl TypedValueParser<Value = BackendKind> {
     PossibleValuesParser::new(BackendKind::ALL.map(|k| {
@@ -106,160 +84,6 @@ fn flavor_parser() -> impl TypedValueParser<Value = IptablesFlavor> {
                 .expect("one of the possible values")
         },
     )
-}
-
-#[derive(Subcommand, Debug)]
-pub enum PodCommand {
-    /// Register a pod (the same flags as `apply`; --network-namespace is required).
-    Add(Box<PodAddArgs>),
-    /// Unregister a pod.
-    Remove(PodRefArgs),
-    /// List registered pods.
-    List(SocketArgs),
-    /// Show one pod: backend, why, config (and its user namespace's id mapping, if any).
-    Show(PodShowArgs),
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct SocketArgs {
-    /// The daemon's control socket.
-    #[arg(
-        long,
-        env = "INTERCEPTOR_SOCKET",
-        default_value = "/run/interceptor/interceptor.sock"
-    )]
-    pub socket: PathBuf,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct PodRefArgs {
-    #[arg(long, env = "NETWORK_NAMESPACE")]
-    pub network_namespace: PathBuf,
-    #[command(flatten)]
-    pub socket: SocketArgs,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct PodShowArgs {
-    #[command(flatten)]
-    pub pod: PodRefArgs,
-    /// Output format.
-    #[arg(short = 'o', long, value_enum, default_value = "json")]
-    pub output: OutputFormat,
-}
-
-/// Output of `pod show`: JSON (the default, for tools) or words for people.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum OutputFormat {
-    Json,
-    Text,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct PodAddArgs {
-    /// Pod IPs (comma list); default: read from the netns.
-    #[arg(long, value_delimiter = ',')]
-    pub ips: Vec<std::net::IpAddr>,
-    /// Kubernetes identity namespace/name[/uid], when known.
-    #[arg(long)]
-    pub pod: Option<String>,
-    #[command(flatten)]
-    pub apply: ApplyArgs,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct LogsArgs {
-    /// Stop after this many seconds (default: run until interrupted).
-    #[arg(long)]
-    pub seconds: Option<f64>,
-    #[command(flatten)]
-    pub ebpf: EbpfArgs,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct RemoveArgs {
-    /// The pod's network namespace.
-    #[arg(long, env = "NETWORK_NAMESPACE")]
-    pub network_namespace: PathBuf,
-    #[command(flatten)]
-    pub ebpf: EbpfArgs,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct ExplainArgs {
-    /// uid of the connecting process.
-    #[arg(long)]
-    pub uid: u32,
-    /// gid of the connecting process (default: the uid).
-    #[arg(long)]
-    pub gid: Option<u32>,
-    /// Destination IP:PORT ([v6]:port for IPv6).
-    #[arg(long)]
-    pub dst: std::net::SocketAddr,
-    /// Source address the socket is bound to, if any (e.g. 127.0.0.6).
-    #[arg(long)]
-    pub src: Option<std::net::IpAddr>,
-    /// Decide for UDP instead of TCP.
-    #[arg(long)]
-    pub udp: bool,
-    /// `text` for people, `json` for tools (long form only: `-o` is Istio's flag).
-    #[arg(long, value_enum, default_value = "text")]
-    pub output: OutputFormat,
-    /// The pod's interception config, exactly as for `apply`.
-    #[command(flatten)]
-    pub apply: ApplyArgs,
-}
-
-/// Where `cni-install` / `cni-uninstall` work.
-#[derive(Args, Debug, Clone)]
-pub struct CniInstallArgs {
-    /// The folder the container runtime runs CNI plugins from.
-    #[arg(long, env = "INTERCEPTOR_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
-    pub cni_bin_dir: PathBuf,
-    /// The folder the container runtime reads network configs from.
-    #[arg(
-        long,
-        env = "INTERCEPTOR_CNI_CONF_DIR",
-        default_value = "/etc/cni/net.d"
-    )]
-    pub cni_conf_dir: PathBuf,
-    /// The daemon's control socket, written into our conflist entry.
-    #[arg(
-        long,
-        env = "INTERCEPTOR_SOCKET",
-        default_value = "/run/interceptor/interceptor.sock"
-    )]
-    pub socket: PathBuf,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct ValidateArgs {
-    /// Validate inside this network namespace (a path such as /var/run/netns/NAME).
-    #[arg(long, env = "NETWORK_NAMESPACE")]
-    pub network_namespace: Option<PathBuf>,
-    /// Outbound redirect target port (listened on).
-    #[arg(short = 'p', long = "envoy-port", default_value_t = defaults::PROXY_PORT.to_string())]
-    pub envoy_port: String,
-    /// Inbound redirect target port (listened on).
-    #[arg(
-        short = 'z',
-        long,
-        env = "INBOUND_CAPTURE_PORT",
-        default_value_t = defaults::INBOUND_CAPTURE_PORT.to_string()
-    )]
-    pub inbound_capture_port: String,
-    /// Port the probes dial (127.0.0.6:PORT inbound, 192.0.2.1:PORT outbound).
-    #[arg(long, default_value = "15002")]
-    pub iptables_probe_port: String,
-    /// Give up after this long (Go duration, e.g. 5s); probes are sent every second.
-    #[arg(long, default_value = "5s")]
-    pub probe_timeout: String,
-    /// uid the listeners and the inbound probe run as.
-    #[arg(long, default_value_t = defaults::PROXY_UID.to_string())]
-    pub proxy_uid: String,
-    /// gid the listeners and the inbound probe run as (default: the uid).
-    #[arg(long)]
-    pub proxy_gid: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -435,4 +259,115 @@ pub struct ApplyArgs {
     pub ebpf_log: bool,
     #[command(flatten)]
     pub ebpf: EbpfArgs,
+}
+
+fn env_true(name: &str) -> bool {
+    std::env::var(name)
+        .is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "true" | "1" | "yes" | "on"))
+}
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_string())
+}
+
+impl ApplyArgs {
+    /// The config as given: the flags, plus the env-only variables istio-iptables reads.
+    pub fn input(&self) -> Input {
+        let a = self;
+        Input {
+            netns: a.network_namespace.clone(),
+            proxy_uid: a.proxy_uid.clone(),
+            ipv6: a.ipv6,
+            dns_servers: a.dns_servers.clone(),
+            raw: RawConfig {
+                proxy_port: a.envoy_port.clone(),
+                inbound_capture_port: a.inbound_capture_port.clone(),
+                inbound_tunnel_port: a.inbound_tunnel_port.clone(),
+                proxy_uid: String::new(),
+                proxy_gid: a.proxy_gid.clone().unwrap_or_default(),
+                inbound_interception_mode: a.istio_inbound_interception_mode.clone(),
+                inbound_ports_include: a.istio_inbound_ports.clone(),
+                inbound_ports_exclude: a.istio_local_exclude_ports.clone(),
+                exclude_interfaces: a.istio_exclude_interfaces.clone(),
+                outbound_ip_ranges_include: a.istio_service_cidr.clone(),
+                outbound_ip_ranges_exclude: a.istio_service_exclude_cidr.clone(),
+                outbound_ports_include: a.istio_outbound_ports.clone(),
+                outbound_ports_exclude: a.istio_local_outbound_ports_exclude.clone(),
+                reroute_virtual_interfaces: a.kube_virt_interfaces.clone(),
+                inbound_tproxy_mark: a.istio_inbound_tproxy_mark.clone(),
+                inbound_tproxy_route_table: a.istio_inbound_tproxy_route_table.clone(),
+                redirect_dns: a.redirect_dns || env_true("ISTIO_META_DNS_CAPTURE"),
+                capture_all_dns: a.capture_all_dns,
+                drop_invalid: a.drop_invalid || env_true("INVALID_DROP"),
+                owner_groups_include: env_or("ISTIO_OUTBOUND_OWNER_GROUPS", "*"),
+                owner_groups_exclude: env_or("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", ""),
+                host_ipv4_loopback_cidr: env_or(
+                    "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR",
+                    "127.0.0.1/32",
+                ),
+                enable_ipv6: false,
+                dns_servers: String::new(),
+                bind_guard_ports: a.bind_guard_ports.clone(),
+                accelerate: a.accelerate,
+            },
+        }
+    }
+
+    /// The raw (string) config exactly as istio-iptables would see it, detection included.
+    pub fn raw_config(&self) -> Result<RawConfig, ConfigError> {
+        config::raw_config(self.input())
+    }
+
+    /// Validates the whole command line: the config plus the operational flags.
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        let cfg = self.raw_config()?.parse()?;
+        self.probe()?;
+        Ok(cfg)
+    }
+
+    /// `--iptables-probe-port` and `--probe-timeout`, parsed.
+    fn probe(&self) -> Result<(u16, Duration), ConfigError> {
+        let port = self
+            .iptables_probe_port
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| {
+                ConfigError::new(
+                    "--iptables-probe-port",
+                    &self.iptables_probe_port,
+                    "not a port number (1-65535)",
+                )
+            })?;
+        let timeout = config::parse_go_duration(&self.probe_timeout).ok_or_else(|| {
+            ConfigError::new(
+                "--probe-timeout",
+                &self.probe_timeout,
+                "not a duration such as 5s or 500ms",
+            )
+        })?;
+        Ok((port, timeout))
+    }
+
+    /// `--run-validation`: what `validate` checks, from the loaded config (typed ids and ports,
+    /// the first proxy uid/gid).
+    pub fn validate_params(&self, cfg: &Config) -> Result<validate::Params, ConfigError> {
+        let (probe_port, timeout) = self.probe()?;
+        let proxy_uid = cfg
+            .proxy_uid
+            .first()
+            .copied()
+            .unwrap_or(defaults::PROXY_UID);
+        validate::Params {
+            netns: self.network_namespace.clone(),
+            proxy_port: cfg.proxy_port,
+            inbound_capture_port: cfg.inbound_capture_port,
+            probe_port,
+            timeout,
+            timeout_text: self.probe_timeout.trim().to_string(),
+            proxy_uid,
+            proxy_gid: cfg.proxy_gid.first().copied().unwrap_or(proxy_uid),
+        }
+        .checked()
+    }
 }

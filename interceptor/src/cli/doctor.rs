@@ -5,8 +5,8 @@
 use anyhow::Result;
 use clap::Args;
 
-use crate::backend::exec;
-use crate::cli::{EbpfArgs, OutputFormat};
+use super::args::{EbpfArgs, OutputFormat};
+use crate::service::install;
 use crate::service::probe::{self, Depth, Report, Status};
 
 #[derive(Args, Debug, Clone)]
@@ -18,21 +18,15 @@ pub struct DoctorArgs {
     pub output: OutputFormat,
 }
 
-/// What `auto` picks given the probe: the same order as `apply::choose_backend` for a config
-/// eBPF can honour.
+/// What `auto` picks given the probe, for a config eBPF can honour: the install service's
+/// choice, in words.
 pub fn auto_backend(report: &Report) -> String {
     match report.ebpf_missing() {
-        None => "ebpf (the kernel supports every eBPF hook needed)".into(),
-        Some(why) => {
-            let why = format!("eBPF unavailable ({why})");
-            if exec::available("iptables-restore") {
-                format!("iptables ({why}; iptables-restore found)")
-            } else if exec::available("nft") {
-                format!("nftables ({why}; nft found)")
-            } else {
-                format!("none ({why}, and neither iptables-restore nor nft is installed)")
-            }
-        }
+        None => format!("ebpf ({})", install::EBPF_READY),
+        Some(why) => match install::netfilter_fallback(format!("eBPF unavailable ({why})")) {
+            Ok(c) => format!("{} ({})", c.backend.as_str(), c.why),
+            Err(e) => format!("none ({})", e.reason),
+        },
     }
 }
 

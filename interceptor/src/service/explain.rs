@@ -1,6 +1,6 @@
-//! `interceptor explain`: one connection's verdict from the shared decision model, or, for a
-//! config the eBPF path cannot serve, from the netfilter rules the pod falls back to
-//! (`netfilter`).
+//! What `interceptor explain` says (`cli::explain` parses and prints): one connection's
+//! verdict from the shared decision model, or, for a config the eBPF path cannot serve, from
+//! the netfilter rules the pod falls back to (`netfilter`).
 
 mod netfilter;
 
@@ -8,30 +8,12 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use anyhow::{anyhow, Context, Result};
-use interceptor_common::config::{Config, ConfigError, OwnerGroups};
-use interceptor_common::decision::{self, Conn, Proto, Reason, Verdict};
+use interceptor_common::config::Config;
+use interceptor_common::decision::{self, Conn, Reason, Verdict};
 use interceptor_common::plan::DNS_PROXY_PORT;
 use interceptor_common::policy::{self, MemTables};
 
-use crate::cli::{ExplainArgs, OutputFormat};
-
-/// Owner-group entries resolved to gids (names through the group database).
-pub fn owner_gids(cfg: &Config) -> Result<Vec<u32>> {
-    let groups = match &cfg.owner_groups {
-        OwnerGroups::All => return Ok(vec![]),
-        OwnerGroups::Include(g) | OwnerGroups::Exclude(g) => g,
-    };
-    policy::resolve_groups(groups, group_gid)
-        .map_err(|g| anyhow!("owner group {g:?} does not exist"))
-}
-
-/// The in-memory tables of a pod: its config plus its netns's own addresses (link-local ones
-/// included: the route to them is `lo`, as for the eBPF datapath's `ADDRS`).
-pub fn pod_tables(cfg: &Config, netns: Option<&std::path::Path>) -> Result<MemTables> {
-    let (mut local, link) = crate::netns::run_in(netns, crate::netns::own_addrs_here)?;
-    local.extend(link);
-    Ok(MemTables::new(cfg, &local, &owner_gids(cfg)?))
-}
+use crate::tables::{group_gid, pod_tables};
 
 /// What `explain` found, as `--output json` prints it.
 #[derive(Debug, serde::Serialize)]
@@ -55,36 +37,20 @@ pub struct Report {
     pub userns: Option<String>,
 }
 
-pub fn run(args: &ExplainArgs) -> Result<Result<(), ConfigError>> {
-    let cfg = match crate::config::load(&args.apply) {
-        Ok(c) => c,
-        Err(e) => return Ok(Err(e)),
-    };
-    let netns = args.apply.network_namespace.as_deref();
-    let conn = Conn {
-        proto: if args.udp { Proto::Udp } else { Proto::Tcp },
-        dst: args.dst.ip().into(),
-        dport: args.dst.port(),
-        src: args.src.map(Into::into),
-        uid: args.uid,
-        gid: args.gid.unwrap_or(args.uid),
-    };
-    let mut report = match policy::ebpf_unsupported(&cfg) {
-        None => ebpf_report(&cfg, &pod_tables(&cfg, netns)?, &conn),
-        Some(why) => netfilter_report(&cfg, netns, &conn, why)?,
+/// Explains one connection of the pod at `netns` (None: this process's own) with config `cfg`.
+pub fn report(cfg: &Config, netns: Option<&Path>, conn: &Conn) -> Result<Report> {
+    let mut report = match policy::ebpf_unsupported(cfg) {
+        None => ebpf_report(cfg, &pod_tables(cfg, netns)?, conn),
+        Some(why) => netfilter_report(cfg, netns, conn, why)?,
     };
     // `--uid`/`--gid` are in-namespace ids, as Istio's rules name them; the eBPF programs
     // compare host ids, so show the translation when the pod has its own user namespace.
     if let Some(ns) = netns {
         if let Some(m) = crate::userns::maps_of(ns)? {
-            report.userns = Some(crate::userns::UsernsView::new(&m, &cfg).line());
+            report.userns = Some(crate::userns::UsernsView::new(&m, cfg).line());
         }
     }
-    match args.output {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-        OutputFormat::Text => print!("{}", text(&report)),
-    }
-    Ok(Ok(()))
+    Ok(report)
 }
 
 /// The verdict of the decision model the eBPF programs run.
@@ -182,7 +148,7 @@ fn netfilter_report(
 }
 
 /// The text form: `verdict:` and `rule:` lines first (tools read them), then the rest.
-fn text(r: &Report) -> String {
+pub fn text(r: &Report) -> String {
     let mut out = String::new();
     if let Some(why) = &r.ebpf_unsupported {
         out.push_str(&format!(
@@ -256,13 +222,6 @@ fn route_interface(netns: Option<&Path>, dst: IpAddr) -> Result<String> {
         .find(|w| w[0] == "dev")
         .map(|w| w[1].to_string())
         .ok_or_else(|| anyhow!("no interface in the route to {dst}: {}", out.trim()))
-}
-
-fn group_gid(name: &str) -> Option<u32> {
-    nix::unistd::Group::from_name(name)
-        .ok()
-        .flatten()
-        .map(|g| g.gid.as_raw())
 }
 
 /// The decision model's rules in words.

@@ -1,0 +1,132 @@
+//! `interceptor apply`: istio-iptables' flags, validated into a config; the backend chosen and
+//! installed by the install service; or printed (dry run), or validated (`--run-validation`).
+
+use std::path::Path;
+
+use anyhow::Result;
+use interceptor_common::config::{Config, ConfigError};
+
+use super::args::ApplyArgs;
+use super::pod::{self, PodAddArgs, PodCommand};
+use crate::backend::ebpf::Pins;
+use crate::backend::netfilter::{Mode, Outcome};
+use crate::model::BackendKind;
+use crate::service::install::{self, Installed, Request};
+use crate::service::probe;
+use crate::validate;
+
+/// The netns a command targets: the given one, else this process's own.
+fn netns_or_self(p: Option<&Path>) -> &Path {
+    p.unwrap_or(Path::new("/proc/self/ns/net"))
+}
+
+/// The eBPF step of `apply`: loads the programs if needed, then registers (or, with
+/// `--cleanup-only`, unregisters) the pod. Says what it did.
+fn apply_ebpf(args: &ApplyArgs, cfg: &Config) -> Result<&'static str> {
+    let pins = Pins::new(&args.ebpf.bpffs);
+    let netns = netns_or_self(args.network_namespace.as_deref());
+    if args.cleanup_only {
+        if !pins.loaded() {
+            return Ok("eBPF programs not loaded; nothing to remove");
+        }
+        return Ok(if pins.maps()?.remove(netns)? {
+            "pod unregistered"
+        } else {
+            "pod was not registered"
+        });
+    }
+    let loaded = install::load_programs(&pins, &args.ebpf.settings(), args.ebpf_log)?;
+    let handle = install::register_ebpf(&pins, netns, cfg, None)?;
+    tracing::info!(
+        cookie = handle.netns_cookie,
+        pod_id = handle.pod_id,
+        "pod registered"
+    );
+    Ok(if loaded {
+        "programs loaded and attached; pod registered"
+    } else {
+        "pod registered"
+    })
+}
+
+/// Runs `apply` after validation. Validation errors come back as `Err(ConfigError)` so that
+/// main can exit 2 having applied nothing.
+pub fn run(args: &ApplyArgs) -> Result<Result<(), ConfigError>> {
+    let cfg = match args.load() {
+        Ok(c) => c,
+        Err(e) => return Ok(Err(e)),
+    };
+    let ebpf_missing = || probe::ebpf_missing(&args.ebpf.bpffs, args.ebpf.cgroup.as_deref());
+    let mut choice = match install::choose(args.backend, args.native_nftables, ebpf_missing, &cfg) {
+        Ok(c) => c,
+        Err(e) => return Ok(Err(e)),
+    };
+    if args.run_validation {
+        // Istio's validation mode: check that interception works, apply nothing.
+        return match args.validate_params(&cfg) {
+            Ok(p) => validate::run(&p),
+            Err(e) => Ok(Err(e)),
+        };
+    }
+    if args.dry_run {
+        eprintln!("# backend: {:?} ({})", choice.backend, choice.why);
+        print!(
+            "{}",
+            install::render(choice.backend, &cfg, args.network_namespace.as_deref())?
+        );
+        return Ok(Ok(()));
+    }
+    if args.skip_rule_apply {
+        eprintln!("--skip-rule-apply: nothing applied");
+        return Ok(Ok(()));
+    }
+    if choice.backend == BackendKind::Ebpf
+        && !args.cleanup_only
+        && crate::daemon::client::running(&args.socket)
+    {
+        // A daemon owns the datapath on this node: register through it.
+        return via_daemon(args);
+    }
+    let req = Request {
+        requested: args.backend,
+        netns: args.network_namespace.as_deref(),
+        cfg: &cfg,
+        forced: args.force_iptables_binary,
+        mode: Mode {
+            reconcile: args.reconcile,
+            force_apply: args.force_apply,
+            cleanup_only: args.cleanup_only,
+        },
+    };
+    let what = match install::install(&req, &mut choice, || apply_ebpf(args, &cfg))? {
+        Installed::Ebpf(what) => {
+            eprintln!("interceptor: {what} (Ebpf backend: {})", choice.why);
+            return Ok(Ok(()));
+        }
+        Installed::Netfilter(Outcome::Applied) => "rules applied",
+        Installed::Netfilter(Outcome::AlreadyInPlace) => "rules already in place; nothing to do",
+        Installed::Netfilter(Outcome::Reconciled) => "rules replaced",
+        Installed::Netfilter(Outcome::Removed) => "rules removed",
+        Installed::Netfilter(Outcome::NothingToRemove) => {
+            "no rules of ours found; nothing to remove"
+        }
+    };
+    eprintln!(
+        "interceptor: {what} ({:?} backend: {})",
+        choice.backend, choice.why
+    );
+    Ok(Ok(()))
+}
+
+fn via_daemon(args: &ApplyArgs) -> Result<Result<(), ConfigError>> {
+    let cmd = PodCommand::Add(Box::new(PodAddArgs {
+        ips: vec![],
+        pod: None,
+        apply: args.clone(),
+    }));
+    eprintln!(
+        "interceptor: registering through the daemon at {}",
+        args.socket.display()
+    );
+    pod::run(&cmd)
+}

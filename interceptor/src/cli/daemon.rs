@@ -1,0 +1,79 @@
+//! `interceptor daemon`'s flags, turned into the daemon's settings.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use super::args::EbpfArgs;
+use crate::daemon::Settings;
+use crate::k8s::ApiAccess;
+
+#[derive(Args, Debug, Clone)]
+pub struct DaemonArgs {
+    /// Control socket (root only, mode 0600).
+    #[arg(
+        long,
+        env = "INTERCEPTOR_SOCKET",
+        default_value = "/run/interceptor/interceptor.sock"
+    )]
+    pub socket: PathBuf,
+    /// Where registered pods are recorded (tmpfs: state lives as long as the bpffs pins do).
+    #[arg(
+        long,
+        env = "INTERCEPTOR_STATE_DIR",
+        default_value = "/run/interceptor/pods"
+    )]
+    pub state_dir: PathBuf,
+    /// Prometheus metrics address (keep it on loopback); empty disables.
+    #[arg(
+        long,
+        env = "INTERCEPTOR_METRICS_ADDR",
+        default_value = "127.0.0.1:15099"
+    )]
+    pub metrics_addr: String,
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long)]
+    pub log_json: bool,
+    /// Load the programs with decision logging on (see `interceptor logs`).
+    #[arg(long)]
+    pub ebpf_log: bool,
+    #[command(flatten)]
+    pub ebpf: EbpfArgs,
+    #[command(flatten)]
+    pub k8s: K8sArgs,
+}
+
+/// How the daemon reaches the Kubernetes API (flattened into the daemon's flags).
+#[derive(Args, Debug, Clone, Default)]
+pub struct K8sArgs {
+    /// This node's name: only pods with `spec.nodeName` equal to it are watched. Set it from
+    /// the downward API (`spec.nodeName`); without it the daemon watches no pods.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// A kubeconfig file to reach the API with; default: the in-cluster service account, else
+    /// `$KUBECONFIG` / `~/.kube/config` (kube-rs' `Config::infer`).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+}
+
+impl K8sArgs {
+    pub fn access(&self) -> ApiAccess {
+        ApiAccess {
+            node_name: self.node_name.clone(),
+            kubeconfig: self.kubeconfig.clone(),
+        }
+    }
+}
+
+impl DaemonArgs {
+    pub fn settings(&self) -> Settings {
+        Settings {
+            socket: self.socket.clone(),
+            state_dir: self.state_dir.clone(),
+            metrics_addr: self.metrics_addr.clone(),
+            ebpf_log: self.ebpf_log,
+            ebpf: self.ebpf.settings(),
+            k8s: self.k8s.access(),
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! `interceptor pod …`: the daemon's client.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::{Args, Subcommand};
+use interceptor_common::config::ConfigError;
+
+use super::args::{ApplyArgs, OutputFormat, SocketArgs};
+use crate::daemon::client::call;
+use crate::daemon::protocol::{PodStatus, Request, Response};
+use crate::model::{PodIdentity, PodSpec};
+
+#[derive(Subcommand, Debug)]
+pub enum PodCommand {
+    /// Register a pod (the same flags as `apply`; --network-namespace is required).
+    Add(Box<PodAddArgs>),
+    /// Unregister a pod.
+    Remove(PodRefArgs),
+    /// List registered pods.
+    List(SocketArgs),
+    /// Show one pod: backend, why, config (and its user namespace's id mapping, if any).
+    Show(PodShowArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PodRefArgs {
+    #[arg(long, env = "NETWORK_NAMESPACE")]
+    pub network_namespace: PathBuf,
+    #[command(flatten)]
+    pub socket: SocketArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PodShowArgs {
+    #[command(flatten)]
+    pub pod: PodRefArgs,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value = "json")]
+    pub output: OutputFormat,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PodAddArgs {
+    /// Pod IPs (comma list); default: read from the netns.
+    #[arg(long, value_delimiter = ',')]
+    pub ips: Vec<std::net::IpAddr>,
+    /// Kubernetes identity namespace/name[/uid], when known.
+    #[arg(long)]
+    pub pod: Option<String>,
+    #[command(flatten)]
+    pub apply: ApplyArgs,
+}
+
+/// `interceptor pod …`: the daemon's client.
+pub fn run(cmd: &PodCommand) -> Result<Result<(), ConfigError>> {
+    let (socket, req) = match cmd {
+        PodCommand::Add(a) => {
+            let Some(netns) = a.apply.network_namespace.clone() else {
+                return Ok(Err(ConfigError::new(
+                    "--network-namespace",
+                    "",
+                    "is required for pod add",
+                )));
+            };
+            let config = match a.apply.raw_config() {
+                Ok(c) => c,
+                Err(e) => return Ok(Err(e)),
+            };
+            let identity = match a.pod.as_deref().map(|p| p.split('/').collect::<Vec<_>>()) {
+                None => None,
+                Some(parts) if (2..=3).contains(&parts.len()) => Some(PodIdentity {
+                    namespace: parts[0].into(),
+                    name: parts[1].into(),
+                    uid: parts.get(2).copied().unwrap_or_default().into(),
+                }),
+                Some(_) => {
+                    return Ok(Err(ConfigError::new(
+                        "--pod",
+                        a.pod.clone().unwrap_or_default(),
+                        "want namespace/name[/uid]",
+                    )))
+                }
+            };
+            let spec = PodSpec {
+                netns,
+                ips: a.ips.clone(),
+                config,
+                backend: a.apply.backend,
+                identity,
+            };
+            (a.apply.socket.clone(), Request::Add(Box::new(spec)))
+        }
+        PodCommand::Remove(r) => (
+            r.socket.socket.clone(),
+            Request::Remove {
+                netns: r.network_namespace.clone(),
+            },
+        ),
+        PodCommand::Show(r) => (
+            r.pod.socket.socket.clone(),
+            Request::Show {
+                netns: r.pod.network_namespace.clone(),
+            },
+        ),
+        PodCommand::List(s) => (s.socket.clone(), Request::List),
+    };
+    match call(&socket, &req)? {
+        Response::Error {
+            message,
+            bad_input: true,
+        } => Ok(Err(ConfigError::new("request", "", message))),
+        Response::Error { message, .. } => bail!("{message}"),
+        Response::Pod(p) => {
+            match cmd {
+                PodCommand::Show(a) if a.output == OutputFormat::Text => {
+                    print!("{}", pod_text(&p))
+                }
+                _ => println!("{}", serde_json::to_string_pretty(&p)?),
+            }
+            Ok(Ok(()))
+        }
+        Response::Pods { pods } => {
+            println!(
+                "{:<40} {:<9} {:>8} {:<30} why",
+                "netns", "backend", "pod_id", "identity"
+            );
+            for p in pods {
+                let id = p
+                    .identity
+                    .map(|i| format!("{}/{}", i.namespace, i.name))
+                    .unwrap_or_else(|| "-".into());
+                println!(
+                    "{:<40} {:<9} {:>8} {:<30} {}",
+                    p.netns.display(),
+                    format!("{:?}", p.backend).to_lowercase(),
+                    p.pod_id,
+                    id,
+                    p.why
+                );
+            }
+            Ok(Ok(()))
+        }
+        Response::Removed { removed } => {
+            eprintln!(
+                "interceptor: {}",
+                if removed {
+                    "pod removed"
+                } else {
+                    "pod was not registered"
+                }
+            );
+            Ok(Ok(()))
+        }
+        Response::Pong | Response::PodInfo { .. } => Ok(Ok(())),
+    }
+}
+
+/// `pod show -o text`: one `key: value` line each, in words.
+fn pod_text(p: &PodStatus) -> String {
+    let mut out = format!(
+        "netns: {}\nbackend: {} ({})\npod id: {}\n",
+        p.netns.display(),
+        format!("{:?}", p.backend).to_lowercase(),
+        p.why,
+        p.pod_id
+    );
+    if let Some(i) = &p.identity {
+        out.push_str(&format!("pod: {}/{}\n", i.namespace, i.name));
+    }
+    if !p.ips.is_empty() {
+        let ips: Vec<String> = p.ips.iter().map(ToString::to_string).collect();
+        out.push_str(&format!("ips: {}\n", ips.join(", ")));
+    }
+    match &p.userns {
+        Some(u) => out.push_str(&format!(
+            "user namespace: own (uid_map {}; gid_map {})\nproxy uid: {}\nproxy gid: {}\n",
+            u.uid_map.render(),
+            u.gid_map.render(),
+            u.proxy_uid,
+            u.proxy_gid
+        )),
+        None => out.push_str("user namespace: the node's\n"),
+    }
+    out.push_str(&format!("registered in: {} µs\n", p.add_micros));
+    out
+}
