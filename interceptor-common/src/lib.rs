@@ -10,6 +10,15 @@ pub mod maps;
 #[cfg(feature = "user")]
 pub mod config;
 
+#[cfg(all(test, feature = "user"))]
+mod config_tests;
+
+#[cfg(feature = "user")]
+pub mod defaults;
+
+#[cfg(feature = "user")]
+pub mod parse;
+
 #[cfg(feature = "user")]
 pub mod plan;
 

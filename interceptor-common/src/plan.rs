@@ -3,9 +3,9 @@
 //! "is DNS capture on", "is an include CIDR loopback" and the fixed ports and addresses cannot
 //! differ between backends.
 //!
-//! The constants live here too, each spelled once: Istio's defaults for the configurable values
-//! ([`defaults`]: 15001, 15006, 15008, 1337, 133, which the flags, the pod annotations and
-//! `RawConfig::default` read) and the values Istio fixes (15053, 1338). The two addresses the
+//! Each constant is spelled once: Istio's defaults for the configurable values and the DNS proxy's
+//! port are in [`crate::defaults`] (the flags, the pod annotations and `RawConfig::default` read
+//! them too), the values only the rules use (1338) here. The two addresses the
 //! eBPF programs compare against as well (127.0.0.6 / ::6) and port 53 are `decision`'s, which
 //! is `no_std`; this module gives them their netfilter form.
 
@@ -16,46 +16,8 @@ use ipnet::{IpNet, Ipv6Net};
 use crate::config::{CidrSelection, Config, InterceptionMode, IpText};
 use crate::decision;
 
-/// Istio's defaults for the configurable values (`config.DefaultConfig()`, and what the sidecar
-/// injector passes: `-p 15001 -z 15006 -u 1337`).
-pub mod defaults {
-    /// `-p`: the proxy's outbound port.
-    pub const PROXY_PORT: u16 = 15001;
-    /// `-z`: the proxy's inbound capture port.
-    pub const INBOUND_CAPTURE_PORT: u16 = 15006;
-    /// `-e`: the HBONE tunnel port.
-    pub const INBOUND_TUNNEL_PORT: u16 = 15008;
-    /// `-u`/`-g`: the proxy's uid (and gid) when `$ENVOY_USER` names no user.
-    pub const PROXY_UID: u32 = 1337;
-    /// `-t`: the TPROXY mark.
-    pub const TPROXY_MARK: u32 = 1337;
-    /// `-r`: the TPROXY routing table.
-    pub const TPROXY_ROUTE_TABLE: u32 = 133;
-    /// `ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR`.
-    pub const IPV4_LOOPBACK_CIDR: &str = "127.0.0.1/32";
-    /// The agent's Prometheus, health and status ports.
-    pub const AGENT_PORTS: [u16; 3] = [15090, 15021, 15020];
-}
+pub use crate::defaults::DNS_PROXY_PORT;
 
-/// `--bind-guard-ports`' default: every port a default sidecar listens on (outbound, inbound,
-/// tunnel, DNS, then the agent's), comma separated.
-pub fn default_bind_guard_ports() -> String {
-    let proxy = [
-        defaults::PROXY_PORT,
-        defaults::INBOUND_CAPTURE_PORT,
-        defaults::INBOUND_TUNNEL_PORT,
-        DNS_PROXY_PORT,
-    ];
-    let all: Vec<String> = proxy
-        .iter()
-        .chain(&defaults::AGENT_PORTS)
-        .map(u16::to_string)
-        .collect();
-    all.join(",")
-}
-
-/// Where istio-agent's DNS proxy listens (fixed in Istio, not a flag).
-pub const DNS_PROXY_PORT: u16 = 15053;
 /// The port DNS capture matches.
 pub const DNS_PORT: u16 = decision::DNS_PORT;
 /// The mark the proxy's own loopback traffic gets in TPROXY mode (a constant in Istio, not

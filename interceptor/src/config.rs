@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use interceptor_common::config::{ConfigError, RawConfig};
-use interceptor_common::plan::defaults;
+use interceptor_common::defaults;
 
 use crate::netns;
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{Args, ValueEnum};
 use interceptor_common::config::{Config, ConfigError, RawConfig};
-use interceptor_common::plan::defaults;
+use interceptor_common::defaults;
 
 use crate::config::{self, Input};
 use crate::model::{BackendKind, EbpfSettings, IptablesFlavor};
@@ -240,7 +240,7 @@ pub struct ApplyArgs {
     pub dns_servers: Option<String>,
     /// eBPF path: ports only the proxy uid/gid may bind in the pod (plus -p/-z/-e); empty
     /// disables the guard.
-    #[arg(long, env = "INTERCEPTOR_BIND_GUARD_PORTS", default_value_t = interceptor_common::plan::default_bind_guard_ports())]
+    #[arg(long, env = "INTERCEPTOR_BIND_GUARD_PORTS", default_value_t = interceptor_common::defaults::default_bind_guard_ports())]
     pub bind_guard_ports: String,
     /// eBPF path: app↔proxy loopback connections hand their data straight to the peer socket
     /// (sockops + sk_msg), skipping the loopback TCP stack. Refused with --backend

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use interceptor_common::config::ConfigError;
-use interceptor_common::plan::defaults;
+use interceptor_common::defaults;
 
 use crate::validate::Params;
 

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use interceptor_common::config::{ConfigError, RawConfig};
-use interceptor_common::plan::defaults;
+use interceptor_common::defaults;
 
 /// The annotation keys Istio's CNI plugin reads (istio.io/api `annotation`).
 pub mod keys {
