@@ -8,9 +8,7 @@ pub mod metrics;
 pub mod protocol;
 mod server;
 
-use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -314,7 +312,7 @@ impl Daemon {
         pods
     }
 
-    fn handle(&self, req: Request) -> Response {
+    pub(super) fn handle(&self, req: Request) -> Response {
         let err = |e: anyhow::Error| Response::Error {
             message: format!("{e:#}"),
             bad_input: false,
@@ -363,37 +361,6 @@ impl Daemon {
                 Err(e) => err(e),
             },
         }
-    }
-
-    fn serve_conn(&self, s: UnixStream) -> Result<()> {
-        // Root only: the socket file is 0600, and peers are checked here too.
-        let cred = nix::sys::socket::getsockopt(&s, nix::sys::socket::sockopt::PeerCredentials)?;
-        let mut w = s.try_clone()?;
-        if cred.uid() != 0 {
-            tracing::warn!(
-                uid = cred.uid(),
-                pid = cred.pid(),
-                "refused a non-root control connection"
-            );
-            let resp = Response::Error {
-                message: "permission denied: root only".into(),
-                bad_input: false,
-            };
-            writeln!(w, "{}", serde_json::to_string(&resp)?)?;
-            return Ok(());
-        }
-        for line in BufReader::new(s).lines() {
-            let line = line?;
-            let resp = match serde_json::from_str::<Request>(&line) {
-                Ok(req) => self.handle(req),
-                Err(e) => Response::Error {
-                    message: format!("malformed request: {e}"),
-                    bad_input: true,
-                },
-            };
-            writeln!(w, "{}", serde_json::to_string(&resp)?)?;
-        }
-        Ok(())
     }
 }
 

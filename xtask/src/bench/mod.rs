@@ -51,6 +51,20 @@ pub struct Args {
     /// Interleaved rounds (default 5, quick 1).
     #[arg(long)]
     rounds: Option<usize>,
+    /// Run one part only (e.g. `setup`, to re-measure pod setup on its own); default all.
+    #[arg(long, value_enum)]
+    only: Option<Part>,
+}
+
+/// The bench's parts, in the order a full run takes them.
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
+enum Part {
+    /// The interception paths, pinned and unpinned.
+    Paths,
+    /// conn/s against the number of rules and of pods.
+    Scaling,
+    /// Pod setup: through the daemon vs iptables-restore in a netns.
+    Setup,
 }
 
 struct Settings {
@@ -396,6 +410,29 @@ pub fn run(args: Args) -> Result<()> {
     let started = Instant::now();
     let mut r = Results::default();
 
+    let part = |p: Part| args.only.is_none_or(|o| o == p);
+    if part(Part::Paths) {
+        paths(&mut r, &s)?;
+    }
+    if part(Part::Scaling) {
+        eprintln!("bench: scaling in rules");
+        scaling_rules(&mut r, &s)?;
+        eprintln!("bench: scaling in pods");
+        scaling_pods(&mut r, &s)?;
+    }
+    if part(Part::Setup) {
+        eprintln!("bench: pod setup cost");
+        setup_cost(&mut r, &s)?;
+    }
+
+    r.extra
+        .insert("wall seconds".into(), json!(started.elapsed().as_secs()));
+    report(&r, &s, &args.out)?;
+    Ok(())
+}
+
+/// The interception paths side by side: pinned (the main table), then unpinned.
+fn paths(r: &mut Results, s: &Settings) -> Result<()> {
     // Main table, pinned: client, sidecar and servers share CPU 0.
     eprintln!("bench: paths, pinned ({} rounds × {} s)", s.rounds, s.secs);
     {
@@ -405,9 +442,9 @@ pub fn run(args: Args) -> Result<()> {
             .collect::<Result<Vec<_>>>()?;
         let ct0: Vec<u64> = rigs.iter().map(Rig::conntrack).collect();
         for round in 0..s.rounds {
-            measure_connects(&mut r, "outbound", &rigs, round, s.secs)?;
+            measure_connects(r, "outbound", &rigs, round, s.secs)?;
             for rig in &rigs {
-                measure_path(&mut r, "outbound", rig, s.secs, true)
+                measure_path(r, "outbound", rig, s.secs, true)
                     .with_context(|| format!("{} round {round}", rig.kind.name()))?;
             }
         }
@@ -433,23 +470,12 @@ pub fn run(args: Args) -> Result<()> {
             .map(|k| Rig::new(*k, None, &[]))
             .collect::<Result<Vec<_>>>()?;
         for round in 0..s.rounds.div_ceil(2) {
-            measure_connects(&mut r, "outbound unpinned", &rigs, round, s.secs)?;
+            measure_connects(r, "outbound unpinned", &rigs, round, s.secs)?;
             for rig in &rigs {
-                measure_path(&mut r, "outbound unpinned", rig, s.secs, false)?;
+                measure_path(r, "outbound unpinned", rig, s.secs, false)?;
             }
         }
     }
-
-    eprintln!("bench: scaling in rules");
-    scaling_rules(&mut r, &s)?;
-    eprintln!("bench: scaling in pods");
-    scaling_pods(&mut r, &s)?;
-    eprintln!("bench: pod setup cost");
-    setup_cost(&mut r, &s)?;
-
-    r.extra
-        .insert("wall seconds".into(), json!(started.elapsed().as_secs()));
-    report(&r, &s, &args.out)?;
     Ok(())
 }
 

@@ -106,7 +106,8 @@ impl PodMaps {
         let (netns, cookie) = (w.netns, facts.cookie);
         let tables = policy::MemTables::new(cfg, &own_addrs(local, &facts.link_local), groups);
         let mut keys = Keys::of(pod_id, &tables);
-        let (reserved, unreserve) = self.reserve_guarded(w, pod_id, &tables.guarded_ports)?;
+        let (reserved, unreserve) =
+            self.reserve_guarded(w, pod_id, &tables.guarded_ports, old.is_none())?;
         keys.ports.extend(reserved);
         for k in &keys.ports {
             w.step()?;
@@ -156,9 +157,11 @@ impl PodMaps {
             micros = t.elapsed().as_micros() as u64,
             "sk_lookup attached"
         );
-        if old.is_none() {
-            self.reset_tuples(cookie, pod_id)?;
-        }
+        // No tuple reset for a new pod: its removal deleted that pod's entries and zeroed its
+        // count already, and walking `ORIG_BY_TUPLE` (half a million buckets) cost most of a
+        // millisecond. An entry of a connection still open since (a handshake that finished
+        // after the removal) is that socket's own and counted where its close gives it back;
+        // zeroing the count under it made that give-back wrap the count of the id's next pod.
         self.mark_proxy_listeners(facts, cfg)?;
         if !tables.inbound_ports.is_empty() || !cfg.inbound_ports_include.is_empty() {
             let t = std::time::Instant::now();
