@@ -112,18 +112,38 @@ fn every_needed_hook_is_present_here() {
 }
 
 /// `-o json` is the same probe for tools: every needed row present (status as the table's
-/// word), no reason to fall back, the same verdict line.
+/// word), no reason to fall back, the same verdict line. In the bpf()-denied runs of the VM
+/// matrix (`INTERCEPTOR_TESTS_NO_EBPF=1`): bpf() missing with its reason, and the fallback.
 #[test]
 fn json_output_carries_the_same_rows() {
     let out = text(&bin::run(&["doctor", "-o", "json"], &[]));
     let doc: serde_json::Value =
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
     let checks = doc["checks"].as_array().expect("checks");
-    for name in NEEDED {
-        let c = checks
+    let check = |name: &str| {
+        checks
             .iter()
-            .find(|c| c["name"] == *name)
-            .unwrap_or_else(|| panic!("no {name} in {out}"));
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {out}"))
+    };
+    if !interceptor_tests::ebpf_expected() {
+        let c = check(rows::BPF_SYSCALL);
+        assert_eq!(c["status"], "missing", "{c}");
+        assert!(
+            c["why"].as_str().unwrap_or_default().starts_with("denied"),
+            "{c}"
+        );
+        let verdict = doc["auto_backend"].as_str().unwrap_or_default();
+        assert!(
+            verdict.starts_with("iptables (eBPF unavailable (bpf() syscall missing: denied")
+                || verdict.starts_with("nftables (eBPF unavailable (bpf() syscall missing: denied"),
+            "{out}"
+        );
+        assert!(doc["ebpf_missing"].is_string(), "{out}");
+        return;
+    }
+    for name in NEEDED {
+        let c = check(name);
         assert_eq!(c["status"], "present", "{c}");
         assert_eq!(c["needed"], true, "{c}");
         assert!(!c["why"].as_str().unwrap_or_default().is_empty(), "{c}");
