@@ -122,11 +122,22 @@ impl DaemonProc {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// One scrape of the metrics endpoint.
+    /// One scrape of the metrics endpoint: the whole response, status line and headers too.
     pub fn scrape(&self) -> Result<String> {
+        self.http(
+            "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+            crate::scaled(Duration::from_secs(30)),
+        )
+    }
+
+    /// Sends `request` to the metrics endpoint and reads the response until the server closes
+    /// the connection; fails when that takes longer than `timeout` (each read).
+    pub fn http(&self, request: &str, timeout: Duration) -> Result<String> {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(self.metrics)?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
+        s.write_all(request.as_bytes())?;
         let mut out = String::new();
         s.read_to_string(&mut out)?;
         Ok(out)

@@ -1,7 +1,9 @@
 //! The node-level daemon: many pods registered over the control socket with correct traffic in
-//! each, per-pod fallback, kill -9 under traffic with re-adoption, and a root-only socket.
+//! each, per-pod fallback, kill -9 under traffic with re-adoption, a root-only socket, and a
+//! metrics endpoint that idle and slow clients cannot stall.
 
-use std::net::SocketAddr;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -360,4 +362,126 @@ fn metrics_match_the_traffic() {
     );
     assert_eq!(get("interceptor_map_entries", &["map=\"POD_POLICY\""]), 1.0);
     assert!(get("interceptor_map_capacity", &["map=\"POD_POLICY\""]) >= 1024.0);
+}
+
+/// Until `s` is closed by the server (EOF or reset), reading for at most `limit`: how long it
+/// took from `since`, or None if it stayed open. With `drip`, writes one more header byte
+/// every 100 ms meanwhile (a slow-loris client that never finishes its request).
+fn closed_by_server(
+    s: &mut TcpStream,
+    since: Instant,
+    limit: Duration,
+    drip: bool,
+) -> Option<Duration> {
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut buf = [0u8; 512];
+    while since.elapsed() < limit {
+        if drip && s.write_all(b"a").is_err() {
+            return Some(since.elapsed());
+        }
+        match s.read(&mut buf) {
+            Ok(0) => return Some(since.elapsed()),
+            // A response (the server gave up on the request, e.g. 408/431): keep reading to EOF.
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return Some(since.elapsed()),
+        }
+    }
+    None
+}
+
+/// The metrics endpoint serves connections concurrently and with limits: 100 connections that
+/// send nothing and one slow-loris client (a header byte every 100 ms, never finished) delay
+/// neither a scrape nor the health probe, and the header timeout (5 s) closes them all. The
+/// hand-written server this replaced served one connection at a time with no timeout: the
+/// first idle connection held every scrape and probe forever.
+#[test]
+fn idle_and_slow_clients_do_not_stall_metrics() {
+    let d = DaemonProc::start("dhttp").unwrap();
+    let opened = Instant::now();
+    let mut idle: Vec<TcpStream> = (0..100)
+        .map(|_| TcpStream::connect(d.metrics).unwrap())
+        .collect();
+    let mut loris = TcpStream::connect(d.metrics).unwrap();
+    loris
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+        .unwrap();
+    // The header timeout is 5 s: give the slow client 15 s before calling it never closed.
+    let limit = interceptor_tests::scaled(Duration::from_secs(15));
+    let loris = std::thread::spawn(move || closed_by_server(&mut loris, opened, limit, true));
+    std::thread::sleep(Duration::from_millis(300));
+
+    let bound = interceptor_tests::scaled(Duration::from_secs(1));
+    for (path, want) in [("/metrics", "interceptor_tuple_quota"), ("/healthz", "ok")] {
+        let start = Instant::now();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+        // Read timeout 10 s: long enough to tell a slow answer from none.
+        let resp = d
+            .http(&req, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("{path} beside idle and slow clients: {e}"));
+        let took = start.elapsed();
+        assert!(resp.starts_with("HTTP/1.1 200 "), "{path}: {resp}");
+        assert!(resp.contains(want), "{path}: {resp}");
+        assert!(
+            took < bound,
+            "{path} took {took:?} beside idle and slow clients"
+        );
+    }
+    // Limits: GET/HEAD only, no request body, at most 8 KiB of headers.
+    let big = format!(
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(9000)
+    );
+    for (req, status) in [
+        ("POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n", "405"),
+        (
+            "GET /metrics HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
+            "413",
+        ),
+        ("GET /nothing HTTP/1.1\r\n\r\n", "404"),
+        (big.as_str(), "431"),
+    ] {
+        let resp = d.http(req, Duration::from_secs(10)).unwrap();
+        assert!(
+            resp.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{req:.40}: {resp}"
+        );
+    }
+    // Byte-compatible exposition: the same content type as before.
+    let metrics = d.scrape().unwrap();
+    assert!(
+        metrics
+            .to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4\r\n"),
+        "{metrics}"
+    );
+
+    // Slow loris: closed by the header timeout, not kept open by its trickle.
+    let after = loris
+        .join()
+        .unwrap()
+        .expect("the slow-loris client was never closed");
+    assert!(
+        after >= Duration::from_secs(4),
+        "slow client closed after {after:?}: before the header timeout?"
+    );
+    // The idle connections are closed too (their slots freed), by the same deadline.
+    for s in &mut idle {
+        let after =
+            closed_by_server(s, opened, limit, false).expect("an idle connection stayed open");
+        assert!(
+            after >= Duration::from_secs(4),
+            "idle connection closed after {after:?}"
+        );
+    }
+    // And the endpoint still answers.
+    assert!(d
+        .http("GET /healthz HTTP/1.0\r\n\r\n", Duration::from_secs(10))
+        .unwrap()
+        .contains("ok"));
 }

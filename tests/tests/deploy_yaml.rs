@@ -265,7 +265,7 @@ fn daemonset_runs_the_privileged_daemon_with_its_mounts() {
     assert_eq!(host, sock_dir);
     assert!(args.state_dir.starts_with(&sock_dir));
 
-    // Liveness through the metrics endpoint, on the node's loopback.
+    // Liveness through the metrics endpoint's health path, on the node's loopback.
     assert_eq!(args.metrics_addr, "127.0.0.1:15099");
     let live = daemon
         .liveness_probe
@@ -274,7 +274,7 @@ fn daemonset_runs_the_privileged_daemon_with_its_mounts() {
         .http_get
         .expect("httpGet");
     assert_eq!(live.host.as_deref(), Some("127.0.0.1"));
-    assert_eq!(live.path.as_deref(), Some("/metrics"));
+    assert_eq!(live.path.as_deref(), Some("/healthz"));
     assert_eq!(
         live.port,
         k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(15099)

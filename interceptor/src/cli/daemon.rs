@@ -24,7 +24,8 @@ pub struct DaemonArgs {
         default_value = "/run/interceptor/pods"
     )]
     pub state_dir: PathBuf,
-    /// Prometheus metrics address (keep it on loopback); empty disables.
+    /// Address of the HTTP endpoint for Prometheus (/metrics) and probes (/healthz); keep it on
+    /// loopback. Empty disables.
     #[arg(
         long,
         env = "INTERCEPTOR_METRICS_ADDR",

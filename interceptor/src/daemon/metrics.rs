@@ -1,12 +1,20 @@
 //! Prometheus metrics on a loopback address: per pod and direction, connections redirected and
 //! passed by reason, SO_ORIGINAL_DST answered/missed, DNS captured, bind-guard denials (summed
-//! from the programs' per-CPU counters at scrape time), and map occupancy against capacity.
+//! from the programs' per-CPU counters at scrape time), and map occupancy against capacity;
+//! served over HTTP (hyper) with `/healthz` beside it for the kubelet's probes.
 
-use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
+use http_body_util::Full;
+use hyper::body::{Body, Bytes, Incoming};
+use hyper::header::{self, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use interceptor_common::decision::Reason;
 use interceptor_common::maps::stat;
 use prometheus_client::collector::Collector;
@@ -15,6 +23,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
+use tokio::sync::Semaphore;
 
 use super::Daemon;
 use crate::model::BackendKind;
@@ -232,30 +241,159 @@ pub fn render(d: &Daemon) -> Result<String> {
     Ok(out)
 }
 
-/// Serves `GET /metrics` on `addr` (keep it on loopback: the numbers describe every pod).
+/// What one client of the endpoint can hold. Prometheus and the kubelet send their few header
+/// lines at once and read the answer at once: anything slower is a stuck or hostile client.
+mod limits {
+    use std::time::Duration;
+    /// The request line and headers must have arrived by then (from the connection's start).
+    pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+    /// The whole connection, rendering and writing the answer included.
+    pub const CONN_TIMEOUT: Duration = Duration::from_secs(30);
+    /// Read buffer, so the most header bytes a request may have (hyper's smallest allowed).
+    pub const HEADER_BYTES: usize = 8192;
+    /// Connections served at once; past it the listener waits (the kernel's backlog holds them).
+    pub const CONNS: usize = 256;
+    /// Scrapes rendered at once (a render reads every pod's counters, on a blocking thread);
+    /// the others wait without a thread, and a client gone meanwhile costs no render.
+    pub const RENDERS: usize = 2;
+}
+
+/// Serves `GET /metrics` (Prometheus text) and `GET /healthz` (the probes': it answers from
+/// the runtime alone, without the pod lock or a render) on `addr`; keep it on loopback, the
+/// numbers describe every pod. Connections are served concurrently by a tokio runtime on a
+/// thread of its own, so neither a client that sends nothing nor a scrape that waits for the pod
+/// lock holds up another one; renders run on the runtime's blocking threads.
 pub fn serve(d: Arc<Daemon>, addr: SocketAddr) -> Result<()> {
     let l =
         TcpListener::bind(addr).with_context(|| format!("binding the metrics address {addr}"))?;
+    l.set_nonblocking(true)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(limits::RENDERS)
+        .thread_name("metrics-render")
+        .build()
+        .context("starting the metrics runtime")?;
+    let l = {
+        let _in = rt.enter();
+        tokio::net::TcpListener::from_std(l)?
+    };
     tracing::info!(%addr, "metrics");
-    std::thread::spawn(move || {
-        for conn in l.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            let mut line = String::new();
-            let _ = BufReader::new(&conn).read_line(&mut line);
-            let (status, body) = if line.starts_with("GET /metrics") {
-                match render(&d) {
-                    Ok(b) => ("200 OK", b),
-                    Err(e) => ("500 Internal Server Error", format!("{e:#}\n")),
-                }
-            } else {
-                ("404 Not Found", "try /metrics\n".to_string())
-            };
-            let _ = write!(
-                conn,
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    });
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || rt.block_on(accept_loop(Arc::new(Shared::new(d)), l)))
+        .context("starting the metrics thread")?;
     Ok(())
+}
+
+/// What the connections' tasks share.
+struct Shared {
+    daemon: Arc<Daemon>,
+    renders: Semaphore,
+}
+
+impl Shared {
+    fn new(daemon: Arc<Daemon>) -> Self {
+        Self {
+            daemon,
+            renders: Semaphore::new(limits::RENDERS),
+        }
+    }
+}
+
+async fn accept_loop(shared: Arc<Shared>, l: tokio::net::TcpListener) {
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits::HEADER_TIMEOUT)
+        .max_buf_size(limits::HEADER_BYTES)
+        // One request per connection, as before: no idle keep-alive connections held open.
+        .keep_alive(false);
+    let slots = Arc::new(Semaphore::new(limits::CONNS));
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let conn = match l.accept().await {
+            Ok((conn, _)) => conn,
+            Err(e) => {
+                // Out of fds, most likely: wait for some to be closed rather than spin.
+                tracing::warn!(error = %e, "accepting a metrics connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        let served = http.serve_connection(
+            TokioIo::new(conn),
+            service_fn(move |req| respond(shared.clone(), req)),
+        );
+        tokio::spawn(async move {
+            // Past the deadline the connection is dropped, and so closed.
+            match tokio::time::timeout(limits::CONN_TIMEOUT, served).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(error = %e, "metrics connection"),
+                Err(_) => tracing::debug!("metrics connection past its deadline: closed"),
+            }
+            drop(slot);
+        });
+    }
+}
+
+type Reply = hyper::Response<Full<Bytes>>;
+
+fn reply(status: StatusCode, content_type: &'static str, body: String) -> Reply {
+    let mut r = hyper::Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+async fn respond(
+    shared: Arc<Shared>,
+    req: hyper::Request<Incoming>,
+) -> Result<Reply, std::convert::Infallible> {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            TEXT,
+            "only GET and HEAD\n".into(),
+        );
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return Ok(r);
+    }
+    // Nothing here takes a body: refuse one instead of reading it.
+    if !req.body().is_end_stream() {
+        return Ok(reply(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            TEXT,
+            "no request body expected\n".into(),
+        ));
+    }
+    Ok(match req.uri().path() {
+        "/healthz" => reply(StatusCode::OK, TEXT, "ok\n".into()),
+        "/metrics" => match render_async(shared).await {
+            Ok(Ok(body)) => reply(StatusCode::OK, "text/plain; version=0.0.4", body),
+            Ok(Err(e)) => reply(StatusCode::INTERNAL_SERVER_ERROR, TEXT, format!("{e:#}\n")),
+            Err(e) => reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                TEXT,
+                format!("rendering the metrics: {e}\n"),
+            ),
+        },
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            TEXT,
+            "try /metrics or /healthz\n".into(),
+        ),
+    })
+}
+
+/// One render on a blocking thread (it may wait for the pod lock), one of `RENDERS` at a time.
+async fn render_async(shared: Arc<Shared>) -> Result<Result<String>, tokio::task::JoinError> {
+    // Held to the end (the semaphore is never closed, so this is the permit).
+    let _turn = shared.renders.acquire().await;
+    let d = shared.daemon.clone();
+    tokio::task::spawn_blocking(move || render(&d)).await
 }

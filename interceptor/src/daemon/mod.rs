@@ -32,7 +32,7 @@ pub struct Settings {
     pub socket: PathBuf,
     /// Where registered pods are recorded.
     pub state_dir: PathBuf,
-    /// Prometheus metrics address; empty disables.
+    /// Address of the metrics and health endpoint; empty disables.
     pub metrics_addr: String,
     /// Load the programs with decision logging on.
     pub ebpf_log: bool,
