@@ -13,6 +13,7 @@ pub mod names {
     pub const ORIG_BY_TUPLE: &str = "ORIG_BY_TUPLE";
     pub const INBOUND_NETNS: &str = "INBOUND_NETNS";
     pub const INBOUND_PROG: &str = "INBOUND_PROG";
+    pub const POD_NETNS: &str = "POD_NETNS";
     pub const TUPLE_COUNT: &str = "TUPLE_COUNT";
     pub const SK_ORIG: &str = "SK_ORIG";
     pub const SK_PROXY: &str = "SK_PROXY";

@@ -136,6 +136,11 @@ pub static SK_PROXY: sk::SkStorage<u32, { sk::CLONED }> = sk::SkStorage::new();
 /// nothing can overwrite the slot in between. One slot: one lookup at a time per CPU.
 #[map]
 pub static INBOUND_NETNS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+/// `[pod_id]`: the netns cookie of the pod with that id (0: none), read by the pod's own
+/// sk_lookup program, which carries only the id. Why not the cookie in the program: the id is
+/// known before the pod is, so its program can be loaded ahead of time, off the pod-add path.
+#[map]
+pub static POD_NETNS: Array<u64> = Array::with_max_entries(MAX_PODS, 0);
 /// `[0]`: `ic_sk_lookup`, the tail call target of every pod's sk_lookup program. Not used by
 /// the programs of this object: the per-pod programs refer to it by fd.
 #[map]

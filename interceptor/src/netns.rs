@@ -23,7 +23,14 @@ pub struct PodNetns {
     /// Its own link-local addresses (fe80::/10, 169.254/16): local for outbound decisions only.
     pub link_local: Vec<std::net::IpAddr>,
     pub listening: Vec<crate::listener::Listening>,
+    /// Its `net.ipv4.ip_local_reserved_ports`, opened inside it for reading and writing: the
+    /// open file stays the netns's own sysctl, so the bind guard's reservation needs no second
+    /// visit. None when it could not be opened (the reservation then visits and says why).
+    pub reserved_ports: Option<std::sync::Arc<File>>,
 }
+
+/// The sysctl of the ports autobind skips, as seen from inside the netns that opens it.
+pub const RESERVED_PORTS_SYSCTL: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
 
 /// Visits the netns at `path` once and reads its cookie, addresses and listening sockets.
 pub fn pod_netns(path: &Path) -> Result<PodNetns> {
@@ -34,6 +41,12 @@ pub fn pod_netns(path: &Path) -> Result<PodNetns> {
             local,
             link_local,
             listening: crate::listener::listening_here()?,
+            reserved_ports: std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(RESERVED_PORTS_SYSCTL)
+                .ok()
+                .map(std::sync::Arc::new),
         })
     })
 }

@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod metrics;
+mod prefill;
 pub mod protocol;
 mod server;
 
@@ -50,6 +51,8 @@ pub struct Daemon {
     watcher: Option<crate::k8s::PodWatcher>,
     /// Open handles on the pinned maps (reopening them per pod would dominate the add cost).
     maps: Mutex<Option<crate::backend::ebpf::PodMaps>>,
+    /// Loads per-pod sk_lookup programs ahead of time (with eBPF).
+    prefill: Option<prefill::Prefill>,
 }
 
 fn state_file(dir: &Path, netns: &Path) -> PathBuf {
@@ -102,6 +105,10 @@ impl Daemon {
             }
         };
         let maps = pins.as_ref().map(Pins::maps).transpose()?;
+        let prefill = match &maps {
+            Some(m) => Some(prefill::Prefill::start(m.program_pool())?),
+            None => None,
+        };
         let watcher = match &args.k8s.node_name {
             Some(node) => {
                 let w = crate::k8s::PodWatcher::start(args.k8s.config_blocking()?, node.clone())?;
@@ -116,6 +123,7 @@ impl Daemon {
             ebpf_missing,
             watcher,
             maps: Mutex::new(maps),
+            prefill,
         });
         d.readopt()?;
         Ok(d)
@@ -310,6 +318,13 @@ impl Daemon {
         let mut pods: Vec<_> = self.pods_on_disk().into_iter().map(|(_, p)| p).collect();
         pods.sort_by(|a, b| a.netns.cmp(&b.netns));
         pods
+    }
+
+    /// After an add or removal was answered: loads the programs the next adds will take.
+    pub(super) fn after_change(&self) {
+        if let Some(p) = &self.prefill {
+            p.poke();
+        }
     }
 
     pub(super) fn handle(&self, req: Request) -> Response {

@@ -128,14 +128,24 @@ fn serve_conn(d: &Daemon, s: UnixStream) -> Result<()> {
     }
     for line in BufReader::new(&s).lines() {
         let line = line?;
-        let resp = match serde_json::from_str::<Request>(&line) {
-            Ok(req) => d.handle(req),
-            Err(e) => Response::Error {
-                message: format!("malformed request: {e}"),
-                bad_input: true,
-            },
+        let (resp, changed) = match serde_json::from_str::<Request>(&line) {
+            Ok(req) => {
+                let changes = matches!(req, Request::Add(_) | Request::Remove { .. });
+                (d.handle(req), changes)
+            }
+            Err(e) => (
+                Response::Error {
+                    message: format!("malformed request: {e}"),
+                    bad_input: true,
+                },
+                false,
+            ),
         };
         send(&mut w, &resp)?;
+        // Work that can wait until the client has its answer.
+        if changed {
+            d.after_change();
+        }
     }
     Ok(())
 }

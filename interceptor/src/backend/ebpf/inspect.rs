@@ -42,6 +42,14 @@ impl PodMaps {
             (names::CIDR4_INCL, self.cidr4[1].keys().count()),
             (names::CIDR6_EXCL, self.cidr6[0].keys().count()),
             (names::CIDR6_INCL, self.cidr6[1].keys().count()),
+            // An array: its entries always exist; the pods' ids are the non-zero ones.
+            (
+                names::POD_NETNS,
+                self.pod_netns
+                    .iter()
+                    .filter(|c| c.as_ref().is_ok_and(|c| *c != 0))
+                    .count(),
+            ),
         ];
         out.sort_by_key(|(n, _)| *n);
         out.into_iter().map(|(n, c)| (n, c, cap(n))).collect()

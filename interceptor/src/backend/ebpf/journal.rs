@@ -58,6 +58,8 @@ pub(super) enum Undo {
     Restore(Removed),
     Policy(u64, Option<PodPolicy>),
     Listener(u32),
+    /// `POD_NETNS[id]` and its value before.
+    PodNetns(u32, u64),
     Pin(PathBuf),
     /// Ports this registration added to the netns's reserved ports.
     Unreserve(PathBuf, Vec<u16>),

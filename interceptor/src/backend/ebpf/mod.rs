@@ -75,6 +75,7 @@ pub const MAPS: &[&str] = &[
     names::SK_ACCEL,
     names::INBOUND_NETNS,
     names::INBOUND_PROG,
+    names::POD_NETNS,
     names::LISTENERS,
     names::STATS,
     names::ACCEL,

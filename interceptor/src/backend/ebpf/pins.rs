@@ -3,7 +3,7 @@
 //! sk_lookup link.
 
 use std::fs::File;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -79,6 +79,7 @@ impl Pins {
             && self.prog(SK_LOOKUP_PROGRAM).exists()
             && self.prog(SK_MSG_PROGRAM).exists()
             && self.map(names::INBOUND_PROG).exists()
+            && self.map(names::POD_NETNS).exists()
     }
 
     /// Loads the programs and attaches them at `cgroup` unless already loaded; returns whether
@@ -266,10 +267,15 @@ impl Pins {
         }
     }
 
-    /// Attaches the pod's own sk_lookup program (its netns cookie baked in, tail-calling
-    /// `ic_sk_lookup`) to the pod's netns, once, and pins the link; returns the pin when it was
-    /// made now.
-    pub(super) fn attach_sk_lookup(&self, netns: &Path, cookie: u64) -> Result<Option<PathBuf>> {
+    /// Attaches the pod's own sk_lookup program (`program`: it carries the pod's id and
+    /// tail-calls `ic_sk_lookup`) to the pod's netns, once, and pins the link; returns the pin
+    /// when it was made now.
+    pub(super) fn attach_sk_lookup(
+        &self,
+        netns: &Path,
+        cookie: u64,
+        program: impl FnOnce() -> std::io::Result<OwnedFd>,
+    ) -> Result<Option<PathBuf>> {
         let pin = self.sk_lookup_link(cookie);
         if pin.exists() {
             return Ok(None);
@@ -280,10 +286,7 @@ impl Pins {
                 crate::fault::FAULT_ENV
             );
         }
-        let slot = open_map(self, names::INBOUND_NETNS)?;
-        let target = open_map(self, names::INBOUND_PROG)?;
-        let prog = sk_lookup::load(slot.fd().as_fd(), target.fd().as_fd(), cookie)
-            .context("loading the pod's sk_lookup program")?;
+        let prog = program().context("loading the pod's sk_lookup program")?;
         let ns = File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
         let link = sk_lookup::attach(prog.as_fd(), ns.as_fd())
             .context("attaching sk_lookup to the pod netns")?;

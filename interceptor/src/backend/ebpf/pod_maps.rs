@@ -9,7 +9,11 @@ use interceptor_common::maps::{
     names, AddrKey, Cidr4Data, Cidr6Data, GroupKey, PortKey, SockKey, SockOrig, TupleKey,
 };
 
+use std::os::fd::AsFd;
+use std::sync::Arc;
+
 use super::pins::{open_map, Pins};
+use super::sk_lookup::Pool;
 
 /// The maps a pod's registration writes, opened from their pins.
 pub struct PodMaps {
@@ -27,6 +31,10 @@ pub struct PodMaps {
     pub(super) sk_proxy: SkStorage<MapData, u32>,
     pub(super) accel: SockHash<MapData, SockKey>,
     pub(super) accel_on: Array<MapData, u32>,
+    /// `POD_NETNS`: pod id → netns cookie, read by the pod's sk_lookup program.
+    pub(super) pod_netns: Array<MapData, u64>,
+    /// Per-pod sk_lookup programs loaded ahead of time.
+    pub(super) programs: Arc<Pool>,
 }
 
 /// A registered pod.
@@ -38,6 +46,13 @@ pub struct PodHandle {
 
 impl PodMaps {
     pub(super) fn open(pins: &Pins) -> Result<Self> {
+        let pod_netns = open_map(pins, names::POD_NETNS)?;
+        let fd = |m: &MapData| m.fd().as_fd().try_clone_to_owned();
+        let programs = Arc::new(Pool::new(
+            fd(&pod_netns)?,
+            fd(&open_map(pins, names::INBOUND_NETNS)?)?,
+            fd(&open_map(pins, names::INBOUND_PROG)?)?,
+        )?);
         Ok(Self {
             pins: pins.clone(),
             stats: PerCpuArray::try_from(Map::PerCpuArray(open_map(pins, names::STATS)?))?,
@@ -59,7 +74,16 @@ impl PodMaps {
             sk_proxy: SkStorage::try_from(Map::SkStorage(open_map(pins, names::SK_PROXY)?))?,
             accel: SockHash::try_from(Map::SockHash(open_map(pins, names::ACCEL)?))?,
             accel_on: Array::try_from(Map::Array(open_map(pins, names::ACCEL_ON)?))?,
+            pod_netns: Array::try_from(Map::Array(pod_netns))?,
+            programs,
         })
+    }
+}
+
+impl PodMaps {
+    /// The pool of per-pod sk_lookup programs, for filling off the pod-add path.
+    pub fn program_pool(&self) -> Arc<Pool> {
+        self.programs.clone()
     }
 }
 

@@ -106,8 +106,13 @@ impl PodMaps {
         let (netns, cookie) = (w.netns, facts.cookie);
         let tables = policy::MemTables::new(cfg, &own_addrs(local, &facts.link_local), groups);
         let mut keys = Keys::of(pod_id, &tables);
-        let (reserved, unreserve) =
-            self.reserve_guarded(w, pod_id, &tables.guarded_ports, old.is_none())?;
+        let (reserved, unreserve) = self.reserve_guarded(
+            w,
+            facts.reserved_ports.as_deref(),
+            pod_id,
+            &tables.guarded_ports,
+            old.is_none(),
+        )?;
         keys.ports.extend(reserved);
         for k in &keys.ports {
             w.step()?;
@@ -149,14 +154,22 @@ impl PodMaps {
                 }
             }
         }
-        let t = std::time::Instant::now();
-        if let Some(pin) = self.pins.attach_sk_lookup(netns, cookie)? {
+        // The pod's sk_lookup program reads its cookie by id: written before the program runs.
+        w.step()?;
+        let was = self.pod_netns.get(&pod_id, 0).unwrap_or(0);
+        if was != cookie {
+            self.pod_netns
+                .set(pod_id, cookie, 0)
+                .context("writing POD_NETNS")?;
+            w.undo.push(Undo::PodNetns(pod_id, was));
+        }
+        let programs = &self.programs;
+        if let Some(pin) = self
+            .pins
+            .attach_sk_lookup(netns, cookie, || programs.take(pod_id))?
+        {
             w.undo.push(Undo::Pin(pin));
         }
-        tracing::debug!(
-            micros = t.elapsed().as_micros() as u64,
-            "sk_lookup attached"
-        );
         // No tuple reset for a new pod: its removal deleted that pod's entries and zeroed its
         // count already, and walking `ORIG_BY_TUPLE` (half a million buckets) cost most of a
         // millisecond. An entry of a connection still open since (a handshake that finished
@@ -233,6 +246,7 @@ impl PodMaps {
                 Undo::Policy(c, None) => self.policy.remove(&c).map_err(Into::into),
                 Undo::Listener(k) => self.listeners.remove(&k).map_err(Into::into),
                 Undo::Unreserve(ns, ports) => reserved_ports::release(&ns, ports),
+                Undo::PodNetns(id, was) => self.pod_netns.set(id, was, 0).map_err(Into::into),
                 Undo::Pin(p) => {
                     std::fs::remove_file(&p).with_context(|| format!("unpinning {}", p.display()))
                 }
@@ -270,6 +284,10 @@ impl PodMaps {
         let _ = self.listeners.remove(&(p.pod_id * 2));
         let _ = self.listeners.remove(&(p.pod_id * 2 + 1));
         let _ = std::fs::remove_file(self.pins.sk_lookup_link(cookie));
+        // Its id is free again (its program went with the link).
+        if self.pod_netns.get(&p.pod_id, 0).is_ok_and(|c| c == cookie) {
+            self.pod_netns.set(p.pod_id, 0, 0)?;
+        }
         self.policy.remove(&cookie)?;
         self.update_accel_on()?;
         Ok(true)

@@ -10,6 +10,8 @@
 //! pod's own sysctls, say) are left alone.
 
 use std::collections::{BTreeSet, HashSet};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -19,8 +21,7 @@ use super::journal::{Undo, Writes};
 use super::pod_maps::PodMaps;
 use crate::netns;
 
-/// The sysctl, as seen from inside the netns that opens it.
-const SYSCTL: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+use netns::RESERVED_PORTS_SYSCTL as SYSCTL;
 
 /// Parses the sysctl's format: `1,2-5,7` (empty: none).
 pub fn parse(text: &str) -> Result<BTreeSet<u16>> {
@@ -60,48 +61,54 @@ pub fn render(ports: &BTreeSet<u16>) -> String {
     parts.join(",")
 }
 
-/// The reserved ports of the caller's netns.
-pub fn read_here() -> Result<BTreeSet<u16>> {
-    parse(&read_sysctl(SYSCTL)?)
-}
-
 /// Reads a bitmap sysctl in one read(2): the kernel's `proc_do_large_bitmap` returns nothing to
 /// a read at a non-zero offset, so a short first read (`read_to_string` starts with 32 bytes)
 /// would cut the list. A page first: the kernel allocates (and zeroes) a buffer of the size
 /// asked for, and the largest list (every port, "65535,") takes 384 KiB, which cost a pod add
 /// more than a millisecond. The list ends with a newline only when it fitted.
 pub fn read_sysctl(path: &str) -> Result<String> {
-    use std::io::Read;
+    let f = File::open(path).with_context(|| format!("reading {path}"))?;
+    read_open(&f).with_context(|| format!("reading {path}"))
+}
+
+/// `read_sysctl` of an open sysctl file (each read at offset 0).
+fn read_open(f: &File) -> Result<String> {
     for size in [4096, 6 * 65536 + 1] {
         let mut buf = vec![0u8; size];
-        let n = std::fs::File::open(path)
-            .and_then(|mut f| f.read(&mut buf))
-            .with_context(|| format!("reading {path}"))?;
+        let n = f.read_at(&mut buf, 0)?;
         buf.truncate(n);
         if n < size && (n == 0 || buf.ends_with(b"\n")) || size > 4096 {
-            return String::from_utf8(buf).with_context(|| format!("{path} is not text"));
+            return Ok(String::from_utf8(buf)?);
         }
     }
     unreachable!("the last size returns")
 }
 
-fn write_here(ports: &BTreeSet<u16>) -> Result<()> {
+fn write_open(f: &File, ports: &BTreeSet<u16>) -> Result<()> {
     // An empty write is rejected by older kernels; "\n" clears the list everywhere.
     let text = format!("{}\n", render(ports));
-    std::fs::write(SYSCTL, text).with_context(|| format!("writing {SYSCTL}"))
+    f.write_all_at(text.as_bytes(), 0)
+        .with_context(|| format!("writing {SYSCTL}"))
 }
 
-/// Adds `ports` to the reservation of the netns at `netns`; returns those not reserved before
-/// (the ones the caller now owns and must release).
-pub fn reserve(netns: &Path, ports: Vec<u16>) -> Result<Vec<u16>> {
-    netns::run_in(Some(netns), move || {
-        let mut set = read_here()?;
+/// Adds `ports` to the reservation of the netns at `netns`, through `sysctl` (the netns's
+/// sysctl file, opened inside it) when given; returns those not reserved before (the ones the
+/// caller now owns and must release).
+pub fn reserve(netns: &Path, sysctl: Option<&File>, ports: Vec<u16>) -> Result<Vec<u16>> {
+    let add = |f: &File| {
+        let mut set = parse(&read_open(f)?)?;
         let added: Vec<u16> = ports.into_iter().filter(|p| set.insert(*p)).collect();
         if !added.is_empty() {
-            write_here(&set)?;
+            write_open(f, &set)?;
         }
         Ok(added)
-    })
+    };
+    match sysctl {
+        Some(f) => add(f),
+        None => netns::run_in(Some(netns), || {
+            add(&OpenOptions::new().read(true).write(true).open(SYSCTL)?)
+        }),
+    }
     .with_context(|| format!("reserving the guarded ports in {}", netns.display()))
 }
 
@@ -111,13 +118,14 @@ pub fn release(netns: &Path, ports: Vec<u16>) -> Result<()> {
         return Ok(());
     }
     netns::run_in(Some(netns), move || {
-        let mut set = read_here()?;
+        let f = OpenOptions::new().read(true).write(true).open(SYSCTL)?;
+        let mut set = parse(&read_open(&f)?)?;
         let before = set.len();
         for p in &ports {
             set.remove(p);
         }
         if set.len() != before {
-            write_here(&set)?;
+            write_open(&f, &set)?;
         }
         Ok(())
     })
@@ -142,6 +150,7 @@ impl PodMaps {
     pub(super) fn reserve_guarded(
         &mut self,
         w: &mut Writes,
+        sysctl: Option<&File>,
         pod_id: u32,
         guarded: &HashSet<u16>,
         new_pod: bool,
@@ -156,7 +165,7 @@ impl PodMaps {
         };
         let mut wanted: Vec<u16> = guarded.iter().copied().collect();
         wanted.sort_unstable();
-        let added = reserve(w.netns, wanted)?;
+        let added = reserve(w.netns, sysctl, wanted)?;
         if !added.is_empty() {
             w.undo
                 .push(Undo::Unreserve(w.netns.to_path_buf(), added.clone()));

@@ -1,18 +1,27 @@
 //! The per-pod sk_lookup program. sk_lookup cannot read the netns cookie and attaches per
 //! network namespace, so each pod netns gets a program of its own, built here instruction by
-//! instruction with the pod's netns cookie as an immediate: it stores the cookie in
-//! `INBOUND_NETNS[0]` (per CPU) and tail-calls the shared `ic_sk_lookup` through
+//! instruction with the pod's id as an immediate: it copies `POD_NETNS[id]` (the pod's netns
+//! cookie) to `INBOUND_NETNS[0]` (per CPU) and tail-calls the shared `ic_sk_lookup` through
 //! `INBOUND_PROG[0]`, which finds the pod's policy by that cookie. Inbound capture then no longer
 //! depends on the pod's addresses: an address added after registration, a second interface or
 //! the IPv6 link-local address is captured like the registered one (as ISTIO_INBOUND does).
 //! If the tail call fails (no target), the program drops the connection: fail closed.
 //!
-//! The program is 18 instructions known at registration time, built here; aya loads programs
+//! Why the id and not the cookie (as before): ids are known before their pods, so a `Pool` of
+//! programs for the next free ids is loaded ahead of time, and the verifier and JIT (most of a
+//! third of a millisecond) are off the pod-add path. Links pinned by the cookie-carrying
+//! programs of earlier versions keep working: they write `INBOUND_NETNS[0]` themselves.
+//!
+//! The program is 24 instructions known at registration time, built here; aya loads programs
 //! from an object file only, so loading, attaching and pinning go through `sys`.
 
+use std::collections::BTreeMap;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
+use std::sync::Mutex;
+
+use aya::maps::{Array, MapData};
 
 use super::sys::{self, Insn, BPF_PROG_TYPE_SK_LOOKUP, BPF_SK_LOOKUP};
 
@@ -42,52 +51,63 @@ fn ld_imm64(dst: u8, src: u8, imm: u64) -> [Insn; 2] {
     ]
 }
 
-/// The per-pod program: `INBOUND_NETNS[0] = cookie; tail_call(ctx, INBOUND_PROG, 0);
+/// The maps a per-pod program refers to, by fd.
+#[derive(Clone, Copy)]
+pub struct ProgramMaps<'a> {
+    /// `POD_NETNS`: id → netns cookie.
+    pub pod_netns: BorrowedFd<'a>,
+    /// `INBOUND_NETNS`: the per-CPU slot `ic_sk_lookup` reads the cookie from.
+    pub slot: BorrowedFd<'a>,
+    /// `INBOUND_PROG`: `ic_sk_lookup`.
+    pub target: BorrowedFd<'a>,
+}
+
+/// The per-pod program: `INBOUND_NETNS[0] = POD_NETNS[pod_id]; tail_call(ctx, INBOUND_PROG, 0);
 /// return SK_DROP`.
-fn program(netns_map: i32, prog_array: i32, cookie: u64) -> Vec<Insn> {
+fn program(maps: ProgramMaps<'_>, pod_id: u32) -> Vec<Insn> {
     const MOV64_X: u8 = 0xbf; // BPF_ALU64 | BPF_MOV | BPF_X
     const MOV64_K: u8 = 0xb7; // BPF_ALU64 | BPF_MOV | BPF_K
     const ADD64_K: u8 = 0x07; // BPF_ALU64 | BPF_ADD | BPF_K
     const ST_W: u8 = 0x62; // BPF_ST | BPF_MEM | BPF_W
+    const LDX_DW: u8 = 0x79; // BPF_LDX | BPF_MEM | BPF_DW
     const STX_DW: u8 = 0x7b; // BPF_STX | BPF_MEM | BPF_DW
     const JEQ_K: u8 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
     const CALL: u8 = 0x85;
     const EXIT: u8 = 0x95;
-    let mut p = vec![
-        insn(MOV64_X, 6, 1, 0, 0), // r6 = ctx
-        insn(ST_W, 10, 0, -4, 0),  // key 0 on the stack
-    ];
-    p.extend(ld_imm64(1, BPF_PSEUDO_MAP_FD, netns_map as u32 as u64));
-    p.extend([
-        insn(MOV64_X, 2, 10, 0, 0),
-        insn(ADD64_K, 2, 0, 0, -4),
-        insn(CALL, 0, 0, 0, FN_MAP_LOOKUP_ELEM),
-        // r0 == NULL: to the SK_DROP below (8 instructions ahead).
-        insn(JEQ_K, 0, 0, 8, 0),
-    ]);
-    p.extend(ld_imm64(1, 0, cookie));
-    p.extend([
-        insn(STX_DW, 0, 1, 0, 0), // *(u64 *)r0 = cookie
-        insn(MOV64_X, 1, 6, 0, 0),
-    ]);
-    p.extend(ld_imm64(2, BPF_PSEUDO_MAP_FD, prog_array as u32 as u64));
+    let fd = |f: BorrowedFd<'_>| f.as_raw_fd() as u32 as u64;
+    // r0 = &map[key], key at r10-4; `skip` instructions ahead (to the SK_DROP) when missing.
+    let lookup = |map: u64, key: u32, skip: i16| {
+        let mut v = vec![insn(ST_W, 10, 0, -4, key as i32)];
+        v.extend(ld_imm64(1, BPF_PSEUDO_MAP_FD, map));
+        v.extend([
+            insn(MOV64_X, 2, 10, 0, 0),
+            insn(ADD64_K, 2, 0, 0, -4),
+            insn(CALL, 0, 0, 0, FN_MAP_LOOKUP_ELEM),
+            insn(JEQ_K, 0, 0, skip, 0),
+        ]);
+        v
+    };
+    let mut p = vec![insn(MOV64_X, 6, 1, 0, 0)]; // r6 = ctx
+    p.extend(lookup(fd(maps.pod_netns), pod_id, 14));
+    p.push(insn(LDX_DW, 7, 0, 0, 0)); // r7 = POD_NETNS[pod_id]
+    p.extend(lookup(fd(maps.slot), 0, 6));
+    p.push(insn(STX_DW, 0, 7, 0, 0)); // INBOUND_NETNS[0] = r7
+    p.push(insn(MOV64_X, 1, 6, 0, 0));
+    p.extend(ld_imm64(2, BPF_PSEUDO_MAP_FD, fd(maps.target)));
     p.extend([
         insn(MOV64_K, 3, 0, 0, 0),
         insn(CALL, 0, 0, 0, FN_TAIL_CALL),
-        // Only reached when the tail call failed.
+        // Reached when the tail call failed, or a lookup above found nothing.
         insn(MOV64_K, 0, 0, 0, SK_DROP),
         insn(EXIT, 0, 0, 0, 0),
     ]);
     p
 }
 
-/// Loads the pod's program; on a verifier rejection the error carries the verifier's log.
-pub fn load(
-    netns_map: BorrowedFd<'_>,
-    prog_array: BorrowedFd<'_>,
-    cookie: u64,
-) -> io::Result<OwnedFd> {
-    let insns = program(netns_map.as_raw_fd(), prog_array.as_raw_fd(), cookie);
+/// Loads the program of pod id `pod_id`; on a verifier rejection the error carries the
+/// verifier's log.
+pub fn load(maps: ProgramMaps<'_>, pod_id: u32) -> io::Result<OwnedFd> {
+    let insns = program(maps, pod_id);
     let attempt = |log: Option<&mut [u8]>| {
         sys::prog_load(
             BPF_PROG_TYPE_SK_LOOKUP,
@@ -119,6 +139,91 @@ pub fn load(
     }
 }
 
+/// Per-pod programs loaded ahead of time, by pod id. A registration `take`s its id's program
+/// (or loads it then, when none is ready); `fill` loads the next ones, off the pod-add path (the
+/// daemon calls it from a thread of its own after each add). The pool holds its own map fds, so
+/// filling needs no lock on the registry.
+pub struct Pool {
+    pod_netns: OwnedFd,
+    slot: OwnedFd,
+    target: OwnedFd,
+    /// `POD_NETNS` again, to read which ids are free.
+    ids: Array<MapData, u64>,
+    ready: Mutex<BTreeMap<u32, OwnedFd>>,
+}
+
+impl Pool {
+    pub fn new(pod_netns: OwnedFd, slot: OwnedFd, target: OwnedFd) -> io::Result<Self> {
+        let ids = MapData::from_fd(pod_netns.try_clone()?)
+            .and_then(|m| Array::try_from(aya::maps::Map::Array(m)))
+            .map_err(io::Error::other)?;
+        Ok(Self {
+            pod_netns,
+            slot,
+            target,
+            ids,
+            ready: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// The `n` smallest pod ids without a pod (`POD_NETNS` 0): the ids the next registrations
+    /// take (unless a pod registered by an earlier version holds one; it then loads its own).
+    pub fn next_free_ids(&self, n: usize) -> Vec<u32> {
+        (0..interceptor_common::maps::capacity::MAX_PODS)
+            .filter(|id| self.ids.get(id, 0).is_ok_and(|c| c == 0))
+            .take(n)
+            .collect()
+    }
+
+    /// Keeps programs ready for the `n` next free ids, and only for them. Returns how many it
+    /// loaded.
+    pub fn top_up(&self, n: usize) -> io::Result<usize> {
+        let ids = self.next_free_ids(n);
+        self.ready().retain(|id, _| ids.contains(id));
+        self.fill(&ids)
+    }
+
+    fn maps(&self) -> ProgramMaps<'_> {
+        ProgramMaps {
+            pod_netns: self.pod_netns.as_fd(),
+            slot: self.slot.as_fd(),
+            target: self.target.as_fd(),
+        }
+    }
+
+    fn ready(&self) -> std::sync::MutexGuard<'_, BTreeMap<u32, OwnedFd>> {
+        self.ready.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The program of `pod_id`: a ready one, or loaded now.
+    pub fn take(&self, pod_id: u32) -> io::Result<OwnedFd> {
+        if let Some(fd) = self.ready().remove(&pod_id) {
+            return Ok(fd);
+        }
+        load(self.maps(), pod_id)
+    }
+
+    /// Loads the programs of `ids` that are not ready yet (the loads run unlocked: a `take` of
+    /// one of them meanwhile loads its own). Returns how many it loaded.
+    pub fn fill(&self, ids: &[u32]) -> io::Result<usize> {
+        let mut n = 0;
+        for &id in ids {
+            if self.ready().contains_key(&id) {
+                continue;
+            }
+            let fd = load(self.maps(), id)?;
+            self.ready().entry(id).or_insert(fd);
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Ids with a program ready, in order.
+    pub fn ready_ids(&self) -> Vec<u32> {
+        self.ready().keys().copied().collect()
+    }
+}
+
 /// Attaches `prog` to the netns of `netns` (BPF_LINK_CREATE); the link detaches when its last
 /// reference (fd or pin) goes.
 pub fn attach(prog: BorrowedFd<'_>, netns: BorrowedFd<'_>) -> io::Result<OwnedFd> {
@@ -136,7 +241,6 @@ pub fn pin(link: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
 pub fn probe(ebpf: &mut aya::Ebpf, target: &str) -> Result<(), String> {
     use aya::maps::{Map, ProgramArray};
     use interceptor_common::maps::names;
-    use std::os::fd::AsFd;
     let prog = ebpf
         .program(target)
         .ok_or_else(|| format!("{target} is not in the object"))?
@@ -152,6 +256,10 @@ pub fn probe(ebpf: &mut aya::Ebpf, target: &str) -> Result<(), String> {
                 names::INBOUND_NETNS
             ))
         }
+    };
+    let pod_netns = match ebpf.take_map(names::POD_NETNS) {
+        Some(Map::Array(m)) => m,
+        _ => return Err(format!("no array {} in the object", names::POD_NETNS)),
     };
     let table = match ebpf.take_map(names::INBOUND_PROG) {
         Some(Map::ProgramArray(m)) => m,
@@ -171,9 +279,12 @@ pub fn probe(ebpf: &mut aya::Ebpf, target: &str) -> Result<(), String> {
     array
         .set(0, &prog, 0)
         .map_err(|e| format!("{target} as the tail call target: {e}"))?;
-    load(slot.fd().as_fd(), table_fd.as_fd(), 0)
-        .map(drop)
-        .map_err(|e| e.to_string())
+    let maps = ProgramMaps {
+        pod_netns: pod_netns.fd().as_fd(),
+        slot: slot.fd().as_fd(),
+        target: table_fd.as_fd(),
+    };
+    load(maps, 0).map(drop).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -182,27 +293,37 @@ mod tests {
 
     #[test]
     fn program_layout() {
-        let p = program(7, 9, 0x1122_3344_5566_7788);
-        assert_eq!(p.len(), 18);
-        // The null check jumps exactly to `r0 = SK_DROP`.
-        let jeq = p.iter().position(|i| i.code == 0x15).unwrap();
-        assert_eq!(
-            p[jeq + 1 + p[jeq].off as usize],
-            insn(0xb7, 0, 0, 0, SK_DROP)
-        );
-        // The cookie, split over the two halves of its ld_imm64.
-        let ld = p
+        // Any open fds do: only their numbers go into the instructions.
+        let files: Vec<std::fs::File> = (0..3).map(|_| std::fs::File::open("/").unwrap()).collect();
+        let maps = ProgramMaps {
+            pod_netns: files[0].as_fd(),
+            slot: files[1].as_fd(),
+            target: files[2].as_fd(),
+        };
+        let p = program(maps, 0x0102_0304);
+        assert_eq!(p.len(), 24);
+        let drop_at = p
             .iter()
-            .position(|i| i.code == 0x18 && i.regs == 1 && i.imm == 0x5566_7788)
+            .position(|i| *i == insn(0xb7, 0, 0, 0, SK_DROP))
             .unwrap();
-        assert_eq!(p[ld + 1].imm, 0x1122_3344);
-        // Both map references are map fds (src register BPF_PSEUDO_MAP_FD).
-        let maps: Vec<i32> = p
+        // Both null checks jump exactly to `r0 = SK_DROP`.
+        let jumps: Vec<usize> = p
+            .iter()
+            .enumerate()
+            .filter(|(_, i)| i.code == 0x15)
+            .map(|(at, i)| at + 1 + i.off as usize)
+            .collect();
+        assert_eq!(jumps, [drop_at, drop_at]);
+        // The pod id is the first lookup's key.
+        assert_eq!(p[1], insn(0x62, 10, 0, -4, 0x0102_0304));
+        // The map references are map fds (src register BPF_PSEUDO_MAP_FD), in order.
+        let refs: Vec<i32> = p
             .iter()
             .filter(|i| i.code == 0x18 && i.regs >> 4 == BPF_PSEUDO_MAP_FD)
             .map(|i| i.imm)
             .collect();
-        assert_eq!(maps, [7, 9]);
+        let raw: Vec<i32> = files.iter().map(|f| f.as_raw_fd()).collect();
+        assert_eq!(refs, raw);
         assert_eq!(p.last().unwrap().code, 0x95);
     }
 }

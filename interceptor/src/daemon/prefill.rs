@@ -1,0 +1,42 @@
+//! Per-pod sk_lookup programs loaded ahead of time, on a thread of their own: loading one (the
+//! verifier and the JIT) was a third of a pod add. After each add or removal the thread tops the
+//! pool up to `SPARE` programs for the next free pod ids, while the client already has its answer.
+
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use crate::backend::ebpf::sk_lookup::Pool;
+
+/// Programs kept ready: a burst of this many pod adds (a node filling up) pays no load.
+const SPARE: usize = 4;
+
+pub struct Prefill {
+    poke: mpsc::Sender<()>,
+}
+
+impl Prefill {
+    /// Starts the thread; it fills the pool once right away.
+    pub fn start(pool: Arc<Pool>) -> std::io::Result<Self> {
+        let (poke, wake) = mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name("prefill".into())
+            .spawn(move || loop {
+                if let Err(e) = pool.top_up(SPARE) {
+                    // Registrations load their own program then; nothing else depends on it.
+                    tracing::warn!(error = %e, "loading per-pod sk_lookup programs ahead of time");
+                }
+                // Gone: the daemon is shutting down. Several pokes: one top-up serves them all.
+                if wake.recv().is_err() {
+                    return;
+                }
+                while wake.try_recv().is_ok() {}
+            })?;
+        poke.send(()).ok();
+        Ok(Self { poke })
+    }
+
+    /// After an add or removal: the next free ids may have changed.
+    pub fn poke(&self) {
+        let _ = self.poke.send(());
+    }
+}
