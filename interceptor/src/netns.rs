@@ -127,8 +127,8 @@ pub fn cookie(path: Option<&Path>) -> Result<u64> {
 
 /// The cookie of the caller's own netns.
 pub fn cookie_here() -> Result<u64> {
-    let sock = std::net::UdpSocket::bind("127.0.0.1:0")
-        .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))
+    // Any socket carries its netns's cookie; an unbound Unix one costs no port and no address.
+    let sock = std::os::unix::net::UnixDatagram::unbound()
         .context("creating a socket to read the netns cookie")?;
     socket_cookie(sock.as_fd()).context("getsockopt(SO_NETNS_COOKIE)")
 }

@@ -36,9 +36,20 @@ impl DaemonProc {
 
     /// A daemon with extra flags and environment.
     pub fn start_env(tag: &str, extra: &[&str], env: &[(&str, &str)]) -> Result<Self> {
+        Self::start_under(&std::env::temp_dir(), tag, extra, env)
+    }
+
+    /// A daemon whose socket, state records and log live in a folder under `base` (the
+    /// benchmark puts them on a tmpfs, as the DaemonSet does).
+    pub fn start_under(
+        base: &std::path::Path,
+        tag: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let name = format!("ic-{tag}-{}-{n}", std::process::id());
-        let dir = std::env::temp_dir().join(&name);
+        let dir = base.join(&name);
         std::fs::create_dir_all(&dir)?;
         // A free loopback port for the metrics endpoint (tests run in parallel).
         let metrics = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;

@@ -189,7 +189,7 @@ impl Daemon {
     fn record(&self, pod: &PodStatus) -> Result<()> {
         let file = state_file(&self.args.state_dir, &pod.netns);
         let tmp = file.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(pod)?)?;
+        std::fs::write(&tmp, serde_json::to_vec(pod)?)?;
         std::fs::rename(&tmp, &file)?;
         Ok(())
     }
@@ -242,12 +242,15 @@ impl Daemon {
                 ..Mode::default()
             },
         };
+        // The pod's own user namespace, if it has one: registration translates through its id
+        // maps and `pod show` shows them.
+        let userns_maps = crate::userns::maps_of(&spec.netns)?;
         // eBPF registration reads the netns cookie itself: one netns visit, not two. It is all
         // or nothing: a failure leaves nothing registered (and, with `auto`, falls back).
         let ebpf = || match maps.as_mut() {
             Some(maps) => {
                 let ips = (!spec.ips.is_empty()).then_some(spec.ips.as_slice());
-                install::register_in(maps, &spec.netns, &cfg, ips)
+                install::register_in(maps, &spec.netns, &cfg, ips, userns_maps.as_ref())
             }
             None => bail!("eBPF is unavailable on this node"),
         };
@@ -256,8 +259,9 @@ impl Daemon {
             Installed::Netfilter(_) => (0, crate::netns::identity(&spec.netns)?),
         };
         // Shown by `pod show`; the registration above translated through the same maps.
-        let userns =
-            crate::userns::maps_of(&spec.netns)?.map(|m| crate::userns::UsernsView::new(&m, &cfg));
+        let userns = userns_maps
+            .as_ref()
+            .map(|m| crate::userns::UsernsView::new(m, &cfg));
         let status = PodStatus {
             netns: spec.netns.clone(),
             netns_cookie: cookie,

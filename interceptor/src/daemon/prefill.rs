@@ -20,7 +20,9 @@ impl Prefill {
         let (poke, wake) = mpsc::channel::<()>();
         std::thread::Builder::new()
             .name("prefill".into())
-            .spawn(move || loop {
+            .spawn(move || {
+                idle_priority();
+                loop {
                 if let Err(e) = pool.top_up(SPARE) {
                     // Registrations load their own program then; nothing else depends on it.
                     tracing::warn!(error = %e, "loading per-pod sk_lookup programs ahead of time");
@@ -30,6 +32,7 @@ impl Prefill {
                     return;
                 }
                 while wake.try_recv().is_ok() {}
+                }
             })?;
         poke.send(()).ok();
         Ok(Self { poke })
@@ -38,5 +41,16 @@ impl Prefill {
     /// After an add or removal: the next free ids may have changed.
     pub fn poke(&self) {
         let _ = self.poke.send(());
+    }
+}
+
+/// This thread runs only when a CPU would otherwise idle: it must never delay a registration (in
+/// a burst of adds it may not run at all, and each add then loads its own program).
+fn idle_priority() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param for the call.
+    let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+    if r != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "SCHED_IDLE for the prefill thread");
     }
 }

@@ -240,15 +240,19 @@ pub fn register_ebpf(
     cfg: &Config,
     ips: Option<&[std::net::IpAddr]>,
 ) -> Result<PodHandle> {
-    register_in(&mut pins.maps()?, netns, cfg, ips)
+    let userns = crate::userns::maps_of(netns)?;
+    register_in(&mut pins.maps()?, netns, cfg, ips, userns.as_ref())
 }
 
 /// `register_ebpf` with maps the caller keeps open (the daemon).
+/// `userns`: the id maps of the netns's own user namespace (`userns::maps_of`), read by the
+/// caller, which shows them too.
 pub fn register_in(
     maps: &mut PodMaps,
     netns: &Path,
     cfg: &Config,
     ips: Option<&[std::net::IpAddr]>,
+    userns: Option<&idmap::UsernsMaps>,
 ) -> Result<PodHandle> {
     let t = std::time::Instant::now();
     // One visit for the cookie, the addresses and the existing listeners.
@@ -262,10 +266,10 @@ pub fn register_in(
     }
     let groups = tables::owner_gids(cfg)?;
     // A pod with its own user namespace: the programs see host ids.
-    match crate::userns::maps_of(netns)? {
+    match userns {
         None => maps.register(netns, &facts, cfg, &local, &groups),
         Some(m) => {
-            let host = idmap::host_config(cfg, &m).map_err(anyhow::Error::msg)?;
+            let host = idmap::host_config(cfg, m).map_err(anyhow::Error::msg)?;
             let groups = idmap::translate_ids(&groups, &m.gid_map, "owner group")
                 .map_err(anyhow::Error::msg)?;
             tracing::debug!(uid_map = %m.uid_map.render(), "pod in its own user namespace");

@@ -578,6 +578,7 @@ fn scaling_pods(r: &mut Results, s: &Settings) -> Result<()> {
                     &others[registered].path(),
                     &cfg,
                     None,
+                    None,
                 )?;
                 registered += 1;
             }
@@ -596,11 +597,45 @@ fn scaling_pods(r: &mut Results, s: &Settings) -> Result<()> {
     Ok(())
 }
 
+/// One control-socket request, timed from connect to the last byte of the answer. The request's
+/// JSON is encoded before and the answer decoded after: this client is a debug build, where
+/// serde takes a few hundred microseconds that the release-built CNI plugin spends in a few.
+fn timed_call(
+    socket: &std::path::Path,
+    req: &interceptor::daemon::protocol::Request,
+) -> Result<(interceptor::daemon::protocol::Response, f64)> {
+    use std::io::{Read, Write};
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    let mut answer = Vec::with_capacity(4096);
+    let mut buf = [0u8; 4096];
+    let t = Instant::now();
+    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
+    s.write_all(&line)?;
+    while !answer.ends_with(b"\n") {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            bail!("the daemon closed the connection without answering");
+        }
+        answer.extend_from_slice(&buf[..n]);
+    }
+    let us = t.elapsed().as_secs_f64() * 1e6;
+    Ok((serde_json::from_slice(&answer)?, us))
+}
+
 /// Pod setup: registration through the daemon (eBPF, and iptables through the daemon) vs
 /// `iptables-restore` of the same rules into a fresh netns, as istio-init does.
 fn setup_cost(r: &mut Results, s: &Settings) -> Result<()> {
     use interceptor::daemon::{client, protocol};
-    let d = interceptor_tests::daemon::DaemonProc::start("bsetup")?;
+    // State records on a tmpfs, as deployed (the DaemonSet's /run/interceptor); /tmp may be a
+    // disk, where creating and renaming a record is a journaled metadata write.
+    let shm = std::path::Path::new("/dev/shm");
+    let base = if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
+    let d = interceptor_tests::daemon::DaemonProc::start_under(&base, "bsetup", &[], &[])?;
     let cfg = pod_config()?;
     let raw = interceptor_common::config::RawConfig {
         outbound_ip_ranges_include: "*".into(),
@@ -624,9 +659,7 @@ fn setup_cost(r: &mut Results, s: &Settings) -> Result<()> {
                 backend,
                 identity: None,
             }));
-            let t = Instant::now();
-            let resp = client::call(&d.socket(), &req)?;
-            let us = t.elapsed().as_secs_f64() * 1e6;
+            let (resp, us) = timed_call(&d.socket(), &req)?;
             let protocol::Response::Pod(status) = resp else {
                 bail!("pod add ({label}) failed: {resp:?}");
             };

@@ -182,10 +182,13 @@ impl PodMaps {
             tracing::debug!(micros = t.elapsed().as_micros() as u64, "listener adoption");
         }
         w.step()?;
-        self.policy
-            .insert(cookie, policy::pod_policy(cfg, pod_id), 0)?;
+        let new = policy::pod_policy(cfg, pod_id);
+        self.policy.insert(cookie, new, 0)?;
         w.undo.push(Undo::Policy(cookie, old));
-        self.update_accel_on()?;
+        // The count changes only with this pod's flag (recounting walks every pod's policy).
+        if old.is_some_and(accelerates) != accelerates(new) {
+            self.update_accel_on()?;
+        }
         if old.is_some() {
             // Only a re-registration can leave stale entries behind.
             self.purge(pod_id, Some((&keys, &tables)), Some(&mut *w.undo))?;
@@ -289,7 +292,9 @@ impl PodMaps {
             self.pod_netns.set(p.pod_id, 0, 0)?;
         }
         self.policy.remove(&cookie)?;
-        self.update_accel_on()?;
+        if accelerates(p) {
+            self.update_accel_on()?;
+        }
         Ok(true)
     }
 
@@ -300,7 +305,7 @@ impl PodMaps {
             .policy
             .iter()
             .filter_map(|r| r.ok())
-            .filter(|(_, p)| p.has(interceptor_common::decision::flags::ACCELERATE))
+            .filter(|(_, p)| accelerates(*p))
             .count() as u32;
         self.accel_on.set(0, n, 0).context("updating ACCEL_ON")?;
         Ok(())
@@ -452,6 +457,10 @@ impl Pins {
 
 /// The smallest id no registered pod uses: keeps ids (and the counter array they index) bounded
 /// by the number of pods on the node. Ids start at 1.
+fn accelerates(p: PodPolicy) -> bool {
+    p.has(interceptor_common::decision::flags::ACCELERATE)
+}
+
 fn free_pod_id(used: impl IntoIterator<Item = u32>) -> u32 {
     let used: std::collections::HashSet<u32> = used.into_iter().collect();
     (1..).find(|id| !used.contains(id)).expect("a free pod id")
