@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use interceptor::k8s::{PodMeta, PodWatcher};
+use interceptor::k8s::{Lookup, PodMeta, PodWatcher};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -27,7 +27,9 @@ const WAIT: Duration = Duration::from_secs(20);
 ///
 /// The test changes the pods through [`FakeApiServer::add`], [`FakeApiServer::modify`] and
 /// [`FakeApiServer::delete`], each one a new resourceVersion and event, and reads back
-/// the request targets it was sent ([`FakeApiServer::requests`]).
+/// the request targets it was sent ([`FakeApiServer::requests`]). A lagging watch is made with
+/// [`FakeApiServer::pause`] (events are held until [`FakeApiServer::resume`]) and a delayed
+/// DELETE with [`FakeApiServer::delete_delayed`] + [`FakeApiServer::deliver_late`].
 struct FakeApiServer {
     addr: SocketAddr,
     state: Arc<Mutex<FakeState>>,
@@ -50,6 +52,15 @@ struct FakeState {
     /// Answer the next watch with a 410 Expired `ERROR` event (the watcher must relist).
     expire_next_watch: bool,
     open_watches: usize,
+    /// While paused, watches send no event after this resourceVersion (a lagging watch).
+    paused_at: Option<u64>,
+}
+
+impl FakeState {
+    /// The last resourceVersion the watches may send.
+    fn visible(&self) -> u64 {
+        self.paused_at.unwrap_or(self.rv)
+    }
 }
 
 impl FakeApiServer {
@@ -104,9 +115,9 @@ impl FakeApiServer {
             s.pods.remove(&key);
         }
         s.events.push((rv, kind, pod));
-        let epoch = s.epoch;
+        let now = (s.visible(), s.epoch);
         drop(s);
-        self.tick.send_replace((rv, epoch));
+        self.tick.send_replace(now);
     }
 
     fn add(&self, pod: Value) {
@@ -122,6 +133,41 @@ impl FakeApiServer {
         self.record("DELETED", pod, false);
     }
 
+    /// Holds every later event back from the watches until [`Self::resume`]: the watch lags.
+    fn pause(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.paused_at = Some(s.rv);
+    }
+
+    /// Sends the held events.
+    fn resume(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.paused_at = None;
+        let now = (s.rv, s.epoch);
+        drop(s);
+        self.tick.send_replace(now);
+    }
+
+    /// Deletes a pod whose DELETED event comes only with [`Self::deliver_late`]: later than
+    /// what happens meanwhile (a same-name pod added with a new uid). Returns the pod.
+    fn delete_delayed(&self, namespace: &str, name: &str) -> Value {
+        let mut s = self.state.lock().unwrap();
+        s.rv += 1;
+        s.pods.remove(&(namespace.into(), name.into())).unwrap()
+    }
+
+    /// An event for `pod` now, leaving the pods (the list's truth) as they are.
+    fn deliver_late(&self, kind: &'static str, mut pod: Value) {
+        let mut s = self.state.lock().unwrap();
+        s.rv += 1;
+        let rv = s.rv;
+        pod["metadata"]["resourceVersion"] = json!(rv.to_string());
+        s.events.push((rv, kind, pod));
+        let now = (s.visible(), s.epoch);
+        drop(s);
+        self.tick.send_replace(now);
+    }
+
     /// Removes a pod without an event, as if the watcher had missed it (only a relist sees it).
     fn delete_silently(&self, namespace: &str, name: &str) {
         let mut s = self.state.lock().unwrap();
@@ -134,7 +180,7 @@ impl FakeApiServer {
         let mut s = self.state.lock().unwrap();
         s.epoch += 1;
         s.expire_next_watch = expire;
-        let now = (s.rv, s.epoch);
+        let now = (s.visible(), s.epoch);
         drop(s);
         self.tick.send_replace(now);
     }
@@ -317,13 +363,14 @@ async fn watch_pods(
             )
         } else {
             let s = state.lock().unwrap();
+            let upto = s.visible();
             let lines = s
                 .events
                 .iter()
-                .filter(|(rv, _, pod)| *rv > from && on_node(pod, &node))
+                .filter(|(rv, _, pod)| *rv > from && *rv <= upto && on_node(pod, &node))
                 .map(|(_, kind, pod)| json!({"type": kind, "object": pod}).to_string())
                 .collect();
-            (lines, s.rv)
+            (lines, upto)
         };
         for line in lines {
             let chunk = format!("{:x}\r\n{line}\n\r\n", line.len() + 1);
@@ -648,26 +695,89 @@ fn flags_parse() {
     assert_eq!(cli.k8s.kubeconfig, Some("/etc/kc".into()));
 }
 
-/// The daemon watches its node's pods (`--node-name`, `--kubeconfig` to the fake API), and a
-/// CNI ADD whose runtime passed no annotations gets the pod's annotations from it: the
-/// registered config carries the pod's `excludeOutboundPorts`.
+/// A StatefulSet pod recreated under its name (`web-0`, a new uid) while the watch lags (the
+/// new pod's ADDED held back, the old one's DELETED delayed past it): asked by uid, the watcher
+/// answers for that very pod — it waits for it, or says it only knows another uid — and never
+/// hands out the predecessor's annotations.
 #[test]
-fn cni_add_takes_annotations_from_the_daemons_watcher() {
-    use interceptor_tests::daemon::DaemonProc;
-    use interceptor_tests::topology::Topology;
+fn a_recreated_pod_is_found_by_uid_never_by_its_predecessor() {
     let fake = FakeApiServer::start();
+    let inject = ("sidecar.istio.io/status", "{}");
+    let excl = "traffic.sidecar.istio.io/excludeOutboundPorts";
     fake.add(pod(
-        "web",
-        "uid-web",
+        "web-0",
+        "uid-a",
         "node-a",
-        &[
-            ("sidecar.istio.io/status", "{}"),
-            ("traffic.sidecar.istio.io/excludeOutboundPorts", "8081"),
-        ],
-        "10.1.0.7",
+        &[inject, (excl, "9000")],
+        "10.1.0.5",
     ));
-    let dir = std::env::temp_dir().join(format!("ic-kcfg-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let w = PodWatcher::start(fake.kube_config(), "node-a").unwrap();
+    assert!(w.wait_synced(WAIT), "the initial list never completed");
+    let uid_of = |l: &Lookup| match l {
+        Lookup::Found(m) => format!("found {}", m.uid),
+        other => format!("{other:?}"),
+    };
+    let found = w.wait_for_uid("shop", "web-0", "uid-a", Duration::ZERO);
+    assert_eq!(uid_of(&found), "found uid-a");
+
+    fake.pause();
+    let old = fake.delete_delayed("shop", "web-0");
+    fake.add(pod(
+        "web-0",
+        "uid-b",
+        "node-a",
+        &[inject, (excl, "8081")],
+        "10.1.0.6",
+    ));
+    // The cache still holds only the predecessor: by name it answers uid-a (what an older
+    // client got); by uid it waits the time given, then names the uid it knows.
+    assert_eq!(
+        w.get("shop", "web-0").map(|p| p.uid).as_deref(),
+        Some("uid-a")
+    );
+    let t = std::time::Instant::now();
+    let lagging = w.wait_for_uid("shop", "web-0", "uid-b", Duration::from_millis(500));
+    assert_eq!(lagging, Lookup::OtherUid("uid-a".into()));
+    assert!(t.elapsed() >= Duration::from_millis(500), "did not wait");
+
+    // A caller already waiting gets the new pod as soon as its ADDED arrives; the old pod's
+    // DELETED is still delayed.
+    let waiter = {
+        let w = w.clone();
+        std::thread::spawn(move || w.wait_for_uid("shop", "web-0", "uid-b", WAIT))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    fake.resume();
+    match waiter.join().unwrap() {
+        Lookup::Found(m) => {
+            assert_eq!(m.uid, "uid-b");
+            assert_eq!(m.annotations[excl], "8081", "the predecessor's annotations");
+        }
+        other => panic!("uid-b not found after its ADDED: {other:?}"),
+    }
+    assert_eq!(
+        w.by_uid("uid-a"),
+        None,
+        "the predecessor outlived its successor's ADDED"
+    );
+
+    // The delayed DELETED of the predecessor, last: the new pod stays.
+    let seen = w.generation();
+    fake.deliver_late("DELETED", old);
+    assert!(
+        w.wait_until(WAIT, |w| w.generation() > seen),
+        "late DELETED not applied"
+    );
+    let found = w.wait_for_uid("shop", "web-0", "uid-b", Duration::ZERO);
+    assert_eq!(uid_of(&found), "found uid-b");
+    // The uid must name this very pod; and a pod nobody knows is unknown.
+    let wrong = w.wait_for_uid("shop", "web-1", "uid-b", Duration::from_millis(100));
+    assert_eq!(wrong, Lookup::Unknown);
+}
+
+/// A kubeconfig file in `dir` pointing at `fake`.
+fn kubeconfig_for(fake: &FakeApiServer, dir: &std::path::Path) -> std::path::PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
     let kubeconfig = dir.join("config");
     std::fs::write(
         &kubeconfig,
@@ -680,8 +790,18 @@ fn cni_add_takes_annotations_from_the_daemons_watcher() {
         ),
     )
     .unwrap();
-    let d = DaemonProc::start_with(
-        "k8scni",
+    kubeconfig
+}
+
+/// A daemon watching node-a's pods through `fake`.
+fn daemon_for(
+    tag: &str,
+    fake: &FakeApiServer,
+    dir: &std::path::Path,
+) -> interceptor_tests::daemon::DaemonProc {
+    let kubeconfig = kubeconfig_for(fake, dir);
+    interceptor_tests::daemon::DaemonProc::start_with(
+        tag,
         &[
             "--node-name",
             "node-a",
@@ -689,8 +809,16 @@ fn cni_add_takes_annotations_from_the_daemons_watcher() {
             kubeconfig.to_str().unwrap(),
         ],
     )
-    .unwrap();
-    let topo = Topology::new("k8scni").unwrap();
+    .unwrap()
+}
+
+/// The CNI plugin's ADD for the pod in `topo`'s netns, with `cni_args` (the pod's identity)
+/// and no annotations from the runtime.
+fn cni_add(
+    d: &interceptor_tests::daemon::DaemonProc,
+    topo: &interceptor_tests::topology::Topology,
+    cni_args: &str,
+) -> std::process::Output {
     let netns = topo.pod_netns();
     let conf = serde_json::json!({
         "cniVersion": "1.0.0", "name": "test-net", "type": "interceptor",
@@ -704,23 +832,51 @@ fn cni_add_takes_annotations_from_the_daemons_watcher() {
         .env("CNI_NETNS", netns)
         .env("CNI_IFNAME", "eth0")
         .env("CNI_PATH", "/usr/lib/cni")
-        .env(
-            "CNI_ARGS",
-            "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web;K8S_POD_UID=uid-web",
-        )
+        .env("CNI_ARGS", cni_args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     std::io::Write::write_all(child.stdin.as_mut().unwrap(), conf.to_string().as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "ADD: {} {}",
+    child.wait_with_output().unwrap()
+}
+
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "{} {}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The daemon watches its node's pods (`--node-name`, `--kubeconfig` to the fake API), and a
+/// CNI ADD whose runtime passed no annotations gets the pod's annotations from it: the
+/// registered config carries the pod's `excludeOutboundPorts`.
+#[test]
+fn cni_add_takes_annotations_from_the_daemons_watcher() {
+    use interceptor_tests::topology::Topology;
+    let fake = FakeApiServer::start();
+    fake.add(pod(
+        "web",
+        "uid-web",
+        "node-a",
+        &[
+            ("sidecar.istio.io/status", "{}"),
+            ("traffic.sidecar.istio.io/excludeOutboundPorts", "8081"),
+        ],
+        "10.1.0.7",
+    ));
+    let dir = std::env::temp_dir().join(format!("ic-kcfg-{}", std::process::id()));
+    let d = daemon_for("k8scni", &fake, &dir);
+    let topo = Topology::new("k8scni").unwrap();
+    let netns = topo.pod_netns();
+    let out = cni_add(
+        &d,
+        &topo,
+        "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web;K8S_POD_UID=uid-web",
     );
+    assert!(out.status.success(), "ADD: {}", text(&out));
     let show = d.pod_ok(&["show", "--network-namespace", netns.to_str().unwrap()]);
     assert!(
         show.contains("\"outbound_ports_exclude\": \"8081\""),
@@ -728,5 +884,110 @@ fn cni_add_takes_annotations_from_the_daemons_watcher() {
         d.log()
     );
     assert!(show.contains("\"name\": \"web\""), "{show}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Plugin → daemon → watcher by uid: a StatefulSet pod recreated under its name while the
+/// daemon's watch lags (its ADDED held back, its predecessor's DELETED delayed) is registered
+/// with its own annotations — the daemon waits for its uid — and when the watch has not caught
+/// up in time, ADD fails (code 11, retried by the kubelet) and registers nothing; it never
+/// registers the pod with the predecessor's annotations (here: a pod left uncaptured).
+#[test]
+fn cni_add_of_a_recreated_pod_waits_for_its_own_uid() {
+    use interceptor_tests::topology::Topology;
+    let fake = FakeApiServer::start();
+    let inject = ("sidecar.istio.io/status", "{}");
+    let excl = "traffic.sidecar.istio.io/excludeOutboundPorts";
+    // The predecessors: web-0 with other annotations, web-1 not injected (its successor would
+    // be started uncaptured if its annotations were taken).
+    fake.add(pod(
+        "web-0",
+        "uid-a",
+        "node-a",
+        &[inject, (excl, "9000")],
+        "10.1.0.5",
+    ));
+    fake.add(pod("web-1", "uid-c", "node-a", &[], "10.1.0.6"));
+    let dir = std::env::temp_dir().join(format!("ic-kcfg-uid-{}", std::process::id()));
+    let d = daemon_for("k8suid", &fake, &dir);
+    let show = |topo: &Topology| {
+        d.pod(&[
+            "show",
+            "--network-namespace",
+            topo.pod_netns().to_str().unwrap(),
+        ])
+    };
+
+    // web-0 recreated (uid-b) while the watch lags; the ADD starts before the watch catches up.
+    fake.pause();
+    let old = fake.delete_delayed("shop", "web-0");
+    fake.add(pod(
+        "web-0",
+        "uid-b",
+        "node-a",
+        &[inject, (excl, "8081")],
+        "10.1.0.5",
+    ));
+    let t0 = Topology::new("k8suid0").unwrap();
+    let add = std::thread::scope(|s| {
+        let add = s.spawn(|| {
+            cni_add(
+                &d,
+                &t0,
+                "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-0;K8S_POD_UID=uid-b",
+            )
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        fake.resume();
+        add.join().unwrap()
+    });
+    assert!(add.status.success(), "ADD: {}\n{}", text(&add), d.log());
+    let shown = String::from_utf8_lossy(&show(&t0).stdout).into_owned();
+    assert!(
+        shown.contains("\"outbound_ports_exclude\": \"8081\"")
+            && shown.contains("\"uid\": \"uid-b\""),
+        "not registered with its own annotations:\n{shown}"
+    );
+    fake.deliver_late("DELETED", old);
+
+    // web-1 recreated (uid-d, injected) and the watch does not catch up within the daemon's
+    // wait: ADD fails with a retryable error naming both uids; nothing is registered.
+    fake.pause();
+    let old = fake.delete_delayed("shop", "web-1");
+    fake.add(pod(
+        "web-1",
+        "uid-d",
+        "node-a",
+        &[inject, (excl, "8082")],
+        "10.1.0.6",
+    ));
+    let t1 = Topology::new("k8suid1").unwrap();
+    let args = "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-1;K8S_POD_UID=uid-d";
+    let add = cni_add(&d, &t1, args);
+    assert!(
+        !add.status.success(),
+        "ADD with the predecessor's annotations: {}",
+        text(&add)
+    );
+    let err: serde_json::Value = serde_json::from_slice(&add.stdout).unwrap();
+    assert_eq!(err["code"], 11, "{err}");
+    let msg = err["msg"].as_str().unwrap();
+    assert!(msg.contains("uid-c") && msg.contains("uid-d"), "{msg}");
+    assert!(!show(&t1).status.success(), "registered after a failed ADD");
+    // The kubelet's retry, once the watch has caught up: its own annotations.
+    fake.resume();
+    fake.deliver_late("DELETED", old);
+    let add = cni_add(&d, &t1, args);
+    assert!(
+        add.status.success(),
+        "retried ADD: {}\n{}",
+        text(&add),
+        d.log()
+    );
+    let shown = String::from_utf8_lossy(&show(&t1).stdout).into_owned();
+    assert!(
+        shown.contains("\"outbound_ports_exclude\": \"8082\""),
+        "{shown}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -8,7 +8,7 @@ use interceptor_common::config::ConfigError;
 
 use super::args::{ApplyArgs, OutputFormat, SocketArgs};
 use crate::daemon::client::call;
-use crate::daemon::protocol::{PodStatus, Request, Response};
+use crate::daemon::protocol::{PodStatus, Request, Response, UnreadableRecord};
 use crate::model::{PodIdentity, PodSpec};
 
 #[derive(Subcommand, Debug)]
@@ -17,8 +17,8 @@ pub enum PodCommand {
     Add(Box<PodAddArgs>),
     /// Unregister a pod.
     Remove(PodRefArgs),
-    /// List registered pods.
-    List(SocketArgs),
+    /// List registered pods (and records the daemon cannot read).
+    List(PodListArgs),
     /// Show one pod: backend, why, config (and its user namespace's id mapping, if any).
     Show(PodShowArgs),
 }
@@ -29,6 +29,15 @@ pub struct PodRefArgs {
     pub network_namespace: PathBuf,
     #[command(flatten)]
     pub socket: SocketArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PodListArgs {
+    #[command(flatten)]
+    pub socket: SocketArgs,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value = "text")]
+    pub output: OutputFormat,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -103,7 +112,7 @@ pub fn run(cmd: &PodCommand) -> Result<Result<(), ConfigError>> {
                 netns: r.pod.network_namespace.clone(),
             },
         ),
-        PodCommand::List(s) => (s.socket.clone(), Request::List),
+        PodCommand::List(l) => (l.socket.socket.clone(), Request::List),
     };
     match call(&socket, &req)? {
         Response::Error {
@@ -120,24 +129,16 @@ pub fn run(cmd: &PodCommand) -> Result<Result<(), ConfigError>> {
             }
             Ok(Ok(()))
         }
-        Response::Pods { pods } => {
-            println!(
-                "{:<40} {:<9} {:>8} {:<30} why",
-                "netns", "backend", "pod_id", "identity"
-            );
-            for p in pods {
-                let id = p
-                    .identity
-                    .map(|i| format!("{}/{}", i.namespace, i.name))
-                    .unwrap_or_else(|| "-".into());
-                println!(
-                    "{:<40} {:<9} {:>8} {:<30} {}",
-                    p.netns.display(),
-                    format!("{:?}", p.backend).to_lowercase(),
-                    p.pod_id,
-                    id,
-                    p.why
-                );
+        Response::Pods { pods, unreadable } => {
+            match cmd {
+                PodCommand::List(l) if l.output == OutputFormat::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "pods": pods,
+                        "unreadable_records": unreadable,
+                    }))?
+                ),
+                _ => print!("{}", list_text(&pods, &unreadable)),
             }
             Ok(Ok(()))
         }
@@ -152,8 +153,50 @@ pub fn run(cmd: &PodCommand) -> Result<Result<(), ConfigError>> {
             );
             Ok(Ok(()))
         }
+        Response::Retry { message } => bail!("{message}"),
         Response::Pong | Response::PodInfo { .. } => Ok(Ok(())),
     }
+}
+
+/// `pod list`: a table of the pods, then the records that cannot be read.
+fn list_text(pods: &[PodStatus], unreadable: &[UnreadableRecord]) -> String {
+    let mut out = format!(
+        "{:<40} {:<9} {:>8} {:<30} why\n",
+        "netns", "backend", "pod_id", "identity"
+    );
+    for p in pods {
+        let id = p
+            .identity
+            .as_ref()
+            .map(|i| format!("{}/{}", i.namespace, i.name))
+            .unwrap_or_else(|| "-".into());
+        let why = match (&p.removal_error, p.removing) {
+            (Some(e), _) => format!("removal failed, retried on the next remove or restart: {e}"),
+            (None, true) => "being removed".to_string(),
+            (None, false) => p.why.clone(),
+        };
+        out.push_str(&format!(
+            "{:<40} {:<9} {:>8} {:<30} {}\n",
+            p.netns.display(),
+            format!("{:?}", p.backend).to_lowercase(),
+            p.pod_id,
+            id,
+            why
+        ));
+    }
+    for u in unreadable {
+        let netns = u.netns.as_ref().map_or_else(
+            || "an unknown netns".to_string(),
+            |n| n.display().to_string(),
+        );
+        out.push_str(&format!(
+            "unreadable record {} (pod {netns}): {}; its interception is kept until the pod is \
+             removed or the file deleted\n",
+            u.file.display(),
+            u.error
+        ));
+    }
+    out
 }
 
 /// `pod show -o text`: one `key: value` line each, in words.
@@ -183,5 +226,12 @@ fn pod_text(p: &PodStatus) -> String {
         None => out.push_str("user namespace: the node's\n"),
     }
     out.push_str(&format!("registered in: {} µs\n", p.add_micros));
+    match (&p.removal_error, p.removing) {
+        (Some(e), _) => out.push_str(&format!(
+            "removal: failed, retried on the next remove or restart: {e}\n"
+        )),
+        (None, true) => out.push_str("removal: in progress\n"),
+        (None, false) => {}
+    }
     out
 }

@@ -25,7 +25,8 @@
 //! Errors are the spec's error object on stdout (`{"cniVersion","code","msg","details"}`)
 //! with a non-zero exit: 1 unsupported `cniVersion`, 3 `CNI_NETNS` does not exist, 4 missing
 //! `CNI_*` variable or bad `CNI_ARGS`, 6 malformed JSON, 7 invalid config (a bad annotation
-//! value is named with its key and value; nothing is registered), 11 daemon unreachable,
+//! value is named with its key and value; nothing is registered), 11 daemon unreachable (or
+//! its pod watcher knows this pod's name only under an earlier pod's uid),
 //! 100/101 CHECK failures, 102 the daemon failed. Diagnostics go to stderr.
 //!
 //! # Network configuration
@@ -57,7 +58,10 @@
 //! given, pods Istio's plugin would leave alone are passed through uncaptured: no
 //! `sidecar.istio.io/status` annotation (no sidecar injected), `sidecar.istio.io/inject`
 //! false, or `DISABLE_ENVOY` true in the proxy env. A daemon watching pods through the API
-//! server may later supply annotations for runtimes that pass none.
+//! server (`--node-name`) supplies them for runtimes that pass none, asked by namespace, name
+//! and `K8S_POD_UID`: for a pod recreated under the same name (a StatefulSet's `web-0`) it
+//! answers for that uid only, and when its watch still knows only the predecessor, ADD fails
+//! (code 11, retried by the kubelet) instead of using the predecessor's annotations.
 
 pub mod annotations;
 pub mod install;

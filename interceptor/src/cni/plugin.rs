@@ -150,17 +150,20 @@ fn detect_ipv6(netns: &Path, dual_stack: bool) -> Result<bool, CniError> {
 }
 
 /// The pod as the config tells, or — when the runtime passed no annotations and the pod's
-/// identity is known — as the daemon's Kubernetes pod watcher knows it.
-fn resolved_pod_info(conf: &NetConf, k8s: &K8sArgs) -> PodInfo {
+/// identity is known — as the daemon's Kubernetes pod watcher knows it. The uid goes along: a
+/// watcher that still knows only an earlier pod of the same name fails the call (the kubelet
+/// retries the ADD) rather than give the new pod its predecessor's annotations.
+fn resolved_pod_info(conf: &NetConf, k8s: &K8sArgs) -> Result<PodInfo, CniError> {
     let pi = pod_info(conf);
     let (None, Some(id)) = (&pi.annotations, identity(k8s)) else {
-        return pi;
+        return Ok(pi);
     };
     let req = Request::PodInfo {
         namespace: id.namespace,
         name: id.name,
+        uid: (!id.uid.is_empty()).then_some(id.uid),
     };
-    match call(&conf.socket, &req) {
+    Ok(match call(&conf.socket, &req) {
         Ok(Response::PodInfo {
             annotations,
             proxy_env,
@@ -172,14 +175,21 @@ fn resolved_pod_info(conf: &NetConf, k8s: &K8sArgs) -> PodInfo {
             run_as_user,
             run_as_group,
         },
+        Ok(Response::Retry { message }) => {
+            return Err(CniError::new(
+                code::TRY_AGAIN,
+                format!("the interceptor daemon cannot tell this pod's annotations yet: {message}"),
+                "nothing was registered; retry",
+            ))
+        }
         // No watcher, or the pod is unknown: Istio's defaults, as without annotations.
         _ => pi,
-    }
+    })
 }
 
 /// The config the daemon gets for this pod, or why there is none (skipped: `Ok(None)`).
 fn derive(conf: &NetConf, k8s: &K8sArgs, netns: &Path) -> Result<Option<RawConfig>, CniError> {
-    let pi = resolved_pod_info(conf, k8s);
+    let pi = resolved_pod_info(conf, k8s)?;
     if let Some(why) = skip_reason(&pi) {
         note(format!(
             "not capturing the pod: {why} (as Istio's CNI plugin)"
@@ -274,7 +284,7 @@ fn del(env: &CniEnv, conf: &NetConf, k8s: &K8sArgs) -> Result<String, CniError> 
                 return Ok(String::new());
             };
             match call(&conf.socket, &Request::List) {
-                Ok(Response::Pods { pods }) => pods
+                Ok(Response::Pods { pods, .. }) => pods
                     .into_iter()
                     .filter(|p| same_pod(p, &id) && !crate::netns::is_netns(&p.netns))
                     .map(|p| p.netns)

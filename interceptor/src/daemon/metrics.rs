@@ -77,7 +77,19 @@ impl Collector for Snapshot {
 
 fn snapshot(d: &Daemon) -> Snapshot {
     let mut s = Snapshot::default();
-    let pods = d.list();
+    let (pods, unreadable) = d.inventory();
+    s.gauges.push((
+        "interceptor_unreadable_records",
+        "Pod records the daemon cannot read: their pods keep their interception and nothing unrecorded is purged (see `pod list`)",
+        vec![],
+        unreadable.len() as i64,
+    ));
+    s.gauges.push((
+        "interceptor_failed_removals",
+        "Pods whose removal failed, kept and retried on the next remove or restart (see `pod list`)",
+        vec![],
+        pods.iter().filter(|p| p.removal_error.is_some()).count() as i64,
+    ));
     let pod_label = |p: &super::PodStatus| {
         p.identity.as_ref().map_or_else(
             || p.netns.display().to_string(),

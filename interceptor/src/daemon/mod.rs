@@ -2,11 +2,14 @@
 //! once (pinned, so interception survives the daemon), serves pods over a root-only control
 //! socket, applies the iptables/nftables fallback inside a pod's netns when eBPF cannot serve it,
 //! and on start re-adopts what an earlier instance left: pods whose netns is gone are forgotten.
+//! Restart fails closed: a record it cannot read keeps its pod's interception (and is reported),
+//! and a removal that cannot be finished is kept for retry without stopping the daemon.
 
 pub mod client;
 pub mod metrics;
 mod prefill;
 pub mod protocol;
+mod records;
 mod server;
 
 use std::os::unix::fs::PermissionsExt;
@@ -22,7 +25,8 @@ use crate::backend::netfilter::Mode;
 use crate::model::PodSpec;
 use crate::model::{BackendKind, EbpfSettings};
 use crate::service::install::{self, Installed, Request as Install};
-use protocol::{PodStatus, Request, Response};
+use protocol::{PodStatus, Request, Response, UnreadableRecord};
+use records::state_file;
 
 pub use server::run;
 
@@ -53,33 +57,6 @@ pub struct Daemon {
     maps: Mutex<Option<crate::backend::ebpf::PodMaps>>,
     /// Loads per-pod sk_lookup programs ahead of time (with eBPF).
     prefill: Option<prefill::Prefill>,
-}
-
-fn state_file(dir: &Path, netns: &Path) -> PathBuf {
-    // One file per netns path; the path itself is the key users give. Why the escaping and the
-    // hash: mapping every other character to '_' made `/run/netns/pod-a` and `/run/netns/pod_a`
-    // share one record, so adding one pod overwrote the other's and removing it unregistered
-    // the other pod; and a path longer than NAME_MAX failed the record after the pod was
-    // registered (half-registered). Now distinct paths give distinct, bounded names.
-    use std::os::unix::ffi::OsStrExt;
-    let bytes = netns.as_os_str().as_bytes();
-    let mut name = String::new();
-    for &b in bytes {
-        if b.is_ascii_alphanumeric() {
-            name.push(b as char);
-        } else {
-            name.push_str(&format!("_{b:02x}"));
-        }
-    }
-    if name.len() > 150 {
-        let mut h: u64 = 0xcbf29ce484222325; // FNV-1a of the full path
-        for &b in bytes {
-            h = (h ^ u64::from(b)).wrapping_mul(0x100000001b3);
-        }
-        name.truncate(128);
-        name.push_str(&format!("-{h:016x}"));
-    }
-    dir.join(format!("{name}.json"))
 }
 
 impl Daemon {
@@ -129,35 +106,42 @@ impl Daemon {
         Ok(d)
     }
 
-    fn pods_on_disk(&self) -> Vec<(PathBuf, PodStatus)> {
-        let Ok(dir) = std::fs::read_dir(&self.args.state_dir) else {
-            return vec![];
-        };
-        dir.flatten()
-            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
-            .filter_map(|e| {
-                let text = std::fs::read_to_string(e.path()).ok()?;
-                Some((e.path(), serde_json::from_str(&text).ok()?))
-            })
-            .collect()
-    }
-
-    /// Keeps recorded pods whose netns still exists (same cookie), forgets the others, and
-    /// drops map entries nobody recorded.
+    /// Keeps recorded pods whose netns still exists (same cookie), forgets the others, finishes
+    /// interrupted removals, and drops map entries nobody recorded. Fails closed and never
+    /// stops the start: a record that cannot be read keeps every unrecorded entry (it may be
+    /// that pod's), and a removal that fails is kept for retry; both are logged and reported
+    /// (`pod list`, metrics).
     fn readopt(&self) -> Result<()> {
+        let (pods, unreadable) = records::scan(&self.args.state_dir);
+        for u in &unreadable {
+            tracing::error!(file = %u.file.display(), netns = ?u.netns, error = %u.error,
+                "unreadable pod record: its pod keeps its interception; remove the pod or the file");
+        }
         let mut live = Vec::new();
-        for (mut file, pod) in self.pods_on_disk() {
+        for (mut file, mut pod) in pods {
             // Records written under an earlier naming scheme move to today's name.
             let want = state_file(&self.args.state_dir, &pod.netns);
             if file != want && std::fs::rename(&file, &want).is_ok() {
                 file = want;
             }
             if pod.removing {
-                // Killed mid-removal: finish it.
+                // Killed mid-removal (or a removal that failed): finish it.
                 let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
-                self.uninstall(&pod, maps.as_mut())?;
-                let _ = std::fs::remove_file(file);
-                tracing::info!(netns = %pod.netns.display(), "finished an interrupted removal");
+                match self.uninstall(&pod, maps.as_mut()) {
+                    Ok(()) => {
+                        let _ = std::fs::remove_file(file);
+                        tracing::info!(netns = %pod.netns.display(), "finished an interrupted removal");
+                    }
+                    Err(e) => {
+                        tracing::error!(netns = %pod.netns.display(), error = %format!("{e:#}"),
+                            "cannot finish the removal of a pod: kept, retried by its next remove or restart");
+                        live.push(pod.netns_cookie);
+                        pod.removal_error = Some(format!("{e:#}"));
+                        if let Err(e) = records::write(&self.args.state_dir, &pod) {
+                            tracing::warn!(netns = %pod.netns.display(), "recording the failed removal: {e:#}");
+                        }
+                    }
+                }
                 continue;
             }
             let alive = crate::netns::is_netns(&pod.netns)
@@ -171,10 +155,30 @@ impl Daemon {
             }
         }
         if let Some(maps) = self.maps.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-            for (cookie, _) in maps.pods() {
-                if !live.contains(&cookie) {
-                    maps.remove_cookie(cookie)?;
-                    tracing::info!(cookie, "removed map entries of an unrecorded pod");
+            let unrecorded: Vec<u64> = maps
+                .pods()
+                .into_iter()
+                .map(|(cookie, _)| cookie)
+                .filter(|c| !live.contains(c))
+                .collect();
+            if !unreadable.is_empty() {
+                // Which pod an unreadable record was is unknown: deleting "unrecorded" policy
+                // could take a live pod's interception away. Kept until no record is unreadable.
+                if !unrecorded.is_empty() {
+                    tracing::warn!(
+                        entries = unrecorded.len(),
+                        unreadable = unreadable.len(),
+                        "keeping map entries no readable record claims, as a record is unreadable"
+                    );
+                }
+                return Ok(());
+            }
+            for cookie in unrecorded {
+                match maps.remove_cookie(cookie) {
+                    Ok(_) => tracing::info!(cookie, "removed map entries of an unrecorded pod"),
+                    Err(e) => {
+                        tracing::warn!(cookie, "removing map entries of an unrecorded pod: {e:#}")
+                    }
                 }
             }
         }
@@ -182,16 +186,11 @@ impl Daemon {
     }
 
     fn lookup(&self, netns: &Path) -> Option<PodStatus> {
-        let text = std::fs::read_to_string(state_file(&self.args.state_dir, netns)).ok()?;
-        serde_json::from_str(&text).ok()
+        records::read(&self.args.state_dir, netns).ok().flatten()
     }
 
     fn record(&self, pod: &PodStatus) -> Result<()> {
-        let file = state_file(&self.args.state_dir, &pod.netns);
-        let tmp = file.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec(pod)?)?;
-        std::fs::rename(&tmp, &file)?;
-        Ok(())
+        records::write(&self.args.state_dir, pod)
     }
 
     /// Registers a pod. Validation errors come back as `Ok(Err(..))`: nothing was applied.
@@ -274,6 +273,7 @@ impl Daemon {
             add_micros: start.elapsed().as_micros() as u64,
             userns,
             removing: false,
+            removal_error: None,
         };
         self.record(&status)?;
         tracing::info!(netns = %status.netns.display(), backend = ?status.backend, micros = status.add_micros, "pod added");
@@ -307,21 +307,98 @@ impl Daemon {
     /// Unregisters a pod; idempotent (false when it was not registered).
     pub fn remove(&self, netns: &Path) -> Result<bool> {
         let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(mut pod) = self.lookup(netns) else {
-            return Ok(false);
+        let mut pod = match records::read(&self.args.state_dir, netns) {
+            Ok(Some(pod)) => pod,
+            Ok(None) => return Ok(false),
+            Err(u) => return self.remove_unreadable(netns, &u, maps.as_mut()),
         };
         pod.removing = true;
         self.record(&pod)?;
-        self.uninstall(&pod, maps.as_mut())?;
+        if let Err(e) = self.uninstall(&pod, maps.as_mut()) {
+            // Kept as `removing` with the reason: reported, and retried by the next remove or
+            // restart.
+            pod.removal_error = Some(format!("{e:#}"));
+            let _ = self.record(&pod);
+            return Err(e);
+        }
         let _ = std::fs::remove_file(state_file(&self.args.state_dir, netns));
         tracing::info!(netns = %netns.display(), "pod removed");
         Ok(true)
     }
 
+    /// A remove of a pod whose record cannot be read: the pod is going away, so its eBPF
+    /// entries (found by the netns' cookie, while the netns exists) go and so does the record;
+    /// iptables/nftables rules live in the netns and go with it.
+    fn remove_unreadable(
+        &self,
+        netns: &Path,
+        u: &UnreadableRecord,
+        maps: Option<&mut crate::backend::ebpf::PodMaps>,
+    ) -> Result<bool> {
+        let cookie = crate::netns::is_netns(netns)
+            .then(|| crate::netns::identity(netns).ok())
+            .flatten();
+        if let (Some(cookie), Some(maps)) = (cookie, maps) {
+            maps.remove_cookie_in(cookie, Some(netns))?;
+        }
+        std::fs::remove_file(&u.file)?;
+        tracing::warn!(netns = %netns.display(), error = %u.error, "removed a pod whose record was unreadable");
+        Ok(true)
+    }
+
     pub fn list(&self) -> Vec<PodStatus> {
-        let mut pods: Vec<_> = self.pods_on_disk().into_iter().map(|(_, p)| p).collect();
+        self.inventory().0
+    }
+
+    /// The recorded pods (by netns) and the records that cannot be read.
+    pub fn inventory(&self) -> (Vec<PodStatus>, Vec<UnreadableRecord>) {
+        let (pods, unreadable) = records::scan(&self.args.state_dir);
+        let mut pods: Vec<_> = pods.into_iter().map(|(_, p)| p).collect();
         pods.sort_by(|a, b| a.netns.cmp(&b.netns));
-        pods
+        (pods, unreadable)
+    }
+
+    /// What `Request::PodInfo` answers: by uid when the client gives one (never a predecessor
+    /// of the same name), else by name.
+    fn pod_info(&self, namespace: &str, name: &str, uid: Option<&str>) -> Response {
+        use crate::k8s::Lookup;
+        let Some(w) = &self.watcher else {
+            return Response::Error {
+                message: "no Kubernetes pod watcher (--node-name not set)".into(),
+                bad_input: false,
+            };
+        };
+        // A CNI ADD can arrive before the watch event: wait a little for it.
+        let wait = std::time::Duration::from_secs(5);
+        let found = match uid.filter(|u| !u.is_empty()) {
+            Some(uid) => w.wait_for_uid(namespace, name, uid, wait),
+            None => w
+                .wait_for(namespace, name, wait)
+                .map_or(Lookup::Unknown, |m| Lookup::Found(Box::new(m))),
+        };
+        match found {
+            Lookup::Found(m) => {
+                let (annotations, proxy_env, run_as_user, run_as_group) = (*m).into_inputs();
+                Response::PodInfo {
+                    annotations,
+                    proxy_env,
+                    run_as_user,
+                    run_as_group,
+                }
+            }
+            Lookup::OtherUid(known) => Response::Retry {
+                message: format!(
+                    "pod {namespace}/{name} is known on this node only as uid {known}, not uid {}: \
+                     the pod watch has not caught up with the recreated pod; its predecessor's \
+                     annotations are not used",
+                    uid.unwrap_or_default()
+                ),
+            },
+            Lookup::Unknown => Response::Error {
+                message: format!("pod {namespace}/{name} is not known on this node"),
+                bad_input: false,
+            },
+        }
     }
 
     /// After an add or removal was answered: loads the programs the next adds will take.
@@ -338,32 +415,26 @@ impl Daemon {
         };
         match req {
             Request::Ping => Response::Pong,
-            Request::PodInfo { namespace, name } => match &self.watcher {
-                None => Response::Error {
-                    message: "no Kubernetes pod watcher (--node-name not set)".into(),
+            Request::PodInfo {
+                namespace,
+                name,
+                uid,
+            } => self.pod_info(&namespace, &name, uid.as_deref()),
+            Request::List => {
+                let (pods, unreadable) = self.inventory();
+                Response::Pods { pods, unreadable }
+            }
+            Request::Show { netns } => match records::read(&self.args.state_dir, &netns) {
+                Ok(Some(p)) => Response::Pod(Box::new(p)),
+                Err(u) => Response::Error {
+                    message: format!(
+                        "the record of pod {} is unreadable ({}): its interception is kept",
+                        netns.display(),
+                        u.error
+                    ),
                     bad_input: false,
                 },
-                // A CNI ADD can arrive before the watch event: wait a little for it.
-                Some(w) => match w.wait_for(&namespace, &name, std::time::Duration::from_secs(5)) {
-                    None => Response::Error {
-                        message: format!("pod {namespace}/{name} is not known on this node"),
-                        bad_input: false,
-                    },
-                    Some(m) => {
-                        let (annotations, proxy_env, run_as_user, run_as_group) = m.into_inputs();
-                        Response::PodInfo {
-                            annotations,
-                            proxy_env,
-                            run_as_user,
-                            run_as_group,
-                        }
-                    }
-                },
-            },
-            Request::List => Response::Pods { pods: self.list() },
-            Request::Show { netns } => match self.lookup(&netns) {
-                Some(p) => Response::Pod(Box::new(p)),
-                None => Response::Error {
+                Ok(None) => Response::Error {
                     message: format!("pod {} is not registered", netns.display()),
                     bad_input: true,
                 },
@@ -380,22 +451,5 @@ impl Daemon {
                 Err(e) => err(e),
             },
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn state_files_are_distinct_and_bounded() {
-        let d = Path::new("/state");
-        let a = state_file(d, Path::new("/run/netns/pod-a"));
-        assert_ne!(a, state_file(d, Path::new("/run/netns/pod_a")));
-        assert_ne!(a, state_file(d, Path::new("/run/netns/pod.a")));
-        let long = format!("/run/netns/{}", "./".repeat(300));
-        let f = state_file(d, Path::new(&long));
-        assert!(f.file_name().unwrap().len() <= 200, "{}", f.display());
-        assert_ne!(f, state_file(d, Path::new(&format!("{long}x"))));
     }
 }

@@ -24,6 +24,11 @@ pub enum Request {
     PodInfo {
         namespace: String,
         name: String,
+        /// The pod's uid (`K8S_POD_UID`): with it the answer is for that very pod, never for
+        /// an earlier pod of the same name (a recreated StatefulSet pod). Optional for older
+        /// clients, which are answered by name.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        uid: Option<String>,
     },
     Ping,
 }
@@ -51,6 +56,22 @@ pub struct PodStatus {
     /// instead of keeping a record of a half-removed pod.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub removing: bool,
+    /// Why the last attempt to finish a removal failed: the record is kept (the pod is
+    /// reported, not forgotten) and the removal retried by the next remove or restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removal_error: Option<String>,
+}
+
+/// A record in the state dir that the daemon cannot read or parse. Its pod keeps whatever
+/// interception it has (nothing is purged while such a record exists); it is reported until a
+/// remove of its netns or an operator deletes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnreadableRecord {
+    pub file: PathBuf,
+    /// The netns the record's file name stands for (none for a hashed long name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<PathBuf>,
+    pub error: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,6 +80,9 @@ pub enum Response {
     Pod(Box<PodStatus>),
     Pods {
         pods: Vec<PodStatus>,
+        /// Records that cannot be read (absent from older daemons' answers).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        unreadable: Vec<UnreadableRecord>,
     },
     Removed {
         removed: bool,
@@ -70,6 +94,11 @@ pub enum Response {
         run_as_group: Option<i64>,
     },
     Pong,
+    /// The daemon cannot answer correctly yet (a pod's own watch event has not arrived): the
+    /// caller fails and is retried (a CNI ADD fails; the kubelet retries it).
+    Retry {
+        message: String,
+    },
     /// `bad_input`: the request itself was invalid (flag + value named in `message`).
     Error {
         message: String,

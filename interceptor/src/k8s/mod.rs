@@ -1,6 +1,7 @@
 //! Where a pod's annotations come from in a cluster: the daemon watches the pods of its own node
 //! through the Kubernetes API ([`PodWatcher`]) and keeps what interception needs of each
-//! ([`PodMeta`]) in memory, keyed by (namespace, name) and by uid.
+//! ([`PodMeta`]) in memory, keyed by uid (a pod recreated under the same name is another pod),
+//! with the uid last seen under each (namespace, name).
 //!
 //! Only the pods of this node are requested (field selector `spec.nodeName=<node>`), so the
 //! API server does the filtering and the RBAC needed is `get`/`list`/`watch` on pods
@@ -17,7 +18,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::{Container, Pod};
 
-pub use watcher::PodWatcher;
+pub use watcher::{Lookup, PodWatcher};
 
 /// The name of Istio's sidecar container, whose env and uid/gid the interception follows.
 pub const PROXY_CONTAINER: &str = "istio-proxy";

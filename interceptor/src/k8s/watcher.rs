@@ -20,8 +20,11 @@ type Key = (String, String);
 
 #[derive(Default)]
 struct Cache {
-    pods: HashMap<Key, PodMeta>,
-    uids: HashMap<String, Key>,
+    /// Keyed by uid: a pod recreated under the same name (a StatefulSet's `web-0`) is another
+    /// pod, and a caller that knows the uid must never get its predecessor.
+    pods: HashMap<String, PodMeta>,
+    /// (namespace, name) → the uid last seen under that name.
+    names: HashMap<Key, String>,
     /// The objects of a (re)list in progress, swapped in whole when it completes.
     relist: Option<Vec<PodMeta>>,
     synced: bool,
@@ -33,20 +36,29 @@ impl Cache {
     fn insert(&mut self, meta: PodMeta) {
         let key = (meta.namespace.clone(), meta.name.clone());
         let uid = meta.uid.clone();
-        if let Some(old) = self.pods.insert(key.clone(), meta) {
-            // The same name for a new pod (a StatefulSet's, recreated): drop the old uid.
-            self.uids.remove(&old.uid);
+        if let Some(old) = self.names.insert(key, uid.clone()) {
+            // The same name for a new pod (a StatefulSet's, recreated): the API holds one pod
+            // per name, so the old one is gone even if its DELETED has not arrived yet.
+            if old != uid {
+                self.pods.remove(&old);
+            }
         }
-        self.uids.insert(uid, key);
+        self.pods.insert(uid, meta);
     }
 
     fn remove(&mut self, meta: &PodMeta) {
-        let key = (meta.namespace.clone(), meta.name.clone());
         // A late DELETED of an earlier pod of the same name leaves the new one alone.
-        if self.pods.get(&key).is_some_and(|p| p.uid == meta.uid) {
-            self.pods.remove(&key);
-            self.uids.remove(&meta.uid);
+        if self.pods.remove(&meta.uid).is_some() {
+            let key = (meta.namespace.clone(), meta.name.clone());
+            if self.names.get(&key) == Some(&meta.uid) {
+                self.names.remove(&key);
+            }
         }
+    }
+
+    fn by_name(&self, namespace: &str, name: &str) -> Option<&PodMeta> {
+        let uid = self.names.get(&(namespace.to_string(), name.to_string()))?;
+        self.pods.get(uid)
     }
 
     fn apply(&mut self, event: Event<Pod>) {
@@ -80,7 +92,7 @@ impl Cache {
                 // Pods absent from the new list were deleted while no watch was running.
                 let listed = self.relist.take().unwrap_or_default();
                 self.pods.clear();
-                self.uids.clear();
+                self.names.clear();
                 let n = listed.len();
                 for m in listed {
                     self.insert(m);
@@ -194,20 +206,14 @@ impl PodWatcher {
         &self.inner.node
     }
 
-    /// A pod of this node by namespace and name.
+    /// A pod of this node by namespace and name (the one last seen under that name).
     pub fn get(&self, namespace: &str, name: &str) -> Option<PodMeta> {
-        let cache = self.inner.shared.lock();
-        cache
-            .pods
-            .get(&(namespace.to_string(), name.to_string()))
-            .cloned()
+        self.inner.shared.lock().by_name(namespace, name).cloned()
     }
 
     /// A pod of this node by uid.
     pub fn by_uid(&self, uid: &str) -> Option<PodMeta> {
-        let cache = self.inner.shared.lock();
-        let key = cache.uids.get(uid)?;
-        cache.pods.get(key).cloned()
+        self.inner.shared.lock().pods.get(uid).cloned()
     }
 
     /// Every cached pod, ordered by (namespace, name).
@@ -283,6 +289,44 @@ impl PodWatcher {
         });
         found
     }
+
+    /// The pod `namespace/name` with this `uid`, waiting up to `timeout` for it: a CNI ADD can
+    /// come before the watch event, and for a pod recreated under the same name the cache can
+    /// still hold its predecessor, whose annotations must never be taken for the new pod's.
+    pub fn wait_for_uid(
+        &self,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+        timeout: Duration,
+    ) -> Lookup {
+        let mut found = None;
+        self.wait_until(timeout, |w| {
+            found = w
+                .by_uid(uid)
+                .filter(|m| m.namespace == namespace && m.name == name);
+            found.is_some()
+        });
+        match found {
+            Some(m) => Lookup::Found(Box::new(m)),
+            None => match self.get(namespace, name) {
+                Some(other) => Lookup::OtherUid(other.uid),
+                None => Lookup::Unknown,
+            },
+        }
+    }
+}
+
+/// What [`PodWatcher::wait_for_uid`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// The pod with that uid.
+    Found(Box<PodMeta>),
+    /// Only another pod of that name (this uid): the predecessor of a recreated pod, or the
+    /// watch has not caught up.
+    OtherUid(String),
+    /// No pod of that name or uid.
+    Unknown,
 }
 
 /// The watch loop: never ends by itself (the watcher retries with backoff after errors).
@@ -320,13 +364,17 @@ mod tests {
         c.apply(Event::Apply(pod("web-0", "old")));
         c.apply(Event::Apply(pod("web-0", "new")));
         assert_eq!(c.pods.len(), 1);
-        assert_eq!(c.uids.len(), 1);
-        assert_eq!(c.uids["new"], ("ns".to_string(), "web-0".to_string()));
+        assert_eq!(c.names.len(), 1);
+        assert_eq!(c.names[&("ns".into(), "web-0".into())], "new");
+        assert!(!c.pods.contains_key("old"));
         // DELETED of the old pod, seen after the new one: the new one stays.
         c.apply(Event::Delete(pod("web-0", "old")));
-        assert_eq!(c.pods[&("ns".into(), "web-0".into())].uid, "new");
+        assert_eq!(
+            c.by_name("ns", "web-0").map(|p| p.uid.as_str()),
+            Some("new")
+        );
         c.apply(Event::Delete(pod("web-0", "new")));
-        assert!(c.pods.is_empty() && c.uids.is_empty());
+        assert!(c.pods.is_empty() && c.names.is_empty());
         assert_eq!(c.generation, 4);
     }
 
@@ -342,11 +390,11 @@ mod tests {
         // A relist: served from the old cache until it completes.
         c.apply(Event::Init);
         c.apply(Event::InitApply(pod("b", "2")));
-        assert!(c.pods.contains_key(&("ns".into(), "a".into())));
+        assert!(c.by_name("ns", "a").is_some());
         c.apply(Event::InitDone);
-        let names: Vec<&str> = c.pods.keys().map(|k| k.1.as_str()).collect();
+        let names: Vec<&str> = c.names.keys().map(|k| k.1.as_str()).collect();
         assert_eq!(names, ["b"]);
-        assert_eq!(c.uids.keys().collect::<Vec<_>>(), ["2"]);
+        assert_eq!(c.pods.keys().collect::<Vec<_>>(), ["2"]);
     }
 
     #[test]
