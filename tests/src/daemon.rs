@@ -68,6 +68,26 @@ impl DaemonProc {
         Ok(d)
     }
 
+    /// Sets (or replaces) a variable of the daemon's environment for its next start.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.to_string()));
+    }
+
+    /// The record file of the pod registered for `netns` (found by its content).
+    pub fn record_of(&self, netns: &Path) -> Option<PathBuf> {
+        std::fs::read_dir(self.state_dir())
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|f| {
+                std::fs::read(f)
+                    .ok()
+                    .and_then(|t| serde_json::from_slice::<serde_json::Value>(&t).ok())
+                    .is_some_and(|v| v["netns"].as_str() == netns.to_str())
+            })
+    }
+
     /// The daemon's pid, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)

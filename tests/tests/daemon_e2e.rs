@@ -221,6 +221,201 @@ fn restart_under_traffic() {
     assert_eq!(pod.outbound(1000, dst).unwrap().0, "sidecar:15001");
 }
 
+/// A record the restarted daemon cannot read fails closed: its pod stays intercepted (no map
+/// entry is purged as "unrecorded"), the record is logged, counted and shown by `pod list`
+/// (text and `-o json`), the other pods are re-adopted and new ones served, and removing the
+/// pod clears it.
+#[test]
+fn an_unreadable_record_keeps_its_pod_intercepted() {
+    let mut d = DaemonProc::start("dunr").unwrap();
+    let (broken, fine) = (Pod::new("dunr").unwrap(), Pod::new("dunf").unwrap());
+    let add = |d: &DaemonProc, ns: &str| {
+        d.pod_ok(&[
+            "add",
+            "--network-namespace",
+            ns,
+            "-i",
+            "*",
+            "--ipv6",
+            "false",
+        ]);
+    };
+    let ns_of = |p: &Pod| p.topo.pod_netns().to_str().unwrap().to_string();
+    for p in [&broken, &fine] {
+        add(&d, &ns_of(p));
+    }
+    let dst = |p: &Pod| SocketAddr::new(p.topo.upstream_v4().into(), UPSTREAM_PORT);
+    d.kill9();
+    let file = d
+        .record_of(broken.topo.pod_netns())
+        .expect("the pod's record");
+    let text = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &text[..text.len() / 2]).unwrap(); // torn: half a record
+    d.spawn().unwrap();
+
+    for p in [&broken, &fine] {
+        assert_eq!(
+            p.outbound(1000, dst(p)).unwrap().0,
+            "sidecar:15001",
+            "{}: interception lost across the restart\n{}",
+            p.topo.pod_ns_name(),
+            d.log()
+        );
+    }
+    let list = d.pod_ok(&["list"]);
+    assert!(
+        list.contains("unreadable record") && list.contains(&ns_of(&broken)),
+        "{list}"
+    );
+    assert!(list.contains(&format!("{} ", ns_of(&fine))), "{list}");
+    let json: serde_json::Value = serde_json::from_str(&d.pod_ok(&["list", "-o", "json"])).unwrap();
+    let bad = json["unreadable_records"].as_array().unwrap();
+    assert_eq!(bad.len(), 1, "{json}");
+    assert_eq!(bad[0]["netns"].as_str(), Some(ns_of(&broken).as_str()));
+    assert!(
+        bad[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("not a pod record"),
+        "{json}"
+    );
+    assert_eq!(json["pods"].as_array().unwrap().len(), 1, "{json}");
+    assert!(d.log().contains("unreadable pod record"), "{}", d.log());
+    let metrics = d.scrape().unwrap();
+    assert_eq!(
+        DaemonProc::sample(&metrics, "interceptor_unreadable_records", &[]),
+        Some(1.0)
+    );
+    let show = d.pod(&["show", "--network-namespace", &ns_of(&broken)]);
+    assert!(String::from_utf8_lossy(&show.stderr).contains("unreadable"));
+
+    // New pods are served meanwhile.
+    let other = Pod::new("duno").unwrap();
+    add(&d, &ns_of(&other));
+    assert_eq!(
+        other.outbound(1000, dst(&other)).unwrap().0,
+        "sidecar:15001"
+    );
+
+    // Its pod's removal (a CNI DEL) takes its interception and the record away.
+    d.pod_ok(&["remove", "--network-namespace", &ns_of(&broken)]);
+    assert_eq!(
+        broken.outbound(1000, dst(&broken)).unwrap().0,
+        "upstream:8080"
+    );
+    assert!(!d.pod_ok(&["list"]).contains("unreadable"));
+    let metrics = d.scrape().unwrap();
+    assert_eq!(
+        DaemonProc::sample(&metrics, "interceptor_unreadable_records", &[]),
+        Some(0.0)
+    );
+    assert_eq!(fine.outbound(1000, dst(&fine)).unwrap().0, "sidecar:15001");
+}
+
+/// A pod whose removal fails in its netns (iptables fails there) is kept as `removing` with the
+/// reason, and a daemon restarted with it still starts and serves other pods; the removal is
+/// reported (list, metric) and finished by the restart once iptables works again.
+#[test]
+fn a_failing_removal_does_not_stop_the_daemon() {
+    let mut d = DaemonProc::start("dfrm").unwrap();
+    let stuck = Pod::new("dfrm").unwrap();
+    let ns = stuck.topo.pod_netns().to_str().unwrap().to_string();
+    d.pod_ok(&[
+        "add",
+        "--network-namespace",
+        &ns,
+        "--backend",
+        "iptables",
+        "-i",
+        "*",
+        "--ipv6",
+        "false",
+    ]);
+    let dst = |p: &Pod| SocketAddr::new(p.topo.upstream_v4().into(), UPSTREAM_PORT);
+    assert_eq!(
+        stuck.outbound(1000, dst(&stuck)).unwrap().0,
+        "sidecar:15001"
+    );
+
+    // iptables fails for the daemon: every flavour's tools exit 1.
+    let bin = d.dir.join("failing-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    for base in ["iptables", "ip6tables"] {
+        for flavour in ["", "-legacy", "-nft"] {
+            for tool in ["", "-save", "-restore"] {
+                let f = bin.join(format!("{base}{flavour}{tool}"));
+                std::fs::write(&f, "#!/bin/sh\necho 'iptables fails (test)' >&2\nexit 1\n")
+                    .unwrap();
+                std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                    .unwrap();
+            }
+        }
+    }
+    let path = std::env::var("PATH").unwrap_or_default();
+    d.kill9();
+    d.set_env("PATH", &format!("{}:{path}", bin.display()));
+    d.spawn().unwrap();
+    let out = d.pod(&["remove", "--network-namespace", &ns]);
+    assert!(!out.status.success(), "the removal did not fail");
+    d.kill9();
+    d.spawn()
+        .expect("a failing removal stopped the daemon from starting");
+
+    let list = d.pod_ok(&["list"]);
+    assert!(
+        list.contains("removal failed") && list.contains(&ns),
+        "{list}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&d.pod_ok(&["list", "-o", "json"])).unwrap();
+    let pod = &json["pods"][0];
+    assert_eq!(pod["removing"], true, "{json}");
+    assert!(
+        pod["removal_error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{json}"
+    );
+    let metrics = d.scrape().unwrap();
+    assert_eq!(
+        DaemonProc::sample(&metrics, "interceptor_failed_removals", &[]),
+        Some(1.0)
+    );
+    assert!(d.log().contains("cannot finish the removal"), "{}", d.log());
+    // Other pods are served.
+    let other = Pod::new("dfro").unwrap();
+    let other_ns = other.topo.pod_netns().to_str().unwrap().to_string();
+    d.pod_ok(&[
+        "add",
+        "--network-namespace",
+        &other_ns,
+        "-i",
+        "*",
+        "--ipv6",
+        "false",
+    ]);
+    assert_eq!(
+        other.outbound(1000, dst(&other)).unwrap().0,
+        "sidecar:15001"
+    );
+
+    // iptables works again: the next start finishes the removal.
+    d.kill9();
+    d.set_env("PATH", &path);
+    d.spawn().unwrap();
+    let list = d.pod_ok(&["list"]);
+    assert!(
+        !list.contains(&ns),
+        "removal not finished: {list}\n{}",
+        d.log()
+    );
+    assert_eq!(
+        stuck.outbound(1000, dst(&stuck)).unwrap().0,
+        "upstream:8080"
+    );
+    assert_eq!(
+        other.outbound(1000, dst(&other)).unwrap().0,
+        "sidecar:15001"
+    );
+}
+
 /// Only root may use the control socket: the file is 0600, and the daemon checks the peer's
 /// credentials even if the file mode is loosened.
 #[test]
