@@ -695,6 +695,14 @@ fn flags_parse() {
     assert_eq!(cli.k8s.kubeconfig, Some("/etc/kc".into()));
 }
 
+const EXCLUDE_OUT: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
+
+/// An injected pod of node-a excluding outbound `ports` from capture.
+fn web(name: &str, uid: &str, ports: &str, ip: &str) -> Value {
+    let inject = ("sidecar.istio.io/status", "{}");
+    pod(name, uid, "node-a", &[inject, (EXCLUDE_OUT, ports)], ip)
+}
+
 /// A StatefulSet pod recreated under its name (`web-0`, a new uid) while the watch lags (the
 /// new pod's ADDED held back, the old one's DELETED delayed past it): asked by uid, the watcher
 /// answers for that very pod — it waits for it, or says it only knows another uid — and never
@@ -702,15 +710,7 @@ fn flags_parse() {
 #[test]
 fn a_recreated_pod_is_found_by_uid_never_by_its_predecessor() {
     let fake = FakeApiServer::start();
-    let inject = ("sidecar.istio.io/status", "{}");
-    let excl = "traffic.sidecar.istio.io/excludeOutboundPorts";
-    fake.add(pod(
-        "web-0",
-        "uid-a",
-        "node-a",
-        &[inject, (excl, "9000")],
-        "10.1.0.5",
-    ));
+    fake.add(web("web-0", "uid-a", "9000", "10.1.0.5"));
     let w = PodWatcher::start(fake.kube_config(), "node-a").unwrap();
     assert!(w.wait_synced(WAIT), "the initial list never completed");
     let uid_of = |l: &Lookup| match l {
@@ -722,13 +722,7 @@ fn a_recreated_pod_is_found_by_uid_never_by_its_predecessor() {
 
     fake.pause();
     let old = fake.delete_delayed("shop", "web-0");
-    fake.add(pod(
-        "web-0",
-        "uid-b",
-        "node-a",
-        &[inject, (excl, "8081")],
-        "10.1.0.6",
-    ));
+    fake.add(web("web-0", "uid-b", "8081", "10.1.0.6"));
     // The cache still holds only the predecessor: by name it answers uid-a (what an older
     // client got); by uid it waits the time given, then names the uid it knows.
     assert_eq!(
@@ -751,7 +745,10 @@ fn a_recreated_pod_is_found_by_uid_never_by_its_predecessor() {
     match waiter.join().unwrap() {
         Lookup::Found(m) => {
             assert_eq!(m.uid, "uid-b");
-            assert_eq!(m.annotations[excl], "8081", "the predecessor's annotations");
+            assert_eq!(
+                m.annotations[EXCLUDE_OUT], "8081",
+                "the predecessor's annotations"
+            );
         }
         other => panic!("uid-b not found after its ADDED: {other:?}"),
     }
@@ -896,17 +893,9 @@ fn cni_add_takes_annotations_from_the_daemons_watcher() {
 fn cni_add_of_a_recreated_pod_waits_for_its_own_uid() {
     use interceptor_tests::topology::Topology;
     let fake = FakeApiServer::start();
-    let inject = ("sidecar.istio.io/status", "{}");
-    let excl = "traffic.sidecar.istio.io/excludeOutboundPorts";
     // The predecessors: web-0 with other annotations, web-1 not injected (its successor would
     // be started uncaptured if its annotations were taken).
-    fake.add(pod(
-        "web-0",
-        "uid-a",
-        "node-a",
-        &[inject, (excl, "9000")],
-        "10.1.0.5",
-    ));
+    fake.add(web("web-0", "uid-a", "9000", "10.1.0.5"));
     fake.add(pod("web-1", "uid-c", "node-a", &[], "10.1.0.6"));
     let dir = std::env::temp_dir().join(format!("ic-kcfg-uid-{}", std::process::id()));
     let d = daemon_for("k8suid", &fake, &dir);
@@ -921,13 +910,7 @@ fn cni_add_of_a_recreated_pod_waits_for_its_own_uid() {
     // web-0 recreated (uid-b) while the watch lags; the ADD starts before the watch catches up.
     fake.pause();
     let old = fake.delete_delayed("shop", "web-0");
-    fake.add(pod(
-        "web-0",
-        "uid-b",
-        "node-a",
-        &[inject, (excl, "8081")],
-        "10.1.0.5",
-    ));
+    fake.add(web("web-0", "uid-b", "8081", "10.1.0.5"));
     let t0 = Topology::new("k8suid0").unwrap();
     let add = std::thread::scope(|s| {
         let add = s.spawn(|| {
@@ -954,13 +937,7 @@ fn cni_add_of_a_recreated_pod_waits_for_its_own_uid() {
     // wait: ADD fails with a retryable error naming both uids; nothing is registered.
     fake.pause();
     let old = fake.delete_delayed("shop", "web-1");
-    fake.add(pod(
-        "web-1",
-        "uid-d",
-        "node-a",
-        &[inject, (excl, "8082")],
-        "10.1.0.6",
-    ));
+    fake.add(web("web-1", "uid-d", "8082", "10.1.0.6"));
     let t1 = Topology::new("k8suid1").unwrap();
     let args = "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-1;K8S_POD_UID=uid-d";
     let add = cni_add(&d, &t1, args);
