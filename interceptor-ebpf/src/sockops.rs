@@ -87,8 +87,8 @@ fn release_slot(pod_id: u32) {
 
 /// A redirected app socket sends its SYN: its source port is known now, so its original
 /// destination goes where the proxy's accepted socket can find it, within the pod's quota.
-/// Also asks for state callbacks, so the entry goes when the connection does if the proxy
-/// never takes it.
+/// Also asks for state callbacks (in addition to any other program's), so the entry goes when
+/// the connection does if the proxy never takes it.
 #[inline(always)]
 fn app_connect(ctx: &SockOpsContext) {
     let Some(st) = ops_sk(ctx).and_then(|sk| SK_ORIG.get(sk)) else {
@@ -97,7 +97,9 @@ fn app_connect(ctx: &SockOpsContext) {
     if st.flags & SOCK_APP == 0 {
         return;
     }
-    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+    // Added to the flags already set, never in their place: another sock_ops program on this
+    // socket (attached beside ours) keeps the callbacks it asked for.
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     let pod_id = st.pod_id;
     // Taken first, then checked: of connects racing for the last slot, the losers give theirs
     // back (none is ever over the quota).

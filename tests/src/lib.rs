@@ -11,6 +11,7 @@ pub mod ebpf;
 pub mod forward;
 pub mod netfilter;
 pub mod sidecar;
+pub mod third_party;
 pub mod topology;
 pub mod userns;
 

@@ -14,9 +14,11 @@
 //! `registry` (a pod's map writes and removal, all or nothing; `cleanup`), `keys` (which keys
 //! a registration writes: pure), `journal` (what a failed registration undoes),
 //! `inspect` (read-only views for metrics and `pod show`), `sk_lookup` (the per-pod inbound
-//! program), `reserved_ports` (the bind guard's sysctl). Edges point one way: everything uses
+//! program), `reserved_ports` (the bind guard's sysctl), `attached` (what else runs at the
+//! cgroup's hooks, read only, for `doctor`). Edges point one way: everything uses
 //! `pod_maps`, which uses only `pins`.
 
+pub mod attached;
 mod inspect;
 mod journal;
 mod keys;

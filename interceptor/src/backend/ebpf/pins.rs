@@ -241,8 +241,10 @@ impl Pins {
             cgroup,
             CgroupSockopt::from_pin(&pin, aya::programs::CgroupSockoptAttachType::Get),
         ) {
-            if let (Ok(cg), Ok(fd)) = (File::open(cg), prog.fd()) {
-                let _ = sys::prog_detach(cg.as_fd(), fd.as_fd(), sys::BPF_CGROUP_GETSOCKOPT);
+            if let (Ok(cg), Ok(fd), Ok(info)) = (File::open(cg), prog.fd(), prog.info()) {
+                // Only if attached: never another program in its place (see cgroup_prog_detach).
+                let (cg, fd) = (cg.as_fd(), fd.as_fd());
+                let _ = sys::cgroup_prog_detach(cg, fd, info.id(), sys::BPF_CGROUP_GETSOCKOPT);
             }
         }
         let _ = std::fs::remove_file(pin);

@@ -1,7 +1,7 @@
 //! Every raw `bpf()` call of the backend, and nothing else: aya covers loading the object and
 //! its maps, these are the commands it does not (attaching getsockopt and sk_msg with
 //! `BPF_PROG_ATTACH`, the per-pod sk_lookup program built at registration, its link and pin,
-//! the doctor's cgroup-link probe). Each builds its `union bpf_attr` from typed arguments, so
+//! the doctor's cgroup-link probe, and `BPF_PROG_QUERY`: what is attached at a cgroup). Each builds its `union bpf_attr` from typed arguments, so
 //! the only pointers the kernel sees are to memory borrowed for the call.
 
 use std::ffi::CString;
@@ -14,6 +14,7 @@ const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_PROG_ATTACH: libc::c_long = 8;
 const BPF_PROG_DETACH: libc::c_long = 9;
+const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_LINK_CREATE: libc::c_long = 28;
 
 /// `enum bpf_prog_type` BPF_PROG_TYPE_SK_LOOKUP.
@@ -25,6 +26,9 @@ pub const BPF_CGROUP_GETSOCKOPT: u32 = 21;
 pub const BPF_SK_LOOKUP: u32 = 36;
 /// `BPF_PROG_ATTACH` flag: several programs on one cgroup.
 pub const BPF_F_ALLOW_MULTI: u32 = 2;
+/// `BPF_PROG_QUERY` flag: the programs that run for the cgroup (its own and its ancestors'),
+/// in the order they run, rather than those attached to it.
+pub const BPF_F_QUERY_EFFECTIVE: u32 = 1;
 
 /// One eBPF instruction as the kernel reads it: opcode, dst/src registers, offset, immediate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,6 +38,26 @@ pub struct Insn {
     pub regs: u8,
     pub off: i16,
     pub imm: i32,
+}
+
+impl Insn {
+    /// One instruction: `code`, registers `dst` and `src`, offset and immediate.
+    pub fn new(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Self {
+        Insn {
+            code,
+            regs: (src << 4) | (dst & 0x0f),
+            off,
+            imm,
+        }
+    }
+
+    /// `dst = imm64` (two instruction slots); `src` = 1 (BPF_PSEUDO_MAP_FD) makes it a map fd.
+    pub fn ld_imm64(dst: u8, src: u8, imm: u64) -> [Insn; 2] {
+        [
+            Insn::new(0x18, dst, src, 0, imm as u32 as i32),
+            Insn::new(0, 0, 0, 0, (imm >> 32) as u32 as i32),
+        ]
+    }
 }
 
 /// `bpf(cmd, attr, sizeof attr)`: private, since `attr` may hold pointers; each public function
@@ -153,13 +177,59 @@ pub fn prog_attach(
     prog_attach_cmd(BPF_PROG_ATTACH, target, prog, attach_type, flags)
 }
 
-/// BPF_PROG_DETACH: undoes [`prog_attach`].
+/// BPF_PROG_DETACH of `prog` (kernel id `prog_id`) from the cgroup `target`, only if it is
+/// attached there; returns whether it was. The kernel's own detach is not that careful: where
+/// the programs of `attach_type` were attached without BPF_F_ALLOW_MULTI (by someone else, so
+/// ours could not be attached there), it detaches whichever one is attached, whatever fd is
+/// named.
+pub fn cgroup_prog_detach(
+    target: BorrowedFd<'_>,
+    prog: BorrowedFd<'_>,
+    prog_id: u32,
+    attach_type: u32,
+) -> io::Result<bool> {
+    if !prog_query(target, attach_type, 0)?.contains(&prog_id) {
+        return Ok(false);
+    }
+    prog_detach(target, prog, attach_type).map(|()| true)
+}
+
+/// BPF_PROG_DETACH: undoes [`prog_attach`]. On a cgroup, use [`cgroup_prog_detach`].
 pub fn prog_detach(
     target: BorrowedFd<'_>,
     prog: BorrowedFd<'_>,
     attach_type: u32,
 ) -> io::Result<()> {
     prog_attach_cmd(BPF_PROG_DETACH, target, prog, attach_type, 0)
+}
+
+/// BPF_PROG_QUERY: the ids of the programs attached to `target` (a cgroup) for `attach_type`,
+/// with [`BPF_F_QUERY_EFFECTIVE`] those that run, in the order they run. Empty when none are.
+pub fn prog_query(target: BorrowedFd<'_>, attach_type: u32, flags: u32) -> io::Result<Vec<u32>> {
+    let mut ids = vec![0u32; 64];
+    loop {
+        // BPF_PROG_QUERY: target_fd, attach_type, query_flags, attach_flags (out), prog_ids,
+        // prog_cnt (in: room, out: how many).
+        let mut attr = [0u8; 32];
+        put_u32(&mut attr, 0, target.as_raw_fd() as u32);
+        put_u32(&mut attr, 4, attach_type);
+        put_u32(&mut attr, 8, flags);
+        put_u64(&mut attr, 16, ids.as_mut_ptr() as u64);
+        put_u32(&mut attr, 24, ids.len() as u32);
+        let r = bpf(BPF_PROG_QUERY, &mut attr);
+        let count = u32::from_ne_bytes(attr[24..28].try_into().expect("4 bytes")) as usize;
+        match r {
+            Ok(_) => {
+                ids.truncate(count.min(ids.len()));
+                return Ok(ids);
+            }
+            // More than there was room for: the kernel said how many; again with that room.
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && count > ids.len() => {
+                ids = vec![0u32; count];
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 #[cfg(test)]

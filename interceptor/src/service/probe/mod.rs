@@ -17,8 +17,10 @@
 //! By concern: this file the vocabulary (rows, checks, the report and its one-line reason),
 //! `run` the probe in its order, `privileges` (capabilities, seccomp, user namespace: why bpf()
 //! is denied), `host` (kernel, bpffs, cgroup v2, SO_NETNS_COOKIE), `object` (our object through
-//! the verifier, cgroup links, helpers and map types).
+//! the verifier, cgroup links, helpers and map types), `coexist` (the other programs at the
+//! cgroup's hooks, in run order, and the known conflicts: `doctor` only).
 
+pub mod coexist;
 mod host;
 mod object;
 mod privileges;
