@@ -76,7 +76,13 @@ fn coexist(first: First, tag: &str, vip_host: u8) {
         }
         First::Theirs => {
             theirs.attach(&pod.ebpf.cgroup).unwrap();
-            install();
+            // Loading ours beside it warns (the balancer now runs first).
+            let stderr = install();
+            assert!(
+                stderr.contains(&format!("tp_lb_{tag}"))
+                    && stderr.contains("runs before our cgroup/connect4"),
+                "no warning about the balancer on load: {stderr}"
+            );
         }
     }
     let c = &theirs.counters;

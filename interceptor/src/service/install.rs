@@ -12,6 +12,7 @@ use crate::backend::ebpf::{detect_cgroup2_root, Pins, PodHandle, PodMaps};
 use crate::backend::netfilter::{self, Mode, Outcome};
 use crate::backend::{exec, iptables, nftables};
 use crate::model::{BackendKind, EbpfSettings, IptablesFlavor};
+use crate::service::probe::coexist::{neighbours, Kind};
 use crate::tables;
 
 /// Why `auto` takes eBPF.
@@ -178,10 +179,19 @@ pub fn cgroup_of(a: &EbpfSettings) -> Result<PathBuf> {
 }
 
 /// Loads and attaches the programs unless they are loaded already (pinned under a private
-/// folder); true when this call loaded them.
+/// folder); true when this call loaded them. Having loaded them, warns about any program that
+/// runs before ours where it could rewrite destinations first (`doctor` says more).
 pub fn load_programs(pins: &Pins, ebpf: &EbpfSettings, log: bool) -> Result<bool> {
     super::pin_dir::ensure_private(&pins.dir)?;
-    pins.ensure_loaded_with(&cgroup_of(ebpf)?, log, !ebpf.no_counters)
+    let cgroup = cgroup_of(ebpf)?;
+    let loaded = pins.ensure_loaded_with(&cgroup, log, !ebpf.no_counters)?;
+    if loaded {
+        let beside = neighbours(&pins.dir, Some(&cgroup));
+        for f in beside.findings.iter().filter(|f| f.kind != Kind::Note) {
+            tracing::warn!(program = %f.name, id = f.id, hook = f.hook, fix = %f.fix, "{}", f.what);
+        }
+    }
+    Ok(loaded)
 }
 
 /// What the caller installs and how: the backend it asked for (`auto` may fall back), the pod's
