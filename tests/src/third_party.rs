@@ -13,16 +13,12 @@
 //! Attachments are bpf_links held by fd (or, for the exclusive one, detached on drop): dropping
 //! the [`ThirdParty`] detaches everything, also when a test fails.
 
-use std::io;
 use std::net::SocketAddrV4;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use anyhow::{Context, Result};
 use interceptor::backend::ebpf::sys::{self, Insn};
 
-const BPF_MAP_CREATE: libc::c_long = 0;
-const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_MAP_TYPE_ARRAY: u32 = 2;
 const BPF_PROG_TYPE_SOCK_OPS: u32 = 13;
 const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
@@ -40,21 +36,6 @@ pub const OP_RTT: u32 = 12;
 /// `BPF_SOCK_OPS_RTT_CB_FLAG`: the callback the tuner asks for.
 const RTT_CB_FLAG: i32 = 8;
 
-fn bpf(cmd: libc::c_long, attr: &mut [u8]) -> io::Result<i64> {
-    // SAFETY: `attr` is a zeroed `union bpf_attr` prefix laid out for `cmd` by the callers
-    // below; its pointers are to memory they borrow for the call, of the sizes it states.
-    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
-}
-
-fn put(attr: &mut [u8], at: usize, v: &[u8]) {
-    attr[at..at + v.len()].copy_from_slice(v);
-}
-
 /// An array of u64 counters.
 pub struct Counters {
     fd: OwnedFd,
@@ -62,33 +43,16 @@ pub struct Counters {
 
 impl Counters {
     fn new() -> Result<Self> {
-        // BPF_MAP_CREATE: map_type, key_size, value_size, max_entries.
-        let mut attr = [0u8; 16];
-        put(&mut attr, 0, &BPF_MAP_TYPE_ARRAY.to_ne_bytes());
-        put(&mut attr, 4, &4u32.to_ne_bytes());
-        put(&mut attr, 8, &8u32.to_ne_bytes());
-        put(&mut attr, 12, &SLOTS.to_ne_bytes());
-        let fd = bpf(BPF_MAP_CREATE, &mut attr).context("creating the counter map")?;
-        // SAFETY: a new descriptor the kernel just returned; nothing else owns it.
-        Ok(Self {
-            fd: unsafe { OwnedFd::from_raw_fd(fd as i32) },
-        })
+        let fd =
+            sys::map_create(BPF_MAP_TYPE_ARRAY, 4, 8, SLOTS).context("creating the counters")?;
+        Ok(Self { fd })
     }
 
     /// The value of `slot`.
     pub fn get(&self, slot: u32) -> u64 {
-        let mut value = 0u64;
-        // BPF_MAP_LOOKUP_ELEM: map_fd, key, value.
-        let mut attr = [0u8; 32];
-        put(&mut attr, 0, &(self.fd.as_raw_fd() as u32).to_ne_bytes());
-        put(&mut attr, 8, &(&slot as *const u32 as u64).to_ne_bytes());
-        put(
-            &mut attr,
-            16,
-            &(&mut value as *mut u64 as u64).to_ne_bytes(),
-        );
-        bpf(BPF_MAP_LOOKUP_ELEM, &mut attr).expect("array lookup");
-        value
+        let mut value = [0u8; 8];
+        sys::map_lookup(self.fd.as_fd(), &slot.to_ne_bytes(), &mut value).expect("array lookup");
+        u64::from_ne_bytes(value)
     }
 
     /// How many times the sock_ops tuner ran for `op`.
@@ -97,16 +61,9 @@ impl Counters {
     }
 }
 
-/// The kernel id of the program behind `fd` (`bpf_prog_info.id`).
-pub fn prog_id(fd: BorrowedFd<'_>) -> Result<u32> {
-    let mut info = [0u8; 80];
-    // BPF_OBJ_GET_INFO_BY_FD: bpf_fd, info_len, info.
-    let mut attr = [0u8; 16];
-    put(&mut attr, 0, &(fd.as_raw_fd() as u32).to_ne_bytes());
-    put(&mut attr, 4, &(info.len() as u32).to_ne_bytes());
-    put(&mut attr, 8, &(info.as_mut_ptr() as u64).to_ne_bytes());
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).context("BPF_OBJ_GET_INFO_BY_FD")?;
-    Ok(u32::from_ne_bytes(info[4..8].try_into()?))
+/// The kernel id of the program behind `fd`.
+fn prog_id(fd: BorrowedFd<'_>) -> Result<u32> {
+    sys::prog_id(fd).context("BPF_OBJ_GET_INFO_BY_FD")
 }
 
 // Opcodes (class | op | source).

@@ -10,10 +10,13 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_PROG_ATTACH: libc::c_long = 8;
 const BPF_PROG_DETACH: libc::c_long = 9;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_LINK_CREATE: libc::c_long = 28;
 
@@ -201,6 +204,45 @@ pub fn prog_detach(
     attach_type: u32,
 ) -> io::Result<()> {
     prog_attach_cmd(BPF_PROG_DETACH, target, prog, attach_type, 0)
+}
+
+/// BPF_MAP_CREATE of a map without BTF: `map_type`, key and value sizes, capacity.
+pub fn map_create(
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+) -> io::Result<OwnedFd> {
+    // BPF_MAP_CREATE: map_type, key_size, value_size, max_entries.
+    let mut attr = [0u8; 16];
+    put_u32(&mut attr, 0, map_type);
+    put_u32(&mut attr, 4, key_size);
+    put_u32(&mut attr, 8, value_size);
+    put_u32(&mut attr, 12, max_entries);
+    bpf(BPF_MAP_CREATE, &mut attr).map(owned)
+}
+
+/// BPF_MAP_LOOKUP_ELEM: copies the value at `key` into `value`, both the map's sizes.
+pub fn map_lookup(map: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> io::Result<()> {
+    // BPF_MAP_LOOKUP_ELEM: map_fd, key, value.
+    let mut attr = [0u8; 32];
+    put_u32(&mut attr, 0, map.as_raw_fd() as u32);
+    put_u64(&mut attr, 8, key.as_ptr() as u64);
+    put_u64(&mut attr, 16, value.as_mut_ptr() as u64);
+    bpf(BPF_MAP_LOOKUP_ELEM, &mut attr).map(drop)
+}
+
+/// The kernel id of the program `prog` (`bpf_prog_info.id`, BPF_OBJ_GET_INFO_BY_FD).
+pub fn prog_id(prog: BorrowedFd<'_>) -> io::Result<u32> {
+    // bpf_prog_info up to and including its name: type, id, tag, ..., name[16] at 64.
+    let mut info = [0u8; 80];
+    // BPF_OBJ_GET_INFO_BY_FD: bpf_fd, info_len, info.
+    let mut attr = [0u8; 16];
+    put_u32(&mut attr, 0, prog.as_raw_fd() as u32);
+    put_u32(&mut attr, 4, info.len() as u32);
+    put_u64(&mut attr, 8, info.as_mut_ptr() as u64);
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(u32::from_ne_bytes(info[4..8].try_into().expect("4 bytes")))
 }
 
 /// BPF_PROG_QUERY: the ids of the programs attached to `target` (a cgroup) for `attach_type`,
