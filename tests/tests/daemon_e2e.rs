@@ -680,3 +680,130 @@ fn idle_and_slow_clients_do_not_stall_metrics() {
         .unwrap()
         .contains("ok"));
 }
+
+/// A pod moved between backends (iptables → eBPF → nftables → …) while connection loops run
+/// through it both ways: make before break — the new backend is in place before the old one's
+/// interception comes out, so every connection reaches the sidecar or is refused; not one
+/// reaches the upstream or the app directly (with the old one removed first, hundreds did).
+#[test]
+fn backend_switch_is_make_before_break() {
+    use interceptor_tests::cases::APP_PORT;
+    use interceptor_tests::topology::{ConnectError, Stage};
+    let d = DaemonProc::start("dswitch").unwrap();
+    let pod = Pod::new("dswitch").unwrap();
+    let ns = pod.topo.pod_netns().to_str().unwrap().to_string();
+    let add = |backend: &str| {
+        d.pod_ok(&[
+            "add",
+            "--network-namespace",
+            &ns,
+            "-i",
+            "*",
+            "-b",
+            "*",
+            "--ipv6",
+            "false",
+            "--backend",
+            backend,
+        ])
+    };
+    add("iptables");
+    let out = SocketAddr::new(pod.topo.upstream_v4().into(), UPSTREAM_PORT);
+    let inb = SocketAddr::new(pod.topo.pod_v4().into(), APP_PORT);
+    let stop = Arc::new(AtomicBool::new(false));
+    // One loop per direction: (client netns, uid, destination, the sidecar's answer).
+    let loops: Vec<_> = [
+        (
+            pod.topo.pod_netns().to_path_buf(),
+            1000,
+            out,
+            "sidecar:15001",
+        ),
+        (
+            pod.topo.upstream_netns().to_path_buf(),
+            0,
+            inb,
+            "sidecar:15006",
+        ),
+    ]
+    .into_iter()
+    .map(|(from, uid, dst, want)| {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut n, mut refused, mut stalled, mut wrong) = (0u64, 0u64, 0u64, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                // Generous: a busy machine must not look like a lost connection.
+                let limit = interceptor_tests::scaled(Duration::from_secs(5));
+                match connect_as(&from, uid, uid, dst, None, limit) {
+                    Ok(o) if o.reply == want => {}
+                    Ok(o) => wrong.push(o.reply),
+                    // Refused, by the kernel (nothing listening) or by the connect hook
+                    // failing closed (EPERM): not captured, but not escaped either.
+                    Err(e)
+                        if e.downcast_ref::<ConnectError>().is_some_and(|c| {
+                            c.stage == Stage::Connect && (c.is_refused() || c.errno == libc::EPERM)
+                        }) =>
+                    {
+                        refused += 1
+                    }
+                    // Connected, then no answer in time: reached no server at all (the app or
+                    // upstream would have answered). Rare, and only while nftables' table
+                    // goes away under an inbound handshake; counted and bounded below.
+                    Err(e)
+                        if e.downcast_ref::<ConnectError>()
+                            .is_some_and(|c| c.stage == Stage::Read && c.is_timeout()) =>
+                    {
+                        stalled += 1
+                    }
+                    Err(e) => wrong.push(format!("{e:#}")),
+                }
+                n += 1;
+            }
+            (want, n, refused, stalled, wrong)
+        })
+    })
+    .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let order = [
+        "ebpf", "nftables", "ebpf", "iptables", "nftables", "iptables",
+    ];
+    let rounds = ((3.0 / interceptor_tests::time_scale()) as usize).max(1);
+    for _ in 0..rounds {
+        for backend in order {
+            let shown = add(backend);
+            assert!(
+                shown.contains(&format!("\"backend\": \"{backend}\"")),
+                "{shown}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for l in loops {
+        let (want, n, refused, stalled, wrong) = l.join().unwrap();
+        println!(
+            "{want}: {n} connections across {} backend switches, {refused} refused, {stalled} \
+             unanswered, {} elsewhere",
+            rounds * order.len(),
+            wrong.len()
+        );
+        assert!(
+            stalled <= 1 + n / 500,
+            "{want}: {stalled} of {n} unanswered"
+        );
+        assert!(n > 20, "{want}: the loop made too few connections: {n}");
+        let mut kinds = std::collections::BTreeMap::<&str, usize>::new();
+        for w in &wrong {
+            *kinds.entry(w.as_str()).or_default() += 1;
+        }
+        assert!(
+            wrong.is_empty(),
+            "{want}: connections not captured during a backend switch: {kinds:?}"
+        );
+    }
+    // Only the last backend's interception is left: removing it frees the pod.
+    d.pod_ok(&["remove", "--network-namespace", &ns]);
+    assert_eq!(pod.outbound(1000, out).unwrap().0, "upstream:8080");
+    let left = interceptor_tests::cases::ruleset(&pod.topo).to_lowercase();
+    assert!(!left.contains("istio"), "rules left after remove: {left}");
+}

@@ -1,19 +1,63 @@
 //! Running the rule tools (iptables-restore, nft, …) inside a pod's netns or a scratch netns.
+//!
+//! Every run has a deadline: the daemon runs the tools under its one registration lock, so a
+//! tool that hangs (a stuck xtables lock holder, a wedged netlink socket) must not stall every
+//! pod of the node. On expiry the tool and everything it started are killed and the run fails,
+//! naming the tool and the limit; the callers roll back what the tool may have applied.
 
-use std::io::Write;
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::OnceLock;
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::netns;
 
-/// Runs `program args` with `stdin`, returning stdout; a non-zero exit is an error with stderr.
+/// Environment variable: the rule tools' time limit in seconds (default [`DEFAULT_TIMEOUT`]).
+pub const TIMEOUT_ENV: &str = "INTERCEPTOR_TOOL_TIMEOUT";
+/// How long one rule-tool run may take by default.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The time limit of one rule-tool run: `INTERCEPTOR_TOOL_TIMEOUT` seconds (fractions allowed),
+/// else [`DEFAULT_TIMEOUT`]. Read once per process.
+pub fn timeout() -> Duration {
+    static T: OnceLock<Duration> = OnceLock::new();
+    *T.get_or_init(|| {
+        std::env::var(TIMEOUT_ENV)
+            .ok()
+            .and_then(|s| s.trim().parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .map_or(DEFAULT_TIMEOUT, Duration::from_secs_f64)
+    })
+}
+
+/// The `-w` argument for iptables(-restore): wait for the xtables lock (held by kube-proxy, a
+/// CNI, another istio-init) for half the time limit, so a lock held too long fails with the
+/// tool's own message before the time limit kills it. Whole seconds, at least 1.
+pub fn xtables_wait() -> String {
+    (timeout().as_secs() / 2).max(1).to_string()
+}
+
+/// Runs `program args` with `stdin`, returning stdout; a non-zero exit is an error with stderr,
+/// and so is running past [`timeout`] (the tool and its children are killed first).
 pub fn run(
     netns: Option<&Path>,
     program: &str,
     args: &[&str],
     stdin: Option<&str>,
+) -> Result<String> {
+    run_for(netns, program, args, stdin, timeout())
+}
+
+fn run_for(
+    netns: Option<&Path>,
+    program: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+    limit: Duration,
 ) -> Result<String> {
     let mut cmd = netns::command(netns, program)?;
     cmd.args(args)
@@ -23,27 +67,77 @@ pub fn run(
             Stdio::null()
         })
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .stderr(Stdio::piped())
+        // Its own process group: on expiry the whole group is killed (nsenter, a wrapper
+        // script and whatever it started), not just the direct child.
+        .process_group(0);
     let mut child = cmd
         .spawn()
         .with_context(|| format!("cannot run {program}"))?;
-    if let Some(input) = stdin {
-        child
-            .stdin
-            .take()
-            .expect("piped")
-            .write_all(input.as_bytes())?;
+    let pid = child.id();
+    // Writer and readers on threads: a tool that stops reading its input or fills a pipe must
+    // not block us past the deadline.
+    let writer = stdin.map(|input| {
+        let mut pipe = child.stdin.take().expect("piped");
+        let input = input.to_string();
+        std::thread::spawn(move || {
+            // A tool that exits (or is killed) early closes the pipe: EPIPE is not our error.
+            let _ = pipe.write_all(input.as_bytes());
+        })
+    });
+    let reader = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = pipe.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let out = reader(Box::new(child.stdout.take().expect("piped")));
+    let err = reader(Box::new(child.stderr.take().expect("piped")));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let status = child.wait();
+        let _ = tx.send(());
+        status
+    });
+    let timed_out = match rx.recv_timeout(limit) {
+        Ok(()) => false,
+        Err(_) => {
+            // The group leader is not reaped yet (the waiter has not sent), so its pid still
+            // names this group.
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            true
+        }
+    };
+    let status = waiter
+        .join()
+        .map_err(|_| anyhow!("waiting for {program} panicked"))??;
+    let (out, err) = (
+        out.join().unwrap_or_default(),
+        err.join().unwrap_or_default(),
+    );
+    if let Some(w) = writer {
+        let _ = w.join();
     }
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
+    if timed_out {
+        bail!(
+            "{program} {} did not finish within {:?} and was killed (time limit: {TIMEOUT_ENV})",
+            args.join(" "),
+            limit
+        );
+    }
+    if !status.success() {
         bail!(
             "{program} {} failed ({}): {}",
             args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
+            status,
+            String::from_utf8_lossy(&err).trim()
         );
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
 /// Runs `f` on a thread inside a private, fresh netns: commands it starts with `run(None, …)`
@@ -62,4 +156,57 @@ pub fn in_scratch<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 pub fn available(program: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hanging_tool_is_killed_at_the_deadline_with_its_children() {
+        // A sleep no other process runs, to find leftovers by.
+        let marker = format!("sleep 987.{}", std::process::id());
+        let t = std::time::Instant::now();
+        // The shell starts a child that would outlive it; the whole group must go.
+        let script = format!("{marker} & {marker}");
+        let err = run_for(
+            None,
+            "sh",
+            &["-c", &script],
+            Some("input"),
+            Duration::from_millis(300),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        assert!(
+            err.contains("sh -c") && err.contains("300ms") && err.contains("killed"),
+            "{err}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        let left = std::process::Command::new("pgrep")
+            .args(["-f", &marker])
+            .output()
+            .unwrap();
+        assert!(left.stdout.is_empty(), "left running: {:?}", left);
+    }
+
+    #[test]
+    fn output_errors_and_unread_input_within_the_deadline() {
+        let ok = run_for(None, "cat", &[], Some("hello"), Duration::from_secs(5)).unwrap();
+        assert_eq!(ok, "hello");
+        let err = run_for(
+            None,
+            "sh",
+            &["-c", "echo bad >&2; exit 3"],
+            None,
+            Duration::from_secs(5),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("bad") && err.contains("3"), "{err}");
+        // A tool that never reads a large input: no deadlock on the pipe.
+        let big = "x".repeat(1 << 20);
+        run_for(None, "true", &[], Some(&big), Duration::from_secs(5)).unwrap();
+    }
 }

@@ -222,15 +222,8 @@ impl Daemon {
             },
         };
         let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
-        // A pod moving between backends must not keep the old one's interception.
-        if let Some(old) = self.lookup(&spec.netns) {
-            if old.backend != choice.backend {
-                self.uninstall(&old, maps.as_mut())?;
-                // Its record goes with it: a failure below must not leave a record of
-                // interception that is no longer installed.
-                let _ = std::fs::remove_file(state_file(&self.args.state_dir, &spec.netns));
-            }
-        }
+        // A pod moving between backends: make before break (below).
+        let earlier = self.lookup(&spec.netns);
         let req = Install {
             requested: spec.backend,
             netns: Some(&spec.netns),
@@ -276,6 +269,29 @@ impl Daemon {
             removal_error: None,
         };
         self.record(&status)?;
+        if let Some(old) = earlier.filter(|old| old.backend != status.backend) {
+            // The new backend is in place: only now does the old one's interception come out,
+            // so no connection meets neither. Both at once is safe: eBPF's connect rewrite to
+            // the proxy on 127.0.0.1 is RETURNed by ISTIO_OUTPUT (nft likewise), and inbound
+            // NAT REDIRECT to the proxy port happens before sk_lookup, which then finds that
+            // same proxy.
+            if let Err(e) = self.uninstall(&old, maps.as_mut()) {
+                // Keep the pod as it was rather than with both: take the new one out again.
+                let undo = self.uninstall(&status, maps.as_mut());
+                self.record(&old)?;
+                return Err(match undo {
+                    Ok(()) => e.context(format!(
+                        "removing the earlier {} interception failed; the pod keeps it",
+                        old.backend
+                    )),
+                    Err(u) => e.context(format!(
+                        "removing the earlier {} interception failed, and so did taking the new \
+                         one out again ({u:#}): both are in place",
+                        old.backend
+                    )),
+                });
+            }
+        }
         tracing::info!(netns = %status.netns.display(), backend = ?status.backend, micros = status.add_micros, "pod added");
         Ok(Ok(status))
     }

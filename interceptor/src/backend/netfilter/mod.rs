@@ -16,6 +16,9 @@ use interceptor_common::plan::Family;
 use super::exec::{self, in_scratch, run};
 use super::{iptables, nftables};
 use crate::model::IptablesFlavor;
+use owned::{cleanup_doc, is_builtin, owned_lines, parse_save, rollback_doc};
+
+mod owned;
 
 /// What to do about existing rules.
 #[derive(Clone, Copy, Debug, Default)]
@@ -129,46 +132,6 @@ pub fn choose_binaries(netns: Option<&Path>, forced: Option<IptablesFlavor>) -> 
     Binaries { suffix: "" }
 }
 
-/// `-A` lines and `:CHAIN` declarations per table from an iptables-save dump (counters dropped).
-fn parse_save(dump: &str) -> BTreeMap<String, Vec<String>> {
-    let mut tables: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let mut table = String::new();
-    for line in dump.lines() {
-        if let Some(t) = line.strip_prefix('*') {
-            table = t.trim().to_string();
-        } else if let Some(decl) = line.strip_prefix(':') {
-            let name = decl.split_whitespace().next().unwrap_or("");
-            tables
-                .entry(table.clone())
-                .or_default()
-                .push(format!(":{name}"));
-        } else if line.starts_with("-A ") {
-            tables
-                .entry(table.clone())
-                .or_default()
-                .push(line.trim().to_string());
-        }
-    }
-    tables
-}
-
-fn is_builtin(chain: &str) -> bool {
-    matches!(
-        chain,
-        "PREROUTING" | "INPUT" | "FORWARD" | "OUTPUT" | "POSTROUTING"
-    )
-}
-
-/// The part of a table's dump that belongs to us: ISTIO_* chains and their rules, jumps to
-/// them, and any builtin-chain rule the wanted config would add (`ours`).
-fn owned_lines(lines: &[String], ours: &[String]) -> Vec<String> {
-    lines
-        .iter()
-        .filter(|l| l.contains("ISTIO_") || ours.contains(l))
-        .cloned()
-        .collect()
-}
-
 /// One family's planned change: everything decided (and the wanted rules proven in a scratch
 /// netns) before the pod's netns is touched.
 struct Plan<'a> {
@@ -179,8 +142,23 @@ struct Plan<'a> {
     state: State,
     /// Our lines per table now.
     owned: BTreeMap<String, Vec<String>>,
-    /// The family's full dump before any change, to put back if a step fails.
-    before: String,
+    /// The family's tables before any change: our part of them is put back if a step fails.
+    before: BTreeMap<String, Vec<String>>,
+    /// The builtin-chain rules the wanted config adds (ours though they name no chain of ours).
+    ours: Vec<String>,
+}
+
+/// `iptables-restore --noflush` waiting for the xtables lock (iptables >= 1.6.2; iptables-nft
+/// accepts and ignores it): without `-w` a legacy restore takes no lock at all and can commit
+/// a table over another program's concurrent change.
+fn restore_args() -> [String; 3] {
+    ["--noflush".into(), "-w".into(), exec::xtables_wait()]
+}
+
+fn run_restore(netns: Option<&Path>, tool: &str, doc: &str) -> Result<String> {
+    let args = restore_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run(netns, tool, &args, Some(doc))
 }
 
 fn iptables_plan<'a>(
@@ -198,16 +176,17 @@ fn iptables_plan<'a>(
     } else {
         (bin.name("iptables-save"), bin.name("iptables-restore"))
     };
-    let before = run(netns, &save, &[], None)?;
-    let current = parse_save(&before);
+    let current = parse_save(&run(netns, &save, &[], None)?);
     // What the wanted rules look like once applied, as this very tool prints them.
     let wanted = {
         let (doc, save2, restore2) = (config_doc.to_string(), save.clone(), restore.clone());
         let dump = in_scratch(move || {
-            run(None, &restore2, &["--noflush"], Some(&doc))?;
+            run_restore(None, &restore2, &doc)?;
             run(None, &save2, &[], None)
         })
-        .with_context(|| format!("{restore} rejected the generated rules"))?;
+        .with_context(|| {
+            format!("{restore} could not apply the generated rules in a scratch netns")
+        })?;
         parse_save(&dump)
     };
     let ours_builtin: Vec<String> = wanted
@@ -262,7 +241,8 @@ fn iptables_plan<'a>(
         doc,
         state,
         owned,
-        before,
+        before: current,
+        ours: ours_builtin,
     })
 }
 
@@ -281,12 +261,12 @@ impl Plan<'_> {
     }
 
     fn steps(&self, mode: Mode) -> Result<Outcome> {
-        let (netns, restore) = (self.netns, &self.restore);
+        let (netns, tool) = (self.netns, &self.restore);
         let cleanup = || -> Result<()> {
-            let doc = iptables_cleanup_doc(&self.owned);
+            let doc = cleanup_doc(&self.owned);
             if !doc.is_empty() {
-                run(netns, restore, &["--noflush"], Some(&doc))
-                    .with_context(|| format!("removing existing rules with {restore}"))?;
+                run_restore(netns, tool, &doc)
+                    .with_context(|| format!("removing existing rules with {tool}"))?;
             }
             Ok(())
         };
@@ -299,8 +279,8 @@ impl Plan<'_> {
             });
         };
         let apply = || {
-            run(netns, restore, &["--noflush"], Some(doc))
-                .with_context(|| format!("applying the rules with {restore}"))
+            run_restore(netns, tool, doc)
+                .with_context(|| format!("applying the rules with {tool}"))
                 .map(|_| ())
         };
         match self.state {
@@ -313,59 +293,18 @@ impl Plan<'_> {
         }
     }
 
-    /// Puts the family back as it was before this plan ran: every table of the earlier dump
-    /// restored whole (a restore without --noflush replaces each table it names), and our
-    /// rules removed from tables that did not exist then.
+    /// Puts our part of the family back as it was before this plan ran — our chains, their
+    /// rules and our builtin-chain rules at their earlier positions — and nothing else: what
+    /// other programs changed meanwhile (kube-proxy, a CNI) stays as they left it.
     fn rollback(&self) -> Result<()> {
-        let before = parse_save(&self.before);
-        if !before.is_empty() {
-            run(self.netns, &self.restore, &[], Some(&self.before))
-                .with_context(|| format!("restoring the earlier rules with {}", self.restore))?;
-        }
         let now = parse_save(&run(self.netns, &self.save, &[], None)?);
-        let new_tables: BTreeMap<String, Vec<String>> = now
-            .into_iter()
-            .filter(|(t, _)| !before.contains_key(t))
-            // Our chains, and builtin-chain jumps into them.
-            .map(|(t, lines)| (t, owned_lines(&lines, &[])))
-            .collect();
-        let doc = iptables_cleanup_doc(&new_tables);
+        let doc = rollback_doc(&self.before, &now, &self.ours);
         if !doc.is_empty() {
-            run(self.netns, &self.restore, &["--noflush"], Some(&doc))?;
+            run_restore(self.netns, &self.restore, &doc)
+                .with_context(|| format!("putting our earlier rules back with {}", self.restore))?;
         }
         Ok(())
     }
-}
-
-/// A restore document deleting our builtin-chain rules, then flushing and deleting our chains.
-fn iptables_cleanup_doc(owned: &BTreeMap<String, Vec<String>>) -> String {
-    let mut out = String::new();
-    for (table, lines) in owned {
-        if lines.is_empty() {
-            continue;
-        }
-        let chains: Vec<&str> = lines
-            .iter()
-            .filter_map(|l| l.strip_prefix(':'))
-            .filter(|c| c.starts_with("ISTIO_"))
-            .collect();
-        out.push_str(&format!("*{table}\n"));
-        for l in lines {
-            if let Some(rest) = l.strip_prefix("-A ") {
-                if rest.split_whitespace().next().is_some_and(is_builtin) {
-                    out.push_str(&format!("-D {rest}\n"));
-                }
-            }
-        }
-        for c in &chains {
-            out.push_str(&format!("-F {c}\n"));
-        }
-        for c in &chains {
-            out.push_str(&format!("-X {c}\n"));
-        }
-        out.push_str("COMMIT\n");
-    }
-    out
 }
 
 /// Applies (or with `cleanup_only` removes) the iptables rules for `cfg` in the netns. Both
@@ -454,17 +393,27 @@ pub fn apply_nftables(netns: Option<&Path>, cfg: &Config, mode: Mode) -> Result<
         .keys()
         .map(|t| format!("delete table inet {t}\n"))
         .collect();
+    // One transaction each: nft applies all of it or nothing. Only a run that did not finish
+    // in time leaves it open whether it was applied; then our tables are put back as listed.
+    let transact = |tx: &str| {
+        run(netns, "nft", &["-f", "-"], Some(tx)).map_err(|e| match nft_rollback(netns, &current) {
+            Ok(()) => e,
+            Err(r) => e.context(format!(
+                "putting our earlier nftables rules back failed too: {r:#}"
+            )),
+        })
+    };
     if mode.cleanup_only {
         if current.is_empty() {
             return Ok(Outcome::NothingToRemove);
         }
-        run(netns, "nft", &["-f", "-"], Some(&delete))?;
+        transact(&delete)?;
         return Ok(Outcome::Removed);
     }
     let tx = nftables::render(cfg);
     let wanted = nft_scratch_list(&tx).context("nft rejected the generated rules")?;
     if current.is_empty() {
-        run(netns, "nft", &["-f", "-"], Some(&tx))?;
+        transact(&tx)?;
         return Ok(Outcome::Applied);
     }
     let identical = current == wanted;
@@ -496,8 +445,26 @@ pub fn apply_nftables(netns: Option<&Path>, cfg: &Config, mode: Mode) -> Result<
         );
     }
     // Deleting and re-adding in one transaction: no window without interception.
-    run(netns, "nft", &["-f", "-"], Some(&format!("{delete}{tx}")))?;
+    transact(&format!("{delete}{tx}"))?;
     Ok(Outcome::Reconciled)
+}
+
+/// Puts our tables back as `before` listed them (nft's listing loads as a ruleset), deleting
+/// any of ours that were not there; other tables are never named.
+fn nft_rollback(netns: Option<&Path>, before: &BTreeMap<String, String>) -> Result<()> {
+    let now = nft_list(netns)?;
+    if &now == before {
+        return Ok(());
+    }
+    let mut tx: String = now
+        .keys()
+        .map(|t| format!("delete table inet {t}\n"))
+        .collect();
+    for text in before.values() {
+        tx.push_str(text);
+        tx.push('\n');
+    }
+    run(netns, "nft", &["-f", "-"], Some(&tx)).map(|_| ())
 }
 
 /// Applies `tx` in a scratch netns and lists our tables there.
