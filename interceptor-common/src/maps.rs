@@ -55,6 +55,18 @@ pub mod capacity {
     pub const TUPLES: u32 = MAX_PODS * TUPLE_QUOTA;
 }
 
+/// A `TUPLE_COUNT` value as a count. A give-back can race a pod's removal (which zeroes the
+/// count between a program's delete of its entry and its decrement) and wrap the count below
+/// zero; read as zero, else the next pod with that id would be refused every connection (it may
+/// then hold a few entries past its quota until the count catches up).
+pub const fn tuple_count_of(raw: u64) -> u64 {
+    if (raw as i64) < 0 {
+        0
+    } else {
+        raw
+    }
+}
+
 /// Per-pod counters in the per-CPU `STATS` array: index `pod_id * stat::PER_POD + counter`.
 /// Pods with an id of `stat::MAX_PODS` or more are not counted (ids are the smallest free ones,
 /// so this only happens past that many pods on a node).

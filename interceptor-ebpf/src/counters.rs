@@ -3,7 +3,7 @@
 
 use core::ptr::read_volatile;
 
-use interceptor_common::maps::stat;
+use interceptor_common::maps::{stat, tuple_count_of};
 
 use crate::maps::{count_enabled, STATS, TUPLE_COUNT};
 
@@ -24,13 +24,14 @@ pub fn count(pod_id: u32, counter: u32) {
     }
 }
 
-/// `ORIG_BY_TUPLE` entries the pod holds now.
+/// `ORIG_BY_TUPLE` entries the pod holds now (a count wrapped below zero reads as zero:
+/// `tuple_count_of`).
 #[inline(always)]
 pub fn tuple_count(pod_id: u32) -> u64 {
     match TUPLE_COUNT.get_ptr(pod_id) {
         // SAFETY: an array value, valid for the program run; writers only add atomically, so
         // an aligned 8-byte load sees some count, never a torn one.
-        Some(c) => unsafe { read_volatile(c) },
+        Some(c) => tuple_count_of(unsafe { read_volatile(c) }),
         None => u64::MAX,
     }
 }

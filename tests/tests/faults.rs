@@ -325,6 +325,31 @@ fn cli_apply(
 /// pins exactly as before (no policy entry, no link, no listener) and the pod untouched; a
 /// failed re-registration keeps the earlier one; another registered pod keeps working
 /// throughout (real connections). With `auto` the faulted pod falls back to iptables.
+/// A give-back racing a pod's removal (the removal zeroes `TUPLE_COUNT` between a program's
+/// delete of its entry and its decrement) wraps the count of that pod id below zero; the pod
+/// that gets the id next must still connect, not be refused every connection at its "quota".
+#[test]
+fn a_tuple_count_wrapped_below_zero_refuses_nothing() {
+    use aya::maps::{Array, Map, MapData};
+    let ebpf = EbpfInstall::new("tcw");
+    let pod = FaultPod::new("tcwa");
+    apply_in(pod.topo.pod_netns(), ebpf.dir(), Flavor::Ebpf, &POD_FLAGS).unwrap();
+    let pods = ebpf.pins.maps().unwrap().pods();
+    assert_eq!(pods.len(), 1);
+    let pod_id = pods[0].1.pod_id;
+    let pin = ebpf.pins.dir.join("maps").join("TUPLE_COUNT");
+    let mut counts: Array<MapData, u64> =
+        Array::try_from(Map::Array(MapData::from_pin(&pin).unwrap())).unwrap();
+    // Three give-backs after the removal's reset.
+    counts.set(pod_id, 0u64.wrapping_sub(3), 0).unwrap();
+    for i in 0..3 {
+        captured_ok(&pod.topo, &pod.sidecar, &format!("count below zero, connection {i}"));
+    }
+    let maps = ebpf.pins.maps().unwrap();
+    assert_eq!(maps.tuple_entries(pod_id), 0, "a wrapped count reads as zero");
+    assert_eq!(maps.connection_entries().1, 0);
+}
+
 #[test]
 fn registration_fault_cli_all_or_nothing() {
     let ebpf = EbpfInstall::new("regf");

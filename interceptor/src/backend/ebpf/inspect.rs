@@ -3,7 +3,7 @@
 
 use aya::maps::MapInfo;
 use interceptor_common::decision::PodPolicy;
-use interceptor_common::maps::{names, stat};
+use interceptor_common::maps::{names, stat, tuple_count_of};
 
 use super::pod_maps::PodMaps;
 
@@ -64,12 +64,17 @@ impl PodMaps {
     /// over `TUPLE_COUNT`). Both return to their baseline once connections are accepted or
     /// closed (everything else per connection is socket-local storage, freed with the socket).
     pub fn connection_entries(&self) -> (usize, usize) {
-        let counted: u64 = self.tuple_count.iter().filter_map(|r| r.ok()).sum();
+        let counted: u64 = self
+            .tuple_count
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(tuple_count_of)
+            .sum();
         (self.by_tuple.keys().count(), counted as usize)
     }
 
     /// A pod's `ORIG_BY_TUPLE` entries (its `TUPLE_COUNT`), against `tuple_quota`.
     pub fn tuple_entries(&self, pod_id: u32) -> u64 {
-        self.tuple_count.get(&pod_id, 0).unwrap_or(0)
+        self.tuple_count.get(&pod_id, 0).map_or(0, tuple_count_of)
     }
 }
