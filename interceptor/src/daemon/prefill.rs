@@ -47,7 +47,9 @@ impl Prefill {
 /// This thread runs only when a CPU would otherwise idle: it must never delay a registration (in
 /// a burst of adds it may not run at all, and each add then loads its own program).
 fn idle_priority() {
-    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_param is plain integers (musl's has more fields than glibc's), for which all
+    // zeroes is valid; SCHED_IDLE takes priority 0.
+    let param: libc::sched_param = unsafe { std::mem::zeroed() };
     // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param for the call.
     let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
     if r != 0 {
