@@ -343,10 +343,18 @@ fn a_tuple_count_wrapped_below_zero_refuses_nothing() {
     // Three give-backs after the removal's reset.
     counts.set(pod_id, 0u64.wrapping_sub(3), 0).unwrap();
     for i in 0..3 {
-        captured_ok(&pod.topo, &pod.sidecar, &format!("count below zero, connection {i}"));
+        captured_ok(
+            &pod.topo,
+            &pod.sidecar,
+            &format!("count below zero, connection {i}"),
+        );
     }
     let maps = ebpf.pins.maps().unwrap();
-    assert_eq!(maps.tuple_entries(pod_id), 0, "a wrapped count reads as zero");
+    assert_eq!(
+        maps.tuple_entries(pod_id),
+        0,
+        "a wrapped count reads as zero"
+    );
     assert_eq!(maps.connection_entries().1, 0);
 }
 
