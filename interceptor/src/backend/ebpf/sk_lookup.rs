@@ -34,23 +34,6 @@ const FN_TAIL_CALL: i32 = 12;
 /// `SK_DROP`.
 const SK_DROP: i32 = 0;
 
-fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
-    Insn {
-        code,
-        regs: (src << 4) | (dst & 0x0f),
-        off,
-        imm,
-    }
-}
-
-/// `dst = imm64` (two instruction slots); `src` = BPF_PSEUDO_MAP_FD makes it a map fd.
-fn ld_imm64(dst: u8, src: u8, imm: u64) -> [Insn; 2] {
-    [
-        insn(0x18, dst, src, 0, imm as u32 as i32),
-        insn(0, 0, 0, 0, (imm >> 32) as u32 as i32),
-    ]
-}
-
 /// The maps a per-pod program refers to, by fd.
 #[derive(Clone, Copy)]
 pub struct ProgramMaps<'a> {
@@ -77,29 +60,29 @@ fn program(maps: ProgramMaps<'_>, pod_id: u32) -> Vec<Insn> {
     let fd = |f: BorrowedFd<'_>| f.as_raw_fd() as u32 as u64;
     // r0 = &map[key], key at r10-4; `skip` instructions ahead (to the SK_DROP) when missing.
     let lookup = |map: u64, key: u32, skip: i16| {
-        let mut v = vec![insn(ST_W, 10, 0, -4, key as i32)];
-        v.extend(ld_imm64(1, BPF_PSEUDO_MAP_FD, map));
+        let mut v = vec![Insn::new(ST_W, 10, 0, -4, key as i32)];
+        v.extend(Insn::ld_imm64(1, BPF_PSEUDO_MAP_FD, map));
         v.extend([
-            insn(MOV64_X, 2, 10, 0, 0),
-            insn(ADD64_K, 2, 0, 0, -4),
-            insn(CALL, 0, 0, 0, FN_MAP_LOOKUP_ELEM),
-            insn(JEQ_K, 0, 0, skip, 0),
+            Insn::new(MOV64_X, 2, 10, 0, 0),
+            Insn::new(ADD64_K, 2, 0, 0, -4),
+            Insn::new(CALL, 0, 0, 0, FN_MAP_LOOKUP_ELEM),
+            Insn::new(JEQ_K, 0, 0, skip, 0),
         ]);
         v
     };
-    let mut p = vec![insn(MOV64_X, 6, 1, 0, 0)]; // r6 = ctx
+    let mut p = vec![Insn::new(MOV64_X, 6, 1, 0, 0)]; // r6 = ctx
     p.extend(lookup(fd(maps.pod_netns), pod_id, 14));
-    p.push(insn(LDX_DW, 7, 0, 0, 0)); // r7 = POD_NETNS[pod_id]
+    p.push(Insn::new(LDX_DW, 7, 0, 0, 0)); // r7 = POD_NETNS[pod_id]
     p.extend(lookup(fd(maps.slot), 0, 6));
-    p.push(insn(STX_DW, 0, 7, 0, 0)); // INBOUND_NETNS[0] = r7
-    p.push(insn(MOV64_X, 1, 6, 0, 0));
-    p.extend(ld_imm64(2, BPF_PSEUDO_MAP_FD, fd(maps.target)));
+    p.push(Insn::new(STX_DW, 0, 7, 0, 0)); // INBOUND_NETNS[0] = r7
+    p.push(Insn::new(MOV64_X, 1, 6, 0, 0));
+    p.extend(Insn::ld_imm64(2, BPF_PSEUDO_MAP_FD, fd(maps.target)));
     p.extend([
-        insn(MOV64_K, 3, 0, 0, 0),
-        insn(CALL, 0, 0, 0, FN_TAIL_CALL),
+        Insn::new(MOV64_K, 3, 0, 0, 0),
+        Insn::new(CALL, 0, 0, 0, FN_TAIL_CALL),
         // Reached when the tail call failed, or a lookup above found nothing.
-        insn(MOV64_K, 0, 0, 0, SK_DROP),
-        insn(EXIT, 0, 0, 0, 0),
+        Insn::new(MOV64_K, 0, 0, 0, SK_DROP),
+        Insn::new(EXIT, 0, 0, 0, 0),
     ]);
     p
 }
@@ -304,7 +287,7 @@ mod tests {
         assert_eq!(p.len(), 24);
         let drop_at = p
             .iter()
-            .position(|i| *i == insn(0xb7, 0, 0, 0, SK_DROP))
+            .position(|i| *i == Insn::new(0xb7, 0, 0, 0, SK_DROP))
             .unwrap();
         // Both null checks jump exactly to `r0 = SK_DROP`.
         let jumps: Vec<usize> = p
@@ -315,7 +298,7 @@ mod tests {
             .collect();
         assert_eq!(jumps, [drop_at, drop_at]);
         // The pod id is the first lookup's key.
-        assert_eq!(p[1], insn(0x62, 10, 0, -4, 0x0102_0304));
+        assert_eq!(p[1], Insn::new(0x62, 10, 0, -4, 0x0102_0304));
         // The map references are map fds (src register BPF_PSEUDO_MAP_FD), in order.
         let refs: Vec<i32> = p
             .iter()
