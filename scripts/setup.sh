@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what a fresh machine lacks to build and test interceptor; a no-op when all is present.
-# Steps: Debian packages, the pinned stable toolchain, nightly + rust-src, bpf-linker bound to the nightly's LLVM, mounted bpffs.
+# Steps: Debian packages, the pinned stable toolchain (rust-toolchain.toml), the pinned nightly with
+# rust-src and the pinned bpf-linker bound to that nightly's LLVM (ebpf-toolchain.env), mounted bpffs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -46,18 +47,25 @@ else
   log "pinned toolchain $PINNED present"
 fi
 
-# --- Rust: nightly with rust-src (the eBPF crate builds core with -Z build-std) ------------------
-command -v rustup >/dev/null || fail "rustup not found: install Rust via rustup first"
-if ! rustup toolchain list | grep -q '^nightly'; then
-  log "installing the nightly toolchain"
-  rustup toolchain install nightly --profile minimal || fail "rustup toolchain install nightly"
+# --- Rust: the pinned nightly with rust-src (the eBPF crate builds core with -Z build-std) ----
+# ebpf-toolchain.env holds the pins (interceptor/build.rs builds with the same nightly).
+# shellcheck source=../ebpf-toolchain.env
+. ./ebpf-toolchain.env
+[ -n "${EBPF_NIGHTLY:-}" ] && [ -n "${BPF_LINKER_VERSION:-}" ] \
+  || fail "ebpf-toolchain.env must set EBPF_NIGHTLY and BPF_LINKER_VERSION"
+if ! rustup toolchain list | grep -q "^$EBPF_NIGHTLY"; then
+  log "installing the pinned nightly $EBPF_NIGHTLY"
+  rustup toolchain install "$EBPF_NIGHTLY" --profile minimal -c rust-src -c clippy \
+    || fail "rustup toolchain install $EBPF_NIGHTLY"
 fi
-if ! rustup component list --toolchain nightly --installed | grep -q '^rust-src'; then
-  log "adding rust-src to nightly"
-  rustup component add rust-src --toolchain nightly || fail "rustup component add rust-src"
-else
-  log "nightly rust-src present"
-fi
+installed=$(rustup component list --toolchain "$EBPF_NIGHTLY" --installed)
+for c in rust-src clippy; do
+  if ! grep -q "^$c" <<<"$installed"; then
+    log "adding $c to $EBPF_NIGHTLY"
+    rustup component add "$c" --toolchain "$EBPF_NIGHTLY" || fail "rustup component add $c"
+  fi
+done
+log "pinned nightly $EBPF_NIGHTLY with rust-src and clippy present"
 
 # --- musl target: cargo xtask vm-test builds static test binaries for its guests -------------
 if ! rustup target list --installed | grep -q '^x86_64-unknown-linux-musl$'; then
@@ -67,29 +75,41 @@ else
   log "musl target present"
 fi
 
-# --- bpf-linker built against the nightly's own LLVM ------------------------------------------
+# --- bpf-linker (pinned version) built against the pinned nightly's own LLVM -----------------
 # cargo install bpf-linker defaults to an LLVM that differs from rustc's; link it against the
-# libLLVM shipped in the nightly sysroot instead. The folder must outlive this script (rpath).
-SYSROOT=$(rustc +nightly --print sysroot)
-LLVM_MAJOR=$(rustc +nightly -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
-[ -n "$LLVM_MAJOR" ] || fail "cannot read the nightly's LLVM version"
+# libLLVM shipped in the nightly's sysroot instead. The folder must outlive this script (rpath).
+# Rebuilt when the installed one is another version, or linked against another libLLVM.
+SYSROOT=$(rustc +"$EBPF_NIGHTLY" --print sysroot)
+LLVM_MAJOR=$(rustc +"$EBPF_NIGHTLY" -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
+[ -n "$LLVM_MAJOR" ] || fail "cannot read the LLVM version of $EBPF_NIGHTLY"
 LIBLLVM=$(cd "$SYSROOT/lib" && ls libLLVM.so.* 2>/dev/null | head -n1)
 [ -n "$LIBLLVM" ] || fail "no libLLVM.so.* in $SYSROOT/lib"
 CARGO_HOME_DIR=${CARGO_HOME:-$HOME/.cargo}
-PREFIX="$CARGO_HOME_DIR/bpf-linker-llvm/$LIBLLVM"
+PREFIX="$CARGO_HOME_DIR/bpf-linker-llvm/$EBPF_NIGHTLY"
 STAMP="$PREFIX/.installed"
-if [ -f "$STAMP" ] && command -v bpf-linker >/dev/null && bpf-linker --version >/dev/null 2>&1; then
-  log "bpf-linker present (LLVM $LLVM_MAJOR, $LIBLLVM)"
+WANT="bpf-linker $BPF_LINKER_VERSION $EBPF_NIGHTLY $LIBLLVM"
+linker_ok() {
+  [ "$(cat "$STAMP" 2>/dev/null)" = "$WANT" ] || return 1
+  command -v bpf-linker >/dev/null || return 1
+  [ "$(bpf-linker --version 2>/dev/null)" = "bpf-linker $BPF_LINKER_VERSION" ] || return 1
+  ldd "$(command -v bpf-linker)" 2>/dev/null | grep -qF "=> $PREFIX/lib/$LIBLLVM "
+}
+if linker_ok; then
+  log "bpf-linker $BPF_LINKER_VERSION present (LLVM $LLVM_MAJOR, $LIBLLVM of $EBPF_NIGHTLY)"
 else
-  log "building bpf-linker against $LIBLLVM (LLVM $LLVM_MAJOR); takes about a minute"
+  log "building bpf-linker $BPF_LINKER_VERSION against $LIBLLVM of $EBPF_NIGHTLY; takes a few minutes"
+  rm -f "$STAMP"
   mkdir -p "$PREFIX/lib"
   ln -sf "$SYSROOT/lib/$LIBLLVM" "$PREFIX/lib/libLLVM.so"
   ln -sf "$SYSROOT/lib/$LIBLLVM" "$PREFIX/lib/$LIBLLVM"
-  LLVM_PREFIX="$PREFIX" cargo install --locked bpf-linker --no-default-features \
-    --features "llvm-$LLVM_MAJOR" --force \
-    || fail "cargo install bpf-linker (LLVM_PREFIX=$PREFIX, feature llvm-$LLVM_MAJOR)"
-  bpf-linker --version >/dev/null || fail "bpf-linker does not run after install"
-  touch "$STAMP"
+  LLVM_PREFIX="$PREFIX" cargo install --locked bpf-linker --version "$BPF_LINKER_VERSION" \
+    --no-default-features --features "llvm-$LLVM_MAJOR" --force \
+    || fail "cargo install bpf-linker $BPF_LINKER_VERSION (LLVM_PREFIX=$PREFIX, feature llvm-$LLVM_MAJOR)"
+  linker_runs=$(bpf-linker --version 2>/dev/null) || fail "bpf-linker does not run after install"
+  [ "$linker_runs" = "bpf-linker $BPF_LINKER_VERSION" ] \
+    || fail "bpf-linker on PATH is '$linker_runs', not $BPF_LINKER_VERSION (another one earlier on PATH?)"
+  echo "$WANT" >"$STAMP"
+  linker_ok || fail "bpf-linker does not load $PREFIX/lib/$LIBLLVM"
 fi
 
 # --- Kernel side: bpffs, netfilter modules ------------------------------------------------

@@ -9,11 +9,12 @@ echo "[test] cargo fmt --check"
 cargo fmt --all --check
 echo "[test] cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -q -- -D warnings
-echo "[test] cargo clippy for interceptor-ebpf (bpfel-unknown-none on nightly; not a default member)"
+# shellcheck source=../ebpf-toolchain.env
+. ./ebpf-toolchain.env
+echo "[test] cargo clippy for interceptor-ebpf (bpfel-unknown-none on $EBPF_NIGHTLY; not a default member)"
 # The workspace clippy above never checks the eBPF crate: this is where its lints (every unsafe
-# block documented, clippy::undocumented_unsafe_blocks) are enforced.
-rustup component add clippy --toolchain nightly >/dev/null
-rustup run nightly cargo clippy -q -p interceptor-ebpf --target bpfel-unknown-none -Z build-std=core \
+# block documented, clippy::undocumented_unsafe_blocks) are enforced, with the nightly that builds it.
+rustup run "$EBPF_NIGHTLY" cargo clippy -q -p interceptor-ebpf --target bpfel-unknown-none -Z build-std=core \
   --release --target-dir target/bpf-clippy -- -D warnings
 echo "[test] cargo test (default members: everything but the bpf-target crate)"
 # Each e2e test builds its own uniquely named netns/cgroups/pins, so parallel threads are safe.

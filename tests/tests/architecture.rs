@@ -337,14 +337,12 @@ impl Crate {
                 if self.modules.contains(&child) {
                     base = split(&child);
                     k = 1;
-                } else if let Some(target) = aliases.get(first) {
-                    let mut full = target.clone();
+                } else {
+                    let mut full = aliases.get(first)?.clone();
                     for s in &segs[1..] {
                         full = format!("{full}::{s}");
                     }
                     return self.resolve(module, &full, aliases, depth + 1);
-                } else {
-                    return None;
                 }
             }
         }

@@ -98,7 +98,7 @@ fn accept_loop(pool: &Arc<Pool>, permanent: bool) {
             true
         } else {
             pool.waiting
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                .try_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
                     (n < SPARE).then_some(n + 1)
                 })
                 .is_ok()
