@@ -12,6 +12,7 @@ pub mod fault;
 pub mod k8s;
 pub mod listener;
 pub mod model;
+pub mod netlink;
 pub mod netns;
 pub mod service;
 pub mod tables;

@@ -103,13 +103,10 @@ fn listening_proc() -> Result<Vec<Listening>> {
 }
 
 fn listening_diag() -> Result<Vec<Listening>> {
-    use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr};
-    let mut socket = Socket::new(NETLINK_SOCK_DIAG).context("sock_diag socket")?;
-    socket.bind_auto().context("binding the sock_diag socket")?;
-    socket.connect(&SocketAddr::new(0, 0))?;
+    let socket = crate::netlink::socket(netlink_sys::protocols::NETLINK_SOCK_DIAG)?;
     let mut out = Vec::new();
     for v6 in [false, true] {
-        for (port, uid, inode) in listening_sockets(&mut socket, v6)? {
+        for (port, uid, inode) in listening_sockets(&socket, v6)? {
             out.push(Listening {
                 port,
                 uid,
@@ -122,61 +119,32 @@ fn listening_diag() -> Result<Vec<Listening>> {
 }
 
 /// `(port, uid, inode)` of every listening TCP socket of one family in the caller's netns.
-fn listening_sockets(socket: &mut netlink_sys::Socket, v6: bool) -> Result<Vec<(u16, u32, u32)>> {
-    use netlink_packet_core::{
-        NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
-    };
+fn listening_sockets(socket: &netlink_sys::Socket, v6: bool) -> Result<Vec<(u16, u32, u32)>> {
     use netlink_packet_sock_diag::{
         constants::{AF_INET, AF_INET6, IPPROTO_TCP},
         inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
         SockDiagMessage,
     };
-    let mut hdr = NetlinkHeader::default();
-    hdr.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    let mut req = NetlinkMessage::new(
-        hdr,
-        SockDiagMessage::InetRequest(InetRequest {
-            family: if v6 { AF_INET6 } else { AF_INET },
-            protocol: IPPROTO_TCP,
-            extensions: ExtensionFlags::empty(),
-            states: StateFlags::LISTEN,
-            socket_id: if v6 {
-                SocketId::new_v6()
-            } else {
-                SocketId::new_v4()
-            },
+    let req = SockDiagMessage::InetRequest(InetRequest {
+        family: if v6 { AF_INET6 } else { AF_INET },
+        protocol: IPPROTO_TCP,
+        extensions: ExtensionFlags::empty(),
+        states: StateFlags::LISTEN,
+        socket_id: if v6 {
+            SocketId::new_v6()
+        } else {
+            SocketId::new_v4()
+        },
+    });
+    Ok(crate::netlink::dump(socket, req, "sock_diag")?
+        .into_iter()
+        .filter_map(|m| match m {
+            SockDiagMessage::InetResponse(r) => {
+                Some((r.header.socket_id.source_port, r.header.uid, r.header.inode))
+            }
+            _ => None,
         })
-        .into(),
-    );
-    req.finalize();
-    let mut buf = vec![0; req.buffer_len()];
-    req.serialize(&mut buf);
-    socket.send(&buf, 0).context("sock_diag request")?;
-    let mut out = Vec::new();
-    let mut rx = vec![0u8; 64 * 1024];
-    loop {
-        let n = socket
-            .recv(&mut &mut rx[..], 0)
-            .context("sock_diag reply")?;
-        let mut off = 0;
-        while off < n {
-            let msg = <NetlinkMessage<SockDiagMessage>>::deserialize(&rx[off..n])
-                .map_err(|e| anyhow::anyhow!("sock_diag reply: {e}"))?;
-            let len = msg.header.length as usize;
-            match msg.payload {
-                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
-                    out.push((r.header.socket_id.source_port, r.header.uid, r.header.inode))
-                }
-                NetlinkPayload::Done(_) => return Ok(out),
-                NetlinkPayload::Error(e) => anyhow::bail!("sock_diag: {e:?}"),
-                _ => {}
-            }
-            if len == 0 {
-                break;
-            }
-            off += len;
-        }
-    }
+        .collect())
 }
 
 /// Duplicate fds of the proxy's existing inbound listeners among a netns's `listening` sockets

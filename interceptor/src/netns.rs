@@ -9,6 +9,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use nix::sched::{setns, CloneFlags};
@@ -26,18 +27,52 @@ pub struct PodNetns {
     /// Its `net.ipv4.ip_local_reserved_ports`, opened inside it for reading and writing: the
     /// open file stays the netns's own sysctl, so the bind guard's reservation needs no second
     /// visit. None when it could not be opened (the reservation then visits and says why).
-    pub reserved_ports: Option<std::sync::Arc<File>>,
+    pub reserved_ports: Option<Arc<File>>,
+    /// The netns itself, open: later steps (attaching the pod's sk_lookup program) use it
+    /// instead of opening the path again.
+    pub ns: Arc<File>,
+}
+
+/// A network namespace opened once for all the steps of a pod's registration (each open of a
+/// path under /var/run/netns is a path walk and an fd to close).
+#[derive(Debug, Clone)]
+pub struct Netns {
+    pub path: PathBuf,
+    pub file: Arc<File>,
+}
+
+impl Netns {
+    /// Opens `path`; None unless it can be opened and is a network namespace.
+    pub fn open(path: &Path) -> Option<Self> {
+        let file = File::open(path).ok()?;
+        // SAFETY: an argument-less ioctl on an fd we own for the call; it reads no memory of ours.
+        let t = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE as _) };
+        (t == libc::CLONE_NEWNET).then(|| Self {
+            path: path.to_path_buf(),
+            file: Arc::new(file),
+        })
+    }
+
+    /// `open`, failing with the path when it is not a network namespace.
+    pub fn open_or_fail(path: &Path) -> Result<Self> {
+        Self::open(path)
+            .ok_or_else(|| anyhow::anyhow!("{} is not a network namespace", path.display()))
+    }
 }
 
 /// The sysctl of the ports autobind skips, as seen from inside the netns that opens it.
 pub const RESERVED_PORTS_SYSCTL: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
 
-/// Visits the netns at `path` once and reads its cookie, addresses and listening sockets.
-pub fn pod_netns(path: &Path) -> Result<PodNetns> {
-    run_in(Some(path), || {
-        let (local, link_local) = own_addrs_here()?;
+/// Visits the netns `ns` once and reads its cookie, addresses and listening sockets.
+pub fn pod_netns(ns: &Netns) -> Result<PodNetns> {
+    run_in_file(&ns.file, || {
+        // One rtnetlink socket: its cookie is the netns's, and it dumps the addresses.
+        let route = crate::netlink::socket(netlink_sys::protocols::NETLINK_ROUTE)?;
+        let cookie = socket_cookie(route.as_fd()).context("getsockopt(SO_NETNS_COOKIE)")?;
+        let (local, link_local) = split_addrs(addresses_on(&route)?);
+        drop(route);
         Ok(PodNetns {
-            cookie: cookie_here()?,
+            cookie,
             local,
             link_local,
             listening: crate::listener::listening_here()?,
@@ -46,7 +81,8 @@ pub fn pod_netns(path: &Path) -> Result<PodNetns> {
                 .write(true)
                 .open(RESERVED_PORTS_SYSCTL)
                 .ok()
-                .map(std::sync::Arc::new),
+                .map(Arc::new),
+            ns: ns.file.clone(),
         })
     })
 }
@@ -61,8 +97,13 @@ pub fn run_in<T>(path: Option<&Path>, f: impl FnOnce() -> Result<T>) -> Result<T
         return f();
     };
     let target = File::open(path).with_context(|| format!("opening netns {}", path.display()))?;
+    run_in_file(&target, f)
+}
+
+/// `run_in` for a netns already open.
+pub fn run_in_file<T>(target: &File, f: impl FnOnce() -> Result<T>) -> Result<T> {
     let home = File::open("/proc/thread-self/ns/net").context("opening this thread's netns")?;
-    setns(&target, CloneFlags::CLONE_NEWNET).context("setns(CLONE_NEWNET)")?;
+    setns(target, CloneFlags::CLONE_NEWNET).context("setns(CLONE_NEWNET)")?;
     let _back = ReturnTo(home);
     f()
 }
@@ -103,15 +144,7 @@ pub fn command(path: Option<&Path>, program: &str) -> Result<Command> {
 
 /// Whether `path` is a network namespace handle (nsfs inode of type net).
 pub fn is_netns(path: &Path) -> bool {
-    File::open(path)
-        .ok()
-        .and_then(|f| {
-            // NS_GET_NSTYPE ioctl = _IO(0xb7, 0x3); returns CLONE_NEWNET for a netns.
-            // SAFETY: an argument-less ioctl on an fd we own for the call; it reads no memory of ours.
-            let r = unsafe { libc::ioctl(f.as_raw_fd(), NS_GET_NSTYPE as _) };
-            (r >= 0).then_some(r)
-        })
-        .is_some_and(|t| t == libc::CLONE_NEWNET)
+    Netns::open(path).is_some()
 }
 
 /// `NS_GET_NSTYPE` = `_IO(0xb7, 0x3)`.
@@ -184,16 +217,14 @@ pub fn local_addrs(path: Option<&Path>) -> Result<Vec<IpAddr>> {
 /// multicast. Link-local addresses are local for outbound decisions (the route to them is
 /// `lo`), but unlike global ones they are not unique across pods.
 pub fn own_addrs_here() -> Result<(Vec<IpAddr>, Vec<IpAddr>)> {
+    let route = crate::netlink::socket(netlink_sys::protocols::NETLINK_ROUTE)?;
+    Ok(split_addrs(addresses_on(&route)?))
+}
+
+/// (global, link-local) of `addrs`, without loopback, multicast and repeats.
+fn split_addrs(addrs: Vec<IpAddr>) -> (Vec<IpAddr>, Vec<IpAddr>) {
     let (mut global, mut link) = (Vec::new(), Vec::new());
-    for ifa in nix::ifaddrs::getifaddrs()? {
-        let Some(addr) = ifa.address else { continue };
-        let ip: IpAddr = if let Some(a) = addr.as_sockaddr_in() {
-            a.ip().into()
-        } else if let Some(a) = addr.as_sockaddr_in6() {
-            a.ip().to_canonical()
-        } else {
-            continue;
-        };
+    for ip in addrs {
         let link_local = match ip {
             IpAddr::V4(a) => a.is_link_local(),
             IpAddr::V6(a) => a.segments()[0] & 0xffc0 == 0xfe80,
@@ -206,7 +237,38 @@ pub fn own_addrs_here() -> Result<(Vec<IpAddr>, Vec<IpAddr>)> {
             out.push(ip);
         }
     }
-    Ok((global, link))
+    (global, link)
+}
+
+/// Every address of the netns of `route` (an rtnetlink socket), in the kernel's order (by
+/// family, then interface), from one `RTM_GETADDR` dump. (getifaddrs(3) dumps every link first as well: a third of the cost
+/// of a pod netns visit.) An address is its `IFA_LOCAL`, else `IFA_ADDRESS` (on a point-to-point
+/// link `IFA_ADDRESS` is the peer), as getifaddrs reads it.
+fn addresses_on(route: &netlink_sys::Socket) -> Result<Vec<IpAddr>> {
+    use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+    use netlink_packet_route::RouteNetlinkMessage;
+    let req = RouteNetlinkMessage::GetAddress(AddressMessage::default());
+    let mut out = Vec::new();
+    for m in crate::netlink::dump(route, req, "RTM_GETADDR")? {
+        let RouteNetlinkMessage::NewAddress(a) = m else {
+            continue;
+        };
+        let (mut local, mut address) = (None, None);
+        for attr in a.attributes {
+            match attr {
+                AddressAttribute::Local(ip) => local = Some(ip),
+                AddressAttribute::Address(ip) => address = Some(ip),
+                _ => {}
+            }
+        }
+        if let Some(ip) = local.or(address) {
+            out.push(match ip {
+                IpAddr::V6(v6) => v6.to_canonical(),
+                v4 => v4,
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// Finds network namespaces by cookie (for `cleanup`, which knows only the cookies of the
@@ -250,4 +312,28 @@ pub fn find_by_cookie(cookies: &HashSet<u64>) -> HashMap<u64, PathBuf> {
         }
     }
     found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The rtnetlink dump reads the addresses getifaddrs(3) reads, in its order (this netns's:
+    /// no privilege needed).
+    #[test]
+    fn addresses_are_those_of_getifaddrs() {
+        let route = crate::netlink::socket(netlink_sys::protocols::NETLINK_ROUTE).unwrap();
+        let ours = addresses_on(&route).unwrap();
+        let libc: Vec<IpAddr> = nix::ifaddrs::getifaddrs()
+            .unwrap()
+            .filter_map(|ifa| {
+                let a = ifa.address?;
+                a.as_sockaddr_in()
+                    .map(|a| IpAddr::from(a.ip()))
+                    .or_else(|| a.as_sockaddr_in6().map(|a| a.ip().to_canonical()))
+            })
+            .collect();
+        assert!(!ours.is_empty(), "no address at all, not even loopback");
+        assert_eq!(ours, libc);
+    }
 }

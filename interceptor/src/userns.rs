@@ -25,29 +25,51 @@ const NS_GET_USERNS: libc::c_ulong = 0xb701;
 /// pods, whose netns belongs to the node's user namespace).
 pub fn foreign_owner(netns: &Path) -> Result<Option<OwnedFd>> {
     let net = File::open(netns).with_context(|| format!("opening netns {}", netns.display()))?;
+    foreign_owner_of(&net).with_context(|| format!("NS_GET_USERNS on {}", netns.display()))
+}
+
+/// `foreign_owner` of an open netns.
+fn foreign_owner_of(net: &File) -> Result<Option<OwnedFd>> {
     // SAFETY: an ioctl on an fd we own; on success it returns a new fd that we then own.
     let fd = unsafe { libc::ioctl(net.as_raw_fd(), NS_GET_USERNS as _) };
     if fd < 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("NS_GET_USERNS on {}", netns.display()));
+        return Err(std::io::Error::last_os_error().into());
     }
     // SAFETY: `fd` is a fresh descriptor returned by the kernel, owned by nobody else.
     let owner = unsafe { OwnedFd::from_raw_fd(fd) };
-    let theirs = File::from(owner.try_clone()?).metadata()?;
-    let ours = std::fs::metadata("/proc/self/ns/user").context("reading our user namespace")?;
-    Ok(((theirs.dev(), theirs.ino()) != (ours.dev(), ours.ino())).then_some(owner))
+    let theirs = nix::sys::stat::fstat(owner.as_raw_fd())?;
+    Ok((Some((theirs.st_dev, theirs.st_ino)) != own_userns()).then_some(owner))
+}
+
+/// Our own user namespace's (device, inode), read once: this process never changes it (only
+/// the forked children of `read_maps` join another).
+fn own_userns() -> Option<(u64, u64)> {
+    static OURS: std::sync::OnceLock<Option<(u64, u64)>> = std::sync::OnceLock::new();
+    *OURS.get_or_init(|| {
+        std::fs::metadata("/proc/self/ns/user")
+            .ok()
+            .map(|m| (m.dev(), m.ino()))
+    })
 }
 
 /// The uid/gid maps of the user namespace owning the netns at `netns`, as ids of our own user
 /// namespace; None when the netns is owned by ours.
 pub fn maps_of(netns: &Path) -> Result<Option<UsernsMaps>> {
-    let Some(owner) = foreign_owner(netns)? else {
+    let ns = crate::netns::Netns::open_or_fail(netns)?;
+    maps_of_ns(&ns)
+}
+
+/// `maps_of` an open netns.
+pub fn maps_of_ns(ns: &crate::netns::Netns) -> Result<Option<UsernsMaps>> {
+    let Some(owner) = foreign_owner_of(&ns.file)
+        .with_context(|| format!("NS_GET_USERNS on {}", ns.path.display()))?
+    else {
         return Ok(None);
     };
     read_maps(&owner).map(Some).with_context(|| {
         format!(
             "reading the id maps of {}'s user namespace",
-            netns.display()
+            ns.path.display()
         )
     })
 }

@@ -201,13 +201,14 @@ impl Daemon {
             Ok(c) => c,
             Err(e) => return Ok(Err(e)),
         };
-        if !crate::netns::is_netns(&spec.netns) {
+        // Opened once for every step below.
+        let Some(ns) = crate::netns::Netns::open(&spec.netns) else {
             return Ok(Err(ConfigError::new(
                 "netns",
                 spec.netns.display().to_string(),
                 "is not a network namespace",
             )));
-        }
+        };
         let mut choice = match (&self.pins, spec.backend) {
             (None, BackendKind::Ebpf) => {
                 return Ok(Err(ConfigError::new(
@@ -236,13 +237,13 @@ impl Daemon {
         };
         // The pod's own user namespace, if it has one: registration translates through its id
         // maps and `pod show` shows them.
-        let userns_maps = crate::userns::maps_of(&spec.netns)?;
+        let userns_maps = crate::userns::maps_of_ns(&ns)?;
         // eBPF registration reads the netns cookie itself: one netns visit, not two. It is all
         // or nothing: a failure leaves nothing registered (and, with `auto`, falls back).
         let ebpf = || match maps.as_mut() {
             Some(maps) => {
                 let ips = (!spec.ips.is_empty()).then_some(spec.ips.as_slice());
-                install::register_in(maps, &spec.netns, &cfg, ips, userns_maps.as_ref())
+                install::register_in(maps, &ns, &cfg, ips, userns_maps.as_ref())
             }
             None => bail!("eBPF is unavailable on this node"),
         };

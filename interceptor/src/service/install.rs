@@ -250,8 +250,9 @@ pub fn register_ebpf(
     cfg: &Config,
     ips: Option<&[std::net::IpAddr]>,
 ) -> Result<PodHandle> {
-    let userns = crate::userns::maps_of(netns)?;
-    register_in(&mut pins.maps()?, netns, cfg, ips, userns.as_ref())
+    let ns = crate::netns::Netns::open_or_fail(netns)?;
+    let userns = crate::userns::maps_of_ns(&ns)?;
+    register_in(&mut pins.maps()?, &ns, cfg, ips, userns.as_ref())
 }
 
 /// `register_ebpf` with maps the caller keeps open (the daemon).
@@ -259,14 +260,15 @@ pub fn register_ebpf(
 /// caller, which shows them too.
 pub fn register_in(
     maps: &mut PodMaps,
-    netns: &Path,
+    ns: &crate::netns::Netns,
     cfg: &Config,
     ips: Option<&[std::net::IpAddr]>,
     userns: Option<&idmap::UsernsMaps>,
 ) -> Result<PodHandle> {
     let t = std::time::Instant::now();
+    let netns = ns.path.as_path();
     // One visit for the cookie, the addresses and the existing listeners.
-    let facts = crate::netns::pod_netns(netns)?;
+    let facts = crate::netns::pod_netns(ns)?;
     tracing::debug!(micros = t.elapsed().as_micros() as u64, "netns visit");
     let mut local = facts.local.clone();
     for ip in ips.unwrap_or_default() {

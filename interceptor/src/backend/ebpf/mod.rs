@@ -10,7 +10,7 @@
 //! `ACCEL` SockHash with `BPF_PROG_ATTACH` too: the attachment lives as long as the map.
 //!
 //! One file per concern, as aya splits its crate: `sys` (every raw `bpf()` call, nothing else
-//! unsafe), `pins` (load, attach, pin, detach), `pod_maps` (the open maps pods are written to),
+//! unsafe), `pins` (load, attach, pin, detach), `pod_maps` (the open maps pods are written to), `pod_ids` (which pod ids are taken),
 //! `registry` (a pod's map writes and removal, all or nothing; `cleanup`), `keys` (which keys
 //! a registration writes: pure), `journal` (what a failed registration undoes),
 //! `inspect` (read-only views for metrics and `pod show`), `sk_lookup` (the per-pod inbound
@@ -23,6 +23,7 @@ mod inspect;
 mod journal;
 mod keys;
 mod pins;
+mod pod_ids;
 mod pod_maps;
 mod registry;
 pub mod reserved_ports;

@@ -275,6 +275,7 @@ impl Pins {
     pub(super) fn attach_sk_lookup(
         &self,
         netns: &Path,
+        ns: std::os::fd::BorrowedFd<'_>,
         cookie: u64,
         program: impl FnOnce() -> std::io::Result<OwnedFd>,
     ) -> Result<Option<PathBuf>> {
@@ -289,9 +290,8 @@ impl Pins {
             );
         }
         let prog = program().context("loading the pod's sk_lookup program")?;
-        let ns = File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
-        let link = sk_lookup::attach(prog.as_fd(), ns.as_fd())
-            .context("attaching sk_lookup to the pod netns")?;
+        let link =
+            sk_lookup::attach(prog.as_fd(), ns).context("attaching sk_lookup to the pod netns")?;
         sk_lookup::pin(link.as_fd(), &pin).context("pinning the sk_lookup link")?;
         Ok(Some(pin))
     }

@@ -13,6 +13,7 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use super::pins::{open_map, Pins};
+use super::pod_ids::PodIds;
 use super::sk_lookup::Pool;
 
 /// The maps a pod's registration writes, opened from their pins.
@@ -35,6 +36,8 @@ pub struct PodMaps {
     pub(super) pod_netns: Array<MapData, u64>,
     /// Per-pod sk_lookup programs loaded ahead of time.
     pub(super) programs: Arc<Pool>,
+    /// The pod ids in use.
+    pub(super) ids: Arc<PodIds>,
 }
 
 /// A registered pod.
@@ -48,16 +51,19 @@ impl PodMaps {
     pub(super) fn open(pins: &Pins) -> Result<Self> {
         let pod_netns = open_map(pins, names::POD_NETNS)?;
         let fd = |m: &MapData| m.fd().as_fd().try_clone_to_owned();
+        let policy = HashMap::try_from(Map::HashMap(open_map(pins, names::POD_POLICY)?))?;
+        let ids = Arc::new(PodIds::new(taken_ids(&policy)));
         let programs = Arc::new(Pool::new(
             fd(&pod_netns)?,
             fd(&open_map(pins, names::INBOUND_NETNS)?)?,
             fd(&open_map(pins, names::INBOUND_PROG)?)?,
-        )?);
+            ids.clone(),
+        ));
         Ok(Self {
             pins: pins.clone(),
             stats: PerCpuArray::try_from(Map::PerCpuArray(open_map(pins, names::STATS)?))?,
             listeners: SockHash::try_from(Map::SockHash(open_map(pins, names::LISTENERS)?))?,
-            policy: HashMap::try_from(Map::HashMap(open_map(pins, names::POD_POLICY)?))?,
+            policy,
             ports: HashMap::try_from(Map::HashMap(open_map(pins, names::PORTS)?))?,
             addrs: HashMap::try_from(Map::HashMap(open_map(pins, names::ADDRS)?))?,
             groups: HashMap::try_from(Map::HashMap(open_map(pins, names::GROUPS)?))?,
@@ -76,8 +82,24 @@ impl PodMaps {
             accel_on: Array::try_from(Map::Array(open_map(pins, names::ACCEL_ON)?))?,
             pod_netns: Array::try_from(Map::Array(pod_netns))?,
             programs,
+            ids,
         })
     }
+
+    /// Re-reads which ids are taken from the maps (another process registered a pod).
+    pub(super) fn reread_ids(&self) {
+        self.ids.reset(taken_ids(&self.policy));
+    }
+}
+
+/// The ids of every pod's policy. (A registration under way in another process has written its
+/// id's `POD_NETNS` entry before its policy: `register` checks that entry before using an id.)
+fn taken_ids(policy: &HashMap<MapData, u64, PodPolicy>) -> Vec<u32> {
+    policy
+        .iter()
+        .filter_map(|r| r.ok())
+        .map(|(_, p)| p.pod_id)
+        .collect()
 }
 
 impl PodMaps {

@@ -4,6 +4,7 @@
 //! it releases the pods' reserved ports before `pins` unpins.
 
 use std::net::IpAddr;
+use std::os::fd::AsFd;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -55,12 +56,7 @@ impl PodMaps {
         let old = self.policy.get(&cookie, 0).ok();
         let pod_id = match old {
             Some(p) => p.pod_id,
-            None => free_pod_id(
-                self.policy
-                    .iter()
-                    .filter_map(|r| r.ok())
-                    .map(|(_, p)| p.pod_id),
-            ),
+            None => self.new_pod_id()?,
         };
         let mut undo = Vec::new();
         let mut w = Writes {
@@ -70,13 +66,18 @@ impl PodMaps {
         };
         let result = self.register_steps(&mut w, facts, cfg, local, groups, pod_id, old);
         match result {
-            Ok(()) => Ok(PodHandle {
-                netns_cookie: cookie,
-                pod_id,
-            }),
+            Ok(()) => {
+                self.ids.take(pod_id);
+                Ok(PodHandle {
+                    netns_cookie: cookie,
+                    pod_id,
+                })
+            }
             Err(e) => {
                 let n = undo.len();
                 if let Err(u) = self.undo(undo) {
+                    // Entries may be left under the id: no later pod gets it.
+                    self.ids.take(pod_id);
                     return Err(e.context(format!(
                         "registration failed and undoing it failed too: {u:#}"
                     )));
@@ -89,6 +90,29 @@ impl PodMaps {
                     netns.display()
                 )))
             }
+        }
+    }
+
+    /// The smallest free id for a new pod. An id with a `POD_NETNS` entry belongs to a
+    /// registration made since the ids were read (by another process): the ids are read again,
+    /// and that one is skipped.
+    fn new_pod_id(&self) -> Result<u32> {
+        let mut reread = false;
+        loop {
+            let Some(&id) = self.ids.lowest_free(1).first() else {
+                bail!(
+                    "every pod id is taken: the eBPF maps hold {} pods per node",
+                    interceptor_common::maps::capacity::MAX_PODS - 1
+                );
+            };
+            if self.pod_netns.get(&id, 0).context("reading POD_NETNS")? == 0 {
+                return Ok(id);
+            }
+            if !reread {
+                self.reread_ids();
+                reread = true;
+            }
+            self.ids.take(id);
         }
     }
 
@@ -166,7 +190,7 @@ impl PodMaps {
         let programs = &self.programs;
         if let Some(pin) = self
             .pins
-            .attach_sk_lookup(netns, cookie, || programs.take(pod_id))?
+            .attach_sk_lookup(netns, facts.ns.as_fd(), cookie, || programs.take(pod_id))?
         {
             w.undo.push(Undo::Pin(pin));
         }
@@ -292,6 +316,7 @@ impl PodMaps {
             self.pod_netns.set(p.pod_id, 0, 0)?;
         }
         self.policy.remove(&cookie)?;
+        self.ids.release(p.pod_id);
         if accelerates(p) {
             self.update_accel_on()?;
         }
@@ -461,11 +486,6 @@ fn accelerates(p: PodPolicy) -> bool {
     p.has(interceptor_common::decision::flags::ACCELERATE)
 }
 
-fn free_pod_id(used: impl IntoIterator<Item = u32>) -> u32 {
-    let used: std::collections::HashSet<u32> = used.into_iter().collect();
-    (1..).find(|id| !used.contains(id)).expect("a free pod id")
-}
-
 /// The addresses that are local for the pod's outbound decisions (ADDRS): its own, then its
 /// link-local ones. Several pods may share a link-local address, so those never key a pod.
 fn own_addrs(local: &[IpAddr], link_local: &[IpAddr]) -> Vec<IpAddr> {
@@ -477,14 +497,6 @@ fn own_addrs(local: &[IpAddr], link_local: &[IpAddr]) -> Vec<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn pod_ids_fill_the_smallest_gap() {
-        assert_eq!(free_pod_id([]), 1);
-        assert_eq!(free_pod_id([1, 2, 3]), 4);
-        assert_eq!(free_pod_id([3, 1, 4]), 2);
-        assert_eq!(free_pod_id([2]), 1);
-    }
 
     #[test]
     fn link_local_addresses_follow_the_pods_own_once() {

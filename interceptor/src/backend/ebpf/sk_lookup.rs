@@ -19,10 +19,9 @@ use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use aya::maps::{Array, MapData};
-
+use super::pod_ids::PodIds;
 use super::sys::{self, Insn, BPF_PROG_TYPE_SK_LOOKUP, BPF_SK_LOOKUP};
 
 /// The per-pod program's name (at most 15 bytes), as `bpftool prog` shows it.
@@ -130,32 +129,25 @@ pub struct Pool {
     pod_netns: OwnedFd,
     slot: OwnedFd,
     target: OwnedFd,
-    /// `POD_NETNS` again, to read which ids are free.
-    ids: Array<MapData, u64>,
+    /// Which ids are free (the registry's own record).
+    ids: Arc<PodIds>,
     ready: Mutex<BTreeMap<u32, OwnedFd>>,
 }
 
 impl Pool {
-    pub fn new(pod_netns: OwnedFd, slot: OwnedFd, target: OwnedFd) -> io::Result<Self> {
-        let ids = MapData::from_fd(pod_netns.try_clone()?)
-            .and_then(|m| Array::try_from(aya::maps::Map::Array(m)))
-            .map_err(io::Error::other)?;
-        Ok(Self {
+    pub fn new(pod_netns: OwnedFd, slot: OwnedFd, target: OwnedFd, ids: Arc<PodIds>) -> Self {
+        Self {
             pod_netns,
             slot,
             target,
             ids,
             ready: Mutex::new(BTreeMap::new()),
-        })
+        }
     }
 
-    /// The `n` smallest pod ids without a pod (`POD_NETNS` 0): the ids the next registrations
-    /// take (unless a pod registered by an earlier version holds one; it then loads its own).
+    /// The `n` smallest free pod ids: the ids the next registrations take.
     pub fn next_free_ids(&self, n: usize) -> Vec<u32> {
-        (0..interceptor_common::maps::capacity::MAX_PODS)
-            .filter(|id| self.ids.get(id, 0).is_ok_and(|c| c == 0))
-            .take(n)
-            .collect()
+        self.ids.lowest_free(n)
     }
 
     /// Keeps programs ready for the `n` next free ids, and only for them. Returns how many it
