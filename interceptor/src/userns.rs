@@ -55,23 +55,20 @@ fn own_userns() -> Option<(u64, u64)> {
 /// The uid/gid maps of the user namespace owning the netns at `netns`, as ids of our own user
 /// namespace; None when the netns is owned by ours.
 pub fn maps_of(netns: &Path) -> Result<Option<UsernsMaps>> {
-    let ns = crate::netns::Netns::open_or_fail(netns)?;
-    maps_of_ns(&ns)
+    let net = File::open(netns).with_context(|| format!("opening netns {}", netns.display()))?;
+    maps_of_open(&net, netns)
 }
 
-/// `maps_of` an open netns.
-pub fn maps_of_ns(ns: &crate::netns::Netns) -> Result<Option<UsernsMaps>> {
-    let Some(owner) = foreign_owner_of(&ns.file)
-        .with_context(|| format!("NS_GET_USERNS on {}", ns.path.display()))?
+/// `maps_of` for the netns `net`, already open (from `path`).
+pub fn maps_of_open(net: &File, path: &Path) -> Result<Option<UsernsMaps>> {
+    let Some(owner) =
+        foreign_owner_of(net).with_context(|| format!("NS_GET_USERNS on {}", path.display()))?
     else {
         return Ok(None);
     };
-    read_maps(&owner).map(Some).with_context(|| {
-        format!(
-            "reading the id maps of {}'s user namespace",
-            ns.path.display()
-        )
-    })
+    read_maps(&owner)
+        .map(Some)
+        .with_context(|| format!("reading the id maps of {}'s user namespace", path.display()))
 }
 
 /// Maps are only readable through a process inside the namespace: a forked child joins it and

@@ -237,7 +237,7 @@ impl Daemon {
         };
         // The pod's own user namespace, if it has one: registration translates through its id
         // maps and `pod show` shows them.
-        let userns_maps = crate::userns::maps_of_ns(&ns)?;
+        let userns_maps = crate::userns::maps_of_open(&ns.file, &ns.path)?;
         // eBPF registration reads the netns cookie itself: one netns visit, not two. It is all
         // or nothing: a failure leaves nothing registered (and, with `auto`, falls back).
         let ebpf = || match maps.as_mut() {

@@ -251,7 +251,7 @@ pub fn register_ebpf(
     ips: Option<&[std::net::IpAddr]>,
 ) -> Result<PodHandle> {
     let ns = crate::netns::Netns::open_or_fail(netns)?;
-    let userns = crate::userns::maps_of_ns(&ns)?;
+    let userns = crate::userns::maps_of_open(&ns.file, &ns.path)?;
     register_in(&mut pins.maps()?, &ns, cfg, ips, userns.as_ref())
 }
 
