@@ -10,6 +10,8 @@
 //!   - `store:<port>`: the loaded programs behave as if storing the original destination of a
 //!     redirected connection to destination port `<port>` failed (a frozen global, pruned by the
 //!     verifier when unset).
+//!   - `map-layout:<MAP>`: an upgrade sees this binary's `<MAP>` with a value one byte larger
+//!     than the pinned one (as if its layout had changed), so it must refuse.
 //! - `INTERCEPTOR_TEST_MAP_ENTRIES`: `MAP=N,…`, max_entries of maps created at load (the maps are
 //!   pinned, so this only takes effect for a fresh bpffs folder); `TUPLE_QUOTA=N` sets the
 //!   per-pod quota of app→proxy connections waiting for the proxy (frozen at load too).
@@ -41,6 +43,9 @@ mod off {
     }
     pub fn store_port() -> u16 {
         0
+    }
+    pub fn map_layout_differs(_map: &str) -> bool {
+        false
     }
     pub fn map_entries() -> Vec<(String, u32)> {
         Vec::new()
@@ -104,6 +109,13 @@ mod on {
             .iter()
             .find_map(|(what, _)| what.strip_prefix("store:")?.parse().ok())
             .unwrap_or(0)
+    }
+
+    /// Whether an upgrade is to see `map`'s layout in this binary as changed.
+    pub fn map_layout_differs(map: &str) -> bool {
+        faults()
+            .iter()
+            .any(|(what, _)| what.strip_prefix("map-layout:") == Some(map))
     }
 
     /// `(map, max_entries)` overrides for maps created at load.

@@ -21,6 +21,9 @@ pub struct DaemonProc {
     extra: Vec<String>,
     /// Extra environment of the daemon process (e.g. the test-only `INTERCEPTOR_FAULT`).
     env: Vec<(String, String)>,
+    /// The `interceptor` binary it runs: this build's unless set (the upgrade test runs an
+    /// earlier release's first).
+    bin: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -47,13 +50,24 @@ impl DaemonProc {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Self> {
+        let mut d = Self::new_under(base, tag, extra, env)?;
+        d.spawn()?;
+        Ok(d)
+    }
+
+    fn new_under(
+        base: &std::path::Path,
+        tag: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let name = format!("ic-{tag}-{}-{n}", std::process::id());
         let dir = base.join(&name);
         std::fs::create_dir_all(&dir)?;
         // A free loopback port for the metrics endpoint (tests run in parallel).
         let metrics = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-        let mut d = Self {
+        Ok(Self {
             dir,
             metrics,
             bpffs: PathBuf::from("/sys/fs/bpf").join(name),
@@ -63,9 +77,22 @@ impl DaemonProc {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             child: None,
-        };
+            bin: None,
+        })
+    }
+
+    /// A daemon running `bin` (another build of `interceptor`) instead of this build's, until
+    /// [`DaemonProc::set_bin`] changes it for the next start. Cleaned up by this build.
+    pub fn start_bin(bin: &Path, tag: &str, extra: &[&str]) -> Result<Self> {
+        let mut d = Self::new_under(&std::env::temp_dir(), tag, extra, &[])?;
+        d.bin = Some(bin.to_path_buf());
         d.spawn()?;
         Ok(d)
+    }
+
+    /// The binary of the next start: `bin`, or this build's with None.
+    pub fn set_bin(&mut self, bin: Option<&Path>) {
+        self.bin = bin.map(Path::to_path_buf);
     }
 
     /// Sets (or replaces) a variable of the daemon's environment for its next start.
@@ -99,7 +126,14 @@ impl DaemonProc {
 
     /// Starts (or restarts) the daemon process and waits until it answers.
     pub fn spawn(&mut self) -> Result<()> {
-        let child = Command::new(bin::interceptor_bin())
+        self.spawn_until(crate::scaled(Duration::from_secs(20)))
+    }
+
+    /// Starts the daemon process and waits up to `limit` for it to answer; fails (the process
+    /// reaped) if it exits first.
+    pub fn spawn_until(&mut self, limit: Duration) -> Result<()> {
+        let bin = self.bin.clone().unwrap_or_else(bin::interceptor_bin);
+        let child = Command::new(bin)
             .args(["daemon", "--socket"])
             .arg(self.socket())
             .arg("--state-dir")
@@ -115,9 +149,20 @@ impl DaemonProc {
             .spawn()?;
         self.child = Some(child);
         let start = Instant::now();
-        while start.elapsed() < crate::scaled(Duration::from_secs(20)) {
+        while start.elapsed() < limit {
             if interceptor::daemon::client::running(&self.socket()) {
                 return Ok(());
+            }
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                self.child = None;
+                bail!(
+                    "daemon exited ({status}): {}",
+                    std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -125,6 +170,20 @@ impl DaemonProc {
             "daemon did not come up: {}",
             std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
         )
+    }
+
+    /// The extra flags of the next start.
+    pub fn set_extra(&mut self, extra: &[&str]) {
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+    }
+
+    /// SIGTERM and wait, as the kubelet stops a pod being replaced.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on the pid of our own child, not yet reaped (so not reused).
+            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+            let _ = c.wait();
+        }
     }
 
     /// SIGKILL, as a node agent crash or an upgrade would.

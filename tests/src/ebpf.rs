@@ -30,7 +30,7 @@ impl EbpfInstall {
 
     /// Loads and attaches now (tests that use the library rather than the CLI).
     pub fn load(&self) -> anyhow::Result<()> {
-        self.pins.ensure_loaded(&self.cgroup, false).map(|_| ())
+        self.pins.ensure_loaded(&self.cgroup, false).map(drop)
     }
 }
 

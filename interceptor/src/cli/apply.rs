@@ -8,7 +8,7 @@ use interceptor_common::config::{Config, ConfigError};
 
 use super::args::ApplyArgs;
 use super::pod::{self, PodAddArgs, PodCommand};
-use crate::backend::ebpf::Pins;
+use crate::backend::ebpf::{Loaded, Pins};
 use crate::backend::netfilter::{Mode, Outcome};
 use crate::model::BackendKind;
 use crate::service::install::{self, Installed, Request};
@@ -42,10 +42,10 @@ fn apply_ebpf(args: &ApplyArgs, cfg: &Config) -> Result<&'static str> {
         pod_id = handle.pod_id,
         "pod registered"
     );
-    Ok(if loaded {
-        "programs loaded and attached; pod registered"
-    } else {
-        "pod registered"
+    Ok(match loaded {
+        Loaded::Fresh => "programs loaded and attached; pod registered",
+        Loaded::Upgraded(_) => "programs upgraded in place; pod registered",
+        Loaded::Already => "pod registered",
     })
 }
 

@@ -90,6 +90,24 @@ fn snapshot(d: &Daemon) -> Snapshot {
         vec![],
         pods.iter().filter(|p| p.removal_error.is_some()).count() as i64,
     ));
+    if let Some((how, layout)) = &d.programs {
+        let (version, identity) = layout.as_ref().map_or((String::new(), String::new()), |l| {
+            (
+                l.version.to_string(),
+                l.identity.clone().unwrap_or_default(),
+            )
+        });
+        s.gauges.push((
+            "interceptor_programs_info",
+            "The eBPF programs: what this daemon's start did with them (loaded, kept, upgraded in place), the pins' layout version and program identity",
+            vec![
+                ("start".to_string(), how.to_string()),
+                ("layout".to_string(), version),
+                ("identity".to_string(), identity),
+            ],
+            1,
+        ));
+    }
     let pod_label = |p: &super::PodStatus| {
         p.identity.as_ref().map_or_else(
             || p.netns.display().to_string(),

@@ -20,7 +20,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use interceptor_common::config::ConfigError;
 
-use crate::backend::ebpf::Pins;
+use crate::backend::ebpf::{Layout, Loaded, Pins};
 use crate::backend::netfilter::Mode;
 use crate::model::PodSpec;
 use crate::model::{BackendKind, EbpfSettings};
@@ -49,6 +49,9 @@ pub struct Settings {
 pub struct Daemon {
     args: Settings,
     pins: Option<Pins>,
+    /// What loading the programs did at start ("loaded", "kept", "upgraded") and the pins'
+    /// layout and program identity after it (metrics).
+    programs: Option<(&'static str, Option<Layout>)>,
     /// Probed once at start: why eBPF cannot serve pods here, if it cannot.
     ebpf_missing: Option<String>,
     /// The pods of this node from the Kubernetes API (with `--node-name`).
@@ -69,16 +72,24 @@ impl Daemon {
             .with_context(|| format!("chmod 0700 {}", args.state_dir.display()))?;
         let ebpf_missing =
             crate::service::probe::ebpf_missing(&args.ebpf.bpffs, args.ebpf.cgroup.as_deref());
-        let pins = match &ebpf_missing {
+        let (pins, programs) = match &ebpf_missing {
             None => {
                 let pins = Pins::new(&args.ebpf.bpffs);
                 let loaded = install::load_programs(&pins, &args.ebpf, args.ebpf_log)?;
-                tracing::info!(bpffs = %args.ebpf.bpffs.display(), loaded_now = loaded, "eBPF datapath ready");
-                Some(pins)
+                let how = match &loaded {
+                    Loaded::Already => "kept",
+                    Loaded::Fresh => "loaded",
+                    Loaded::Upgraded(_) => "upgraded",
+                };
+                let layout = pins.layout().ok().flatten();
+                tracing::info!(bpffs = %args.ebpf.bpffs.display(), programs = how,
+                    layout = %layout.as_ref().map(ToString::to_string).unwrap_or_default(),
+                    "eBPF datapath ready");
+                (Some(pins), Some((how, layout)))
             }
             Some(why) => {
                 tracing::warn!(%why, "eBPF unavailable: every pod gets the iptables/nftables fallback");
-                None
+                (None, None)
             }
         };
         let maps = pins.as_ref().map(Pins::maps).transpose()?;
@@ -97,6 +108,7 @@ impl Daemon {
         let d = Arc::new(Self {
             args,
             pins,
+            programs,
             ebpf_missing,
             watcher,
             maps: Mutex::new(maps),

@@ -8,7 +8,7 @@ use anyhow::Result;
 use interceptor_common::config::{Config, ConfigError};
 use interceptor_common::{idmap, policy};
 
-use crate::backend::ebpf::{detect_cgroup2_root, Pins, PodHandle, PodMaps};
+use crate::backend::ebpf::{detect_cgroup2_root, Loaded, Pins, PodHandle, PodMaps};
 use crate::backend::netfilter::{self, Mode, Outcome};
 use crate::backend::{exec, iptables, nftables};
 use crate::model::{BackendKind, EbpfSettings, IptablesFlavor};
@@ -178,14 +178,15 @@ pub fn cgroup_of(a: &EbpfSettings) -> Result<PathBuf> {
     }
 }
 
-/// Loads and attaches the programs unless they are loaded already (pinned under a private
-/// folder); true when this call loaded them. Having loaded them, warns about any program that
-/// runs before ours where it could rewrite destinations first (`doctor` says more).
-pub fn load_programs(pins: &Pins, ebpf: &EbpfSettings, log: bool) -> Result<bool> {
+/// Loads and attaches the programs unless this binary's are loaded already (pinned under a
+/// private folder), replacing an earlier binary's in place; says which. Having changed them,
+/// warns about any program that runs before ours where it could rewrite destinations first
+/// (`doctor` says more).
+pub fn load_programs(pins: &Pins, ebpf: &EbpfSettings, log: bool) -> Result<Loaded> {
     super::pin_dir::ensure_private(&pins.dir)?;
     let cgroup = cgroup_of(ebpf)?;
     let loaded = pins.ensure_loaded_with(&cgroup, log, !ebpf.no_counters)?;
-    if loaded {
+    if loaded.changed() {
         let beside = neighbours(&pins.dir, Some(&cgroup));
         for f in beside.findings.iter().filter(|f| f.kind != Kind::Note) {
             tracing::warn!(program = %f.name, id = f.id, hook = f.hook, fix = %f.fix, "{}", f.what);

@@ -4,7 +4,8 @@
 //!
 //! Layout under the bpffs folder: `maps/<MAP>`, `links/<program>` (bpf_link pins: unpinning
 //! detaches), `links/sk_lookup-<netns cookie>` (each pod's own sk_lookup program, see
-//! `sk_lookup.rs`), `progs/<program>`. aya 0.14 cannot turn a cgroup-sockopt link into a
+//! `sk_lookup.rs`), `progs/<program>`, and the `layout` marker (layout version and program
+//! identity, written last; see `upgrade.rs`). aya 0.14 cannot turn a cgroup-sockopt link into a
 //! pinnable `FdLink`, so getsockopt is attached with `BPF_PROG_ATTACH` (multi mode), which
 //! lives until `cleanup` detaches it. `ic_sk_msg` (acceleration) is attached to the pinned
 //! `ACCEL` SockHash with `BPF_PROG_ATTACH` too: the attachment lives as long as the map.
@@ -13,10 +14,11 @@
 //! unsafe), `pins` (load, attach, pin, detach), `pod_maps` (the open maps pods are written to), `pod_ids` (which pod ids are taken),
 //! `registry` (a pod's map writes and removal, all or nothing; `cleanup`), `keys` (which keys
 //! a registration writes: pure), `journal` (what a failed registration undoes),
-//! `inspect` (read-only views for metrics and `pod show`), `sk_lookup` (the per-pod inbound
+//! `inspect` (read-only views for metrics and `pod show`), `upgrade` (the layout marker and
+//! replacing pinned programs in place), `sk_lookup` (the per-pod inbound
 //! program), `reserved_ports` (the bind guard's sysctl), `attached` (what else runs at the
 //! cgroup's hooks, read only, for `doctor`). Edges point one way: everything uses
-//! `pod_maps`, which uses only `pins`.
+//! `pod_maps`, which uses only `pins`; `upgrade` (the entry point of loading) uses `pins`.
 
 pub mod attached;
 mod inspect;
@@ -29,11 +31,13 @@ mod registry;
 pub mod reserved_ports;
 pub mod sk_lookup;
 pub mod sys;
+mod upgrade;
 
 use interceptor_common::maps::names;
 
 pub use pins::{bpffs_mounted, detect_cgroup2_root, Pins};
 pub use pod_maps::{PodHandle, PodMaps};
+pub use upgrade::{Layout, Loaded, Swap, LAYOUT_VERSION};
 
 /// The object built by build.rs from interceptor-ebpf.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/interceptor"));

@@ -1,6 +1,6 @@
-//! Loading the object, attaching its programs at the cgroup root and pinning them (versioned:
-//! pins of earlier versions are dropped on load and cleanup), detaching, and the per-pod
-//! sk_lookup link.
+//! Loading the object with its globals, attaching its programs at the cgroup root and pinning
+//! them, detaching, and the per-pod sk_lookup link. Deciding what to load (fresh, nothing, or
+//! replacing pinned programs in place) is `upgrade.rs`.
 
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
@@ -14,7 +14,7 @@ use interceptor_common::maps::{names, SockKey};
 
 use super::sys;
 use super::{
-    sk_lookup, GETSOCKOPT_PROGRAM, LEGACY_MAPS, LEGACY_PROGRAMS, LINKED_PROGRAMS, MAPS, OBJECT,
+    sk_lookup, GETSOCKOPT_PROGRAM, LEGACY_PROGRAMS, LINKED_PROGRAMS, MAPS, OBJECT,
     SK_LOOKUP_PROGRAM, SK_MSG_PROGRAM,
 };
 
@@ -61,7 +61,7 @@ impl Pins {
     pub fn link(&self, prog: &str) -> PathBuf {
         self.dir.join("links").join(prog)
     }
-    fn prog(&self, prog: &str) -> PathBuf {
+    pub(super) fn prog(&self, prog: &str) -> PathBuf {
         self.dir.join("progs").join(prog)
     }
 
@@ -82,109 +82,38 @@ impl Pins {
             && self.map(names::POD_NETNS).exists()
     }
 
-    /// Loads the programs and attaches them at `cgroup` unless already loaded; returns whether
-    /// it loaded them now. Maps already pinned are reused (their entries survive).
-    pub fn ensure_loaded(&self, cgroup: &Path, log: bool) -> Result<bool> {
-        self.ensure_loaded_with(cgroup, log, true)
-    }
-
-    /// `ensure_loaded`, choosing whether the programs count per pod (`count` false prunes the
-    /// counting code; the benchmark uses it to show what counting costs).
-    pub fn ensure_loaded_with(&self, cgroup: &Path, log: bool, count: bool) -> Result<bool> {
-        if self.loaded() {
-            return Ok(false);
-        }
-        if !bpffs_mounted(&self.dir) {
-            bail!(
-                "no bpffs mounted above {} (mount -t bpf bpf /sys/fs/bpf)",
-                self.dir.display()
-            );
-        }
-        // A half-finished earlier attempt (or an earlier version's installation): start from a
-        // clean slate, keeping pinned maps.
-        self.detach_all(Some(cgroup));
-        for m in LEGACY_MAPS.iter().chain(names::LEGACY) {
-            let _ = std::fs::remove_file(self.map(m));
-        }
-        // Earlier versions pinned ORIG_BY_TUPLE as an LRU: its entries only matter while the
-        // programs run, so an old one goes (with the counts that describe it).
-        let tuple_pin = self.map(names::ORIG_BY_TUPLE);
-        if let Ok(info) = aya::maps::MapInfo::from_pin(&tuple_pin) {
-            if !matches!(info.map_type(), Ok(aya::maps::MapType::Hash)) {
-                let _ = std::fs::remove_file(&tuple_pin);
-                let _ = std::fs::remove_file(self.map(names::TUPLE_COUNT));
-            }
-        }
-        for sub in ["maps", "links", "progs"] {
-            std::fs::create_dir_all(self.dir.join(sub))
-                .with_context(|| format!("creating {}", self.dir.display()))?;
-        }
-        let map_paths: Vec<(&str, PathBuf)> = MAPS.iter().map(|m| (*m, self.map(m))).collect();
+    /// The object with its maps (pinned ones reused, missing ones created and pinned) and this
+    /// binary's globals; no program is loaded into the kernel yet.
+    pub(super) fn load_object(&self, globals: &Globals) -> Result<Ebpf> {
         let sizes = crate::fault::map_entries();
         let mut loader = EbpfLoader::new();
-        for (name, path) in &map_paths {
-            loader.map_pin_path(name, path.as_path());
+        for name in MAPS {
+            loader.map_pin_path(name, self.map(name));
         }
         for (name, n) in &sizes {
             tracing::warn!(map = %name, max_entries = n, "test-only map size");
             loader.map_max_entries(name, *n);
         }
-        let quota = u64::from(crate::fault::tuple_quota());
-        loader.override_global("TUPLE_QUOTA", &quota, true);
-        let store_port: u16 = crate::fault::store_port();
-        loader.override_global("FAULT_STORE_PORT", &store_port, true);
-        // Read-only global: with logging off the verifier prunes every log call.
-        let log_flag: u8 = u8::from(log);
-        loader.override_global("LOG_ENABLED", &log_flag, true);
-        let count_flag: u8 = u8::from(count);
-        loader.override_global("COUNT_ENABLED", &count_flag, true);
-        let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
-        let result = self.attach(&mut ebpf, cgroup);
-        if result.is_err() {
-            self.detach_all(Some(cgroup));
-        }
-        result.map(|_| true)
+        globals.set(&mut loader);
+        loader.load(OBJECT).context("loading the eBPF object")
     }
 
-    fn attach(&self, ebpf: &mut Ebpf, cgroup: &Path) -> Result<()> {
+    pub(super) fn attach(&self, ebpf: &mut Ebpf, cgroup: &Path) -> Result<()> {
         let cg =
             File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
         for name in LINKED_PROGRAMS {
-            let prog = ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("program {name} missing from the object"))?;
             if crate::fault::attach_fails(name, None) {
                 bail!(
                     "attaching {name}: injected fault ({})",
                     crate::fault::FAULT_ENV
                 );
             }
-            // Each cgroup program type has its own load/attach/link types; the steps are the same.
-            macro_rules! load_attach_link {
-                ($p:expr) => {{
-                    $p.load().with_context(|| format!("loading {name}"))?;
-                    let id = $p
-                        .attach(&cg, CgroupAttachMode::Single)
-                        .with_context(|| format!("attaching {name}"))?;
-                    $p.take_link(id)?.try_into()?
-                }};
-            }
-            let link: FdLink = match prog {
-                Program::CgroupSockAddr(p) => load_attach_link!(p),
-                Program::SockOps(p) => load_attach_link!(p),
-                Program::CgroupSock(p) => load_attach_link!(p),
-                _ => bail!("{name}: unexpected program type"),
-            };
+            load_cgroup_program(ebpf, name)?;
+            let link = attach_cgroup_link(ebpf, name, &cg)?;
             link.pin(self.link(name))
                 .with_context(|| format!("pinning the link of {name}"))?;
         }
-        let sk_lookup: &mut SkLookup = ebpf
-            .program_mut(SK_LOOKUP_PROGRAM)
-            .ok_or_else(|| anyhow!("program {SK_LOOKUP_PROGRAM} missing"))?
-            .try_into()?;
-        sk_lookup
-            .load()
-            .with_context(|| format!("loading {SK_LOOKUP_PROGRAM}"))?;
+        let sk_lookup = load_sk_lookup(ebpf)?;
         sk_lookup.pin(self.prog(SK_LOOKUP_PROGRAM))?;
         let target = sk_lookup.fd()?.try_clone()?;
         let mut inbound = ProgramArray::try_from(
@@ -194,12 +123,7 @@ impl Pins {
         inbound
             .set(0, &target, 0)
             .with_context(|| format!("putting {SK_LOOKUP_PROGRAM} into INBOUND_PROG"))?;
-        let prog: &mut CgroupSockopt = ebpf
-            .program_mut(GETSOCKOPT_PROGRAM)
-            .ok_or_else(|| anyhow!("program {GETSOCKOPT_PROGRAM} missing"))?
-            .try_into()?;
-        prog.load()
-            .with_context(|| format!("loading {GETSOCKOPT_PROGRAM}"))?;
+        let prog = load_getsockopt(ebpf)?;
         prog.pin(self.prog(GETSOCKOPT_PROGRAM))?;
         let fd = prog.fd()?.as_fd();
         sys::prog_attach(
@@ -209,18 +133,8 @@ impl Pins {
             sys::BPF_F_ALLOW_MULTI,
         )
         .with_context(|| format!("attaching {GETSOCKOPT_PROGRAM}"))?;
-        let accel = SockHash::<_, SockKey>::try_from(
-            ebpf.map(names::ACCEL)
-                .ok_or_else(|| anyhow!("map {} missing", names::ACCEL))?,
-        )?;
-        let accel_fd = accel.fd().try_clone()?;
-        let sk_msg: &mut SkMsg = ebpf
-            .program_mut(SK_MSG_PROGRAM)
-            .ok_or_else(|| anyhow!("program {SK_MSG_PROGRAM} missing"))?
-            .try_into()?;
-        sk_msg
-            .load()
-            .with_context(|| format!("loading {SK_MSG_PROGRAM}"))?;
+        let accel_fd = accel_fd(ebpf)?;
+        let sk_msg = load_sk_msg(ebpf)?;
         sk_msg.pin(self.prog(SK_MSG_PROGRAM))?;
         let id = sk_msg
             .attach(&accel_fd)
@@ -232,7 +146,7 @@ impl Pins {
 
     /// Detaches every program (unpinning links detaches them) and, with `cgroup`, the
     /// getsockopt program. Best effort: used for cleanup and to recover from half-loads.
-    fn detach_all(&self, cgroup: Option<&Path>) {
+    pub(super) fn detach_all(&self, cgroup: Option<&Path>) {
         for name in LINKED_PROGRAMS.iter().chain(LEGACY_PROGRAMS) {
             let _ = std::fs::remove_file(self.link(name));
         }
@@ -296,34 +210,123 @@ impl Pins {
         Ok(Some(pin))
     }
 
-    /// Detaches and unpins everything of ours, maps included (`Pins::cleanup` releases the
-    /// pods' reserved ports first).
-    pub(super) fn unpin_all(&self, cgroup: &Path) -> Result<bool> {
-        if !self.dir.exists() {
-            return Ok(false);
-        }
-        self.detach_all(Some(cgroup));
-        for m in MAPS
-            .iter()
-            .chain(LEGACY_MAPS)
-            .chain(names::LEGACY)
-            .chain(["AYA_LOGS"].iter())
-        {
-            let _ = std::fs::remove_file(self.map(m));
-        }
-        for sub in ["maps", "links", "progs"] {
-            let _ = std::fs::remove_dir(self.dir.join(sub));
-        }
-        std::fs::remove_dir(&self.dir)
-            .with_context(|| format!("removing {}", self.dir.display()))?;
-        Ok(true)
-    }
-
     /// Kernel id of the pinned connect4 program (whose log ring buffer `logs` reads).
     pub fn connect4_program_id(&self) -> Result<u32> {
         let link = aya::programs::links::PinnedLink::from_pin(self.link("ic_connect4"))
             .with_context(|| format!("no programs loaded under {}", self.dir.display()))?;
         Ok(FdLink::from(link).info()?.program_id())
+    }
+}
+
+/// Each cgroup program type has its own Rust type in aya; the steps are the same.
+macro_rules! cgroup_program {
+    ($prog:expr, $name:expr, $p:ident => $body:expr) => {
+        match $prog {
+            Program::CgroupSockAddr($p) => $body,
+            Program::SockOps($p) => $body,
+            Program::CgroupSock($p) => $body,
+            _ => bail!("{}: unexpected program type", $name),
+        }
+    };
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Program> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the object"))
+}
+
+/// Loads the cgroup program `name` (one of `LINKED_PROGRAMS`) into the kernel.
+pub(super) fn load_cgroup_program(ebpf: &mut Ebpf, name: &str) -> Result<()> {
+    cgroup_program!(program(ebpf, name)?, name, p => p.load().with_context(|| format!("loading {name}"))?);
+    Ok(())
+}
+
+/// Attaches the loaded cgroup program `name` at `cg` with a bpf_link (multi mode).
+pub(super) fn attach_cgroup_link(ebpf: &mut Ebpf, name: &str, cg: &File) -> Result<FdLink> {
+    Ok(cgroup_program!(program(ebpf, name)?, name, p => {
+        let id = p
+            .attach(cg, CgroupAttachMode::Single)
+            .with_context(|| format!("attaching {name}"))?;
+        p.take_link(id)?.try_into()?
+    }))
+}
+
+pub(super) fn load_sk_lookup(ebpf: &mut Ebpf) -> Result<&mut SkLookup> {
+    let p: &mut SkLookup = program(ebpf, SK_LOOKUP_PROGRAM)?.try_into()?;
+    p.load()
+        .with_context(|| format!("loading {SK_LOOKUP_PROGRAM}"))?;
+    Ok(p)
+}
+
+pub(super) fn load_getsockopt(ebpf: &mut Ebpf) -> Result<&mut CgroupSockopt> {
+    let p: &mut CgroupSockopt = program(ebpf, GETSOCKOPT_PROGRAM)?.try_into()?;
+    p.load()
+        .with_context(|| format!("loading {GETSOCKOPT_PROGRAM}"))?;
+    Ok(p)
+}
+
+pub(super) fn load_sk_msg(ebpf: &mut Ebpf) -> Result<&mut SkMsg> {
+    let p: &mut SkMsg = program(ebpf, SK_MSG_PROGRAM)?.try_into()?;
+    p.load()
+        .with_context(|| format!("loading {SK_MSG_PROGRAM}"))?;
+    Ok(p)
+}
+
+/// A descriptor of the object's `ACCEL` SockHash (the pinned one, reused).
+pub(super) fn accel_fd(ebpf: &Ebpf) -> Result<aya::maps::sock::SockMapFd> {
+    let accel = SockHash::<_, SockKey>::try_from(
+        ebpf.map(names::ACCEL)
+            .ok_or_else(|| anyhow!("map {} missing", names::ACCEL))?,
+    )?;
+    Ok(accel.fd().try_clone()?)
+}
+
+/// The globals the object is loaded with (frozen: the verifier prunes what they switch off).
+#[derive(Debug, Clone)]
+pub struct Globals {
+    log: u8,
+    count: u8,
+    tuple_quota: u64,
+    store_port: u16,
+}
+
+impl Globals {
+    /// With decision logging `log`, per-pod counting `count`, and the test knobs of `fault`.
+    pub fn new(log: bool, count: bool) -> Self {
+        Globals {
+            log: u8::from(log),
+            count: u8::from(count),
+            tuple_quota: u64::from(crate::fault::tuple_quota()),
+            store_port: crate::fault::store_port(),
+        }
+    }
+
+    pub(super) fn set<'a>(&'a self, loader: &mut EbpfLoader<'a>) {
+        loader.override_global("TUPLE_QUOTA", &self.tuple_quota, true);
+        loader.override_global("FAULT_STORE_PORT", &self.store_port, true);
+        loader.override_global("LOG_ENABLED", &self.log, true);
+        loader.override_global("COUNT_ENABLED", &self.count, true);
+    }
+
+    /// The program identity: FNV-1a (stable across Rust versions, unlike std's hasher) of the
+    /// object and the globals, as 16 hex digits.
+    pub fn identity(&self) -> String {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |bytes: &[u8]| {
+            for b in bytes {
+                h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        eat(OBJECT);
+        eat(b"LOG_ENABLED");
+        eat(&[self.log]);
+        eat(b"COUNT_ENABLED");
+        eat(&[self.count]);
+        eat(b"TUPLE_QUOTA");
+        eat(&self.tuple_quota.to_le_bytes());
+        eat(b"FAULT_STORE_PORT");
+        eat(&self.store_port.to_le_bytes());
+        format!("{h:016x}")
     }
 }
 

@@ -1,8 +1,10 @@
 //! Every raw `bpf()` call of the backend, and nothing else: aya covers loading the object and
 //! its maps, these are the commands it does not (attaching getsockopt and sk_msg with
 //! `BPF_PROG_ATTACH`, the per-pod sk_lookup program built at registration, its link and pin,
-//! the doctor's cgroup-link probe, and `BPF_PROG_QUERY`: what is attached at a cgroup). Each builds its `union bpf_attr` from typed arguments, so
-//! the only pointers the kernel sees are to memory borrowed for the call.
+//! the doctor's cgroup-link probe, `BPF_PROG_QUERY`: what is attached at a cgroup, and the
+//! upgrade's swaps: `BPF_LINK_UPDATE`, `BPF_PROG_ATTACH` with `BPF_F_REPLACE`, and the lookups
+//! they need). Each builds its `union bpf_attr` from typed arguments, so the only pointers the
+//! kernel sees are to memory borrowed for the call.
 
 use std::ffi::CString;
 use std::io;
@@ -14,11 +16,14 @@ const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_ATTACH: libc::c_long = 8;
 const BPF_PROG_DETACH: libc::c_long = 9;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_UPDATE: libc::c_long = 29;
 
 /// `enum bpf_prog_type` BPF_PROG_TYPE_SK_LOOKUP.
 pub const BPF_PROG_TYPE_SK_LOOKUP: u32 = 30;
@@ -29,6 +34,9 @@ pub const BPF_CGROUP_GETSOCKOPT: u32 = 21;
 pub const BPF_SK_LOOKUP: u32 = 36;
 /// `BPF_PROG_ATTACH` flag: several programs on one cgroup.
 pub const BPF_F_ALLOW_MULTI: u32 = 2;
+/// `BPF_PROG_ATTACH`/`BPF_LINK_UPDATE` flag: replace the program named, only if it is the one
+/// attached (so two upgrades racing cannot replace each other's program unseen).
+const BPF_F_REPLACE: u32 = 4;
 /// `BPF_PROG_QUERY` flag: the programs that run for the cgroup (its own and its ancestors'),
 /// in the order they run, rather than those attached to it.
 pub const BPF_F_QUERY_EFFECTIVE: u32 = 1;
@@ -180,6 +188,106 @@ pub fn prog_attach(
     prog_attach_cmd(BPF_PROG_ATTACH, target, prog, attach_type, flags)
 }
 
+/// BPF_PROG_ATTACH of `prog` to the cgroup `target` in its multi-mode list in place of `old`,
+/// atomically (`BPF_F_ALLOW_MULTI | BPF_F_REPLACE`): the hook runs one or the other, never
+/// neither. Fails (ENOENT) when `old` is not attached there.
+pub fn prog_attach_replace(
+    target: BorrowedFd<'_>,
+    prog: BorrowedFd<'_>,
+    old: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<()> {
+    // BPF_PROG_ATTACH: target_fd, attach_bpf_fd, attach_type, attach_flags, replace_bpf_fd.
+    let mut attr = [0u8; 32];
+    put_u32(&mut attr, 0, target.as_raw_fd() as u32);
+    put_u32(&mut attr, 4, prog.as_raw_fd() as u32);
+    put_u32(&mut attr, 8, attach_type);
+    put_u32(&mut attr, 12, BPF_F_ALLOW_MULTI | BPF_F_REPLACE);
+    put_u32(&mut attr, 16, old.as_raw_fd() as u32);
+    bpf(BPF_PROG_ATTACH, &mut attr).map(drop)
+}
+
+/// BPF_LINK_UPDATE: the link runs `prog` from now on, atomically; with `old`, only if `old` is
+/// what it runs (`BPF_F_REPLACE`, else EPERM).
+pub fn link_update(
+    link: BorrowedFd<'_>,
+    prog: BorrowedFd<'_>,
+    old: Option<BorrowedFd<'_>>,
+) -> io::Result<()> {
+    // BPF_LINK_UPDATE: link_fd, new_prog_fd, flags, old_prog_fd.
+    let mut attr = [0u8; 16];
+    put_u32(&mut attr, 0, link.as_raw_fd() as u32);
+    put_u32(&mut attr, 4, prog.as_raw_fd() as u32);
+    if let Some(old) = old {
+        put_u32(&mut attr, 8, BPF_F_REPLACE);
+        put_u32(&mut attr, 12, old.as_raw_fd() as u32);
+    }
+    bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
+}
+
+/// BPF_OBJ_GET: opens the bpf object (program, map or link) pinned at `path`.
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in pin path"))?;
+    // BPF_OBJ_GET: pathname, bpf_fd (0), file_flags (0: read-write).
+    let mut attr = [0u8; 16];
+    put_u64(&mut attr, 0, path.as_ptr() as u64);
+    bpf(BPF_OBJ_GET, &mut attr).map(owned)
+}
+
+/// BPF_PROG_GET_FD_BY_ID: a descriptor of the loaded program `id`.
+pub fn prog_fd_by_id(id: u32) -> io::Result<OwnedFd> {
+    // BPF_PROG_GET_FD_BY_ID: prog_id, next_id, open_flags.
+    let mut attr = [0u8; 12];
+    put_u32(&mut attr, 0, id);
+    bpf(BPF_PROG_GET_FD_BY_ID, &mut attr).map(owned)
+}
+
+/// BPF_OBJ_GET_INFO_BY_FD into `info` (its first bytes, as many as the kernel has).
+fn obj_info(fd: BorrowedFd<'_>, info: &mut [u8]) -> io::Result<()> {
+    // BPF_OBJ_GET_INFO_BY_FD: bpf_fd, info_len, info.
+    let mut attr = [0u8; 16];
+    put_u32(&mut attr, 0, fd.as_raw_fd() as u32);
+    put_u32(&mut attr, 4, info.len() as u32);
+    put_u64(&mut attr, 8, info.as_mut_ptr() as u64);
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).map(drop)
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_ne_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+/// The id of the program a link runs (`bpf_link_info.prog_id`).
+pub fn link_prog_id(link: BorrowedFd<'_>) -> io::Result<u32> {
+    // bpf_link_info: type, id, prog_id.
+    let mut info = [0u8; 16];
+    obj_info(link, &mut info)?;
+    Ok(u32_at(&info, 8))
+}
+
+/// What a map holds, as the kernel created it: what a program relies on when it reuses the map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapLayout {
+    /// `enum bpf_map_type`.
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+}
+
+/// The layout of the map `map` (`bpf_map_info`).
+pub fn map_layout(map: BorrowedFd<'_>) -> io::Result<MapLayout> {
+    // bpf_map_info: type, id, key_size, value_size, max_entries, map_flags.
+    let mut info = [0u8; 24];
+    obj_info(map, &mut info)?;
+    Ok(MapLayout {
+        map_type: u32_at(&info, 0),
+        key_size: u32_at(&info, 8),
+        value_size: u32_at(&info, 12),
+        max_entries: u32_at(&info, 16),
+    })
+}
+
 /// BPF_PROG_DETACH of `prog` (kernel id `prog_id`) from the cgroup `target`, only if it is
 /// attached there; returns whether it was. The kernel's own detach is not that careful: where
 /// the programs of `attach_type` were attached without BPF_F_ALLOW_MULTI (by someone else, so
@@ -236,13 +344,8 @@ pub fn map_lookup(map: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> io::Resu
 pub fn prog_id(prog: BorrowedFd<'_>) -> io::Result<u32> {
     // bpf_prog_info up to and including its name: type, id, tag, ..., name[16] at 64.
     let mut info = [0u8; 80];
-    // BPF_OBJ_GET_INFO_BY_FD: bpf_fd, info_len, info.
-    let mut attr = [0u8; 16];
-    put_u32(&mut attr, 0, prog.as_raw_fd() as u32);
-    put_u32(&mut attr, 4, info.len() as u32);
-    put_u64(&mut attr, 8, info.as_mut_ptr() as u64);
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
-    Ok(u32::from_ne_bytes(info[4..8].try_into().expect("4 bytes")))
+    obj_info(prog, &mut info)?;
+    Ok(u32_at(&info, 4))
 }
 
 /// BPF_PROG_QUERY: the ids of the programs attached to `target` (a cgroup) for `attach_type`,

@@ -60,13 +60,20 @@ pub fn probe(bpffs: &Path, cgroup: Option<&Path>, depth: Depth) -> Report {
     checks.push(capabilities_row(&env));
     checks.push(bpffs_row(bpffs));
     checks.push(cgroup_row(cgroup));
-    let installed = Pins::new(bpffs).loaded();
+    let pins = Pins::new(bpffs);
+    let installed = pins.loaded();
     checks.push(if installed {
+        // The layout and program identity an upgrade compares (`interceptor` says on load).
+        let layout = match pins.layout() {
+            Ok(Some(l)) => l.to_string(),
+            Ok(None) => "layout unknown".into(),
+            Err(e) => format!("{e:#}"),
+        };
         present(
             rows::INSTALLATION,
             false,
             format!(
-                "our programs are loaded and attached (pinned under {})",
+                "our programs are loaded and attached (pinned under {}; {layout})",
                 bpffs.display()
             ),
         )
