@@ -289,6 +289,8 @@ fn upgrade_from_pod_by_addr_installation() {
     let old = maps.join("POD_BY_ADDR");
     pin_stale_map(&old);
     std::fs::remove_file(maps.join("INBOUND_PROG")).unwrap();
+    // That version predates the layout marker.
+    std::fs::remove_file(pod.ebpf.dir().join("layout")).unwrap();
     apply(&pod, Flavor::Ebpf, &["-b", "*"]).unwrap();
     assert!(!old.exists(), "the old POD_BY_ADDR pin survived the reload");
     assert!(maps.join("INBOUND_PROG").exists());

@@ -5,13 +5,14 @@
 //! and a map whose layout changed are refused with everything left running.
 
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use interceptor::backend::ebpf::{detect_cgroup2_root, Layout, Pins, LAYOUT_VERSION};
+use interceptor::backend::ebpf::{detect_cgroup2_root, sys, Layout, Pins, LAYOUT_VERSION};
 use interceptor_tests::cases::{Pod, APP_PORT, UPSTREAM_PORT};
 use interceptor_tests::daemon::DaemonProc;
 use interceptor_tests::topology::connect_as;
@@ -302,6 +303,15 @@ fn previous_release_is_replaced_under_traffic() {
         assert!(new.is_some(), "{name}: nothing attached after the upgrade");
         assert_ne!(old, new, "{name}: the program was not replaced");
     }
+    // getsockopt was replaced in its place, not attached beside the old one.
+    let old_getsockopt = before
+        .iter()
+        .find(|(n, _)| *n == "ic_getsockopt")
+        .unwrap()
+        .1;
+    let cg = std::fs::File::open(cgroup()).unwrap();
+    let attached = sys::prog_query(cg.as_fd(), sys::BPF_CGROUP_GETSOCKOPT, 0).unwrap();
+    assert!(!attached.contains(&old_getsockopt.unwrap()), "{attached:?}");
     let layout = pins.layout().unwrap().expect("a marker");
     assert_eq!(layout.version, LAYOUT_VERSION);
     assert_eq!(layout.identity.as_ref().map(String::len), Some(16));
