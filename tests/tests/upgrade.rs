@@ -109,10 +109,24 @@ fn build_old_binary() -> Option<PathBuf> {
         .expect("git worktree add");
     assert!(added.success(), "git worktree add {rev} failed");
     let t0 = Instant::now();
-    // Plain `cargo` without RUSTUP_TOOLCHAIN: the checkout's own rust-toolchain.toml decides.
+    // The baseline named its toolchains `1.95.0` (rust-toolchain.toml) and `nightly` (build.rs,
+    // for the eBPF crate), which a fresh machine set up by today's scripts/setup.sh does not
+    // have (rustup installs nothing by itself here): it is built with today's pins instead, the
+    // same nightly build that built it then. Only the toolchain choice changes, no code.
+    let (stable, nightly) = pinned_toolchains(&root);
+    let build_rs = checkout.join("interceptor/build.rs");
+    let recipe = std::fs::read_to_string(&build_rs).expect("the baseline's build.rs");
+    std::fs::write(
+        &build_rs,
+        recipe.replace(
+            "aya_build::Toolchain::Nightly",
+            &format!("aya_build::Toolchain::Custom({nightly:?})"),
+        ),
+    )
+    .unwrap();
     let built = Command::new("cargo")
         .current_dir(&checkout)
-        .env_remove("RUSTUP_TOOLCHAIN")
+        .env("RUSTUP_TOOLCHAIN", &stable)
         .env("CARGO_TARGET_DIR", &dir)
         .args(["build", "-p", "interceptor", "--bin", "interceptor"])
         .status()
@@ -122,6 +136,21 @@ fn build_old_binary() -> Option<PathBuf> {
     eprintln!("built {rev}'s interceptor in {:.0?}", t0.elapsed());
     assert!(bin.exists(), "{} missing after the build", bin.display());
     Some(bin)
+}
+
+/// (stable, eBPF nightly) as this checkout pins them: `rust-toolchain.toml`'s channel and
+/// `ebpf-toolchain.env`'s `EBPF_NIGHTLY`.
+fn pinned_toolchains(root: &std::path::Path) -> (String, String) {
+    let read = |f: &str| std::fs::read_to_string(root.join(f)).expect(f);
+    let value = |text: &str, key: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(key))
+            .map(|v| v.trim().trim_matches('"').to_string())
+            .unwrap_or_else(|| panic!("no {key} pin"))
+    };
+    let stable = value(&read("rust-toolchain.toml"), "channel =");
+    let nightly = value(&read("ebpf-toolchain.env"), "EBPF_NIGHTLY=");
+    (stable, nightly)
 }
 
 fn cgroup() -> PathBuf {
