@@ -212,6 +212,25 @@ impl DaemonProc {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// `pod add` of the netns at `netns` capturing everything both ways (`-i * -b *`, IPv4 only),
+    /// then `extra` flags; asserts it succeeded.
+    pub fn add_capturing(&self, netns: &std::path::Path, extra: &[&str]) -> String {
+        let ns = netns.to_str().expect("netns path");
+        let mut args = vec![
+            "add",
+            "--network-namespace",
+            ns,
+            "-i",
+            "*",
+            "-b",
+            "*",
+            "--ipv6",
+            "false",
+        ];
+        args.extend_from_slice(extra);
+        self.pod_ok(&args)
+    }
+
     /// One scrape of the metrics endpoint: the whole response, status line and headers too.
     pub fn scrape(&self) -> Result<String> {
         self.http(

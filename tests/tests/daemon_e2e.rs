@@ -692,21 +692,7 @@ fn backend_switch_is_make_before_break() {
     let d = DaemonProc::start("dswitch").unwrap();
     let pod = Pod::new("dswitch").unwrap();
     let ns = pod.topo.pod_netns().to_str().unwrap().to_string();
-    let add = |backend: &str| {
-        d.pod_ok(&[
-            "add",
-            "--network-namespace",
-            &ns,
-            "-i",
-            "*",
-            "-b",
-            "*",
-            "--ipv6",
-            "false",
-            "--backend",
-            backend,
-        ])
-    };
+    let add = |backend: &str| d.add_capturing(pod.topo.pod_netns(), &["--backend", backend]);
     add("iptables");
     let out = SocketAddr::new(pod.topo.upstream_v4().into(), UPSTREAM_PORT);
     let inb = SocketAddr::new(pod.topo.pod_v4().into(), APP_PORT);

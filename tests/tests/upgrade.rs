@@ -158,17 +158,7 @@ fn cgroup() -> PathBuf {
 }
 
 fn add(d: &DaemonProc, pod: &Pod) {
-    d.pod_ok(&[
-        "add",
-        "--network-namespace",
-        pod.topo.pod_netns().to_str().unwrap(),
-        "-i",
-        "*",
-        "-b",
-        "*",
-        "--ipv6",
-        "false",
-    ]);
+    d.add_capturing(pod.topo.pod_netns(), &[]);
 }
 
 fn outbound_dst(pod: &Pod) -> SocketAddr {
