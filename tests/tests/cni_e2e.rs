@@ -429,12 +429,8 @@ fn daemon_down_add_fails_closed() {
     let ns = topo.pod_netns();
     let conf = our_conf(&d, json!({}));
     d.kill9();
-    let r = ours(
-        "ADD",
-        Some(ns),
-        "K8S_POD_NAMESPACE=default;K8S_POD_NAME=a",
-        &conf,
-    );
+    let args = "K8S_POD_NAMESPACE=default;K8S_POD_NAME=a";
+    let r = ours("ADD", Some(ns), args, &conf);
     let e = r.error();
     println!("daemon down: ADD -> {}", r.stdout);
     assert_eq!(e["code"], 11);
@@ -443,10 +439,14 @@ fn daemon_down_add_fails_closed() {
     // No socket at all: the same.
     let mut gone = conf.clone();
     gone["socket"] = json!(d.dir.join("no-such.sock"));
-    assert_eq!(ours("ADD", Some(ns), "", &gone).error()["code"], 11);
+    assert_eq!(ours("ADD", Some(ns), args, &gone).error()["code"], 11);
+    // Outside Kubernetes with a default config: the same.
+    let mut default = conf.clone();
+    default["defaultInterception"] = json!({});
+    assert_eq!(ours("ADD", Some(ns), "", &default).error()["code"], 11);
     // DEL still succeeds (nothing to undo), CHECK fails.
-    assert!(ours("DEL", Some(ns), "", &conf).ok);
-    assert_eq!(ours("CHECK", Some(ns), "", &conf).error()["code"], 11);
+    assert!(ours("DEL", Some(ns), args, &conf).ok);
+    assert_eq!(ours("CHECK", Some(ns), args, &conf).error()["code"], 11);
     d.spawn().unwrap();
     assert!(!registered(&d).contains(topo.pod_ns_name()));
 }
@@ -550,6 +550,71 @@ fn add_del_check_directly() {
         v["supportedVersions"],
         json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0"])
     );
+}
+
+/// A runtime outside Kubernetes (`ctr run --cni` and the like: no `K8S_*` in CNI_ARGS, no
+/// annotations): left alone unless the conflist's `defaultInterception` says how to mesh it,
+/// then registered with it; the runtime's Istio annotations still override it, and a bad value
+/// in it is refused with the value named and nothing registered.
+#[test]
+fn outside_kubernetes_default_interception() {
+    let d = DaemonProc::start("cnidefault").unwrap();
+    let topo = Topology::new("cnidefault").unwrap();
+    let ns = topo.pod_netns();
+    let name = topo.pod_ns_name();
+    let path = ns.to_str().unwrap();
+    let args = "IgnoreUnknown=1";
+
+    let r = ours("ADD", Some(ns), args, &our_conf(&d, json!({})));
+    assert!(r.ok, "{r:?}");
+    assert!(r.stderr.contains("defaultInterception"), "{}", r.stderr);
+    assert!(!registered(&d).contains(name), "captured without a default");
+
+    let bad = our_conf(
+        &d,
+        json!({"defaultInterception": {"annotations":
+            {"traffic.sidecar.istio.io/excludeOutboundPorts": "99999"}}}),
+    );
+    let r = ours("ADD", Some(ns), args, &bad);
+    assert_eq!(r.error()["code"], 7, "{r:?}");
+    assert!(r.stdout.contains("99999"), "{}", r.stdout);
+    assert!(!registered(&d).contains(name));
+
+    let mesh = our_conf(
+        &d,
+        json!({"defaultInterception": {"annotations":
+            {"traffic.sidecar.istio.io/excludeOutboundPorts": "9999"}, "runAsUser": 1500}}),
+    );
+    let r = ours("ADD", Some(ns), args, &mesh);
+    assert!(r.ok, "{r:?}");
+    let show: Value =
+        serde_json::from_str(&d.pod_ok(&["show", "--network-namespace", path])).unwrap();
+    assert_eq!(show["config"]["outbound_ports_exclude"], "9999", "{show}");
+    assert_eq!(show["config"]["proxy_uid"], "1500", "{show}");
+    assert!(show["identity"].is_null(), "{show}");
+    assert!(ours("CHECK", Some(ns), args, &mesh).ok);
+    // Traffic: the app's connection reaches the proxy, the proxy's own (uid 1500) goes direct.
+    let proxy_cfg = SidecarConfig {
+        creds: Some((1500, 1500)),
+        ..SidecarConfig::default()
+    };
+    let _sidecar = Sidecar::with_config(ns, proxy_cfg).unwrap();
+    let _up = TagServer::spawn(topo.upstream_netns(), "upstream", &[UPSTREAM_PORT], None).unwrap();
+    let dst = SocketAddr::new(topo.upstream_v4().into(), UPSTREAM_PORT);
+    let (app, proxy) = (connect(ns, 1000, dst), connect(ns, 1500, dst));
+    println!("defaultInterception: app->{dst}: {app}; proxy->{dst}: {proxy}");
+    assert_eq!(app, "sidecar:15001", "app not captured");
+    assert_eq!(proxy, format!("upstream:{UPSTREAM_PORT}"), "proxy captured");
+    assert!(ours("DEL", Some(ns), args, &mesh).ok);
+    assert!(!registered(&d).contains(name));
+
+    // The runtime's own annotation opts the container out.
+    let mut off = mesh.clone();
+    off["podAnnotations"] = json!({"sidecar.istio.io/inject": "false"});
+    let r = ours("ADD", Some(ns), args, &off);
+    assert!(r.ok, "{r:?}");
+    assert!(r.stderr.contains("inject"), "{}", r.stderr);
+    assert!(!registered(&d).contains(name));
 }
 
 fn cli(args: &[&str]) -> Output {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use interceptor_common::config::RawConfig;
 
-use super::annotations::{skip_reason, AnnotationError, NodeEnv, PodInfo, Redirect};
+use super::annotations::{keys, skip_reason, AnnotationError, NodeEnv, PodInfo, Redirect};
 use super::spec::{
     self, code, parse_cni_args, parse_netconf, pass_through, prev_result_ips, CniEnv, CniError,
     Command, K8sArgs, NetConf,
@@ -152,18 +152,22 @@ fn detect_ipv6(netns: &Path, dual_stack: bool) -> Result<bool, CniError> {
 /// The pod as the config tells, or — when the runtime passed no annotations and the pod's
 /// identity is known — as the daemon's Kubernetes pod watcher knows it. The uid goes along: a
 /// watcher that still knows only an earlier pod of the same name fails the call (the kubelet
-/// retries the ADD) rather than give the new pod its predecessor's annotations.
-fn resolved_pod_info(conf: &NetConf, k8s: &K8sArgs) -> Result<PodInfo, CniError> {
+/// retries the ADD) rather than give the new pod its predecessor's annotations. A pod with no
+/// Kubernetes identity gets the conflist's `defaultInterception`, or none: `Ok(None)`.
+fn resolved_pod_info(conf: &NetConf, k8s: &K8sArgs) -> Result<Option<PodInfo>, CniError> {
     let pi = pod_info(conf);
-    let (None, Some(id)) = (&pi.annotations, identity(k8s)) else {
-        return Ok(pi);
+    let Some(id) = identity(k8s) else {
+        return Ok(outside_kubernetes(conf, pi));
     };
+    if pi.annotations.is_some() {
+        return Ok(Some(pi));
+    }
     let req = Request::PodInfo {
         namespace: id.namespace,
         name: id.name,
         uid: (!id.uid.is_empty()).then_some(id.uid),
     };
-    Ok(match call(&conf.socket, &req) {
+    Ok(Some(match call(&conf.socket, &req) {
         Ok(Response::PodInfo {
             annotations,
             proxy_env,
@@ -184,12 +188,49 @@ fn resolved_pod_info(conf: &NetConf, k8s: &K8sArgs) -> Result<PodInfo, CniError>
         }
         // No watcher, or the pod is unknown: Istio's defaults, as without annotations.
         _ => pi,
+    }))
+}
+
+/// A pod without a Kubernetes identity (a runtime outside Kubernetes). Istio's annotations
+/// passed by the runtime decide as for any pod; without a sidecar status the conflist's
+/// `defaultInterception` stands in for an injected sidecar (the runtime's annotations still
+/// override it key by key, `sidecar.istio.io/inject: "false"` included). Neither → left alone:
+/// nothing says this container runs a proxy, and capturing it would refuse all its traffic.
+fn outside_kubernetes(conf: &NetConf, mut pi: PodInfo) -> Option<PodInfo> {
+    let has_status = |a: &BTreeMap<String, String>| a.contains_key(keys::STATUS);
+    if pi.annotations.as_ref().is_some_and(has_status) {
+        return Some(pi);
+    }
+    let Some(d) = &conf.default_interception else {
+        if pi.annotations.is_none() {
+            note(
+                "not capturing the pod: no Kubernetes identity and no annotations \
+                 (set defaultInterception in the conflist to mesh pods of this runtime)",
+            );
+            return None;
+        }
+        return Some(pi);
+    };
+    let mut annotations = d.annotations.clone();
+    annotations
+        .entry(keys::STATUS.into())
+        .or_insert_with(|| "{}".into());
+    annotations.extend(pi.annotations.take().unwrap_or_default());
+    let mut proxy_env = d.proxy_env.clone();
+    proxy_env.extend(std::mem::take(&mut pi.proxy_env));
+    Some(PodInfo {
+        annotations: Some(annotations),
+        proxy_env,
+        run_as_user: pi.run_as_user.or(d.run_as_user),
+        run_as_group: pi.run_as_group.or(d.run_as_group),
     })
 }
 
 /// The config the daemon gets for this pod, or why there is none (skipped: `Ok(None)`).
 fn derive(conf: &NetConf, k8s: &K8sArgs, netns: &Path) -> Result<Option<RawConfig>, CniError> {
-    let pi = resolved_pod_info(conf, k8s)?;
+    let Some(pi) = resolved_pod_info(conf, k8s)? else {
+        return Ok(None);
+    };
     if let Some(why) = skip_reason(&pi) {
         note(format!(
             "not capturing the pod: {why} (as Istio's CNI plugin)"
@@ -520,5 +561,38 @@ mod tests {
         assert_eq!(pi.run_as_user, Some(6));
         let conf = parse_netconf(br#"{"cniVersion":"1.0.0"}"#).unwrap();
         assert!(pod_info(&conf).annotations.is_none());
+    }
+
+    #[test]
+    fn outside_kubernetes_needs_a_default() {
+        let conf = |extra: &str| {
+            parse_netconf(format!(r#"{{"cniVersion":"1.0.0"{extra}}}"#).as_bytes()).unwrap()
+        };
+        let none = K8sArgs::default();
+        // No identity, no annotations, no default: left alone.
+        assert_eq!(resolved_pod_info(&conf(""), &none).unwrap(), None);
+        // Annotations without a sidecar status: Istio's screening decides (skipped later).
+        let plain = conf(r#","podAnnotations":{"app":"x"}"#);
+        let pi = resolved_pod_info(&plain, &none).unwrap().unwrap();
+        assert!(skip_reason(&pi).is_some());
+        // The default stands in for an injected sidecar; the runtime's keys override it.
+        let d = r#","defaultInterception":{"annotations":
+            {"traffic.sidecar.istio.io/excludeOutboundPorts":"9999"},"runAsUser":1500}"#;
+        let pi = resolved_pod_info(&conf(d), &none).unwrap().unwrap();
+        assert_eq!(skip_reason(&pi), None);
+        let a = pi.annotations.as_ref().unwrap();
+        assert_eq!(a[keys::STATUS], "{}");
+        assert_eq!(a["traffic.sidecar.istio.io/excludeOutboundPorts"], "9999");
+        assert_eq!(pi.run_as_user, Some(1500));
+        let off = conf(&format!(
+            r#"{d},"podAnnotations":{{"sidecar.istio.io/inject":"false"}}"#
+        ));
+        let pi = resolved_pod_info(&off, &none).unwrap().unwrap();
+        assert!(skip_reason(&pi).unwrap().contains("inject"));
+        // A misspelt field is an error naming it, not a silently ignored default.
+        let e = parse_netconf(br#"{"cniVersion":"1.0.0","defaultInterception":{"annotation":{}}}"#)
+            .unwrap_err();
+        assert_eq!(e.code, 7);
+        assert!(e.msg.contains("annotation"), "{}", e.msg);
     }
 }

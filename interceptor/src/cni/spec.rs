@@ -232,10 +232,32 @@ pub struct NetConf {
     /// `securityContext.runAsGroup` of the `istio-proxy` container.
     #[serde(default)]
     pub run_as_group: Option<i64>,
+    /// What a pod gets when nothing tells its annotations (no `runtimeConfig` annotations, no
+    /// Kubernetes identity in `CNI_ARGS`): a runtime outside Kubernetes (`ctr run --cni`,
+    /// another CNI runtime). Absent (the default), such a pod is left alone.
+    #[serde(default)]
+    pub default_interception: Option<DefaultInterception>,
     #[serde(default)]
     pub runtime_config: Option<RuntimeConfig>,
     #[serde(default)]
     pub prev_result: Option<Value>,
+}
+
+/// `defaultInterception`: the pod as if Istio had injected a sidecar with these annotations
+/// (Istio's keys and meanings, e.g. `traffic.sidecar.istio.io/excludeOutboundPorts`) and this
+/// proxy environment; `{}` means Istio's defaults. Validated as a pod's annotations are.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DefaultInterception {
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+    #[serde(default)]
+    pub proxy_env: BTreeMap<String, String>,
+    /// The proxy's uid (Istio's `runAsUser` of `istio-proxy`; 1337 when absent).
+    #[serde(default)]
+    pub run_as_user: Option<i64>,
+    #[serde(default)]
+    pub run_as_group: Option<i64>,
 }
 
 /// Decodes stdin: malformed JSON is code 6, well-formed JSON of the wrong shape (a bad
