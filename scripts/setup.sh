@@ -18,9 +18,12 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 # xz-utils/zstd (compressed kernel modules), binutils (objcopy), debian-archive-keyring,
 # musl-tools (musl-gcc: C code in dependencies of the static guest binaries).
 # containernetworking-plugins: bridge/host-local/loopback in /usr/lib/cni for the CNI chain test.
+# cargo xtask image: apt-get download and dpkg-deb (always there), objdump (binutils).
+# containerd, runc: the containerd e2e test starts its own containerd (the package's service is
+# not needed by it) and runs the image's containers with runc.
 PKGS=(iptables nftables iproute2 bpftool kmod procps util-linux dnsutils ca-certificates
       qemu-system-x86 busybox-static xz-utils zstd binutils debian-archive-keyring musl-tools
-      containernetworking-plugins)
+      containernetworking-plugins containerd runc)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -5,10 +5,12 @@ pub mod bin;
 pub mod cases;
 pub mod cni;
 pub mod conformance;
+pub mod containerd;
 pub mod daemon;
 pub mod dns;
 pub mod ebpf;
 pub mod forward;
+pub mod image;
 pub mod netfilter;
 pub mod sidecar;
 pub mod third_party;
@@ -30,6 +32,14 @@ pub fn shared_dir() -> Option<PathBuf> {
     }
     eprintln!("SKIP: {msg}");
     None
+}
+
+/// A test that cannot run here: a skip with the reason, or a failure under `CI=true`.
+pub fn unavailable(msg: &str) {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{msg} (CI=true: this test is required)");
+    }
+    eprintln!("SKIP: {msg}");
 }
 
 /// How many times slower than a normal machine this one runs: `cargo xtask vm-test` sets

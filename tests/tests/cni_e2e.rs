@@ -14,19 +14,18 @@
 //! reaped by `topology::reap_stale`.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use interceptor_tests::bin::interceptor_bin;
-use interceptor_tests::cni::{invoke, Invocation, Run};
+use interceptor_tests::cni::{invoke, Invocation, Node, Run, Runtime};
 use interceptor_tests::daemon::DaemonProc;
 use interceptor_tests::sidecar::{Sidecar, SidecarConfig, TagServer};
-use interceptor_tests::topology::{connect_as, reap_stale, Topology};
+use interceptor_tests::topology::{connect_as, Topology};
 use serde_json::{json, Value};
 
-const CNI_DIR: &str = "/usr/lib/cni";
 const UPSTREAM_PORT: u16 = 8080;
 /// Excluded from capture by the pod's annotation.
 const EXCLUDED_PORT: u16 = 8081;
@@ -37,171 +36,6 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 fn unique() -> (u32, u32) {
     (std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("running ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A "node" netns holding the bridge, and a pod netns; both deleted on drop with the temp dir.
-struct Node {
-    node: String,
-    pod: String,
-    dir: PathBuf,
-    /// The third octet of the node's 10.250.X.0/24.
-    x: u8,
-}
-
-impl Node {
-    fn new() -> Self {
-        reap_stale();
-        let (pid, n) = unique();
-        let node = format!("ic-cninode-{pid}-{n}-up");
-        let pod = format!("ic-cnipod-{pid}-{n}-pod");
-        let dir = std::env::temp_dir().join(format!("ic-cni-{pid}-{n}"));
-        std::fs::create_dir_all(dir.join("bin")).unwrap();
-        let me = Self {
-            node,
-            pod,
-            dir,
-            x: ((pid.wrapping_mul(31).wrapping_add(n)) % 250 + 1) as u8,
-        };
-        ip(&["netns", "add", &me.node]);
-        ip(&["netns", "add", &me.pod]);
-        ip(&["-n", &me.node, "link", "set", "lo", "up"]);
-        // The runtime finds plugins by `type` in CNI_PATH.
-        for p in ["loopback", "bridge", "host-local"] {
-            std::os::unix::fs::symlink(Path::new(CNI_DIR).join(p), me.bin().join(p)).unwrap();
-        }
-        std::os::unix::fs::symlink(interceptor_bin(), me.bin().join("interceptor")).unwrap();
-        me
-    }
-    fn bin(&self) -> PathBuf {
-        self.dir.join("bin")
-    }
-    fn node_path(&self) -> PathBuf {
-        Path::new("/var/run/netns").join(&self.node)
-    }
-    fn pod_path(&self) -> PathBuf {
-        Path::new("/var/run/netns").join(&self.pod)
-    }
-    fn gateway(&self) -> Ipv4Addr {
-        Ipv4Addr::new(10, 250, self.x, 1)
-    }
-    fn subnet(&self) -> String {
-        format!("10.250.{}.0/24", self.x)
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        for ns in [&self.pod, &self.node] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// A minimal libcni: runs a conflist's plugins in order for ADD (each gets the previous
-/// result as `prevResult`), in reverse for DEL, and all with the cached result for CHECK;
-/// `runtimeConfig` is filled for the capabilities a plugin declares.
-struct Runtime<'a> {
-    node: &'a Node,
-    container_id: String,
-    args: String,
-    /// Capability args the runtime offers (e.g. containerd's pod annotations).
-    capability_args: Value,
-    cached: Option<Value>,
-}
-
-impl<'a> Runtime<'a> {
-    fn new(node: &'a Node, args: String, capability_args: Value) -> Self {
-        Self {
-            node,
-            container_id: format!("ctr-{}", node.pod),
-            args,
-            capability_args,
-            cached: None,
-        }
-    }
-
-    fn stdin_for(&self, list: &Value, plugin: &Value, prev: Option<&Value>) -> Vec<u8> {
-        let mut conf = plugin.clone();
-        conf["name"] = list["name"].clone();
-        conf["cniVersion"] = list["cniVersion"].clone();
-        if let Some(caps) = plugin.get("capabilities").and_then(Value::as_object) {
-            let mut rc = serde_json::Map::new();
-            for (cap, on) in caps {
-                if on.as_bool() == Some(true) {
-                    if let Some(v) = self.capability_args.get(cap) {
-                        rc.insert(cap.clone(), v.clone());
-                    }
-                }
-            }
-            if !rc.is_empty() {
-                conf["runtimeConfig"] = Value::Object(rc);
-            }
-            conf.as_object_mut().unwrap().remove("capabilities");
-        }
-        if let Some(p) = prev {
-            conf["prevResult"] = p.clone();
-        }
-        serde_json::to_vec(&conf).unwrap()
-    }
-
-    fn run_plugin(&self, command: &str, list: &Value, i: usize, prev: Option<&Value>) -> Run {
-        let plugin = &list["plugins"][i];
-        let ty = plugin["type"].as_str().unwrap();
-        let pod = self.node.pod_path();
-        let bin = self.node.bin();
-        let inv = Invocation {
-            command,
-            container_id: &self.container_id,
-            netns: Some(&pod),
-            ifname: "eth0",
-            args: &self.args,
-            cni_path: &bin,
-            // Ours only talks to the daemon's socket; the others build the node's network.
-            in_netns: (ty != "interceptor").then_some(self.node.node.as_str()),
-        };
-        invoke(&bin.join(ty), &inv, &self.stdin_for(list, plugin, prev))
-    }
-
-    /// ADD through the whole list; the final result is cached for CHECK and DEL.
-    fn add(&mut self, list: &Value) -> Result<Value, (usize, Run)> {
-        let mut prev: Option<Value> = None;
-        for i in 0..list["plugins"].as_array().unwrap().len() {
-            let run = self.run_plugin("ADD", list, i, prev.as_ref());
-            if !run.ok {
-                return Err((i, run));
-            }
-            println!(
-                "  ADD {:<12} -> {}",
-                list["plugins"][i]["type"].as_str().unwrap(),
-                run.stdout
-            );
-            prev = Some(run.json());
-        }
-        self.cached = prev.clone();
-        Ok(prev.unwrap())
-    }
-
-    fn check(&self, list: &Value) -> Vec<Run> {
-        (0..list["plugins"].as_array().unwrap().len())
-            .map(|i| self.run_plugin("CHECK", list, i, self.cached.as_ref()))
-            .collect()
-    }
-
-    /// DEL of plugin `i` (the caller walks the list in reverse).
-    fn del(&self, list: &Value, i: usize) -> Run {
-        self.run_plugin("DEL", list, i, self.cached.as_ref())
-    }
 }
 
 /// Runs our plugin directly (no chain) for `netns`.
@@ -248,7 +82,7 @@ fn connect(netns: &Path, uid: u32, dst: SocketAddr) -> String {
 #[test]
 fn real_chain_add_check_traffic_del() {
     let d = DaemonProc::start("cnichain").unwrap();
-    let node = Node::new();
+    let node = Node::with_interceptor();
     let gw = node.gateway();
     let list = json!({
         "cniVersion": "1.0.0",

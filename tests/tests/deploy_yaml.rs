@@ -322,3 +322,47 @@ fn daemonset_runs_the_privileged_daemon_with_its_mounts() {
         }
     }
 }
+
+/// Both containers run the image `cargo xtask image` builds, under the name its archive gives
+/// (interceptor_tests::image), at the version of the `interceptor` crate it holds, and the
+/// kubelet never needs a registry for it.
+#[test]
+fn daemonset_names_the_built_image() {
+    let docs = documents();
+    let ds: DaemonSet = the(&docs, "DaemonSet");
+    let pod = ds.spec.unwrap().template.spec.unwrap();
+    let all: Vec<&Container> = pod
+        .containers
+        .iter()
+        .chain(pod.init_containers.iter().flatten())
+        .collect();
+    assert_eq!(all.len(), 2);
+    for c in all {
+        assert_eq!(
+            c.image.as_deref(),
+            Some(interceptor_tests::image::REFERENCE),
+            "{}",
+            c.name
+        );
+        assert_eq!(
+            c.image_pull_policy.as_deref(),
+            Some("IfNotPresent"),
+            "{}",
+            c.name
+        );
+    }
+    let manifest = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../interceptor/Cargo.toml"),
+    )
+    .unwrap();
+    let version = manifest
+        .lines()
+        .find_map(|l| l.strip_prefix("version = \""))
+        .and_then(|v| v.strip_suffix('"'))
+        .expect("interceptor's version");
+    assert_eq!(interceptor_tests::image::VERSION, version);
+    assert_eq!(
+        interceptor_tests::image::REFERENCE,
+        format!("interceptor:{version}")
+    );
+}

@@ -1,8 +1,10 @@
 //! Dev tasks: `cargo xtask demo` (the live side-by-side demo), `cargo xtask bench`,
-//! `cargo xtask vm-test` (the e2e suite on Debian kernels in QEMU).
+//! `cargo xtask vm-test` (the e2e suite on Debian kernels in QEMU), `cargo xtask image` (the
+//! node image, OCI, from pinned Debian packages).
 
 mod bench;
 mod demo;
+mod image;
 mod vm;
 
 use clap::{Parser, Subcommand};
@@ -28,6 +30,10 @@ enum Task {
     /// each: eBPF path, iptables/nftables fallbacks, bpf()-denied runs; prints the kernel ×
     /// feature × result matrix and writes it as Markdown (KERNELS.md).
     VmTest(Box<vm::Args>),
+    /// Build the node image (OCI layout and archive under target/image) offline from the
+    /// Debian packages pinned in deploy/image/packages.lock plus the static `interceptor`;
+    /// the same inputs give the same digest. Prints the digest and the size.
+    Image(image::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -35,5 +41,6 @@ fn main() -> anyhow::Result<()> {
         Task::Demo => demo::run(),
         Task::Bench(args) => bench::run(args),
         Task::VmTest(args) => vm::run(*args),
+        Task::Image(args) => image::run(args),
     }
 }

@@ -1,6 +1,6 @@
 //! Static (musl) builds of what runs in the guest: the `interceptor` binary, the guest init
 //! (`vm-init`) and every test binary of interceptor-tests, located through cargo's JSON
-//! messages.
+//! messages. `cargo xtask image` takes its `interceptor` from here too ([`interceptor`]).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -82,28 +82,25 @@ pub fn test_targets(root: &Path) -> Result<Vec<String>> {
     Ok(names)
 }
 
+fn find(exes: &[(String, Vec<String>, PathBuf)], name: &str) -> Result<PathBuf> {
+    exes.iter()
+        .find(|(n, _, _)| n == name)
+        .map(|(_, _, p)| p.clone())
+        .with_context(|| format!("cargo reported no {name} executable"))
+}
+
+/// The static `interceptor` binary: `extra` cargo flags (a profile, features) added to the
+/// build of the `interceptor` bin.
+pub fn interceptor(root: &Path, extra: &[&str]) -> Result<PathBuf> {
+    let mut args = vec!["build", "-p", "interceptor", "--bin", "interceptor"];
+    args.extend_from_slice(extra);
+    find(&cargo_executables(root, &args)?, "interceptor")
+}
+
 /// Builds everything; `only` limits the test binaries built (None: all of them).
 pub fn build(root: &Path, only: Option<&[String]>) -> Result<Built> {
-    let find = |exes: &[(String, Vec<String>, PathBuf)], name: &str| {
-        exes.iter()
-            .find(|(n, _, _)| n == name)
-            .map(|(_, _, p)| p.clone())
-            .with_context(|| format!("cargo reported no {name} executable"))
-    };
-    let exes = cargo_executables(
-        root,
-        // The guests run the fault suite too: the knobs exist only with this feature.
-        &[
-            "build",
-            "-p",
-            "interceptor",
-            "--features",
-            "fault-injection",
-            "--bin",
-            "interceptor",
-        ],
-    )?;
-    let interceptor = find(&exes, "interceptor")?;
+    // The guests run the fault suite too: the knobs exist only with this feature.
+    let interceptor = interceptor(root, &["--features", "fault-injection"])?;
     let exes = cargo_executables(root, &["build", "-p", "xtask", "--bin", "vm-init"])?;
     let init = find(&exes, "vm-init")?;
     let mut args = vec!["test", "-p", "interceptor-tests", "--no-run"];

@@ -16,7 +16,7 @@
 //! 6. Prints the kernel × feature × result matrix; writes it as Markdown
 //!    (`target/vm-test/report.md`; full runs also `KERNELS.md`).
 
-mod build;
+pub mod build;
 mod cpio;
 mod initramfs;
 mod kernels;
@@ -124,7 +124,7 @@ pub struct Args {
     markdown: Option<PathBuf>,
 }
 
-fn workspace_root() -> PathBuf {
+pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives in the workspace")
@@ -132,14 +132,19 @@ fn workspace_root() -> PathBuf {
 }
 
 fn cache_dir(args: &Args) -> PathBuf {
-    if let Some(c) = &args.cache {
-        return c.clone();
+    match &args.cache {
+        Some(c) => c.clone(),
+        None => user_cache("interceptor-vm"),
     }
+}
+
+/// `name` in the user's cache folder (`$XDG_CACHE_HOME`, else `~/.cache`, else target/).
+pub fn user_cache(name: &str) -> PathBuf {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
         .unwrap_or_else(|| workspace_root().join("target"));
-    base.join("interceptor-vm")
+    base.join(name)
 }
 
 /// A `--filter` entry.
