@@ -155,17 +155,44 @@ pub(crate) fn parse_interfaces(flag: &'static str, s: &str) -> Result<Vec<String
         .collect()
 }
 
+/// An owner-group entry's gid when the entry is a number, read as iptables' `--gid-owner` and
+/// nft's `skgid` read it (C's strtoul with base 0): `0x` hexadecimal, a leading `0` octal, else
+/// decimal. `Err` for an all-digit entry that is no such number (`08`): the tools would look it
+/// up as a group name and fail at apply time. `Ok(None)` for a group name.
+pub fn group_number(entry: &str) -> Result<Option<u32>, std::num::ParseIntError> {
+    let (digits, radix) = if let Some(hex) = entry
+        .strip_prefix("0x")
+        .or_else(|| entry.strip_prefix("0X"))
+        .filter(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_hexdigit()))
+    {
+        (hex, 16)
+    } else if entry.is_empty() || !entry.chars().all(|c| c.is_ascii_digit()) {
+        return Ok(None);
+    } else if entry.len() > 1 && entry.starts_with('0') {
+        (&entry[1..], 8)
+    } else {
+        (entry, 10)
+    };
+    u32::from_str_radix(digits, radix).map(Some)
+}
+
 pub(crate) fn parse_groups(flag: &'static str, s: &str) -> Result<Vec<String>, ConfigError> {
     let groups = split_list(s)
         .into_iter()
         .map(|item| {
-            if item
+            if !item
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
             {
-                Ok(item.to_string())
-            } else {
                 Err(ConfigError::new(flag, item, "not a group name or id"))
+            } else if group_number(item).is_err() {
+                Err(ConfigError::new(
+                    flag,
+                    item,
+                    "not a group id: iptables and nft read a leading 0 as octal and 0x as hexadecimal",
+                ))
+            } else {
+                Ok(item.to_string())
             }
         })
         .collect::<Result<Vec<_>, _>>()?;

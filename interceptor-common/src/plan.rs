@@ -68,6 +68,26 @@ pub fn is_loopback(addr: IpAddr) -> bool {
     }
 }
 
+/// Istio's IPv6 switch from a pod's addresses in interface order (`getLocalIP(dualStack)` in
+/// tools/common/config): only addresses that are neither loopback nor link-local count
+/// (IPv4-mapped ones as IPv4). Without dual-stack the first such address decides; with it,
+/// any IPv6 one turns IPv6 rules on.
+pub fn ipv6_enabled(addrs: &[IpAddr], dual_stack: bool) -> bool {
+    let link_local = |a: &IpAddr| match a {
+        IpAddr::V4(a) => a.is_link_local(),
+        IpAddr::V6(a) => a.segments()[0] & 0xffc0 == 0xfe80 || a.segments()[0] == 0xff02,
+    };
+    let mut counted = addrs
+        .iter()
+        .map(IpAddr::to_canonical)
+        .filter(|a| !is_loopback(*a) && !link_local(a));
+    if dual_stack {
+        counted.any(|a| a.is_ipv6())
+    } else {
+        counted.next().is_some_and(|a| a.is_ipv6())
+    }
+}
+
 /// This family's part of a CIDR list, in the list's order (Istio's `SeparateV4V6`).
 pub fn family_nets(nets: &[IpNet], family: Family) -> Vec<IpNet> {
     nets.iter()
@@ -203,6 +223,21 @@ fn host_net(addr: IpAddr) -> IpNet {
 mod tests {
     use super::*;
     use crate::config::RawConfig;
+
+    #[test]
+    fn ipv6_switch_as_istio_detects_it() {
+        let a = |s: &str| s.parse::<IpAddr>().unwrap();
+        let v4_first = [a("127.0.0.1"), a("fe80::1"), a("10.0.0.5"), a("fd00::5")];
+        assert!(!ipv6_enabled(&v4_first, false));
+        assert!(ipv6_enabled(&v4_first, true));
+        let v6_first = [a("::1"), a("fd00::5"), a("10.0.0.5")];
+        assert!(ipv6_enabled(&v6_first, false));
+        assert!(ipv6_enabled(&v6_first, true));
+        // A v4-mapped address counts as IPv4; link-local and loopback ones do not count.
+        assert!(!ipv6_enabled(&[a("::ffff:10.0.0.5"), a("fd00::1")], false));
+        assert!(!ipv6_enabled(&[a("fe80::1"), a("169.254.0.1")], true));
+        assert!(!ipv6_enabled(&[], true));
+    }
 
     fn cfg(f: impl FnOnce(&mut RawConfig)) -> Config {
         let mut raw = RawConfig::default();

@@ -116,7 +116,8 @@ pub fn pod_policy(cfg: &Config, pod_id: u32) -> PodPolicy {
     }
 }
 
-/// Resolves owner-group entries (names or numbers) to gids; unknown names are an error.
+/// Resolves owner-group entries (names or numbers, read as iptables reads them) to gids;
+/// unknown names are an error.
 pub fn resolve_groups(
     groups: &[String],
     lookup: impl Fn(&str) -> Option<u32>,
@@ -124,8 +125,9 @@ pub fn resolve_groups(
     groups
         .iter()
         .map(|g| {
-            g.parse::<u32>()
+            crate::parse::group_number(g)
                 .ok()
+                .flatten()
                 .or_else(|| lookup(g))
                 .ok_or_else(|| g.clone())
         })

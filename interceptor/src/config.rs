@@ -2,7 +2,6 @@
 //! to the raw config, including what Istio detects from the pod (IPv6, DNS servers, the proxy
 //! uid) unless given.
 
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
@@ -22,10 +21,9 @@ fn default_proxy_uid() -> String {
 }
 
 /// Istio's IPv6 detection: the first non-loopback, non-link-local address decides.
-pub fn detect_ipv6(netns: Option<&Path>) -> Result<bool> {
-    Ok(netns::local_addrs(netns)?
-        .first()
-        .is_some_and(IpAddr::is_ipv6))
+pub fn detect_ipv6(netns: Option<&Path>, dual_stack: bool) -> Result<bool> {
+    let addrs = netns::local_addrs(netns)?;
+    Ok(interceptor_common::plan::ipv6_enabled(&addrs, dual_stack))
 }
 
 /// The nameservers of the resolv.conf in effect for the netns: `/etc/netns/NAME/resolv.conf`
@@ -72,8 +70,11 @@ pub struct Input {
     pub netns: Option<PathBuf>,
     /// Comma list of proxy uids; default: the uid of $ENVOY_USER, else 1337.
     pub proxy_uid: Option<String>,
-    /// Default: the netns's first non-loopback, non-link-local address is IPv6.
+    /// Default: the netns's first non-loopback, non-link-local address is IPv6 (with
+    /// `dual_stack`: any such address is).
     pub ipv6: Option<bool>,
+    /// Istio's `--dual-stack`: IPv6 rules when any of the pod's addresses is IPv6.
+    pub dual_stack: bool,
     /// Default (with DNS capture, not of all DNS): the resolv.conf in effect.
     pub dns_servers: Option<String>,
 }
@@ -85,6 +86,7 @@ pub fn raw_config(input: Input) -> Result<RawConfig, ConfigError> {
         netns,
         proxy_uid,
         ipv6,
+        dual_stack,
         dns_servers,
     } = input;
     if let Some(ns) = &netns {
@@ -93,7 +95,7 @@ pub fn raw_config(input: Input) -> Result<RawConfig, ConfigError> {
     let netns = netns.as_deref();
     raw.enable_ipv6 = match ipv6 {
         Some(v) => v,
-        None => detect_ipv6(netns).map_err(|e| {
+        None => detect_ipv6(netns, dual_stack).map_err(|e| {
             ConfigError::new(
                 "--ipv6",
                 "",

@@ -309,6 +309,19 @@ fn cli_cases() -> Vec<Case> {
             "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE",
             "ftp",
         ),
+        env(
+            &[("ISTIO_OUTBOUND_OWNER_GROUPS", "10,08")],
+            "ISTIO_OUTBOUND_OWNER_GROUPS",
+            "08",
+        ),
+        env(
+            &[("ISTIO_META_DNS_CAPTURE", "garbage")],
+            "ISTIO_META_DNS_CAPTURE",
+            "garbage",
+        ),
+        env(&[("ISTIO_DUAL_STACK", "yes")], "ISTIO_DUAL_STACK", "yes"),
+        env(&[("DRY_RUN", "maybe")], "--dry-run", "maybe"),
+        flag(&["--dual-stack=2"], "--dual-stack", "2"),
     ];
     v.push(Case {
         kind: "env var",

@@ -150,6 +150,22 @@ fn per_pod_fallback() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("--istio-service-cidr"));
     assert!(!d.pod_ok(&["list"]).contains(&ns));
+    // `pod add --dry-run` prints the registration it would send and registers nothing.
+    let plan = d.pod_ok(&["add", "--network-namespace", &ns, "-i", "*", "--dry-run"]);
+    let plan: serde_json::Value = serde_json::from_str(&plan).expect("dry run prints JSON");
+    assert_eq!(plan["netns"], ns.as_str(), "{plan}");
+    assert_eq!(plan["config"]["outbound_ip_ranges_include"], "*", "{plan}");
+    assert!(
+        !d.pod_ok(&["list"]).contains(&ns),
+        "a dry run registered the pod"
+    );
+    assert_eq!(pod.outbound(1000, dst).unwrap().0, "upstream:8080");
+    let out = d.pod(&["add", "--network-namespace", &ns, "-i", "10.0.0.0/33", "-n"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a dry run validates as the daemon does"
+    );
 }
 
 /// kill -9 the daemon while a connection loop runs through a pod: not one connection escapes

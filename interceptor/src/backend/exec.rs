@@ -9,6 +9,7 @@ use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -32,6 +33,16 @@ pub fn timeout() -> Duration {
             .filter(|s| s.is_finite() && *s > 0.0)
             .map_or(DEFAULT_TIMEOUT, Duration::from_secs_f64)
     })
+}
+
+static POD_SCOPED_LOCK: AtomicBool = AtomicBool::new(false);
+
+/// Istio's `--cni-mode` (`UsePodScopedXtablesLock`): from now on, iptables runs inside a pod's
+/// netns take the xtables lock on that netns's file (`XTABLES_LOCKFILE`, iptables >= 1.8.6)
+/// (or, in the scratch netns, the tool's own) instead of the node-wide /run/xtables.lock, so one
+/// pod's rules do not wait for kube-proxy or another pod. Only legacy iptables takes the lock; iptables-nft and nft ignore it.
+pub fn scope_xtables_lock_to_pod_netns() {
+    POD_SCOPED_LOCK.store(true, Ordering::Relaxed);
 }
 
 /// The `-w` argument for iptables(-restore): wait for the xtables lock (held by kube-proxy, a
@@ -60,6 +71,15 @@ fn run_for(
     limit: Duration,
 ) -> Result<String> {
     let mut cmd = netns::command(netns, program)?;
+    if POD_SCOPED_LOCK.load(Ordering::Relaxed)
+        && program.starts_with("ip")
+        && program.contains("tables")
+    {
+        // The pod's netns file, or for a run in the caller's netns (the private scratch netns
+        // where the rules are proven first) the tool's own netns.
+        let lock = netns.unwrap_or(Path::new("/proc/self/ns/net"));
+        cmd.env("XTABLES_LOCKFILE", lock);
+    }
     cmd.args(args)
         .stdin(if stdin.is_some() {
             Stdio::piped()

@@ -56,6 +56,16 @@ pub fn run(args: &ApplyArgs) -> Result<Result<(), ConfigError>> {
         Ok(c) => c,
         Err(e) => return Ok(Err(e)),
     };
+    if args.cni_mode {
+        if args.network_namespace.is_none() {
+            return Ok(Err(ConfigError::new(
+                "--cni-mode",
+                "true",
+                "needs --network-namespace: the pod's netns as seen from the host",
+            )));
+        }
+        crate::backend::exec::scope_xtables_lock_to_pod_netns();
+    }
     let ebpf_missing = || probe::ebpf_missing(&args.ebpf.bpffs, args.ebpf.cgroup.as_deref());
     let mut choice = match install::choose(args.backend, args.native_nftables, ebpf_missing, &cfg) {
         Ok(c) => c,

@@ -77,6 +77,16 @@ fn backend_parser() -> impl TypedValueParser<Value = BackendKind> {
 }
 
 /// `--force-iptables-binary`.
+/// An istio-iptables boolean flag as Go's pflag reads it: bare (`--dry-run`) or with a value
+/// after `=` in strconv.ParseBool's spellings (`--dry-run=false`, `DRY_RUN=1`).
+fn go_bool(v: &str) -> Result<bool, String> {
+    match v {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
+        _ => Err("not a boolean: use true or false (also 1/0, t/f)".into()),
+    }
+}
+
 fn flavor_parser() -> impl TypedValueParser<Value = IptablesFlavor> {
     PossibleValuesParser::new(IptablesFlavor::ALL.map(|f| PossibleValue::new(f.as_str()))).map(
         |s| {
@@ -188,43 +198,52 @@ pub struct ApplyArgs {
     )]
     pub istio_inbound_tproxy_route_table: String,
     /// Print what would be applied; apply nothing.
-    #[arg(short = 'n', long, env = "DRY_RUN")]
+    #[arg(short = 'n', long, env = "DRY_RUN", value_parser = go_bool, num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
     pub dry_run: bool,
     /// Redirect DNS to the proxy's DNS port 15053 (also env ISTIO_META_DNS_CAPTURE).
-    #[arg(long, env = "REDIRECT_DNS")]
+    #[arg(long, env = "REDIRECT_DNS", value_parser = go_bool, num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
     pub redirect_dns: bool,
     /// Capture all port-53 traffic, not only to the resolv.conf servers.
-    #[arg(long, env = "CAPTURE_ALL_DNS")]
+    #[arg(long, env = "CAPTURE_ALL_DNS", value_parser = go_bool, num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
     pub capture_all_dns: bool,
     /// Drop conntrack-INVALID packets (also env INVALID_DROP).
-    #[arg(long, env = "DROP_INVALID")]
+    #[arg(long, env = "DROP_INVALID", value_parser = go_bool, num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
     pub drop_invalid: bool,
     /// Check that redirection works; apply nothing.
-    #[arg(long, env = "RUN_VALIDATION")]
+    #[arg(long, env = "RUN_VALIDATION", value_parser = go_bool, num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
     pub run_validation: bool,
     /// Validation probe port.
-    #[arg(long, default_value = "15002")]
+    #[arg(long, env = "IPTABLES_PROBE_PORT", default_value = "15002")]
     pub iptables_probe_port: String,
     /// Validation timeout (Go duration, e.g. 5s).
-    #[arg(long, default_value = "5s")]
+    #[arg(long, env = "PROBE_TIMEOUT", default_value = "5s")]
     pub probe_timeout: String,
+    /// IPv6 rules when any of the pod's addresses is IPv6, not only when its first one is
+    /// (also env ISTIO_DUAL_STACK).
+    #[arg(long, env = "DUAL_STACK", value_parser = go_bool, num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
+    pub dual_stack: bool,
+    /// Run as Istio's CNI plugin does: the pod's netns (--network-namespace) seen from the
+    /// host's filesystem, with the xtables lock scoped to that netns (legacy iptables) instead
+    /// of the node-wide one. Rules are the same; eBPF and nftables take no lock.
+    #[arg(long, env = "CNI_MODE", value_parser = go_bool, num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
+    pub cni_mode: bool,
     /// Skip applying rules.
-    #[arg(long, env = "SKIP_RULE_APPLY")]
+    #[arg(long, env = "SKIP_RULE_APPLY", value_parser = go_bool, num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
     pub skip_rule_apply: bool,
     /// Apply inside this network namespace (a path such as /var/run/netns/NAME).
     #[arg(long, env = "NETWORK_NAMESPACE")]
     pub network_namespace: Option<PathBuf>,
     /// Re-apply when the installed rules drifted from the wanted ones.
-    #[arg(long, env = "RECONCILE")]
+    #[arg(long, env = "RECONCILE", value_parser = go_bool, num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
     pub reconcile: bool,
     /// Remove every rule and chain this tool owns, then stop.
-    #[arg(long, env = "CLEANUP_ONLY")]
+    #[arg(long, env = "CLEANUP_ONLY", value_parser = go_bool, num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
     pub cleanup_only: bool,
     /// Re-apply even when the installed rules are identical.
-    #[arg(long, env = "FORCE_APPLY")]
+    #[arg(long, env = "FORCE_APPLY", value_parser = go_bool, num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
     pub force_apply: bool,
     /// Use nftables instead of iptables (Istio's flag; the same as --backend nftables).
-    #[arg(long, env = "NATIVE_NFTABLES")]
+    #[arg(long, env = "NATIVE_NFTABLES", value_parser = go_bool, num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
     pub native_nftables: bool,
     /// Force the iptables variant: legacy or nft.
     #[arg(long, env = "FORCE_IPTABLES_BINARY", value_parser = flavor_parser())]
@@ -261,9 +280,13 @@ pub struct ApplyArgs {
     pub ebpf: EbpfArgs,
 }
 
-fn env_true(name: &str) -> bool {
-    std::env::var(name)
-        .is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "true" | "1" | "yes" | "on"))
+/// An env-only alias of a boolean flag (Istio's `flag.AdditionalEnv`), read as the flag's own
+/// env variable is: Go's spellings; anything else is an error naming the variable.
+fn env_bool(name: &'static str) -> Result<bool, ConfigError> {
+    match std::env::var(name) {
+        Err(_) => Ok(false),
+        Ok(v) => go_bool(&v).map_err(|why| ConfigError::new(name, v, why)),
+    }
 }
 
 fn env_or(name: &str, default: &str) -> String {
@@ -271,13 +294,15 @@ fn env_or(name: &str, default: &str) -> String {
 }
 
 impl ApplyArgs {
-    /// The config as given: the flags, plus the env-only variables istio-iptables reads.
-    pub fn input(&self) -> Input {
+    /// The config as given: the flags, plus the env-only variables istio-iptables reads (a
+    /// boolean one that is not a boolean is an error naming it).
+    pub fn input(&self) -> Result<Input, ConfigError> {
         let a = self;
-        Input {
+        Ok(Input {
             netns: a.network_namespace.clone(),
             proxy_uid: a.proxy_uid.clone(),
             ipv6: a.ipv6,
+            dual_stack: a.dual_stack || env_bool("ISTIO_DUAL_STACK")?,
             dns_servers: a.dns_servers.clone(),
             raw: RawConfig {
                 proxy_port: a.envoy_port.clone(),
@@ -296,9 +321,9 @@ impl ApplyArgs {
                 reroute_virtual_interfaces: a.kube_virt_interfaces.clone(),
                 inbound_tproxy_mark: a.istio_inbound_tproxy_mark.clone(),
                 inbound_tproxy_route_table: a.istio_inbound_tproxy_route_table.clone(),
-                redirect_dns: a.redirect_dns || env_true("ISTIO_META_DNS_CAPTURE"),
+                redirect_dns: a.redirect_dns || env_bool("ISTIO_META_DNS_CAPTURE")?,
                 capture_all_dns: a.capture_all_dns,
-                drop_invalid: a.drop_invalid || env_true("INVALID_DROP"),
+                drop_invalid: a.drop_invalid || env_bool("INVALID_DROP")?,
                 owner_groups_include: env_or("ISTIO_OUTBOUND_OWNER_GROUPS", "*"),
                 owner_groups_exclude: env_or("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", ""),
                 host_ipv4_loopback_cidr: env_or(
@@ -310,12 +335,12 @@ impl ApplyArgs {
                 bind_guard_ports: a.bind_guard_ports.clone(),
                 accelerate: a.accelerate,
             },
-        }
+        })
     }
 
     /// The raw (string) config exactly as istio-iptables would see it, detection included.
     pub fn raw_config(&self) -> Result<RawConfig, ConfigError> {
-        config::raw_config(self.input())
+        config::raw_config(self.input()?)
     }
 
     /// Validates the whole command line: the config plus the operational flags.

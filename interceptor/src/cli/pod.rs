@@ -61,6 +61,17 @@ pub struct PodAddArgs {
     pub apply: ApplyArgs,
 }
 
+/// `pod add --dry-run`: the registration the daemon would get, validated as the daemon
+/// validates its config; the daemon is not asked and nothing is registered.
+fn dry_run_add(spec: &PodSpec) -> Result<Result<(), ConfigError>> {
+    if let Err(e) = spec.config.parse() {
+        return Ok(Err(e));
+    }
+    println!("{}", serde_json::to_string_pretty(spec)?);
+    eprintln!("dry run: the registration above was not sent to the daemon; nothing was registered");
+    Ok(Ok(()))
+}
+
 /// `interceptor pod …`: the daemon's client.
 pub fn run(cmd: &PodCommand) -> Result<Result<(), ConfigError>> {
     let (socket, req) = match cmd {
@@ -98,6 +109,9 @@ pub fn run(cmd: &PodCommand) -> Result<Result<(), ConfigError>> {
                 backend: a.apply.backend,
                 identity,
             };
+            if a.apply.dry_run {
+                return dry_run_add(&spec);
+            }
             (a.apply.socket.clone(), Request::Add(Box::new(spec)))
         }
         PodCommand::Remove(r) => (

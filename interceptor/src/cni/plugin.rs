@@ -142,11 +142,7 @@ fn detect_ipv6(netns: &Path, dual_stack: bool) -> Result<bool, CniError> {
             format!("{e:#}"),
         )
     })?;
-    Ok(if dual_stack {
-        addrs.iter().any(|a| a.is_ipv6())
-    } else {
-        addrs.first().is_some_and(|a| a.is_ipv6())
-    })
+    Ok(interceptor_common::plan::ipv6_enabled(&addrs, dual_stack))
 }
 
 /// The pod as the config tells, or — when the runtime passed no annotations and the pod's

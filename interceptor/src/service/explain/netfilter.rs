@@ -176,7 +176,10 @@ impl Walker<'_> {
                     .any(|p| p.parse::<u16>().ok() == Some(pkt.dport)),
                 "--uid-owner" => value.parse::<u32>().ok() == Some(pkt.uid),
                 "--gid-owner" => {
-                    value.parse::<u32>().ok().or_else(|| (self.gid_of)(value)) == Some(pkt.gid)
+                    let number = interceptor_common::parse::group_number(value)
+                        .ok()
+                        .flatten();
+                    number.or_else(|| (self.gid_of)(value)) == Some(pkt.gid)
                 }
                 other => bail!("explain cannot evaluate {other} in `{rule}`"),
             };
