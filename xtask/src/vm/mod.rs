@@ -25,37 +25,21 @@ mod proto;
 mod qemu;
 mod report;
 mod runner;
+mod select;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use proto::{AutoCase, Mode, Plan, Run, When};
+use proto::{AutoCase, Mode, Plan, Run};
 use report::Report;
+use select::{parse_filters, runs, select, EbpfNeeds, Filter};
 
 const DEFAULT_KERNELS: &[&str] = &["5.10", "6.1", "6.12", "7.2"];
 /// The CI-sized run: one kernel (bookworm's, the closest to CI's own), core cases.
 const CI_KERNEL: &str = "6.1";
 const CI_FILTERS: &[&str] = &["ebpf_e2e/traffic_ebpf", "fallback_e2e/traffic_", "doctor"];
-/// Test binaries whose every test forces `--backend ebpf` (they cannot pass where eBPF is
-/// unavailable).
-const EBPF_BINS: &[&str] = &[
-    "ebpf_e2e",
-    "bind_guard",
-    "inbound_e2e",
-    "load",
-    "faults",
-    "escape",
-];
-/// libtest `--skip` patterns for the other tests that force eBPF or assert that it is
-/// available here. Such runs also get `INTERCEPTOR_TESTS_NO_EBPF=1` in their environment.
-const EBPF_SKIPS: &[&str] = &[
-    "ebpf",
-    "every_needed_hook_is_present_here",
-    "probe_agrees_with_the_loader",
-    "fifty_pods_through_the_daemon",
-];
 /// Pod configs whose `auto` choice is reported; the first one also decides whether the runs
 /// that need eBPF run in a guest.
 const AUTO_CASES: &[&[&str]] = &[
@@ -145,114 +129,6 @@ pub fn user_cache(name: &str) -> PathBuf {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
         .unwrap_or_else(|| workspace_root().join("target"));
     base.join(name)
-}
-
-/// A `--filter` entry.
-#[derive(Debug, Clone, PartialEq)]
-enum Filter {
-    Bin(String),
-    BinTest(String, String),
-    Test(String),
-}
-
-fn parse_filters(raw: &[String], bins: &[String]) -> Vec<Filter> {
-    raw.iter()
-        .filter(|f| !f.is_empty())
-        .map(|f| match f.split_once('/') {
-            Some((b, t)) => Filter::BinTest(b.into(), t.into()),
-            None if bins.contains(f) => Filter::Bin(f.clone()),
-            None => Filter::Test(f.clone()),
-        })
-        .collect()
-}
-
-/// The libtest filters of `bin` (empty: all its tests), or None when it is not selected.
-fn select(bin: &str, filters: &[Filter]) -> Option<Vec<String>> {
-    if filters.is_empty() || filters.contains(&Filter::Bin(bin.into())) {
-        return Some(Vec::new());
-    }
-    let names: Vec<String> = filters
-        .iter()
-        .filter_map(|f| match f {
-            Filter::BinTest(b, t) if b == bin => Some(t.clone()),
-            Filter::Test(t) => Some(t.clone()),
-            _ => None,
-        })
-        .collect();
-    (!names.is_empty()).then_some(names)
-}
-
-/// The test runs: every selected binary as root (the eBPF ones only where `auto` picks
-/// eBPF; elsewhere the others without their eBPF tests), and the fallback selection (no eBPF
-/// binary, `--skip ebpf`) in each denied mode.
-/// Which tests need eBPF.
-struct EbpfNeeds {
-    bins: Vec<String>,
-    skips: Vec<String>,
-}
-
-impl EbpfNeeds {
-    fn new(args: &Args) -> Self {
-        let own = |l: &[&str]| l.iter().map(|s| s.to_string()).collect();
-        Self {
-            bins: args.ebpf_bins.clone().unwrap_or_else(|| own(EBPF_BINS)),
-            skips: args.ebpf_skip.clone().unwrap_or_else(|| own(EBPF_SKIPS)),
-        }
-    }
-
-    fn describe(&self) -> String {
-        let skips: Vec<String> = self.skips.iter().map(|s| format!("--skip {s}")).collect();
-        format!(
-            "every selected test binary except {} (they force the eBPF backend), with libtest \
-             `{}` and INTERCEPTOR_TESTS_NO_EBPF=1",
-            self.bins.join(", "),
-            skips.join(" ")
-        )
-    }
-}
-
-fn runs(
-    bins: &[String],
-    filters: &[Filter],
-    modes: &[Mode],
-    timeout: u64,
-    needs: &EbpfNeeds,
-) -> Vec<Run> {
-    let skips: Vec<String> = needs
-        .skips
-        .iter()
-        .flat_map(|s| ["--skip".to_string(), s.to_string()])
-        .collect();
-    let mut out = Vec::new();
-    for mode in modes {
-        for bin in bins {
-            let Some(names) = select(bin, filters) else {
-                continue;
-            };
-            let ebpf_bin = needs.bins.contains(bin);
-            let id = format!("{bin}@{mode}");
-            let run = |when, args: Vec<String>| Run {
-                id: id.clone(),
-                mode: *mode,
-                bin: bin.clone(),
-                when,
-                args,
-                timeout_secs: timeout,
-            };
-            let mut fallback_args = names.clone();
-            fallback_args.extend(skips.iter().cloned());
-            match (mode, ebpf_bin) {
-                (Mode::Normal, true) => out.push(run(When::AutoEbpf, names)),
-                (Mode::Normal, false) => {
-                    out.push(run(When::AutoEbpf, names));
-                    out.push(run(When::AutoNotEbpf, fallback_args));
-                }
-                (_, true) => {}
-                (_, false) => out.push(run(When::Always, fallback_args)),
-            }
-        }
-    }
-    out
 }
 
 /// How much slower than native a guest runs: TCG is some 10-20 times slower, KVM about as
@@ -696,37 +572,5 @@ impl Guest<'_> {
             out.elapsed.as_secs_f64()
         );
         Ok(r)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn filters_select_binaries_and_tests() {
-        let bins = vec!["ebpf_e2e".to_string(), "fallback_e2e".to_string()];
-        let f = parse_filters(&["fallback_e2e".into(), "ebpf_e2e/traffic".into()], &bins);
-        assert_eq!(select("fallback_e2e", &f), Some(vec![]));
-        assert_eq!(select("ebpf_e2e", &f), Some(vec!["traffic".to_string()]));
-        let f = parse_filters(&["traffic".into()], &bins);
-        assert_eq!(select("ebpf_e2e", &f), Some(vec!["traffic".to_string()]));
-        let f = parse_filters(&["ebpf_e2e".into()], &bins);
-        assert_eq!(select("fallback_e2e", &f), None);
-        let needs = EbpfNeeds {
-            bins: vec!["ebpf_e2e".into()],
-            skips: vec!["ebpf".into()],
-        };
-        let r = runs(&bins, &[], &[Mode::Normal, Mode::Seccomp], 60, &needs);
-        let ids: Vec<_> = r.iter().map(|r| (r.id.as_str(), r.when)).collect();
-        assert_eq!(
-            ids,
-            [
-                ("ebpf_e2e@normal", When::AutoEbpf),
-                ("fallback_e2e@normal", When::AutoEbpf),
-                ("fallback_e2e@normal", When::AutoNotEbpf),
-                ("fallback_e2e@bpf-denied", When::Always),
-            ]
-        );
     }
 }
