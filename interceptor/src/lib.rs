@@ -14,6 +14,7 @@ pub mod listener;
 pub mod model;
 pub mod netlink;
 pub mod netns;
+pub mod pod_netns;
 pub mod service;
 pub mod tables;
 pub mod userns;
