@@ -45,8 +45,20 @@ fn documents() -> Vec<(String, Value)> {
 /// The one document of `kind`, as its API type. It must round-trip: a field the type does not
 /// know (a typo, a wrong nesting) would come back missing.
 fn the<T: DeserializeOwned + Serialize>(docs: &[(String, Value)], kind: &str) -> T {
-    let found: Vec<&(String, Value)> = docs.iter().filter(|(_, d)| d["kind"] == kind).collect();
-    assert_eq!(found.len(), 1, "exactly one {kind} expected");
+    the_in(docs, None, kind)
+}
+
+/// [`the`] among the documents of one file (`Some("rbac.yaml")`) or of all.
+fn the_in<T: DeserializeOwned + Serialize>(
+    docs: &[(String, Value)],
+    file: Option<&str>,
+    kind: &str,
+) -> T {
+    let found: Vec<&(String, Value)> = docs
+        .iter()
+        .filter(|(f, d)| d["kind"] == kind && file.is_none_or(|want| f == want))
+        .collect();
+    assert_eq!(found.len(), 1, "exactly one {kind} expected in {file:?}");
     let (file, doc) = found[0];
     let typed: T = serde_json::from_value(doc.clone())
         .unwrap_or_else(|e| panic!("{file}: {kind} does not match the API: {e}"));
@@ -103,12 +115,12 @@ fn every_document_is_a_known_kind() {
     }
 }
 
-#[test]
-fn rbac_grants_reading_pods_only() {
-    let docs = documents();
-    let sa: ServiceAccount = the(&docs, "ServiceAccount");
-    let role: ClusterRole = the(&docs, "ClusterRole");
-    let binding: ClusterRoleBinding = the(&docs, "ClusterRoleBinding");
+/// The pod verbs of `file`'s ClusterRole (pods of the core group only, no names, no URLs),
+/// checking its ClusterRoleBinding gives them to the daemon's ServiceAccount.
+fn pod_verbs_of(docs: &[(String, Value)], file: &str) -> BTreeSet<String> {
+    let sa: ServiceAccount = the(docs, "ServiceAccount");
+    let role: ClusterRole = the_in(docs, Some(file), "ClusterRole");
+    let binding: ClusterRoleBinding = the_in(docs, Some(file), "ClusterRoleBinding");
 
     let rules = role.rules.expect("rules");
     assert!(!rules.is_empty());
@@ -126,9 +138,8 @@ fn rbac_grants_reading_pods_only() {
         );
         assert_eq!(r.resource_names, None);
         assert_eq!(r.non_resource_urls, None);
-        verbs.extend(r.verbs.iter().map(String::as_str));
+        verbs.extend(r.verbs.iter().cloned());
     }
-    assert_eq!(verbs, ["get", "list", "watch"].into_iter().collect());
     assert_eq!(role.aggregation_rule, None);
 
     assert_eq!(binding.role_ref.kind, "ClusterRole");
@@ -138,6 +149,23 @@ fn rbac_grants_reading_pods_only() {
     assert_eq!(subjects[0].kind, "ServiceAccount");
     assert_eq!(Some(&subjects[0].name), sa.metadata.name.as_ref());
     assert_eq!(subjects[0].namespace, sa.metadata.namespace);
+    verbs
+}
+
+#[test]
+fn rbac_grants_reading_pods_only() {
+    let docs = documents();
+    let verbs = pod_verbs_of(&docs, "rbac.yaml");
+    assert_eq!(verbs, ["get", "list", "watch"].map(String::from).into());
+}
+
+/// `--repair label|delete` need exactly `patch` and `delete` on pods, in a file of their own
+/// (the default policy needs neither).
+#[test]
+fn rbac_for_repair_writes_is_apart() {
+    let docs = documents();
+    let verbs = pod_verbs_of(&docs, "rbac-repair.yaml");
+    assert_eq!(verbs, ["delete", "patch"].map(String::from).into());
 }
 
 fn cli(container: &Container) -> Vec<String> {

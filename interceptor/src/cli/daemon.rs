@@ -1,10 +1,12 @@
 //! `interceptor daemon`'s flags, turned into the daemon's settings.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Args;
 
 use super::args::EbpfArgs;
+use crate::daemon::repair_policy::{self as repair, Policy};
 use crate::daemon::Settings;
 use crate::k8s::ApiAccess;
 
@@ -42,6 +44,35 @@ pub struct DaemonArgs {
     pub ebpf: EbpfArgs,
     #[command(flatten)]
     pub k8s: K8sArgs,
+    /// Running mesh pods of this node without interception (started before the plugin was
+    /// chained, or while it was upgraded): `repair` registers them live (connections opened
+    /// before that are not captured), `label` sets Istio's `cni.istio.io/uninitialized=true`,
+    /// `delete` deletes them (their owner recreates them), `off` leaves them. Needs --node-name.
+    #[arg(long, env = "INTERCEPTOR_REPAIR", default_value = "repair", value_parser = parse_policy)]
+    pub repair: Policy,
+    /// Seconds between repair passes when no pod event comes (1 to 3600).
+    #[arg(long, env = "INTERCEPTOR_REPAIR_INTERVAL", default_value = "30",
+          value_parser = |s: &str| seconds(s, 1, "--repair-interval"))]
+    pub repair_interval: Duration,
+    /// Seconds a pod's oldest process must have run before repair acts on it, so that a CNI
+    /// ADD under way is never raced (0 to 3600).
+    #[arg(long, env = "INTERCEPTOR_REPAIR_GRACE", default_value = "30",
+          value_parser = |s: &str| seconds(s, 0, "--repair-grace"))]
+    pub repair_grace: Duration,
+}
+
+fn parse_policy(s: &str) -> Result<Policy, String> {
+    s.parse()
+}
+
+/// Whole seconds from `min` to 3600.
+fn seconds(s: &str, min: u64, flag: &str) -> Result<Duration, String> {
+    match s.parse::<u64>() {
+        Ok(n) if (min..=3600).contains(&n) => Ok(Duration::from_secs(n)),
+        _ => Err(format!(
+            "invalid {flag} value {s:?}: want whole seconds from {min} to 3600"
+        )),
+    }
 }
 
 /// How the daemon reaches the Kubernetes API (flattened into the daemon's flags).
@@ -75,6 +106,11 @@ impl DaemonArgs {
             ebpf_log: self.ebpf_log,
             ebpf: self.ebpf.settings(),
             k8s: self.k8s.access(),
+            repair: repair::Settings {
+                policy: self.repair,
+                interval: self.repair_interval,
+                grace: self.repair_grace,
+            },
         }
     }
 }

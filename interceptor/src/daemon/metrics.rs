@@ -90,6 +90,17 @@ fn snapshot(d: &Daemon) -> Snapshot {
         vec![],
         pods.iter().filter(|p| p.removal_error.is_some()).count() as i64,
     ));
+    for (action, result, n) in d.repair.counts() {
+        s.counters.push((
+            "interceptor_repair",
+            "Pods of this node that escaped setup, acted on by the repair policy (--repair): the action and its result (ok, failed, refused)",
+            vec![
+                ("action".to_string(), action.to_string()),
+                ("result".to_string(), result.to_string()),
+            ],
+            n,
+        ));
+    }
     if let Some((how, layout)) = &d.programs {
         let (version, identity) = layout.as_ref().map_or((String::new(), String::new()), |l| {
             (

@@ -10,6 +10,8 @@ pub mod metrics;
 mod prefill;
 pub mod protocol;
 mod records;
+mod repair;
+pub mod repair_policy;
 mod server;
 
 use std::os::unix::fs::PermissionsExt;
@@ -43,6 +45,8 @@ pub struct Settings {
     pub ebpf_log: bool,
     pub ebpf: EbpfSettings,
     pub k8s: crate::k8s::ApiAccess,
+    /// What to do with pods of this node that escaped setup (needs `k8s.node_name`).
+    pub repair: repair_policy::Settings,
 }
 
 /// The daemon's shared state; one lock serialises registrations.
@@ -60,6 +64,18 @@ pub struct Daemon {
     maps: Mutex<Option<crate::backend::ebpf::PodMaps>>,
     /// Loads per-pod sk_lookup programs ahead of time (with eBPF).
     prefill: Option<prefill::Prefill>,
+    /// Repair's counts, and what the control socket tells it (ADDs in flight, DELs done).
+    repair: repair_policy::Shared,
+}
+
+/// What an add did.
+pub(crate) enum Added {
+    Pod(Box<PodStatus>),
+    /// Invalid input: nothing was applied.
+    Invalid(ConfigError),
+    /// Not added: the netns is registered already, or a remove took its pod away (repair's
+    /// adds only).
+    Registered,
 }
 
 impl Daemon {
@@ -113,6 +129,7 @@ impl Daemon {
             watcher,
             maps: Mutex::new(maps),
             prefill,
+            repair: repair_policy::Shared::default(),
         });
         d.readopt()?;
         Ok(d)
@@ -207,15 +224,30 @@ impl Daemon {
 
     /// Registers a pod. Validation errors come back as `Ok(Err(..))`: nothing was applied.
     pub fn add(&self, spec: &PodSpec) -> Result<Result<PodStatus, ConfigError>> {
+        match self.add_inner(spec, None)? {
+            Added::Pod(p) => Ok(Ok(*p)),
+            Added::Invalid(e) => Ok(Err(e)),
+            Added::Registered => bail!("{} is registered already", spec.netns.display()),
+        }
+    }
+
+    /// Repair's add: registers the pod of netns `cookie` unless a record has that netns or a
+    /// remove took it away (checked under the lock every add and remove holds, so a CNI ADD
+    /// or DEL of the same pod is never raced).
+    pub(crate) fn add_unregistered(&self, spec: &PodSpec, cookie: u64) -> Result<Added> {
+        self.add_inner(spec, Some(cookie))
+    }
+
+    fn add_inner(&self, spec: &PodSpec, unless_registered: Option<u64>) -> Result<Added> {
         let start = Instant::now();
         tracing::debug!("add start");
         let cfg = match spec.config.parse() {
             Ok(c) => c,
-            Err(e) => return Ok(Err(e)),
+            Err(e) => return Ok(Added::Invalid(e)),
         };
         // Opened once for every step below.
         let Some(ns) = crate::netns::Netns::open(&spec.netns) else {
-            return Ok(Err(ConfigError::new(
+            return Ok(Added::Invalid(ConfigError::new(
                 "netns",
                 spec.netns.display().to_string(),
                 "is not a network namespace",
@@ -223,7 +255,7 @@ impl Daemon {
         };
         let mut choice = match (&self.pins, spec.backend) {
             (None, BackendKind::Ebpf) => {
-                return Ok(Err(ConfigError::new(
+                return Ok(Added::Invalid(ConfigError::new(
                     "backend",
                     "ebpf",
                     "eBPF is unavailable on this node (see `interceptor doctor`)",
@@ -231,10 +263,17 @@ impl Daemon {
             }
             _ => match install::choose(spec.backend, false, || self.ebpf_missing.clone(), &cfg) {
                 Ok(c) => c,
-                Err(e) => return Ok(Err(e)),
+                Err(e) => return Ok(Added::Invalid(e)),
             },
         };
         let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(cookie) = unless_registered {
+            let (pods, _) = records::scan(&self.args.state_dir);
+            if self.repair.was_removed(cookie) || pods.iter().any(|(_, p)| p.netns_cookie == cookie)
+            {
+                return Ok(Added::Registered);
+            }
+        }
         // A pod moving between backends: make before break (below).
         let earlier = self.lookup(&spec.netns);
         let req = Install {
@@ -306,7 +345,7 @@ impl Daemon {
             }
         }
         tracing::info!(netns = %status.netns.display(), backend = ?status.backend, micros = status.add_micros, "pod added");
-        Ok(Ok(status))
+        Ok(Added::Pod(Box::new(status)))
     }
 
     fn uninstall(
@@ -351,6 +390,7 @@ impl Daemon {
             return Err(e);
         }
         let _ = std::fs::remove_file(state_file(&self.args.state_dir, netns));
+        self.repair.note_removed(pod.netns_cookie);
         tracing::info!(netns = %netns.display(), "pod removed");
         Ok(true)
     }
@@ -367,6 +407,9 @@ impl Daemon {
         let cookie = crate::netns::is_netns(netns)
             .then(|| crate::netns::identity(netns).ok())
             .flatten();
+        if let Some(cookie) = cookie {
+            self.repair.note_removed(cookie);
+        }
         if let (Some(cookie), Some(maps)) = (cookie, maps) {
             maps.remove_cookie_in(cookie, Some(netns))?;
         }
@@ -397,6 +440,10 @@ impl Daemon {
                 bad_input: false,
             };
         };
+        if let Some(uid) = uid.filter(|u| !u.is_empty()) {
+            // A CNI ADD is under way for this pod: repair leaves it to the ADD.
+            self.repair.note_asked(uid);
+        }
         // A CNI ADD can arrive before the watch event: wait a little for it.
         let wait = std::time::Duration::from_secs(5);
         let found = match uid.filter(|u| !u.is_empty()) {

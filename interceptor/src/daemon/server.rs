@@ -33,6 +33,7 @@ struct Pool {
 /// Runs the daemon until killed. Stopping it leaves interception in place.
 pub fn run(args: &Settings) -> Result<()> {
     let d = Daemon::start(args.clone())?;
+    super::repair::start(&d).context("starting the repair thread")?;
     if let Some(parent) = args.socket.parent() {
         std::fs::create_dir_all(parent)?;
     }

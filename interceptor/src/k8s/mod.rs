@@ -89,6 +89,12 @@ pub struct PodMeta {
     /// The API has marked the pod for deletion (`metadata.deletionTimestamp` is set): it is
     /// terminating. Once the API object is gone (a watch DELETED event) it leaves the cache.
     pub deleted: bool,
+    /// `spec.nodeName` (the watch asks for one node's pods; repair checks it again).
+    pub node_name: Option<String>,
+    /// `spec.hostNetwork`: the pod has no netns of its own.
+    pub host_network: bool,
+    /// `status.phase` is Running, or a container of the pod has started (`state.running`).
+    pub running: bool,
 }
 
 /// What the annotation mapping takes: (annotations, proxy env, run_as_user, run_as_group).
@@ -154,6 +160,16 @@ impl PodMeta {
                     .and_then(|ip| ip.parse::<IpAddr>().ok()),
             );
         }
+        let started = status
+            .into_iter()
+            .flat_map(|s| {
+                s.container_statuses
+                    .iter()
+                    .flatten()
+                    .chain(s.init_container_statuses.iter().flatten())
+            })
+            .any(|c| c.state.as_ref().is_some_and(|st| st.running.is_some()));
+        let running = started || status.and_then(|s| s.phase.as_deref()) == Some("Running");
         Some(Self {
             namespace: md.namespace.clone()?,
             name: md.name.clone()?,
@@ -167,6 +183,9 @@ impl PodMeta {
             run_as_group,
             pod_ips,
             deleted: md.deletion_timestamp.is_some(),
+            node_name: spec.and_then(|s| s.node_name.clone()),
+            host_network: spec.and_then(|s| s.host_network) == Some(true),
+            running,
         })
     }
 
@@ -210,7 +229,7 @@ mod tests {
         assert_eq!(m.proxy_env["ISTIO_DUAL_STACK"], "true");
         assert_eq!(m.proxy_type.as_deref(), Some("router"));
         assert_eq!(m.pod_ips, vec!["10.0.0.9".parse::<IpAddr>().unwrap()]);
-        assert!(m.deleted);
+        assert!(m.deleted && !m.running && !m.host_network);
         let (annotations, env, uid, gid) = m.into_inputs();
         assert!(annotations.is_empty());
         assert_eq!((env.len(), uid, gid), (1, Some(2000), Some(3000)));
@@ -231,5 +250,27 @@ mod tests {
         assert_eq!(m.containers.into_iter().collect::<Vec<_>>(), ["app"]);
         let no_uid = pod(serde_json::json!({"metadata": {"namespace": "ns", "name": "p"}}));
         assert_eq!(PodMeta::from_pod(&no_uid), None);
+    }
+
+    #[test]
+    fn running_host_network_and_node() {
+        let m = |v| PodMeta::from_pod(&pod(v)).unwrap();
+        let md = serde_json::json!({"namespace": "ns", "name": "p", "uid": "u"});
+        let phase = m(
+            serde_json::json!({"metadata": md.clone(), "spec": {"containers": [],
+            "nodeName": "n1", "hostNetwork": true}, "status": {"phase": "Running"}}),
+        );
+        assert!(phase.running && phase.host_network);
+        assert_eq!(phase.node_name.as_deref(), Some("n1"));
+        // Pending, but a container has started (a native sidecar, or status lagging).
+        let started = m(
+            serde_json::json!({"metadata": md.clone(), "spec": {"containers": []},
+            "status": {"phase": "Pending", "initContainerStatuses": [{"name": "istio-proxy",
+              "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+              "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}}}]}}),
+        );
+        assert!(started.running && !started.host_network);
+        let pending = m(serde_json::json!({"metadata": md, "status": {"phase": "Pending"}}));
+        assert!(!pending.running);
     }
 }

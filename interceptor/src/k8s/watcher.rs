@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
+use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client};
@@ -121,6 +122,10 @@ impl Shared {
 struct Inner {
     shared: Arc<Shared>,
     node: String,
+    /// For the writes repair makes ([`PodWatcher::label`], [`PodWatcher::delete`]), run on the
+    /// watch's runtime (a client is bound to the runtime it was built on).
+    client: Client,
+    runtime: tokio::runtime::Handle,
     /// Dropped with the last handle: the watch task sees it and ends.
     _stop: oneshot::Sender<()>,
 }
@@ -158,7 +163,7 @@ impl PodWatcher {
         let client = rt
             .block_on(async { Client::try_from(config) })
             .context("building the Kubernetes client")?;
-        let (watcher, task) = Self::new(client, node);
+        let (watcher, task) = Self::new(client, node, rt.handle().clone());
         std::thread::Builder::new()
             .name("pod-watcher".into())
             .spawn(move || rt.block_on(task))
@@ -169,7 +174,8 @@ impl PodWatcher {
     /// Starts watching `node`'s pods on the current tokio runtime (for async callers; panics
     /// outside a runtime, like `tokio::spawn`).
     pub fn spawn(client: Client, node: impl Into<String>) -> Self {
-        let (watcher, task) = Self::new(client, node.into());
+        let handle = tokio::runtime::Handle::current();
+        let (watcher, task) = Self::new(client, node.into(), handle);
         tokio::spawn(task);
         watcher
     }
@@ -177,7 +183,9 @@ impl PodWatcher {
     fn new(
         client: Client,
         node: String,
+        runtime: tokio::runtime::Handle,
     ) -> (Self, impl std::future::Future<Output = ()> + Send + 'static) {
+        let writer = client.clone();
         let shared = Arc::new(Shared {
             cache: Mutex::new(Cache::default()),
             changed: Condvar::new(),
@@ -196,6 +204,8 @@ impl PodWatcher {
         let inner = Arc::new(Inner {
             shared,
             node,
+            client: writer,
+            runtime,
             _stop: stop,
         });
         (Self { inner }, task)
@@ -314,6 +324,56 @@ impl PodWatcher {
                 None => Lookup::Unknown,
             },
         }
+    }
+}
+
+/// How long a write to the API may take.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl PodWatcher {
+    /// Runs one request on the watch's runtime and waits for it (from a thread outside it).
+    fn request<T: Send + 'static>(
+        &self,
+        what: String,
+        fut: impl std::future::Future<Output = kube::Result<T>> + Send + 'static,
+    ) -> Result<T> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.inner.runtime.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx.recv_timeout(WRITE_TIMEOUT)
+            .with_context(|| format!("{what}: no answer within {WRITE_TIMEOUT:?}"))?
+            .with_context(|| what)
+    }
+
+    /// Sets a label on a pod (a JSON merge patch of `metadata.labels`; RBAC: `patch` on pods).
+    pub fn label(&self, namespace: &str, name: &str, key: &str, value: &str) -> Result<()> {
+        let api: Api<Pod> = Api::namespaced(self.inner.client.clone(), namespace);
+        let patch = serde_json::json!({"metadata": {"labels": {key: value}}});
+        let name2 = name.to_string();
+        self.request(format!("labelling pod {namespace}/{name}"), async move {
+            api.patch(&name2, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+        })?;
+        Ok(())
+    }
+
+    /// Deletes a pod, only if it still has this uid (a precondition: never a pod recreated
+    /// under the name). RBAC: `delete` on pods.
+    pub fn delete(&self, namespace: &str, name: &str, uid: &str) -> Result<()> {
+        let api: Api<Pod> = Api::namespaced(self.inner.client.clone(), namespace);
+        let params = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: Some(uid.to_string()),
+                resource_version: None,
+            }),
+            ..DeleteParams::default()
+        };
+        let name2 = name.to_string();
+        self.request(format!("deleting pod {namespace}/{name}"), async move {
+            api.delete(&name2, &params).await
+        })?;
+        Ok(())
     }
 }
 
