@@ -381,31 +381,13 @@ fn a_recreated_pod_is_found_by_uid_never_by_its_predecessor() {
     assert_eq!(wrong, Lookup::Unknown);
 }
 
-/// A kubeconfig file in `dir` pointing at `fake`.
-fn kubeconfig_for(fake: &FakeApiServer, dir: &std::path::Path) -> std::path::PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    let kubeconfig = dir.join("config");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
-             clusters:\n- name: fake\n  cluster:\n    server: http://{}\n\
-             contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: nobody\n\
-             users:\n- name: nobody\n  user: {{}}\n",
-            fake.addr
-        ),
-    )
-    .unwrap();
-    kubeconfig
-}
-
 /// A daemon watching node-a's pods through `fake`.
 fn daemon_for(
     tag: &str,
     fake: &FakeApiServer,
     dir: &std::path::Path,
 ) -> interceptor_tests::daemon::DaemonProc {
-    let kubeconfig = kubeconfig_for(fake, dir);
+    let kubeconfig = fake.write_kubeconfig(dir);
     interceptor_tests::daemon::DaemonProc::start_with(
         tag,
         &[

@@ -151,20 +151,8 @@ fn daemon(tag: &str, fake: &FakeApiServer, policy: &str) -> (DaemonProc, Scratch
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     ));
-    std::fs::create_dir_all(&dir).unwrap();
     let dir = Scratch(dir);
-    let kubeconfig = dir.0.join("config");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
-             clusters:\n- name: fake\n  cluster:\n    server: http://{}\n\
-             contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: nobody\n\
-             users:\n- name: nobody\n  user: {{}}\n",
-            fake.addr
-        ),
-    )
-    .unwrap();
+    let kubeconfig = fake.write_kubeconfig(&dir.0);
     let d = DaemonProc::start_with(
         tag,
         &[

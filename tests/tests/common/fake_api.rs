@@ -107,6 +107,24 @@ impl FakeApiServer {
         kube::Config::new(format!("http://{}", self.addr).parse().unwrap())
     }
 
+    /// A kubeconfig file `dir/config` pointing at this fake (for a daemon's `--kubeconfig`).
+    pub fn write_kubeconfig(&self, dir: &std::path::Path) -> std::path::PathBuf {
+        std::fs::create_dir_all(dir).unwrap();
+        let kubeconfig = dir.join("config");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
+                 clusters:\n- name: fake\n  cluster:\n    server: http://{}\n\
+                 contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: nobody\n\
+                 users:\n- name: nobody\n  user: {{}}\n",
+                self.addr
+            ),
+        )
+        .unwrap();
+        kubeconfig
+    }
+
     fn record(&self, kind: &'static str, mut pod: Value, keep: bool) {
         let mut s = self.state.lock().unwrap();
         s.rv += 1;
