@@ -609,22 +609,19 @@ fn xtables_lock_is_waited_for() {
     let lock = std::env::temp_dir().join(format!("ic-xtlock-{}", std::process::id()));
     std::fs::write(&lock, "").unwrap();
     let lock_s = lock.to_str().unwrap();
-    let hold = |secs: &str| {
-        let child = std::process::Command::new("flock")
-            .args([lock_s, "sleep", secs])
-            .spawn()
-            .unwrap();
-        let t0 = std::time::Instant::now();
-        while std::process::Command::new("flock")
-            .args(["-n", lock_s, "true"])
-            .status()
-            .unwrap()
-            .success()
-        {
-            assert!(t0.elapsed().as_secs() < 5, "flock did not take the lock");
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        child
+    // Held in this process (not by flock(1), which a VM guest lacks): released after `secs`
+    // or when told. iptables, another process, waits for it all the same.
+    let hold = |secs: u64| {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::File::open(&lock).unwrap();
+        // SAFETY: flock on a descriptor this test owns; the lock goes with the file.
+        assert_eq!(unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) }, 0);
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            let _ = rx.recv_timeout(std::time::Duration::from_secs(secs));
+            drop(file);
+        });
+        (tx, t)
     };
     let legacy = |env: &[(&str, &str)]| {
         let ns = t.pod_netns().to_str().unwrap();
@@ -633,11 +630,11 @@ fn xtables_lock_is_waited_for() {
         args.extend_from_slice(&flags);
         interceptor_tests::bin::run(&args, env)
     };
-    let mut holder = hold("2");
+    let holder = hold(2);
     let t0 = std::time::Instant::now();
     let out = legacy(&[("XTABLES_LOCKFILE", lock_s)]);
     let waited = t0.elapsed();
-    holder.wait().unwrap();
+    holder.1.join().unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -650,13 +647,13 @@ fn xtables_lock_is_waited_for() {
     apply(&pod, Flavor::IptablesLegacy, &["-i", "*", "--cleanup-only"]).unwrap();
     assert_eq!(rules(t), before);
     // Held longer than the wait (half of a 2 s limit: -w 1).
-    let mut holder = hold("8");
+    let holder = hold(8);
     let out = legacy(&[
         ("XTABLES_LOCKFILE", lock_s),
         ("INTERCEPTOR_TOOL_TIMEOUT", "2"),
     ]);
-    let _ = holder.kill();
-    let _ = holder.wait();
+    let _ = holder.0.send(());
+    let _ = holder.1.join();
     let _ = std::fs::remove_file(&lock);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

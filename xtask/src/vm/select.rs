@@ -13,11 +13,15 @@ const EBPF_BINS: &[&str] = &[
     "load",
     "faults",
     "escape",
+    "accel_e2e",
+    "coexistence",
+    "upgrade",
 ];
-/// Test binaries about the host rather than the kernel: they need this checkout and its cargo
-/// (the image build) or a container runtime, which guests do not have. Selected only when
+/// Test binaries about the host rather than the kernel: they need this checkout (its sources,
+/// the fuzz corpus, its cargo for the image build) or a container runtime, which guests do not
+/// have. Selected only when
 /// named (`--filter containerd_e2e`).
-const HOST_ONLY_BINS: &[&str] = &["containerd_e2e", "image"];
+const HOST_ONLY_BINS: &[&str] = &["containerd_e2e", "image", "architecture", "fuzz_parsers"];
 /// libtest `--skip` patterns for the other tests that force eBPF or assert that it is
 /// available here. Such runs also get `INTERCEPTOR_TESTS_NO_EBPF=1` in their environment.
 const EBPF_SKIPS: &[&str] = &[
@@ -25,6 +29,9 @@ const EBPF_SKIPS: &[&str] = &[
     "every_needed_hook_is_present_here",
     "probe_agrees_with_the_loader",
     "fifty_pods_through_the_daemon",
+    "a_failing_removal_does_not_stop_the_daemon",
+    "an_unreadable_record_keeps_its_pod_intercepted",
+    "backend_switch_is_make_before_break",
 ];
 
 /// A `--filter` entry.
