@@ -841,10 +841,23 @@ fn every_bad_input_is_named_and_applies_nothing() {
             "eBPF control: {st}"
         );
     }
-    ok(bin::run(
-        &["remove", "--network-namespace", &ns, "--bpffs", &bpffs],
-        &[],
-    ));
+    // `remove` takes a pod off the eBPF datapath; where `auto` fell back (no usable eBPF),
+    // the fallback's own undo.
+    let undo: &[&str] = if interceptor_tests::ebpf_expected() {
+        &["remove", "--network-namespace", &ns, "--bpffs", &bpffs]
+    } else {
+        &[
+            "apply",
+            "--network-namespace",
+            &ns,
+            "--bpffs",
+            &bpffs,
+            "--ipv6",
+            "false",
+            "--cleanup-only",
+        ]
+    };
+    ok(bin::run(undo, &[]));
     assert_eq!(fx.state(), baseline, "eBPF control: not removed");
     // CLI, iptables: rules appear in the pod netns.
     ok(bin::run(
