@@ -429,14 +429,18 @@ fn cni_cases(fx: &Fixture) -> Vec<Case> {
         add(
             "annotation",
             "runAsUser -5 (istio-proxy securityContext)",
-            stdin(fx.conf(json!({"runAsUser": -5}))),
+            stdin(fx.conf(json!({"runAsUser": -5,
+                "podAnnotations": {"sidecar.istio.io/status": "{}"}}))),
             7,
             &["runAsUser", "-5"],
         ),
         add(
             "annotation",
             "runtimeConfig runAsGroup 2^32",
-            stdin(fx.conf(json!({"runtimeConfig": {"runAsGroup": 4294967296u64}}))),
+            stdin(
+                fx.conf(json!({"runtimeConfig": {"runAsGroup": 4294967296u64},
+                "podAnnotations": {"sidecar.istio.io/status": "{}"}})),
+            ),
             7,
             &["runAsGroup", "4294967296"],
         ),

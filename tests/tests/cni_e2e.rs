@@ -298,8 +298,20 @@ fn add_del_check_directly() {
         "ips": [{"version": "4", "address": format!("{}/24", topo.pod_v4()), "interface": 0}],
         "dns": {},
     });
-    // 0.4.0 config, no annotations: Istio's defaults apply; prevResult passed through.
-    let conf = our_conf(&d, json!({"cniVersion": "0.4.0", "prevResult": prev}));
+    // No annotations from the runtime and no pod watcher in the daemon: whether this is a
+    // mesh pod cannot be known, so the ADD fails for a retry and nothing is registered.
+    let blind = our_conf(&d, json!({"cniVersion": "0.4.0", "prevResult": prev}));
+    let e = ours("ADD", Some(ns), args, &blind).error();
+    assert_eq!(e["code"], 11, "{e}");
+    assert!(e["msg"].as_str().unwrap().contains("prod/api-1"), "{e}");
+    assert!(!registered(&d).contains(name));
+    // 0.4.0 config, an injected pod with no other annotations: Istio's defaults apply;
+    // prevResult passed through.
+    let conf = our_conf(
+        &d,
+        json!({"cniVersion": "0.4.0", "prevResult": prev,
+               "podAnnotations": {"sidecar.istio.io/status": "{}"}}),
+    );
     let r = ours("ADD", Some(ns), args, &conf);
     assert!(r.ok, "{r:?}");
     assert_eq!(r.json(), prev, "prevResult not passed through unchanged");
@@ -362,7 +374,11 @@ fn add_del_check_directly() {
     assert!(ours("CHECK", Some(ns), args, &plain).ok);
 
     // The iptables backend: CHECK looks for our chains in the pod's netns.
-    let ipt = our_conf(&d, json!({"backend": "iptables", "prevResult": prev}));
+    let ipt = our_conf(
+        &d,
+        json!({"backend": "iptables", "prevResult": prev,
+               "podAnnotations": {"sidecar.istio.io/status": "{}"}}),
+    );
     assert!(ours("ADD", Some(ns), args, &ipt).ok);
     assert!(registered(&d).contains("iptables"));
     let r = ours("CHECK", Some(ns), args, &ipt);

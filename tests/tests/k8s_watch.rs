@@ -475,6 +475,80 @@ fn cni_add_takes_annotations_from_the_daemons_watcher() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The CNI ADD decides "mesh this pod?" as Istio's plugin does from the pod object the watcher
+/// holds: a gateway (proxy `router`), a pod that still has `istio-init`, one without an
+/// `istio-proxy`, one labelled `sidecar.istio.io/inject=false` and one in an excluded namespace
+/// are passed through uncaptured (ADD succeeds, nothing registered, the reason said); a pod the
+/// watcher does not know (no annotations from the runtime either) fails the ADD with a
+/// retryable error (code 11) instead of being captured blindly.
+#[test]
+fn cni_add_skips_pods_istio_would_leave_alone_and_never_guesses() {
+    use interceptor_tests::topology::Topology;
+    let fake = FakeApiServer::start();
+    let inject = [("sidecar.istio.io/status", "{}")];
+    let mut gateway = pod("gw", "uid-gw", "node-a", &inject, "10.1.0.20");
+    gateway["spec"]["containers"][1]["args"] = json!(["proxy", "router"]);
+    let mut legacy = pod("legacy", "uid-legacy", "node-a", &inject, "10.1.0.21");
+    legacy["spec"]["initContainers"] = json!([{"name": "istio-init", "image": "proxyv2:1"}]);
+    let mut bare = pod("bare", "uid-bare", "node-a", &inject, "10.1.0.22");
+    bare["spec"]["containers"] = json!([{"name": "app", "image": "app:1"}]);
+    let mut off = pod("off", "uid-off", "node-a", &inject, "10.1.0.23");
+    off["metadata"]["labels"]["sidecar.istio.io/inject"] = json!("false");
+    let mut system = pod("dns", "uid-dns", "node-a", &inject, "10.1.0.24");
+    system["metadata"]["namespace"] = json!("kube-system");
+    let cases = [
+        (gateway, "shop/gw/uid-gw", "router"),
+        (legacy, "shop/legacy/uid-legacy", "istio-init"),
+        (bare, "shop/bare/uid-bare", "istio-proxy"),
+        (off, "shop/off/uid-off", "inject"),
+        (system, "kube-system/dns/uid-dns", "kube-system"),
+    ];
+    for (p, _, _) in &cases {
+        fake.add(p.clone());
+    }
+    let dir = std::env::temp_dir().join(format!("ic-kcfg-skip-{}", std::process::id()));
+    let d = daemon_for("k8sskip", &fake, &dir);
+    for (i, (_, id, why)) in cases.iter().enumerate() {
+        let topo = Topology::new(&format!("k8sskip{i}")).unwrap();
+        let parts: Vec<&str> = id.split('/').collect();
+        let args = format!(
+            "K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_UID={}",
+            parts[0], parts[1], parts[2]
+        );
+        let out = cni_add(&d, &topo, &args);
+        assert!(out.status.success(), "{id}: ADD {}", text(&out));
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            said.contains("not capturing") && said.contains(why),
+            "{id}: the reason ({why}) not said: {said}"
+        );
+        let ns = topo.pod_netns().to_str().unwrap().to_string();
+        assert!(
+            !d.pod(&["show", "--network-namespace", &ns])
+                .status
+                .success(),
+            "{id}: registered although Istio's plugin would skip it"
+        );
+    }
+    // Unknown to the watcher, no annotations from the runtime: no guess.
+    let topo = Topology::new("k8sskipu").unwrap();
+    let out = cni_add(
+        &d,
+        &topo,
+        "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=ghost;K8S_POD_UID=uid-g",
+    );
+    assert!(!out.status.success(), "unknown pod: ADD {}", text(&out));
+    let err: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(err["code"], 11, "{err}");
+    assert!(err["msg"].as_str().unwrap().contains("shop/ghost"), "{err}");
+    let ns = topo.pod_netns().to_str().unwrap().to_string();
+    assert!(!d
+        .pod(&["show", "--network-namespace", &ns])
+        .status
+        .success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Plugin → daemon → watcher by uid: a StatefulSet pod recreated under its name while the
 /// daemon's watch lags (its ADDED held back, its predecessor's DELETED delayed) is registered
 /// with its own annotations — the daemon waits for its uid — and when the watch has not caught

@@ -146,7 +146,10 @@ fn detect_ipv6(netns: &Path, dual_stack: bool) -> Result<bool, CniError> {
 }
 
 /// The pod as the config tells, or — when the runtime passed no annotations and the pod's
-/// identity is known — as the daemon's Kubernetes pod watcher knows it. The uid goes along: a
+/// identity is known — as the daemon's Kubernetes pod watcher knows it, which also tells when
+/// Istio's plugin would skip the pod for what only the pod object shows (`Ok(None)`). When
+/// neither can tell, the ADD fails for a retry: a pod is never captured blindly (one without a
+/// proxy would have every connection refused). The uid goes along: a
 /// watcher that still knows only an earlier pod of the same name fails the call (the kubelet
 /// retries the ADD) rather than give the new pod its predecessor's annotations. A pod with no
 /// Kubernetes identity gets the conflist's `defaultInterception`, or none: `Ok(None)`.
@@ -163,28 +166,44 @@ fn resolved_pod_info(conf: &NetConf, k8s: &K8sArgs) -> Result<Option<PodInfo>, C
         name: id.name,
         uid: (!id.uid.is_empty()).then_some(id.uid),
     };
-    Ok(Some(match call(&conf.socket, &req) {
+    let unknown = |why: String| {
+        CniError::new(
+            code::TRY_AGAIN,
+            format!(
+                "cannot tell whether pod {}/{} is a mesh pod: {why}",
+                k8s.namespace, k8s.name
+            ),
+            "nothing was registered; the runtime retries. The pod's annotations come from the \
+             runtime (containerd's io.kubernetes.cri.pod-annotations capability) or from the \
+             daemon's pod watcher (--node-name)",
+        )
+    };
+    match call(&conf.socket, &req) {
         Ok(Response::PodInfo {
             annotations,
             proxy_env,
             run_as_user,
             run_as_group,
-        }) => PodInfo {
-            annotations: Some(annotations),
-            proxy_env,
-            run_as_user,
-            run_as_group,
-        },
-        Ok(Response::Retry { message }) => {
-            return Err(CniError::new(
-                code::TRY_AGAIN,
-                format!("the interceptor daemon cannot tell this pod's annotations yet: {message}"),
-                "nothing was registered; retry",
-            ))
+            skip,
+        }) => {
+            if let Some(why) = skip {
+                note(format!(
+                    "not capturing the pod: {why} (as Istio's CNI plugin)"
+                ));
+                return Ok(None);
+            }
+            Ok(Some(PodInfo {
+                annotations: Some(annotations),
+                proxy_env,
+                run_as_user,
+                run_as_group,
+            }))
         }
-        // No watcher, or the pod is unknown: Istio's defaults, as without annotations.
-        _ => pi,
-    }))
+        Ok(Response::Retry { message }) => Err(unknown(message)),
+        Ok(Response::Error { message, .. }) => Err(unknown(message)),
+        Ok(_) => Err(unknown("the daemon gave an unexpected answer".into())),
+        Err(e) => Err(unreachable(&conf.socket, e)),
+    }
 }
 
 /// A pod without a Kubernetes identity (a runtime outside Kubernetes). Istio's annotations

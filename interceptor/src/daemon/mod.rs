@@ -6,6 +6,7 @@
 //! and a removal that cannot be finished is kept for retry without stopping the daemon.
 
 pub mod client;
+mod mesh;
 pub mod metrics;
 mod prefill;
 pub mod protocol;
@@ -454,12 +455,14 @@ impl Daemon {
         };
         match found {
             Lookup::Found(m) => {
+                let skip = mesh::not_mesh(&m);
                 let (annotations, proxy_env, run_as_user, run_as_group) = (*m).into_inputs();
                 Response::PodInfo {
                     annotations,
                     proxy_env,
                     run_as_user,
                     run_as_group,
+                    skip,
                 }
             }
             Lookup::OtherUid(known) => Response::Retry {

@@ -92,6 +92,11 @@ pub enum Response {
         proxy_env: std::collections::BTreeMap<String, String>,
         run_as_user: Option<i64>,
         run_as_group: Option<i64>,
+        /// Why Istio's CNI plugin would leave this pod alone, from the pod object (excluded
+        /// namespace, an `istio-init` container, no `istio-proxy`, a gateway's proxy, the
+        /// inject label, the annotations): the plugin then does not capture it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        skip: Option<String>,
     },
     Pong,
     /// The daemon cannot answer correctly yet (a pod's own watch event has not arrived): the
