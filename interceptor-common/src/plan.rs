@@ -68,19 +68,24 @@ pub fn is_loopback(addr: IpAddr) -> bool {
     }
 }
 
+/// A link-local unicast address: 169.254.0.0/16 or fe80::/10.
+pub fn is_link_local(addr: IpAddr) -> bool {
+    match addr {
+        IpAddr::V4(a) => a.is_link_local(),
+        IpAddr::V6(a) => a.segments()[0] & 0xffc0 == 0xfe80,
+    }
+}
+
 /// Istio's IPv6 switch from a pod's addresses in interface order (`getLocalIP(dualStack)` in
 /// tools/common/config): only addresses that are neither loopback nor link-local count
 /// (IPv4-mapped ones as IPv4). Without dual-stack the first such address decides; with it,
 /// any IPv6 one turns IPv6 rules on.
 pub fn ipv6_enabled(addrs: &[IpAddr], dual_stack: bool) -> bool {
-    let link_local = |a: &IpAddr| match a {
-        IpAddr::V4(a) => a.is_link_local(),
-        IpAddr::V6(a) => a.segments()[0] & 0xffc0 == 0xfe80 || a.segments()[0] == 0xff02,
-    };
+    let link_local_multicast = |a: &IpAddr| matches!(a, IpAddr::V6(a) if a.segments()[0] == 0xff02);
     let mut counted = addrs
         .iter()
         .map(IpAddr::to_canonical)
-        .filter(|a| !is_loopback(*a) && !link_local(a));
+        .filter(|a| !is_loopback(*a) && !is_link_local(*a) && !link_local_multicast(a));
     if dual_stack {
         counted.any(|a| a.is_ipv6())
     } else {

@@ -225,10 +225,7 @@ pub fn own_addrs_here() -> Result<(Vec<IpAddr>, Vec<IpAddr>)> {
 fn split_addrs(addrs: Vec<IpAddr>) -> (Vec<IpAddr>, Vec<IpAddr>) {
     let (mut global, mut link) = (Vec::new(), Vec::new());
     for ip in addrs {
-        let link_local = match ip {
-            IpAddr::V4(a) => a.is_link_local(),
-            IpAddr::V6(a) => a.segments()[0] & 0xffc0 == 0xfe80,
-        };
+        let link_local = interceptor_common::plan::is_link_local(ip);
         if ip.is_loopback() || ip.is_multicast() {
             continue;
         }

@@ -628,6 +628,15 @@ impl Default for ConnectOpts {
     }
 }
 
+/// Who answered a connection from `netns` as `uid` (its reply), or the error as text: for
+/// assertions that compare answers.
+pub fn reply_of(netns: &Path, uid: u32, dst: SocketAddr, timeout: Duration) -> String {
+    match connect_as(netns, uid, uid, dst, None, timeout) {
+        Ok(o) => o.reply,
+        Err(e) => format!("error: {e:#}"),
+    }
+}
+
 /// Connects from the namespace at `netns` to `dst` as `uid`/`gid`, optionally from
 /// `bind_src`, and reads one reply line. See [`connect_with`].
 pub fn connect_as(

@@ -23,7 +23,7 @@ use interceptor_tests::bin::interceptor_bin;
 use interceptor_tests::cni::{invoke, Invocation, Node, Run, Runtime};
 use interceptor_tests::daemon::DaemonProc;
 use interceptor_tests::sidecar::{Sidecar, SidecarConfig, TagServer};
-use interceptor_tests::topology::{connect_as, Topology};
+use interceptor_tests::topology::Topology;
 use serde_json::{json, Value};
 
 const UPSTREAM_PORT: u16 = 8080;
@@ -73,10 +73,7 @@ fn registered(d: &DaemonProc) -> String {
 }
 
 fn connect(netns: &Path, uid: u32, dst: SocketAddr) -> String {
-    match connect_as(netns, uid, uid, dst, None, TIMEOUT) {
-        Ok(o) => o.reply,
-        Err(e) => format!("error: {e:#}"),
-    }
+    interceptor_tests::topology::reply_of(netns, uid, dst, TIMEOUT)
 }
 
 #[test]

@@ -40,7 +40,7 @@ use interceptor_tests::cni::{Node, Runtime};
 use interceptor_tests::containerd::{missing_tools, Containerd};
 use interceptor_tests::image;
 use interceptor_tests::sidecar::{Sidecar, SidecarConfig, TagServer};
-use interceptor_tests::topology::{cgroup2_mount, connect_as};
+use interceptor_tests::topology::cgroup2_mount;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Container, PodSpec};
 use serde_json::{json, Value};
@@ -308,10 +308,7 @@ const DEFAULT_CAPS: &[&str] = &[
 ];
 
 fn connect(netns: &Path, uid: u32, dst: SocketAddr) -> String {
-    match connect_as(netns, uid, uid, dst, None, TIMEOUT) {
-        Ok(o) => o.reply,
-        Err(e) => format!("error: {e:#}"),
-    }
+    interceptor_tests::topology::reply_of(netns, uid, dst, TIMEOUT)
 }
 
 #[test]
