@@ -13,7 +13,9 @@ pub const IFNAMSIZ: usize = 16;
 /// no `/`, `:` or whitespace (the kernel's `isspace` also counts byte 0xA0). On top of that we
 /// refuse what cannot be quoted safely in an iptables-restore line or an nft string (`"`, `\`,
 /// control characters, any Unicode whitespace) and the two names iptables reads as something
-/// else: a lone `+` (every interface) and a lone `!` (negation).
+/// else: a lone `+` (every interface) and a lone `!` (negation). A name of the full 15 bytes that
+/// ends in a literal `*` is refused too: nft matches it only as `\*`, and its parser counts the
+/// backslash against the 16-byte limit, so no nft rule can name that interface exactly.
 pub fn interface_name_problem(name: &str) -> Option<String> {
     if name.is_empty() {
         return Some("an interface name cannot be empty".into());
@@ -47,6 +49,12 @@ pub fn interface_name_problem(name: &str) -> Option<String> {
     if name.bytes().any(|b| b == 0xA0) {
         return Some("contains byte 0xA0, which Linux counts as whitespace".into());
     }
+    if name.len() == IFNAMSIZ - 1 && name.ends_with('*') {
+        return Some(format!(
+            "{} bytes ending in a literal '*': nft can only match it escaped (\\*), which is one byte over its limit",
+            name.len()
+        ));
+    }
     None
 }
 
@@ -66,6 +74,8 @@ mod tests {
             "...",
             "é",
             "123456789012345",
+            "12345678901234+",
+            "1234567890123*",
         ] {
             assert_eq!(interface_name_problem(ok), None, "{ok:?}");
         }
@@ -91,6 +101,7 @@ mod tests {
             ("a\u{7f}", "control"),
             ("+", "wildcard"),
             ("!", "negation"),
+            ("0a#a000#aaa0a0*", "literal '*'"),
         ] {
             let why = interface_name_problem(bad).unwrap_or_else(|| panic!("{bad:?} accepted"));
             assert!(why.contains(rule), "{bad:?}: {why}");

@@ -414,6 +414,8 @@ fn ifname_list() -> impl Strategy<Value = String> {
     let name = prop_oneof![
         "[!-~]{1,15}",
         "[a-z0-9]{1,6}[+*]",
+        // The IFNAMSIZ edge, where an escaped or translated wildcard can overflow a tool's limit.
+        "[!-~]{13,14}[+*]",
         "[\"\\\\;#{}$@*+!.:/-]{1,4}[a-z]{0,4}",
         ".{1,6}",
     ];
