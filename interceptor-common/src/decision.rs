@@ -461,6 +461,19 @@ pub fn bind_allowed<T: PodTables>(p: &PodPolicy, t: &T, port: u16, uid: u32, gid
     !p.has(flags::BIND_GUARD) || !t.proxy_port_guarded(port) || is_proxy(p, uid, gid)
 }
 
+/// Raw IP sockets (`socket(AF_INET[6], SOCK_RAW, …)`, with CAP_NET_RAW, which container runtimes
+/// grant by default): their hand-made packets pass no connect hook, while Istio's nat OUTPUT
+/// chain rewrites them like any packet (TCP to the proxy, DNS to 15053). A socket hook cannot
+/// redirect a packet, so in a meshed pod the eBPF path refuses the socket itself to everyone but
+/// the proxy. Every raw socket can carry TCP (`IPPROTO_RAW`, or `IP_HDRINCL` on an ICMP one), so
+/// the protocol does not matter. IPv6 ones only where the pod's IPv6 rules are on: otherwise
+/// istio-iptables installs no ip6tables rules and lets them through. Ping keeps working through
+/// unprivileged ICMP sockets (`SOCK_DGRAM`), which send nothing but ICMP echo.
+#[inline(always)]
+pub fn raw_socket_allowed(p: &PodPolicy, v6: bool, uid: u32, gid: u32) -> bool {
+    (v6 && !p.has(flags::IPV6)) || is_proxy(p, uid, gid)
+}
+
 /// Whether an established TCP connection of this pod is accelerated (`--accelerate`): both of
 /// its sockets go into the sk_msg SockHash and hand their data straight to each other.
 #[inline(always)]

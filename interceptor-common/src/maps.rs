@@ -89,6 +89,9 @@ pub mod stat {
     pub const OUT_PASS: u32 = 8;
     /// Inbound passes: `IN_PASS + Reason as u32`.
     pub const IN_PASS: u32 = 32;
+    /// Raw IP sockets refused to a non-proxy process (see `decision::raw_socket_allowed`).
+    /// After the inbound passes (`IN_PASS` + the last `Reason`).
+    pub const RAW_DENIED: u32 = 58;
     /// Redirects refused (connect fails with EPERM) because the pod had `TUPLE_QUOTA`
     /// connections waiting for the proxy already.
     pub const OUT_QUOTA_REFUSED: u32 = 62;

@@ -578,4 +578,33 @@ mod inbound_tests {
             1000
         ));
     }
+
+    #[test]
+    fn raw_sockets_only_for_the_proxy_and_v6_only_with_ipv6_rules() {
+        let v6_on: Config = RawConfig {
+            enable_ipv6: true,
+            ..Default::default()
+        }
+        .parse()
+        .unwrap();
+        let on = pod_policy(&v6_on, 1);
+        let off = pod_policy(&RawConfig::default().parse().unwrap(), 2);
+        for p in [&on, &off] {
+            assert!(!decision::raw_socket_allowed(p, false, 1000, 1000));
+            assert!(!decision::raw_socket_allowed(p, false, 0, 0), "root is an app too");
+            assert!(decision::raw_socket_allowed(p, false, 1337, 1000));
+            assert!(decision::raw_socket_allowed(p, false, 1000, 1337), "proxy gid");
+        }
+        assert!(!decision::raw_socket_allowed(&on, true, 1000, 1000));
+        // istio-iptables writes no ip6tables rules then: IPv6 raw packets pass it untouched.
+        assert!(decision::raw_socket_allowed(&off, true, 1000, 1000));
+    }
+
+    #[test]
+    fn the_raw_socket_counter_follows_every_pass_counter() {
+        use crate::maps::stat;
+        let last = Reason::ALL.iter().map(|r| *r as u32).max().unwrap();
+        assert!(stat::IN_PASS + last < stat::RAW_DENIED);
+        assert!(stat::RAW_DENIED < stat::OUT_QUOTA_REFUSED);
+    }
 }

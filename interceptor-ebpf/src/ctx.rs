@@ -18,7 +18,10 @@ use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile, NonNull};
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_ops},
     helpers::bpf_get_netns_cookie,
-    programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext, SockoptContext},
+    programs::{
+        SkLookupContext, SkMsgContext, SockAddrContext, SockContext, SockOpsContext,
+        SockoptContext,
+    },
     EbpfContext,
 };
 use interceptor_common::{decision::Addr, maps::v6_bytes};
@@ -27,6 +30,7 @@ pub const AF_INET: u32 = 2;
 pub const AF_INET6: u32 = 10;
 pub const IPPROTO_TCP: u32 = 6;
 pub const IPPROTO_UDP: u32 = 17;
+pub const SOCK_RAW: u32 = 3;
 pub const SOL_IP: i32 = 0;
 pub const SOL_IPV6: i32 = 41;
 
@@ -173,6 +177,18 @@ pub fn sock_addr_bound_src(ctx: &SockAddrContext, v6: bool) -> Option<Addr> {
         src = None;
     }
     src
+}
+
+/// `(family, type)` of the socket being created (`cgroup/sock_create`).
+#[inline(always)]
+pub fn created_family_type(ctx: &SockContext) -> (u32, u32) {
+    // SAFETY: see the module documentation; `family` and `type` are readable at sock_create.
+    unsafe {
+        (
+            read_volatile(addr_of!((*ctx.sock).family)),
+            read_volatile(addr_of!((*ctx.sock).type_)),
+        )
+    }
 }
 
 /// `protocol` of a sock_addr hook's socket (IPPROTO_*).

@@ -10,6 +10,7 @@
 //! | `sockops` | `ic_sockops`: hands the original destination to the proxy's accepted socket through a tuple entry (a bounded per-pod quota of them); registers the proxy's inbound listener. |
 //! | `sockopt` | `ic_getsockopt`: answers SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST, on the proxy's sockets only. |
 //! | `sk_lookup` | `ic_sk_lookup`: inbound connections to captured ports of any non-loopback local address go to the proxy's listener; reached by tail call from each pod netns's own tiny program. |
+//! | `sock` | `ic_sock_create`: raw IP sockets, which pass no connect hook, refused in meshed pods to all but the proxy. |
 //! | `accel` | `ic_sk_msg` (`--accelerate` pods): data on an app↔proxy loopback connection goes straight to the peer socket's receive queue. |
 //! | `maps` | every map, its size and why; the globals the loader sets. |
 //! | `ctx` | every raw context read and write. |
@@ -38,18 +39,27 @@ mod ctx;
 mod maps;
 mod sk;
 mod sk_lookup;
+mod sock;
 mod sock_addr;
 mod sockops;
 mod sockopt;
 mod tables;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, cgroup_sockopt, sk_lookup, sk_msg, sock_ops},
-    programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext, SockoptContext},
+    macros::{cgroup_sock, cgroup_sock_addr, cgroup_sockopt, sk_lookup, sk_msg, sock_ops},
+    programs::{
+        SkLookupContext, SkMsgContext, SockAddrContext, SockContext, SockOpsContext,
+        SockoptContext,
+    },
 };
 
 // cgroup sock_addr: each pair is one handler, called with `v6`. Returning 0 fails the call
 // with EPERM; bind's verdict is the bind guard's.
+
+#[cgroup_sock(sock_create)]
+pub fn ic_sock_create(ctx: SockContext) -> i32 {
+    sock::create(&ctx)
+}
 
 #[cgroup_sock_addr(connect4)]
 pub fn ic_connect4(ctx: SockAddrContext) -> i32 {

@@ -24,3 +24,6 @@ mod netfilter;
 
 #[path = "escape/userns.rs"]
 mod userns;
+
+#[path = "escape/raw.rs"]
+mod raw;

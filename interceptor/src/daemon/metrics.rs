@@ -234,6 +234,12 @@ fn snapshot(d: &Daemon) -> Snapshot {
             l("outbound", &[]),
             c[stat::BIND_DENIED as usize],
         ));
+        s.counters.push((
+            "interceptor_raw_sockets_denied",
+            "Raw IP sockets refused to a non-proxy process (their packets would pass no socket hook)",
+            l("outbound", &[]),
+            c[stat::RAW_DENIED as usize],
+        ));
         for (base, dir) in [(stat::OUT_PASS, "outbound"), (stat::IN_PASS, "inbound")] {
             for r in Reason::ALL {
                 let v = c.get((base + r as u32) as usize).copied().unwrap_or(0);

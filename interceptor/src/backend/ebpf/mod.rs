@@ -55,6 +55,7 @@ pub const LINKED_PROGRAMS: &[&str] = &[
     "ic_sockops",
     "ic_getpeername4",
     "ic_getpeername6",
+    "ic_sock_create",
 ];
 /// Programs of earlier versions: their link pins are removed with the others.
 const LEGACY_PROGRAMS: &[&str] = &["ic_sock_release"];

@@ -34,6 +34,8 @@ const HOOKS: &[(&str, &str, (u8, u8))] = &[
     ("ic_getpeername4", rows::GETPEERNAME4, (5, 8)),
     ("ic_getpeername6", rows::GETPEERNAME6, (5, 8)),
     ("ic_sk_lookup", rows::SK_LOOKUP, (5, 9)),
+    // sock_create itself is 4.10; the netns cookie in it 5.7.
+    ("ic_sock_create", "cgroup/sock_create", (5, 7)),
     // sk_msg itself is 4.17; its netns cookie (which keys the acceleration map) 5.15.
     ("ic_sk_msg", rows::SK_MSG, (5, 15)),
 ];
