@@ -3,13 +3,15 @@
 
 use ipnet::IpNet;
 
-/// A validation error: which flag, which value, and why.
+/// A validation error: which flag, which value (or that it is missing), and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid value {value:?} for {flag}: {reason}")]
+#[error("{}", self.sentence())]
 pub struct ConfigError {
     pub flag: &'static str,
     pub value: String,
     pub reason: String,
+    /// The flag was needed and not given (`value` is empty then).
+    pub missing: bool,
 }
 
 impl ConfigError {
@@ -18,6 +20,26 @@ impl ConfigError {
             flag,
             value: value.into(),
             reason: reason.into(),
+            missing: false,
+        }
+    }
+
+    /// A flag the command needs here and did not get.
+    pub fn missing(flag: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            missing: true,
+            ..Self::new(flag, "", reason)
+        }
+    }
+
+    fn sentence(&self) -> String {
+        if self.missing {
+            format!("missing {}: {}", self.flag, self.reason)
+        } else {
+            format!(
+                "invalid value {:?} for {}: {}",
+                self.value, self.flag, self.reason
+            )
         }
     }
 }

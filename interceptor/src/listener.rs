@@ -147,6 +147,51 @@ fn listening_sockets(socket: &netlink_sys::Socket, v6: bool) -> Result<Vec<(u16,
         .collect())
 }
 
+/// Whether a TCP connection in the caller's netns has local port `port` and remote `peer`, in
+/// any state but listening (in the accept queue, accepted, or already closing): the far end of
+/// a connection made from `peer`, as the kernel sees it whatever rewrote the destination on the
+/// way (NAT or a connect hook). Both families: a dual-stack listener's end is IPv4-mapped.
+pub fn connected_to(port: u16, peer: std::net::SocketAddr) -> Result<bool> {
+    use netlink_packet_sock_diag::{
+        constants::{AF_INET, AF_INET6, IPPROTO_TCP},
+        inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
+        SockDiagMessage,
+    };
+    let mapped = match peer.ip() {
+        std::net::IpAddr::V4(a) => std::net::IpAddr::V6(a.to_ipv6_mapped()),
+        ip => ip,
+    };
+    let socket = crate::netlink::socket(netlink_sys::protocols::NETLINK_SOCK_DIAG)?;
+    for v6 in [false, true] {
+        let req = SockDiagMessage::InetRequest(InetRequest {
+            family: if v6 { AF_INET6 } else { AF_INET },
+            protocol: IPPROTO_TCP,
+            extensions: ExtensionFlags::empty(),
+            states: StateFlags::all().difference(StateFlags::LISTEN),
+            socket_id: if v6 {
+                SocketId::new_v6()
+            } else {
+                SocketId::new_v4()
+            },
+        });
+        let found = crate::netlink::dump(&socket, req, "sock_diag")?
+            .into_iter()
+            .any(|m| match m {
+                SockDiagMessage::InetResponse(r) => {
+                    let id = &r.header.socket_id;
+                    id.source_port == port
+                        && id.destination_port == peer.port()
+                        && (id.destination_address == peer.ip() || id.destination_address == mapped)
+                }
+                _ => false,
+            });
+        if found {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// Duplicate fds of the proxy's existing inbound listeners among a netns's `listening` sockets
 /// (at most one per family, flagged true for IPv6).
 pub fn find_proxy_listeners(

@@ -186,6 +186,18 @@ pub fn identity(path: &Path) -> Result<u64> {
     }
 }
 
+/// This process's own netns in words, for a loud notice: `net:[inode]`, and whether it is the
+/// one PID 1 lives in (the host's, when PID 1 is the node's init).
+pub fn describe_own() -> String {
+    let link = |p: &str| std::fs::read_link(p).map(|l| l.display().to_string());
+    match (link("/proc/self/ns/net"), link("/proc/1/ns/net")) {
+        (Ok(own), Ok(init)) if own == init => format!("{own}, the same as PID 1's"),
+        (Ok(own), Ok(_)) => format!("{own}, not PID 1's"),
+        (Ok(own), Err(_)) => own,
+        (Err(e), _) => format!("unknown: {e}"),
+    }
+}
+
 /// SO_NETNS_COOKIE (Linux 5.14+) of a socket: the cookie of the netns it was created in.
 pub fn socket_cookie(sock: BorrowedFd<'_>) -> std::io::Result<u64> {
     let mut cookie: u64 = 0;

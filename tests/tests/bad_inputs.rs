@@ -149,6 +149,7 @@ fn cli_cases() -> Vec<Case> {
         },
         named: s(&[flag, value]),
     };
+    // A value from the environment is named by its variable too (and the flag it stands for).
     let env = |vars: &[(&str, &str)], flag: &str, value: &str| Case {
         kind: "env var",
         what: format!("{vars:?}"),
@@ -159,7 +160,10 @@ fn cli_cases() -> Vec<Case> {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
         },
-        named: s(&[flag, value]),
+        named: s(&[flag, value])
+            .into_iter()
+            .chain(vars.iter().map(|(k, _)| k.to_string()))
+            .collect(),
     };
     let many_groups = (0..65).map(|i| i.to_string()).collect::<Vec<_>>().join(",");
     let mut v = vec![

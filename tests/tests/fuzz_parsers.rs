@@ -537,7 +537,6 @@ const CLI_FLAGS: &[&str] = &[
 
 /// The argv after `interceptor explain --uid 1 --dst 10.0.0.1:80 --ipv6 false`.
 fn check_cli(args: &Vec<String>) -> Result<bool, String> {
-    use clap::Parser;
     let mut argv: Vec<String> = [
         "interceptor",
         "explain",
@@ -552,9 +551,13 @@ fn check_cli(args: &Vec<String>) -> Result<bool, String> {
     .map(|s| s.to_string())
     .collect();
     argv.extend(args.iter().cloned());
-    match interceptor::cli::Cli::try_parse_from(&argv) {
-        Ok(interceptor::cli::Cli {
-            command: interceptor::cli::Command::Explain(a),
+    match interceptor::cli::parse_from(&argv) {
+        Ok(interceptor::cli::Parsed {
+            cli:
+                interceptor::cli::Cli {
+                    command: interceptor::cli::Command::Explain(a),
+                },
+            ..
         }) => {
             // The full validation path, without touching any netns.
             let raw = a.apply.raw_config().map_err(|e| e.to_string());
@@ -564,10 +567,12 @@ fn check_cli(args: &Vec<String>) -> Result<bool, String> {
             })
         }
         Ok(other) => Err(format!("explain parsed as another command: {other:?}")),
-        Err(e) => {
-            // clap's own errors: usage errors and help/version output, never an empty message.
-            if e.to_string().trim().is_empty() {
-                return Err(format!("empty clap error for {args:?}"));
+        // Help and version output.
+        Err(interceptor::cli::Stop::Display(_)) => Ok(false),
+        // Usage errors in our one style: a sentence that names the flag it is about.
+        Err(interceptor::cli::Stop::Usage(msg)) => {
+            if msg.trim().is_empty() || msg.starts_with("error:") || msg.contains("Usage:") {
+                return Err(format!("usage error not in our style for {args:?}: {msg:?}"));
             }
             Ok(false)
         }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use interceptor_tests::bin;
 use interceptor_tests::cases::Flavor;
 use interceptor_tests::ebpf::EbpfInstall;
+use interceptor_tests::sidecar::TagServer;
 use interceptor_tests::topology::Topology;
 
 /// A bare pod plus its private eBPF installation (dropped first: detaches what apply loaded).
@@ -234,5 +235,81 @@ fn bad_flags_exit_2() {
         v.show(&format!("{args:?}"));
         assert_eq!(v.code, Some(2), "{args:?}: {}", v.stderr);
         assert!(v.stderr.contains(flag), "{args:?}: {}", v.stderr);
+    }
+}
+
+/// A running pod, as deploy/README.md uses `validate` on a node: the proxy (the test sidecar,
+/// uid 1337) already holds 15001 and 15006, so validate cannot listen there. Each probe must then
+/// reach the proxy's port, found in the kernel's socket table; and the proxy itself saw both
+/// probes with their original destinations.
+fn running(flavor: Flavor, tag: &str) {
+    let pod = BarePod::new(tag);
+    pod.apply(flavor, &["-i", "*"]);
+    let proxy = TagServer::spawn(
+        pod.topo.pod_netns(),
+        "sidecar",
+        &[15001, 15006],
+        Some((1337, 1337)),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let v = pod.validate(&["--probe-timeout", "3s"]);
+    v.show(&format!("running {flavor:?}"));
+    assert_eq!(v.code, Some(0), "{}{}", v.stdout, v.stderr);
+    for want in [
+        "a running pod: its proxy already listens on ports 15001 and 15006",
+        "ok: inbound redirect check: uid 1337 connection from 127.0.0.1:",
+        "to 127.0.0.6:15002 reached the proxy's port 15006",
+        "ok: outbound redirect check: uid 65534 connection from ",
+        "to 192.0.2.1:15002 reached the proxy's port 15001",
+        "validation passed",
+    ] {
+        assert!(v.stdout.contains(want), "no {want:?} in\n{}", v.stdout);
+    }
+    let seen = proxy.records();
+    for (port, orig) in [(15006, "127.0.0.6:15002"), (15001, "192.0.2.1:15002")] {
+        let orig: std::net::SocketAddr = orig.parse().unwrap();
+        assert!(
+            seen.iter()
+                .any(|r| r.listener_port == port && r.original_dst == Some(orig)),
+            "the proxy saw no probe to {orig} on {port}: {seen:?}"
+        );
+    }
+}
+
+#[test]
+fn running_pod_validates_on_iptables() {
+    running(Flavor::IptablesNft, "vrunipt");
+}
+
+#[test]
+fn running_pod_validates_on_ebpf() {
+    running(Flavor::Ebpf, "vrunebpf");
+}
+
+/// A proxy running in a pod nothing intercepts: validate must not mistake the proxy's listeners
+/// for capture.
+#[test]
+fn running_pod_without_interception_fails_with_126() {
+    let pod = BarePod::new("vrunnone");
+    let _proxy = TagServer::spawn(
+        pod.topo.pod_netns(),
+        "sidecar",
+        &[15001, 15006],
+        Some((1337, 1337)),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let v = pod.validate(&["--probe-timeout", "2s"]);
+    v.show("running, uncaptured");
+    assert_eq!(v.code, Some(126), "{}{}", v.stdout, v.stderr);
+    assert!(
+        v.stdout.contains("a running pod"),
+        "not judged as a running pod:\n{}",
+        v.stdout
+    );
+    for want in [
+        "FAILED: inbound redirect check:",
+        "FAILED: outbound redirect check:",
+    ] {
+        assert!(v.stderr.contains(want), "no {want:?} in\n{}", v.stderr);
     }
 }

@@ -35,7 +35,7 @@ fn apply_ebpf(args: &ApplyArgs, cfg: &Config) -> Result<&'static str> {
             "pod was not registered"
         });
     }
-    let loaded = install::load_programs(&pins, &args.ebpf.settings(), args.ebpf_log)?;
+    let loaded = install::load_programs(&pins, &args.ebpf.loading(args.no_counters), args.ebpf_log)?;
     let handle = install::register_ebpf(&pins, netns, cfg, None)?;
     tracing::info!(
         cookie = handle.netns_cookie,
@@ -56,6 +56,22 @@ pub fn run(args: &ApplyArgs) -> Result<Result<(), ConfigError>> {
         Ok(c) => c,
         Err(e) => return Ok(Err(e)),
     };
+    // Acting on the caller's own netns must be asked for: on a node that is the host's.
+    let acts = !(args.dry_run || args.run_validation || args.skip_rule_apply);
+    if acts && args.network_namespace.is_none() {
+        if !args.host {
+            return Ok(Err(ConfigError::missing(
+                "--network-namespace",
+                "apply changes a network namespace's interception: name the pod's \
+                 (--network-namespace /var/run/netns/NAME), or pass --host to act on this \
+                 process's own (on a node, the host's)",
+            )));
+        }
+        eprintln!(
+            "interceptor: --host: acting on this process's OWN network namespace ({}), not a pod's",
+            crate::netns::describe_own()
+        );
+    }
     if args.cni_mode {
         if args.network_namespace.is_none() {
             return Ok(Err(ConfigError::new(

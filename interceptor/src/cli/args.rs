@@ -26,22 +26,26 @@ pub struct EbpfArgs {
     /// cgroup v2 directory the programs attach to (default: the cgroup v2 root, detected).
     #[arg(long, env = "INTERCEPTOR_CGROUP")]
     pub cgroup: Option<PathBuf>,
-    /// Load the programs without per-pod counters (the verifier prunes the counting code);
-    /// for measuring what counting costs. Applies when the programs are loaded.
-    #[arg(long)]
-    pub no_counters: bool,
 }
 
 impl EbpfArgs {
-    /// The neutral settings the services take.
+    /// The neutral settings the services take, for commands that never load programs.
     pub fn settings(&self) -> EbpfSettings {
+        self.loading(false)
+    }
+
+    /// The settings of a command that may load the programs (`apply`, `daemon`).
+    pub fn loading(&self, no_counters: bool) -> EbpfSettings {
         EbpfSettings {
             bpffs: self.bpffs.clone(),
             cgroup: self.cgroup.clone(),
-            no_counters: self.no_counters,
+            no_counters,
         }
     }
 }
+
+/// `--no-counters`, on the commands that load the programs.
+pub const NO_COUNTERS_HELP: &str = "Load the programs without per-pod counters (the verifier prunes the counting code); for measuring what counting costs. Applies when the programs are loaded";
 
 #[derive(Args, Debug, Clone)]
 pub struct SocketArgs {
@@ -230,9 +234,14 @@ pub struct ApplyArgs {
     /// Skip applying rules.
     #[arg(long, env = "SKIP_RULE_APPLY", value_parser = go_bool, num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
     pub skip_rule_apply: bool,
-    /// Apply inside this network namespace (a path such as /var/run/netns/NAME).
+    /// Apply inside this network namespace (a path such as /var/run/netns/NAME). `apply` needs
+    /// it, or `--host`.
     #[arg(long, env = "NETWORK_NAMESPACE")]
     pub network_namespace: Option<PathBuf>,
+    /// Act on this process's own network namespace: on a node, the HOST's (or, run inside a
+    /// pod as istio-init is, that pod's). Without it `apply` needs --network-namespace.
+    #[arg(long, conflicts_with = "network_namespace")]
+    pub host: bool,
     /// Re-apply when the installed rules drifted from the wanted ones.
     #[arg(long, env = "RECONCILE", value_parser = go_bool, num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
     pub reconcile: bool,
@@ -252,7 +261,7 @@ pub struct ApplyArgs {
     #[arg(long, env = "INTERCEPTOR_BACKEND", value_parser = backend_parser(), default_value = "auto")]
     pub backend: BackendKind,
     /// IPv6 rules on or off (default: detected from the target netns's addresses, as Istio does).
-    #[arg(long, value_parser = clap::builder::BoolishValueParser::new())]
+    #[arg(long, value_parser = go_bool)]
     pub ipv6: Option<bool>,
     /// DNS servers to capture, comma list of v4/v6 (default: the resolv.conf in effect).
     #[arg(long)]
@@ -264,7 +273,7 @@ pub struct ApplyArgs {
     /// eBPF path: app↔proxy loopback connections hand their data straight to the peer socket
     /// (sockops + sk_msg), skipping the loopback TCP stack. Refused with --backend
     /// iptables/nftables; ignored (with a warning) when `auto` falls back.
-    #[arg(long, env = "INTERCEPTOR_ACCELERATE", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false", num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, env = "INTERCEPTOR_ACCELERATE", value_parser = go_bool, default_value = "false", num_args = 0..=1, default_missing_value = "true")]
     pub accelerate: bool,
     /// The daemon's control socket: when a daemon answers there, `apply` registers through it.
     #[arg(
@@ -274,8 +283,10 @@ pub struct ApplyArgs {
     )]
     pub socket: PathBuf,
     /// Log decisions from the eBPF programs (compiled out of the hot path unless set at load).
-    #[arg(long, env = "INTERCEPTOR_EBPF_LOG")]
+    #[arg(long, env = "INTERCEPTOR_EBPF_LOG", value_parser = go_bool, num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
     pub ebpf_log: bool,
+    #[arg(long, help = NO_COUNTERS_HELP)]
+    pub no_counters: bool,
     #[command(flatten)]
     pub ebpf: EbpfArgs,
 }

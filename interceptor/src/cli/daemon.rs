@@ -40,6 +40,8 @@ pub struct DaemonArgs {
     /// Load the programs with decision logging on (see `interceptor logs`).
     #[arg(long)]
     pub ebpf_log: bool,
+    #[arg(long, help = super::args::NO_COUNTERS_HELP)]
+    pub no_counters: bool,
     #[command(flatten)]
     pub ebpf: EbpfArgs,
     #[command(flatten)]
@@ -104,7 +106,7 @@ impl DaemonArgs {
             state_dir: self.state_dir.clone(),
             metrics_addr: self.metrics_addr.clone(),
             ebpf_log: self.ebpf_log,
-            ebpf: self.ebpf.settings(),
+            ebpf: self.ebpf.loading(self.no_counters),
             k8s: self.k8s.access(),
             repair: repair::Settings {
                 policy: self.repair,

@@ -33,6 +33,38 @@ pub struct ExplainArgs {
     pub apply: ApplyArgs,
 }
 
+/// `apply`'s flags that act rather than describe the pod's config: `explain` takes `apply`'s
+/// flags so a pod's istio-iptables line can be pasted, but these would do nothing here, so they
+/// are hidden from its help and refused when given (`errors::parse_from`).
+const APPLY_ONLY: &[&str] = &[
+    "dry_run",
+    "run_validation",
+    "iptables_probe_port",
+    "probe_timeout",
+    "cni_mode",
+    "skip_rule_apply",
+    "reconcile",
+    "cleanup_only",
+    "force_apply",
+    "native_nftables",
+    "force_iptables_binary",
+    "backend",
+    "host",
+    "socket",
+    "ebpf_log",
+    "no_counters",
+    "bpffs",
+    "cgroup",
+];
+
+pub(super) fn hide_apply_only(a: clap::Arg) -> clap::Arg {
+    if APPLY_ONLY.contains(&a.get_id().as_str()) {
+        a.hide(true)
+    } else {
+        a
+    }
+}
+
 /// Validation errors come back as `Ok(Err(ConfigError))` (exit 2).
 pub fn run(args: &ExplainArgs) -> Result<Result<(), ConfigError>> {
     let cfg = match args.apply.load() {

@@ -6,6 +6,7 @@ mod args;
 mod cni;
 mod daemon;
 pub mod doctor;
+mod errors;
 mod explain;
 mod logs;
 mod pod;
@@ -20,6 +21,7 @@ pub use args::{ApplyArgs, EbpfArgs, OutputFormat, SocketArgs};
 pub use cni::CniInstallArgs;
 pub use daemon::{DaemonArgs, K8sArgs};
 pub use doctor::DoctorArgs;
+pub use errors::{parse_from, Parsed, Stop};
 pub use explain::ExplainArgs;
 pub use logs::LogsArgs;
 pub use pod::{PodAddArgs, PodCommand, PodRefArgs, PodShowArgs};
@@ -58,6 +60,7 @@ pub enum Command {
     Doctor(DoctorArgs),
     /// The verdict for one connection of a pod (redirect to which port, or pass) and the rule
     /// that decided it, from the same decision model the eBPF programs follow.
+    #[command(mut_args(explain::hide_apply_only))]
     Explain(Box<ExplainArgs>),
     /// Check that interception works in a pod, as Istio's istio-validation does: exit 0 when
     /// it does, 126 when not. Runs as the proxy uid/gid with no capabilities.

@@ -111,19 +111,23 @@ impl State {
     }
 }
 
-/// On the proxy thread: listen, probe every second until both checks passed or time is up.
-pub(super) fn probe_loop(
-    p: &Params,
-    started_as_root: bool,
-    app: u32,
-    app_ready: std::result::Result<(), String>,
-    req_tx: mpsc::Sender<()>,
-    resp_rx: mpsc::Receiver<Result<Dial>>,
-) -> Result<Report> {
+/// Listeners on loopback at `-p` and `-z` (and `[::1]` when IPv6 loopback is up), or None when
+/// the ports are taken already: the pod's proxy is running.
+fn own_listeners(p: &Params) -> Result<Option<Vec<(TcpListener, SocketAddr)>>> {
+    let in_use = |e: &anyhow::Error| {
+        e.chain().any(|c| {
+            c.downcast_ref::<io::Error>()
+                .is_some_and(|e| e.raw_os_error() == Some(libc::EADDRINUSE))
+        })
+    };
     let mut listeners: Vec<(TcpListener, SocketAddr)> = Vec::new();
     for port in [p.proxy_port, p.inbound_capture_port] {
         let addr = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
-        listeners.push((listen(addr, p.proxy_uid)?, addr));
+        match listen(addr, p.proxy_uid) {
+            Ok(l) => listeners.push((l, addr)),
+            Err(e) if in_use(&e) => return Ok(None),
+            Err(e) => return Err(e),
+        }
     }
     // [::1] too when IPv6 loopback is up here (binding it tells).
     let v6_addr = SocketAddr::new(Ipv6Addr::LOCALHOST.into(), p.proxy_port);
@@ -141,6 +145,93 @@ pub(super) fn probe_loop(
             ) => {}
         Err(e) => bail!("cannot listen on {v6_addr} as uid {}: {e}", p.proxy_uid),
     }
+    Ok(Some(listeners))
+}
+
+/// A running pod: wait (until `tick_end`) for the probes' connects to finish, and judge each
+/// finished one by where its far end is — on the check's port, or elsewhere.
+fn judge_live(
+    probes: &mut VecDeque<Probe>,
+    tick_end: Instant,
+    inbound: &mut State,
+    outbound: &mut State,
+    proxy_uid: u32,
+    app: u32,
+) -> Result<()> {
+    while Instant::now() < tick_end && (inbound.open() || outbound.open()) {
+        let mut pfds: Vec<libc::pollfd> = probes
+            .iter()
+            .map(|pr| libc::pollfd {
+                fd: pr.fd.as_raw_fd(),
+                events: libc::POLLOUT,
+                revents: 0,
+            })
+            .collect();
+        let wait = (tick_end - Instant::now()).as_millis().clamp(1, 1000) as libc::c_int;
+        // SAFETY: a valid array of pollfds (possibly empty, then it only waits).
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, wait) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e).context("poll");
+        }
+        let mut done = vec![];
+        for (i, pr) in probes.iter().enumerate() {
+            if pfds[i].revents == 0 {
+                continue;
+            }
+            done.push(i);
+            let st = match pr.check {
+                Check::Inbound => &mut *inbound,
+                Check::Outbound => &mut *outbound,
+            };
+            let err = nix::sys::socket::getsockopt(&pr.fd, nix::sys::socket::sockopt::SocketError)
+                .unwrap_or(libc::EIO);
+            let Some(local) = pr.local.filter(|_| err == 0) else {
+                st.client = Some(describe_errno(Errno::from_raw(err)));
+                continue;
+            };
+            let who = match pr.check {
+                Check::Inbound => format!("uid {proxy_uid}"),
+                Check::Outbound => format!("uid {app}"),
+            };
+            let want = st.want_orig;
+            if crate::listener::connected_to(st.want_port, local)? {
+                st.passed = Some(format!(
+                    "{who} connection from {local} to {want} reached the proxy's port {}",
+                    st.want_port
+                ));
+            } else {
+                st.wrong = Some(format!(
+                    "{who} connection from {local} to {want} connected, but not to port {}: \
+                     something else answered (not captured)",
+                    st.want_port
+                ));
+            }
+        }
+        for i in done.into_iter().rev() {
+            probes.remove(i);
+        }
+    }
+    Ok(())
+}
+
+/// On the proxy thread: listen, probe every second until both checks passed or time is up.
+pub(super) fn probe_loop(
+    p: &Params,
+    started_as_root: bool,
+    app: u32,
+    app_ready: std::result::Result<(), String>,
+    req_tx: mpsc::Sender<()>,
+    resp_rx: mpsc::Receiver<Result<Dial>>,
+) -> Result<Report> {
+    // Our own listeners, as istio-validation has before the proxy starts; in a running pod
+    // the proxy holds the ports, and the probes are judged from the kernel's socket table.
+    let listeners = own_listeners(p)?;
+    let live = listeners.is_none();
+    let listeners = listeners.unwrap_or_default();
 
     let inbound_dst = SocketAddrV4::new(INBOUND_PROBE_IP, p.probe_port);
     let mut inbound = State::new(Check::Inbound, p.inbound_capture_port, inbound_dst.into());
@@ -164,13 +255,23 @@ pub(super) fn probe_loop(
         Some(ns) => format!("netns {}", ns.display()),
         None => "the current netns".into(),
     };
-    let mut context = vec![format!(
-        "validating interception in {where_}: listeners {} as uid {} gid {} with no \
-         capabilities",
-        listen_list.join(", "),
-        p.proxy_uid,
-        p.proxy_gid
-    )];
+    let mut context = vec![if live {
+        format!(
+            "validating interception in {where_}, a running pod: its proxy already listens on \
+             ports {} and {}, so each probe must reach that port (its far end found in the \
+             kernel's socket table); SO_ORIGINAL_DST is the proxy's to read and is not checked. \
+             Probes run as uid {} gid {} with no capabilities",
+            p.proxy_port, p.inbound_capture_port, p.proxy_uid, p.proxy_gid
+        )
+    } else {
+        format!(
+            "validating interception in {where_}: listeners {} as uid {} gid {} with no \
+             capabilities",
+            listen_list.join(", "),
+            p.proxy_uid,
+            p.proxy_gid
+        )
+    }];
     if outbound.skipped.is_none() {
         context.push(format!(
             "outbound probe client runs as uid {app} gid {app} with no capabilities"
@@ -210,8 +311,11 @@ pub(super) fn probe_loop(
                 Err(_) => bail!("the outbound client thread did not answer"),
             }
         }
+        if live {
+            judge_live(&mut probes, tick_end, &mut inbound, &mut outbound, p.proxy_uid, app)?;
+        }
         // Accept until the tick ends (or both checks are settled).
-        loop {
+        while !live {
             let now = Instant::now();
             if now >= tick_end || !(inbound.open() || outbound.open()) {
                 break;

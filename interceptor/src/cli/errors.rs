@@ -1,0 +1,210 @@
+//! One error style for bad input, whichever layer finds it:
+//! `interceptor: invalid value "V" for --flag: why`, naming the environment variable instead when
+//! the value came from one (`for DRY_RUN (environment; flag --dry-run)`). clap's own usage errors
+//! (an enum value, a Go boolean, an unknown flag) are rewritten into that style; `--help` and
+//! `--version` pass through untouched.
+
+use std::ffi::OsString;
+
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches};
+use interceptor_common::config::ConfigError;
+
+use super::Cli;
+
+/// A command line that parsed, with clap's record of where each value came from.
+pub struct Parsed {
+    pub cli: Cli,
+    matches: ArgMatches,
+}
+
+/// Why parsing stopped.
+pub enum Stop {
+    /// Help or version output: print it as clap does (`clap::Error::exit`).
+    Display(clap::Error),
+    /// A usage error in our style, without the `interceptor: ` prefix; exit 2.
+    Usage(String),
+}
+
+/// Parses `argv` (program name first).
+pub fn parse_from<I, T>(argv: I) -> Result<Parsed, Stop>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let argv: Vec<OsString> = argv.into_iter().map(Into::into).collect();
+    let mut cmd = Cli::command();
+    let result = cmd
+        .try_get_matches_from_mut(&argv)
+        .and_then(|m| Cli::from_arg_matches(&m).map(|cli| Parsed { cli, matches: m }));
+    let parsed = result.map_err(|e| match e.kind() {
+        ErrorKind::DisplayHelp
+        | ErrorKind::DisplayVersion
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => Stop::Display(e),
+        _ => Stop::Usage(usage_message(&cmd, &e, &argv)),
+    })?;
+    refuse_hidden(&cmd, &parsed.matches)?;
+    Ok(parsed)
+}
+
+/// A flag a command hides from its help does nothing there: given on the command line, it is
+/// an error rather than silently ignored (from the environment it is ignored, as istio-iptables'
+/// variables may be set for another command).
+fn refuse_hidden(cmd: &clap::Command, m: &ArgMatches) -> Result<(), Stop> {
+    let (sub, m) = leaf(cmd, m);
+    let given = sub.get_arguments().find(|a| {
+        a.is_hide_set() && m.value_source(a.get_id().as_str()) == Some(ValueSource::CommandLine)
+    });
+    match given {
+        None => Ok(()),
+        Some(a) => Err(Stop::Usage(format!(
+            "--{} does nothing for `{} {}`: it is not one of that command's flags (see `{} {} --help`)",
+            a.get_long().unwrap_or(a.get_id().as_str()),
+            cmd.get_name(),
+            sub.get_name(),
+            cmd.get_name(),
+            sub.get_name()
+        ))),
+    }
+}
+
+impl Parsed {
+    /// `e` as the user should read it: the environment variable named when the flag's value
+    /// came from one.
+    pub fn describe(&self, e: &ConfigError) -> String {
+        let (sub, m) = leaf(&Cli::command(), &self.matches);
+        let from_env = e
+            .flag
+            .strip_prefix("--")
+            .and_then(|long| sub.get_arguments().find(|a| a.get_long() == Some(long)))
+            .filter(|a| m.value_source(a.get_id().as_str()) == Some(ValueSource::EnvVariable))
+            .and_then(|a| a.get_env());
+        match from_env {
+            Some(var) => invalid(
+                &e.value,
+                &env_source(&var.to_string_lossy(), e.flag),
+                &e.reason,
+            ),
+            None => e.to_string(),
+        }
+    }
+}
+
+fn invalid(value: &str, source: &str, why: &str) -> String {
+    format!("invalid value {value:?} for {source}: {why}")
+}
+
+fn env_source(var: &str, flag: &str) -> String {
+    format!("{var} (environment; flag {flag})")
+}
+
+/// The subcommand `m` ended in, with its matches.
+fn leaf<'a>(cmd: &clap::Command, m: &'a ArgMatches) -> (clap::Command, &'a ArgMatches) {
+    match m.subcommand() {
+        Some((name, sm)) => match cmd.find_subcommand(name) {
+            Some(sub) => leaf(sub, sm),
+            None => (cmd.clone(), m),
+        },
+        None => (cmd.clone(), m),
+    }
+}
+
+/// The subcommand named by the leading words of `argv`, and the words after them.
+fn leaf_of_argv<'a>(cmd: &clap::Command, argv: &'a [OsString]) -> (clap::Command, &'a [OsString]) {
+    let mut cur = cmd.clone();
+    let mut rest = argv.get(1..).unwrap_or_default();
+    while let Some(sub) = rest
+        .first()
+        .and_then(|w| w.to_str())
+        .and_then(|w| cur.find_subcommand(w))
+        .cloned()
+    {
+        cur = sub;
+        rest = &rest[1..];
+    }
+    (cur, rest)
+}
+
+fn context_str(e: &clap::Error, kind: ContextKind) -> Option<String> {
+    match e.get(kind)? {
+        ContextValue::String(s) => Some(s.clone()),
+        ContextValue::Strings(v) => Some(v.join(", ")),
+        _ => None,
+    }
+}
+
+/// clap's error in our style.
+fn usage_message(cmd: &clap::Command, e: &clap::Error, argv: &[OsString]) -> String {
+    let (sub, words) = leaf_of_argv(cmd, argv);
+    let help = match sub.get_name() {
+        name if name == cmd.get_name() => format!("see `{name} --help`"),
+        name => format!("see `{} {name} --help`", cmd.get_name()),
+    };
+    let value = context_str(e, ContextKind::InvalidValue);
+    let arg = context_str(e, ContextKind::InvalidArg);
+    match (e.kind(), value, arg) {
+        (ErrorKind::InvalidValue | ErrorKind::ValueValidation, Some(value), Some(arg)) => {
+            // "--backend <BACKEND>", "--dry-run[=<DRY_RUN>]", "-i <CIDRS>": the flag itself.
+            let flag = arg
+                .split([' ', '[', '='])
+                .next()
+                .unwrap_or(&arg)
+                .to_string();
+            let why = match e.kind() {
+                ErrorKind::ValueValidation => std::error::Error::source(e)
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "not accepted".into()),
+                _ if value.is_empty() => "a value is required".into(),
+                _ => match context_str(e, ContextKind::ValidValue) {
+                    Some(valid) => format!("expected one of: {valid}"),
+                    None => "not accepted".into(),
+                },
+            };
+            let source = match env_var_used(&sub, &flag, words) {
+                Some(var) => env_source(&var, &flag),
+                None => flag,
+            };
+            format!("{} ({help})", invalid(&value, &source, &why))
+        }
+        _ => {
+            // Unknown or missing flags and the like: clap's sentence, without its usage block.
+            let rendered = e.render().to_string();
+            let mut lines = rendered
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more"));
+            let first = lines.next().unwrap_or("bad command line");
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            let tips: Vec<&str> = lines.filter(|l| l.starts_with("tip:")).collect();
+            let mut msg = format!("{first} ({help})");
+            for tip in tips {
+                msg.push_str("\n  ");
+                msg.push_str(tip);
+            }
+            msg
+        }
+    }
+}
+
+/// The environment variable that gave `flag` its value: the flag is not on the command line and
+/// its variable is set.
+fn env_var_used(sub: &clap::Command, flag: &str, words: &[OsString]) -> Option<String> {
+    let arg = sub.get_arguments().find(|a| {
+        flag.strip_prefix("--")
+            .is_some_and(|long| a.get_long() == Some(long))
+            || flag
+                .strip_prefix('-')
+                .and_then(|s| s.chars().next())
+                .is_some_and(|c| a.get_short() == Some(c) && flag.len() == 2)
+    })?;
+    let var = arg.get_env()?.to_string_lossy().into_owned();
+    let on_line = words.iter().filter_map(|w| w.to_str()).any(|w| {
+        arg.get_long()
+            .is_some_and(|l| w == format!("--{l}") || w.starts_with(&format!("--{l}=")))
+            || arg.get_short().is_some_and(|s| {
+                w.starts_with('-') && !w.starts_with("--") && w.get(1..).is_some_and(|r| r.starts_with(s))
+            })
+    });
+    (!on_line && std::env::var_os(&var).is_some()).then_some(var)
+}
