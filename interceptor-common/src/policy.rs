@@ -591,9 +591,15 @@ mod inbound_tests {
         let off = pod_policy(&RawConfig::default().parse().unwrap(), 2);
         for p in [&on, &off] {
             assert!(!decision::raw_socket_allowed(p, false, 1000, 1000));
-            assert!(!decision::raw_socket_allowed(p, false, 0, 0), "root is an app too");
+            assert!(
+                !decision::raw_socket_allowed(p, false, 0, 0),
+                "root is an app too"
+            );
             assert!(decision::raw_socket_allowed(p, false, 1337, 1000));
-            assert!(decision::raw_socket_allowed(p, false, 1000, 1337), "proxy gid");
+            assert!(
+                decision::raw_socket_allowed(p, false, 1000, 1337),
+                "proxy gid"
+            );
         }
         assert!(!decision::raw_socket_allowed(&on, true, 1000, 1000));
         // istio-iptables writes no ip6tables rules then: IPv6 raw packets pass it untouched.
@@ -605,6 +611,6 @@ mod inbound_tests {
         use crate::maps::stat;
         let last = Reason::ALL.iter().map(|r| *r as u32).max().unwrap();
         assert!(stat::IN_PASS + last < stat::RAW_DENIED);
-        assert!(stat::RAW_DENIED < stat::OUT_QUOTA_REFUSED);
+        const { assert!(stat::RAW_DENIED < stat::OUT_QUOTA_REFUSED) };
     }
 }

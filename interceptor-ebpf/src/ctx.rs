@@ -19,8 +19,7 @@ use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_ops},
     helpers::bpf_get_netns_cookie,
     programs::{
-        SkLookupContext, SkMsgContext, SockAddrContext, SockContext, SockOpsContext,
-        SockoptContext,
+        SkLookupContext, SkMsgContext, SockAddrContext, SockContext, SockOpsContext, SockoptContext,
     },
     EbpfContext,
 };

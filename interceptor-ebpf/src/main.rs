@@ -48,8 +48,7 @@ mod tables;
 use aya_ebpf::{
     macros::{cgroup_sock, cgroup_sock_addr, cgroup_sockopt, sk_lookup, sk_msg, sock_ops},
     programs::{
-        SkLookupContext, SkMsgContext, SockAddrContext, SockContext, SockOpsContext,
-        SockoptContext,
+        SkLookupContext, SkMsgContext, SockAddrContext, SockContext, SockOpsContext, SockoptContext,
     },
 };
 

@@ -566,13 +566,18 @@ fn check_cli(args: &Vec<String>) -> Result<bool, String> {
                 Err(_) => false,
             })
         }
-        Ok(other) => Err(format!("explain parsed as another command: {other:?}")),
+        Ok(other) => Err(format!(
+            "explain parsed as another command: {:?}",
+            other.cli
+        )),
         // Help and version output.
         Err(interceptor::cli::Stop::Display(_)) => Ok(false),
         // Usage errors in our one style: a sentence that names the flag it is about.
         Err(interceptor::cli::Stop::Usage(msg)) => {
             if msg.trim().is_empty() || msg.starts_with("error:") || msg.contains("Usage:") {
-                return Err(format!("usage error not in our style for {args:?}: {msg:?}"));
+                return Err(format!(
+                    "usage error not in our style for {args:?}: {msg:?}"
+                ));
             }
             Ok(false)
         }

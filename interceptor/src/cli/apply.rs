@@ -35,7 +35,8 @@ fn apply_ebpf(args: &ApplyArgs, cfg: &Config) -> Result<&'static str> {
             "pod was not registered"
         });
     }
-    let loaded = install::load_programs(&pins, &args.ebpf.loading(args.no_counters), args.ebpf_log)?;
+    let loaded =
+        install::load_programs(&pins, &args.ebpf.loading(args.no_counters), args.ebpf_log)?;
     let handle = install::register_ebpf(&pins, netns, cfg, None)?;
     tracing::info!(
         cookie = handle.netns_cookie,

@@ -170,10 +170,9 @@ fn usage_message(cmd: &clap::Command, e: &clap::Error, argv: &[OsString]) -> Str
         _ => {
             // Unknown or missing flags and the like: clap's sentence, without its usage block.
             let rendered = e.render().to_string();
-            let mut lines = rendered
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more"));
+            let mut lines = rendered.lines().map(str::trim).filter(|l| {
+                !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more")
+            });
             let first = lines.next().unwrap_or("bad command line");
             let first = first.strip_prefix("error: ").unwrap_or(first);
             let tips: Vec<&str> = lines.filter(|l| l.starts_with("tip:")).collect();
@@ -203,7 +202,9 @@ fn env_var_used(sub: &clap::Command, flag: &str, words: &[OsString]) -> Option<S
         arg.get_long()
             .is_some_and(|l| w == format!("--{l}") || w.starts_with(&format!("--{l}=")))
             || arg.get_short().is_some_and(|s| {
-                w.starts_with('-') && !w.starts_with("--") && w.get(1..).is_some_and(|r| r.starts_with(s))
+                w.starts_with('-')
+                    && !w.starts_with("--")
+                    && w.get(1..).is_some_and(|r| r.starts_with(s))
             })
     });
     (!on_line && std::env::var_os(&var).is_some()).then_some(var)

@@ -312,12 +312,19 @@ pub(super) fn probe_loop(
             }
         }
         if live {
-            judge_live(&mut probes, tick_end, &mut inbound, &mut outbound, p.proxy_uid, app)?;
+            judge_live(
+                &mut probes,
+                tick_end,
+                &mut inbound,
+                &mut outbound,
+                p.proxy_uid,
+                app,
+            )?;
         }
         // Accept until the tick ends (or both checks are settled).
-        while !live {
+        loop {
             let now = Instant::now();
-            if now >= tick_end || !(inbound.open() || outbound.open()) {
+            if live || now >= tick_end || !(inbound.open() || outbound.open()) {
                 break;
             }
             let mut pfds: Vec<libc::pollfd> = listeners

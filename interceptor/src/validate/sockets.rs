@@ -5,7 +5,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStr
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Instant;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{Context, Result};
 use nix::errno::Errno;
 use nix::sys::socket::{
     self as sock, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn, SockaddrStorage,
@@ -110,14 +110,9 @@ pub(super) fn original_dst(s: &TcpStream, v4: bool) -> std::result::Result<Socke
 }
 
 pub(super) fn listen(addr: SocketAddr, uid: u32) -> Result<TcpListener> {
-    let l = TcpListener::bind(addr).map_err(|e| {
-        let hint = if e.raw_os_error() == Some(libc::EADDRINUSE) {
-            " (is a proxy already running in this netns?)"
-        } else {
-            ""
-        };
-        anyhow!("cannot listen on {addr} as uid {uid}: {e}{hint}")
-    })?;
+    // The io::Error stays in the chain: EADDRINUSE means a running proxy (probe_loop).
+    let l =
+        TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr} as uid {uid}"))?;
     l.set_nonblocking(true)?;
     Ok(l)
 }

@@ -88,7 +88,8 @@ fn upstream_sees_mark(pod: &Pod, wait: Duration) -> std::thread::JoinHandle<bool
             let mut buf = [0u8; 2048];
             while Instant::now() < end {
                 // SAFETY: a valid buffer of its length.
-                let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+                let n =
+                    unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
                 if n > 0 && buf[..n as usize].windows(MARK.len()).any(|w| w == MARK) {
                     return true;
                 }

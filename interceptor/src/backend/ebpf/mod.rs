@@ -57,6 +57,9 @@ pub const LINKED_PROGRAMS: &[&str] = &[
     "ic_getpeername6",
     "ic_sock_create",
 ];
+/// Linked programs added after the release before layout markers (0fd318a): an installation of
+/// that release lacks them and is still complete (an upgrade attaches them).
+pub const LINKED_SINCE_MARKERS: &[&str] = &["ic_sock_create"];
 /// Programs of earlier versions: their link pins are removed with the others.
 const LEGACY_PROGRAMS: &[&str] = &["ic_sock_release"];
 /// The inbound program, pinned at load and put into `INBOUND_PROG[0]`: each pod netns gets a

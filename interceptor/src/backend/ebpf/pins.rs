@@ -14,8 +14,8 @@ use interceptor_common::maps::{names, SockKey};
 
 use super::sys;
 use super::{
-    sk_lookup, GETSOCKOPT_PROGRAM, LEGACY_PROGRAMS, LINKED_PROGRAMS, MAPS, OBJECT,
-    SK_LOOKUP_PROGRAM, SK_MSG_PROGRAM,
+    sk_lookup, GETSOCKOPT_PROGRAM, LEGACY_PROGRAMS, LINKED_PROGRAMS, LINKED_SINCE_MARKERS, MAPS,
+    OBJECT, SK_LOOKUP_PROGRAM, SK_MSG_PROGRAM,
 };
 
 /// The cgroup v2 mount point: `/sys/fs/cgroup` on unified hosts, `/sys/fs/cgroup/unified` on
@@ -74,7 +74,17 @@ impl Pins {
 
     /// Whether every program is attached (all link pins and the program pins exist).
     pub fn loaded(&self) -> bool {
-        LINKED_PROGRAMS.iter().all(|p| self.link(p).exists())
+        LINKED_PROGRAMS.iter().all(|p| self.link(p).exists()) && self.loaded_before_markers()
+    }
+
+    /// Whether a complete installation of the release before layout markers (0fd318a) is pinned
+    /// here: everything [`loaded`](Self::loaded) asks but the programs added since
+    /// (`LINKED_SINCE_MARKERS`), which an upgrade attaches.
+    pub(super) fn loaded_before_markers(&self) -> bool {
+        LINKED_PROGRAMS
+            .iter()
+            .filter(|p| !LINKED_SINCE_MARKERS.contains(p))
+            .all(|p| self.link(p).exists())
             && self.prog(GETSOCKOPT_PROGRAM).exists()
             && self.prog(SK_LOOKUP_PROGRAM).exists()
             && self.prog(SK_MSG_PROGRAM).exists()

@@ -263,10 +263,12 @@ impl Pins {
                     )
                 })
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(self.loaded().then_some(Layout {
-                version: 1,
-                identity: None,
-            })),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Ok(self.loaded_before_markers().then_some(Layout {
+                    version: 1,
+                    identity: None,
+                }))
+            }
             Err(e) => Err(e).with_context(|| format!("reading {}", marker.display())),
         }
     }
