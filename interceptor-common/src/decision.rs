@@ -253,6 +253,47 @@ impl Reason {
         Reason::ProxyPortGuarded,
         Reason::BindAllowed,
     ];
+
+    /// The rule's stable name for tools (`explain --output json`, scripts): snake_case words,
+    /// never the Rust variant name.
+    pub const fn id(self) -> &'static str {
+        match self {
+            Reason::NoMatch => "no_match",
+            Reason::Ipv6Disabled => "ipv6_disabled",
+            Reason::ExcludedPort => "excluded_port",
+            Reason::PassthroughSource => "passthrough_source",
+            Reason::ProxyUidToLocal => "proxy_uid_to_local",
+            Reason::ProxyGidToLocal => "proxy_gid_to_local",
+            Reason::AppOverLoopbackUid => "app_over_loopback_uid",
+            Reason::AppOverLoopbackGid => "app_over_loopback_gid",
+            Reason::ProxyUid => "proxy_uid",
+            Reason::ProxyGid => "proxy_gid",
+            Reason::OwnerGroup => "owner_group",
+            Reason::Dns => "dns",
+            Reason::LoopbackCidr => "loopback_cidr",
+            Reason::ExcludedCidr => "excluded_cidr",
+            Reason::IncludedPort => "included_port",
+            Reason::IncludeAll => "include_all",
+            Reason::IncludedCidr => "included_cidr",
+            Reason::NotTcp => "not_tcp",
+            Reason::NoInboundCapture => "no_inbound_capture",
+            Reason::TunnelPort => "tunnel_port",
+            Reason::ExcludedInboundPort => "excluded_inbound_port",
+            Reason::NotIncludedInboundPort => "not_included_inbound_port",
+            Reason::LocalPeer => "local_peer",
+            Reason::InboundCaptured => "inbound_captured",
+            Reason::ProxyPortGuarded => "proxy_port_guarded",
+            Reason::BindAllowed => "bind_allowed",
+        }
+    }
+}
+
+/// Serialized as its stable `id`.
+#[cfg(feature = "user")]
+impl serde::Serialize for Reason {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.id())
+    }
 }
 
 /// What happens to the connection.
@@ -512,6 +553,20 @@ mod reason_tests {
     fn all_is_indexed_by_value() {
         for (i, r) in Reason::ALL.iter().enumerate() {
             assert_eq!(*r as usize, i);
+        }
+    }
+
+    /// Ids are unique snake_case words (tools key on them).
+    #[test]
+    fn ids_are_unique_snake_case() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            let id = r.id();
+            assert!(
+                id.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+                "{id}"
+            );
+            assert!(Reason::ALL[..i].iter().all(|o| o.id() != id), "{id}");
         }
     }
 }

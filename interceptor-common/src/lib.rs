@@ -28,6 +28,9 @@ pub mod ifname;
 pub mod decision;
 
 #[cfg(feature = "user")]
+pub mod entry;
+
+#[cfg(feature = "user")]
 pub mod policy;
 
 #[cfg(all(test, feature = "user"))]

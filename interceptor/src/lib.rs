@@ -15,6 +15,7 @@ pub mod model;
 pub mod netlink;
 pub mod netns;
 pub mod pod_netns;
+pub mod progress;
 pub mod service;
 pub mod tables;
 pub mod userns;

@@ -35,6 +35,14 @@ impl BackendKind {
         }
     }
 
+    /// The name in prose, for people (`eBPF`, not `ebpf`).
+    pub fn words(self) -> &'static str {
+        match self {
+            Self::Ebpf => "eBPF",
+            other => other.as_str(),
+        }
+    }
+
     /// One line for `--help`, where a name alone does not say enough.
     pub fn help(self) -> Option<&'static str> {
         match self {

@@ -32,6 +32,16 @@ impl Flavor {
         }
     }
 
+    /// The flavour in words, for output people read.
+    pub fn words(self) -> &'static str {
+        match self {
+            Flavor::IptablesLegacy => "iptables-legacy",
+            Flavor::IptablesNft => "iptables-nft",
+            Flavor::Nftables => "nftables",
+            Flavor::Ebpf => "eBPF",
+        }
+    }
+
     /// Every backend captures inbound (eBPF through sk_lookup).
     pub fn has_inbound(self) -> bool {
         true

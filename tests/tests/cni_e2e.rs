@@ -148,9 +148,14 @@ fn real_chain_add_check_traffic_del() {
     // The daemon holds the pod: this netns, the IP from prevResult, the identity, the config
     // from the annotations.
     let ns = node.pod_path();
-    let show: Value =
-        serde_json::from_str(&d.pod_ok(&["show", "--network-namespace", ns.to_str().unwrap()]))
-            .unwrap();
+    let show: Value = serde_json::from_str(&d.pod_ok(&[
+        "show",
+        "-o",
+        "json",
+        "--network-namespace",
+        ns.to_str().unwrap(),
+    ]))
+    .unwrap();
     println!(
         "registered: backend={} why={:?} ips={} identity={}",
         show["backend"], show["why"], show["ips"], show["identity"]
@@ -435,7 +440,8 @@ fn outside_kubernetes_default_interception() {
     let r = ours("ADD", Some(ns), args, &mesh);
     assert!(r.ok, "{r:?}");
     let show: Value =
-        serde_json::from_str(&d.pod_ok(&["show", "--network-namespace", path])).unwrap();
+        serde_json::from_str(&d.pod_ok(&["show", "-o", "json", "--network-namespace", path]))
+            .unwrap();
     assert_eq!(show["config"]["outbound_ports_exclude"], "9999", "{show}");
     assert_eq!(show["config"]["proxy_uid"], "1500", "{show}");
     assert!(show["identity"].is_null(), "{show}");

@@ -127,7 +127,7 @@ fn per_pod_fallback() {
         "--ipv6",
         "false",
     ]);
-    let show = d.pod_ok(&["show", "--network-namespace", &ns]);
+    let show = d.pod_ok(&["show", "-o", "json", "--network-namespace", &ns]);
     assert!(
         show.contains("\"backend\": \"iptables\"") && show.contains("exclude-interfaces"),
         "{show}"
@@ -509,7 +509,7 @@ fn metrics_match_the_traffic() {
     };
     // Where `auto` fell back (no eBPF here), the same redirect counts come from the pod's nat
     // rule counters; the per-reason and SO_ORIGINAL_DST counters are eBPF's only.
-    let show = d.pod_ok(&["show", "--network-namespace", &ns]);
+    let show = d.pod_ok(&["show", "-o", "json", "--network-namespace", &ns]);
     if !show.contains("\"backend\": \"ebpf\"") {
         assert!(
             !interceptor_tests::ebpf_expected(),
@@ -545,14 +545,14 @@ fn metrics_match_the_traffic() {
     assert_eq!(
         get(
             "interceptor_connections_passed_total",
-            &[pod_l, "reason=\"ProxyUid\""]
+            &[pod_l, "reason=\"proxy_uid\""]
         ),
         3.0
     );
     assert_eq!(
         get(
             "interceptor_connections_passed_total",
-            &[pod_l, "reason=\"ExcludedPort\""]
+            &[pod_l, "reason=\"excluded_port\""]
         ),
         2.0
     );

@@ -22,7 +22,7 @@
 //! byte-exact): with IPv6 off, istio-iptables installs no ip6tables rules at all, but
 //! istio-nftables' rules live in `inet` tables and those that name no address family (`tcp
 //! dport X jump istio-redirect`, `-i '*'`'s `counter jump istio-redirect`, the owner rules)
-//! act on IPv6 too. So where `explain` says "IPv6 rules are off" (`Ipv6Disabled`), the
+//! act on IPv6 too. So where `explain` says "IPv6 rules are off" (`ipv6_disabled`), the
 //! nftables pod is held only to "passed, or redirected to the proxy with the right original
 //! destination", and such connections are counted apart.
 //!
@@ -1201,7 +1201,7 @@ fn iptables_nftables_ebpf_and_explain_agree() {
                 .entry(want.reply.split(':').next().unwrap_or("").to_string())
                 .or_default() += 1;
             for (backend, seen) in [(flavor, &a), (Flavor::Nftables, &n), (Flavor::Ebpf, &b)] {
-                if backend == Flavor::Nftables && rule == "Ipv6Disabled" {
+                if backend == Flavor::Nftables && rule == "ipv6_disabled" {
                     continue;
                 }
                 let tally = per_backend.entry(format!("{backend:?}")).or_default();
@@ -1211,7 +1211,7 @@ fn iptables_nftables_ebpf_and_explain_agree() {
                 }
             }
             // Istio's nftables rules act on IPv6 even with IPv6 off (see the top of the file).
-            let nft_inet_only = rule == "Ipv6Disabled";
+            let nft_inet_only = rule == "ipv6_disabled";
             let nft_ok = if nft_inet_only {
                 nft_ipv6_off_acceptable(ipt.topo(), conn, cfg, &n, &want)
             } else {

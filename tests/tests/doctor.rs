@@ -327,9 +327,9 @@ fn apply_auto_falls_back_without_bpf() {
     println!("{line}");
     assert!(
         line.starts_with(
-            "# backend: Iptables (eBPF unavailable (bpf() syscall missing: denied (EPERM)"
+            "# backend: iptables (eBPF unavailable (bpf() syscall missing: denied (EPERM)"
         ) || line.starts_with(
-            "# backend: Nftables (eBPF unavailable (bpf() syscall missing: denied (EPERM)"
+            "# backend: nftables (eBPF unavailable (bpf() syscall missing: denied (EPERM)"
         ),
         "{line}"
     );

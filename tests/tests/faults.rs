@@ -529,7 +529,7 @@ fn registration_fault_daemon_all_or_nothing() {
     let out = add(&fb, "auto");
     faults += 1;
     assert!(out.status.success());
-    let show = d.pod_ok(&["show", "--network-namespace", fb.ns()]);
+    let show = d.pod_ok(&["show", "-o", "json", "--network-namespace", fb.ns()]);
     assert!(
         show.contains("\"iptables\"") && show.contains("eBPF registration failed"),
         "{show}"

@@ -465,7 +465,13 @@ fn cni_add_takes_annotations_from_the_daemons_watcher() {
         "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web;K8S_POD_UID=uid-web",
     );
     assert!(out.status.success(), "ADD: {}", text(&out));
-    let show = d.pod_ok(&["show", "--network-namespace", netns.to_str().unwrap()]);
+    let show = d.pod_ok(&[
+        "show",
+        "-o",
+        "json",
+        "--network-namespace",
+        netns.to_str().unwrap(),
+    ]);
     assert!(
         show.contains("\"outbound_ports_exclude\": \"8081\""),
         "annotation not applied:\n{show}\n{}",
@@ -567,6 +573,8 @@ fn cni_add_of_a_recreated_pod_waits_for_its_own_uid() {
     let show = |topo: &Topology| {
         d.pod(&[
             "show",
+            "-o",
+            "json",
             "--network-namespace",
             topo.pod_netns().to_str().unwrap(),
         ])

@@ -127,7 +127,7 @@ pub fn run() -> Result<()> {
         let f = flags(pod);
         let f: Vec<&str> = f.iter().map(String::as_str).collect();
         let msg = apply(pod, flavor, &f)?;
-        println!("{flavor:?}: {}", msg.trim());
+        println!("{}: {}", flavor.words(), msg.trim());
     }
     println!();
     println!(

@@ -35,8 +35,13 @@ fn apply_ebpf(args: &ApplyArgs, cfg: &Config) -> Result<&'static str> {
             "pod was not registered"
         });
     }
+    crate::progress::step(format!(
+        "checking the eBPF programs under {}",
+        args.ebpf.bpffs.display()
+    ));
     let loaded =
         install::load_programs(&pins, &args.ebpf.loading(args.no_counters), args.ebpf_log)?;
+    crate::progress::step(format!("registering the pod (netns {})", netns.display()));
     let handle = install::register_ebpf(&pins, netns, cfg, None)?;
     tracing::info!(
         cookie = handle.netns_cookie,
@@ -96,7 +101,7 @@ pub fn run(args: &ApplyArgs) -> Result<Result<(), ConfigError>> {
         };
     }
     if args.dry_run {
-        eprintln!("# backend: {:?} ({})", choice.backend, choice.why);
+        eprintln!("# backend: {} ({})", choice.backend.words(), choice.why);
         print!(
             "{}",
             install::render(choice.backend, &cfg, args.network_namespace.as_deref())?
@@ -127,7 +132,7 @@ pub fn run(args: &ApplyArgs) -> Result<Result<(), ConfigError>> {
     };
     let what = match install::install(&req, &mut choice, || apply_ebpf(args, &cfg))? {
         Installed::Ebpf(what) => {
-            eprintln!("interceptor: {what} (Ebpf backend: {})", choice.why);
+            eprintln!("interceptor: {what} (eBPF backend: {})", choice.why);
             return Ok(Ok(()));
         }
         Installed::Netfilter(Outcome::Applied) => "rules applied",
@@ -139,8 +144,9 @@ pub fn run(args: &ApplyArgs) -> Result<Result<(), ConfigError>> {
         }
     };
     eprintln!(
-        "interceptor: {what} ({:?} backend: {})",
-        choice.backend, choice.why
+        "interceptor: {what} ({} backend: {})",
+        choice.backend.words(),
+        choice.why
     );
     Ok(Ok(()))
 }

@@ -10,6 +10,7 @@ mod errors;
 mod explain;
 mod logs;
 mod pod;
+mod pod_ref;
 mod remove;
 mod validate;
 
@@ -75,6 +76,11 @@ pub enum Command {
 /// Runs a command. Bad input comes back as `Ok(Err(ConfigError))`: nothing was applied, and
 /// main exits 2.
 pub fn run(command: &Command) -> Result<Result<(), ConfigError>> {
+    // Step lines on stderr for the long operations people run by hand.
+    crate::progress::enable(matches!(
+        command,
+        Command::Apply(_) | Command::Cleanup(_) | Command::CniInstall(_) | Command::CniUninstall(_)
+    ));
     match command {
         Command::Apply(args) => apply::run(args),
         Command::Remove(args) => remove::remove(args).map(Ok),

@@ -1,12 +1,11 @@
 //! `interceptor pod …`: the daemon's client.
 
-use std::path::PathBuf;
-
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 use interceptor_common::config::ConfigError;
 
 use super::args::{ApplyArgs, OutputFormat, SocketArgs};
+use super::pod_ref::PodTarget;
 use crate::daemon::client::call;
 use crate::daemon::protocol::{PodStatus, Request, Response, UnreadableRecord};
 use crate::model::{PodIdentity, PodSpec};
@@ -25,8 +24,8 @@ pub enum PodCommand {
 
 #[derive(Args, Debug, Clone)]
 pub struct PodRefArgs {
-    #[arg(long, env = "NETWORK_NAMESPACE")]
-    pub network_namespace: PathBuf,
+    #[command(flatten)]
+    pub target: PodTarget,
     #[command(flatten)]
     pub socket: SocketArgs,
 }
@@ -35,7 +34,7 @@ pub struct PodRefArgs {
 pub struct PodListArgs {
     #[command(flatten)]
     pub socket: SocketArgs,
-    /// Output format.
+    /// Output: `text` (a table, the default) or `json` (for tools).
     #[arg(short = 'o', long, value_enum, default_value = "text")]
     pub output: OutputFormat,
 }
@@ -44,8 +43,8 @@ pub struct PodListArgs {
 pub struct PodShowArgs {
     #[command(flatten)]
     pub pod: PodRefArgs,
-    /// Output format.
-    #[arg(short = 'o', long, value_enum, default_value = "json")]
+    /// Output: `text` (words, the default) or `json` (for tools).
+    #[arg(short = 'o', long, value_enum, default_value = "text")]
     pub output: OutputFormat,
 }
 
@@ -114,18 +113,14 @@ pub fn run(cmd: &PodCommand) -> Result<Result<(), ConfigError>> {
             }
             (a.apply.socket.clone(), Request::Add(Box::new(spec)))
         }
-        PodCommand::Remove(r) => (
-            r.socket.socket.clone(),
-            Request::Remove {
-                netns: r.network_namespace.clone(),
-            },
-        ),
-        PodCommand::Show(r) => (
-            r.pod.socket.socket.clone(),
-            Request::Show {
-                netns: r.pod.network_namespace.clone(),
-            },
-        ),
+        PodCommand::Remove(r) => match r.target.netns(&r.socket.socket)? {
+            Ok(netns) => (r.socket.socket.clone(), Request::Remove { netns }),
+            Err(e) => return Ok(Err(e)),
+        },
+        PodCommand::Show(r) => match r.pod.target.netns(&r.pod.socket.socket)? {
+            Ok(netns) => (r.pod.socket.socket.clone(), Request::Show { netns }),
+            Err(e) => return Ok(Err(e)),
+        },
         PodCommand::List(l) => (l.socket.socket.clone(), Request::List),
     };
     match call(&socket, &req)? {
@@ -192,7 +187,7 @@ fn list_text(pods: &[PodStatus], unreadable: &[UnreadableRecord]) -> String {
         out.push_str(&format!(
             "{:<40} {:<9} {:>8} {:<30} {}\n",
             p.netns.display(),
-            format!("{:?}", p.backend).to_lowercase(),
+            p.backend.words(),
             p.pod_id,
             id,
             why
@@ -218,7 +213,7 @@ fn pod_text(p: &PodStatus) -> String {
     let mut out = format!(
         "netns: {}\nbackend: {} ({})\npod id: {}\n",
         p.netns.display(),
-        format!("{:?}", p.backend).to_lowercase(),
+        p.backend.words(),
         p.why,
         p.pod_id
     );

@@ -221,6 +221,10 @@ pub fn install_from(
         }
     };
     // The binary first: the config must never name a plugin the runtime cannot find.
+    crate::progress::step(format!(
+        "installing the plugin binary into {}",
+        bin_dir.display()
+    ));
     let (binary, binary_written) = install_binary(binary, bin_dir)?;
     let plugins = list
         .get("plugins")
@@ -231,6 +235,7 @@ pub fn install_from(
     new["plugins"] = Value::Array(with_our_entry(&plugins, socket));
     let conflist_written = new != list || converted_from.is_some();
     if conflist_written {
+        crate::progress::step(format!("chaining our entry into {}", conflist.display()));
         atomic_write(&conflist, &to_pretty(&new)?, 0o644)?;
     }
     if let Some(old) = &converted_from {

@@ -300,9 +300,9 @@ fn add(env: &CniEnv, conf: &NetConf, k8s: &K8sArgs) -> Result<String, CniError> 
         Err(e) => Err(unreachable(&conf.socket, e)),
         Ok(Response::Pod(p)) => {
             note(format!(
-                "registered {} ({:?}: {})",
+                "registered {} ({}: {})",
                 p.netns.display(),
-                p.backend,
+                p.backend.words(),
                 p.why
             ));
             Ok(out)
@@ -323,7 +323,7 @@ fn add(env: &CniEnv, conf: &NetConf, k8s: &K8sArgs) -> Result<String, CniError> 
         Ok(other) => Err(CniError::new(
             code::DAEMON_FAILED,
             "unexpected answer from the interceptor daemon",
-            format!("{other:?}"),
+            serde_json::to_string(&other).unwrap_or_default(),
         )),
     }
 }
@@ -372,7 +372,10 @@ fn del(env: &CniEnv, conf: &NetConf, k8s: &K8sArgs) -> Result<String, CniError> 
                     "",
                 ))
             }
-            Ok(other) => note(format!("unexpected answer to remove: {other:?}")),
+            Ok(other) => note(format!(
+                "unexpected answer to remove: {}",
+                serde_json::to_string(&other).unwrap_or_default()
+            )),
             Err(e) => note(format!(
                 "daemon unreachable at {} ({e:#}); nothing to undo now (the daemon forgets pods whose netns is gone when it starts)",
                 conf.socket.display()
@@ -426,7 +429,7 @@ fn check(env: &CniEnv, conf: &NetConf, k8s: &K8sArgs) -> Result<String, CniError
             return Err(CniError::new(
                 code::NOT_REGISTERED,
                 "unexpected answer from the interceptor daemon",
-                format!("{other:?}"),
+                serde_json::to_string(&other).unwrap_or_default(),
             ))
         }
     };
@@ -447,15 +450,19 @@ fn check(env: &CniEnv, conf: &NetConf, k8s: &K8sArgs) -> Result<String, CniError
         return Err(CniError::new(
             code::NOT_REGISTERED,
             "the pod is registered with a different config than its annotations give",
-            format!("registered {:?}, want {want:?}", pod.config),
+            format!(
+                "registered {}, want {}",
+                serde_json::to_string(&pod.config).unwrap_or_default(),
+                serde_json::to_string(&want).unwrap_or_default()
+            ),
         ));
     }
     attached(conf, netns, &pod).map_err(|why| {
         CniError::new(
             code::NOT_ATTACHED,
             format!(
-                "the pod is registered ({:?}) but its interception is not in place: {why}",
-                pod.backend
+                "the pod is registered ({}) but its interception is not in place: {why}",
+                pod.backend.words()
             ),
             "",
         )

@@ -133,7 +133,7 @@ fn snapshot(d: &Daemon) -> Snapshot {
         s.gauges.push((
             "interceptor_pods",
             "Registered pods, by the backend serving them",
-            vec![("backend".to_string(), format!("{backend:?}").to_lowercase())],
+            vec![("backend".to_string(), backend.as_str().to_string())],
             pods.iter().filter(|p| p.backend == backend).count() as i64,
         ));
     }
@@ -244,11 +244,11 @@ fn snapshot(d: &Daemon) -> Snapshot {
             for r in Reason::ALL {
                 let v = c.get((base + r as u32) as usize).copied().unwrap_or(0);
                 if v > 0 {
-                    let reason = format!("{r:?}");
+                    let reason = r.id();
                     s.counters.push((
                         "interceptor_connections_passed",
                         "Connections left alone, by the rule that decided",
-                        l(dir, &[("reason", &reason)]),
+                        l(dir, &[("reason", reason)]),
                         v,
                     ));
                 }

@@ -178,7 +178,7 @@ impl Daemon {
                 && crate::netns::identity(&pod.netns).is_ok_and(|c| c == pod.netns_cookie);
             if alive {
                 live.push(pod.netns_cookie);
-                tracing::info!(netns = %pod.netns.display(), backend = ?pod.backend, "re-adopted pod");
+                tracing::info!(netns = %pod.netns.display(), backend = %pod.backend, "re-adopted pod");
             } else {
                 tracing::info!(netns = %pod.netns.display(), "forgetting pod whose netns is gone");
                 let _ = std::fs::remove_file(file);
@@ -345,7 +345,7 @@ impl Daemon {
                 });
             }
         }
-        tracing::info!(netns = %status.netns.display(), backend = ?status.backend, micros = status.add_micros, "pod added");
+        tracing::info!(netns = %status.netns.display(), backend = %status.backend, micros = status.add_micros, "pod added");
         Ok(Added::Pod(Box::new(status)))
     }
 

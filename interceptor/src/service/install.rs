@@ -39,7 +39,7 @@ pub fn choose(
         return Err(ConfigError::new(
             "--native-nftables",
             "true",
-            format!("conflicts with --backend {backend:?}").to_lowercase(),
+            format!("conflicts with --backend {backend}"),
         ));
     }
     let choice = |backend, why: String| Ok(Choice { backend, why });
@@ -47,7 +47,7 @@ pub fn choose(
         return Err(ConfigError::new(
             "--accelerate",
             "true",
-            format!("needs the eBPF backend (sockops + sk_msg), not --backend {backend:?}")
+            format!("needs the eBPF backend (sockops + sk_msg), not --backend {backend}")
                 .to_lowercase(),
         ));
     }
@@ -121,44 +121,7 @@ pub fn netfilter_fallback(why: String) -> Result<Choice, ConfigError> {
 pub fn render(backend: BackendKind, cfg: &Config, netns: Option<&Path>) -> Result<String> {
     Ok(match backend {
         BackendKind::Nftables => nftables::render(cfg),
-        BackendKind::Ebpf => {
-            let t = tables::pod_tables(cfg, netns)?;
-            let p = policy::pod_policy(cfg, 0);
-            let mut out = format!(
-                "# eBPF map entries for this pod (keyed by its netns cookie)\npolicy: {p:?}\n"
-            );
-            let mut sorted = |name: &str, items: Vec<String>| {
-                let mut items = items;
-                items.sort();
-                out.push_str(&format!("{name}: [{}]\n", items.join(", ")));
-            };
-            sorted(
-                "ports_excluded",
-                t.ports_excluded.iter().map(u16::to_string).collect(),
-            );
-            sorted(
-                "ports_included",
-                t.ports_included.iter().map(u16::to_string).collect(),
-            );
-            sorted(
-                "cidrs_excluded",
-                t.cidrs_excluded.iter().map(ToString::to_string).collect(),
-            );
-            sorted(
-                "cidrs_included",
-                t.cidrs_included.iter().map(ToString::to_string).collect(),
-            );
-            sorted(
-                "local_addrs",
-                t.local.iter().map(ToString::to_string).collect(),
-            );
-            sorted(
-                "dns_servers",
-                t.dns_servers.iter().map(ToString::to_string).collect(),
-            );
-            sorted("owner_gids", t.groups.iter().map(u32::to_string).collect());
-            out
-        }
+        BackendKind::Ebpf => super::ebpf_entries::text(cfg, &tables::pod_tables(cfg, netns)?),
         _ => {
             let docs = iptables::render(cfg);
             let mut out = docs.v4;
@@ -239,6 +202,18 @@ pub fn install<T>(
             Err(e) => return Err(e),
         }
     }
+    crate::progress::step(format!(
+        "{} the {} rules{}",
+        if req.mode.cleanup_only {
+            "removing"
+        } else {
+            "applying"
+        },
+        choice.backend.words(),
+        req.netns
+            .map(|ns| format!(" in netns {}", ns.display()))
+            .unwrap_or_default()
+    ));
     apply_netfilter(choice.backend, req.netns, req.cfg, req.forced, req.mode)
         .map(Installed::Netfilter)
 }

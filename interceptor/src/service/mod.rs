@@ -3,6 +3,7 @@
 //! the daemon alike; `probe` says what the kernel offers (doctor prints it, install consults it);
 //! `explain` gives one connection's verdict and the rule that decided it.
 
+mod ebpf_entries;
 pub mod explain;
 pub mod install;
 mod pin_dir;

@@ -359,7 +359,8 @@ fn userns_through_the_daemon_shows_the_mapping() {
             "{flavor:?}: pod show -o text:\n{text}"
         );
         let json: serde_json::Value =
-            serde_json::from_str(&d.pod_ok(&["show", "--network-namespace", &ns])).unwrap();
+            serde_json::from_str(&d.pod_ok(&["show", "-o", "json", "--network-namespace", &ns]))
+                .unwrap();
         assert_eq!(json["userns"]["proxy_gid"], "1337 (host 101337)", "{json}");
         assert_eq!(json["userns"]["uid_map"][0]["outside"], 100000, "{json}");
         let out = interceptor_tests::bin::run(
@@ -395,7 +396,7 @@ fn userns_through_the_daemon_shows_the_mapping() {
     let text = d.pod_ok(&["show", "--network-namespace", &ns, "-o", "text"]);
     assert!(text.contains("user namespace: the node's"), "{text}");
     assert!(!d
-        .pod_ok(&["show", "--network-namespace", &ns])
+        .pod_ok(&["show", "-o", "json", "--network-namespace", &ns])
         .contains("userns"));
     d.pod_ok(&["remove", "--network-namespace", &ns]);
 }

@@ -472,6 +472,7 @@ impl Pins {
     /// first: the record of which are ours is in the maps.
     pub fn cleanup(&self, cgroup: &Path) -> Result<bool> {
         if self.dir.exists() && self.loaded() {
+            crate::progress::step("releasing the pods' reserved proxy ports");
             if let Err(e) = self.maps().and_then(|m| m.release_all_reserved()) {
                 tracing::warn!("releasing reserved ports: {e:#}");
             }

@@ -214,7 +214,12 @@ impl Pins {
             std::fs::create_dir_all(self.dir.join(sub))
                 .with_context(|| format!("creating {}", self.dir.display()))?;
         }
+        crate::progress::step(format!(
+            "loading the eBPF programs (the kernel's verifier checks each; a few seconds) under {}",
+            self.dir.display()
+        ));
         let mut ebpf = self.load_object(globals)?;
+        crate::progress::step(format!("attaching them to the cgroup {}", cgroup.display()));
         let result = self
             .attach(&mut ebpf, cgroup)
             .and_then(|()| self.write_marker(&globals.identity()));
@@ -231,7 +236,12 @@ impl Pins {
             return Ok(false);
         }
         self.remove_marker();
+        crate::progress::step(format!(
+            "detaching the programs from the cgroup {}",
+            cgroup.display()
+        ));
         self.detach_all(Some(cgroup));
+        crate::progress::step(format!("unpinning the maps under {}", self.dir.display()));
         for m in MAPS
             .iter()
             .chain(LEGACY_MAPS)
@@ -320,6 +330,10 @@ impl Pins {
             return Ok(Loaded::Already);
         }
         self.check_maps()?;
+        crate::progress::step(format!(
+            "other programs are pinned under {dir}: loading and verifying this binary's to \
+             replace them in place"
+        ));
         let mut ebpf = self.load_object(globals)?;
         for name in LINKED_PROGRAMS {
             load_cgroup_program(&mut ebpf, name)?;
@@ -328,6 +342,7 @@ impl Pins {
         load_getsockopt(&mut ebpf)?;
         load_sk_msg(&mut ebpf)?;
         // Everything is loaded and verified: from here on each step replaces one program.
+        crate::progress::step("replacing the running programs one by one");
         let mut programs = Vec::new();
         let total = LINKED_PROGRAMS.len() + 3;
         self.swap_all(&mut ebpf, cgroup, &mut programs)

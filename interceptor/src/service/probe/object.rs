@@ -79,8 +79,8 @@ fn load_program(prog: &mut Program) -> Result<(), String> {
         Program::SchedClassifier(p) => p.load(),
         other => {
             return Err(format!(
-                "program type {:?} is not probed by doctor",
-                other.prog_type()
+                "program type {} is not probed by doctor",
+                prog_type_words(other.prog_type())
             ))
         }
     };
@@ -132,11 +132,18 @@ fn cgroup_link_row(prog: BorrowedFd<'_>) -> Check {
 
 pub(super) fn program_type_row(name: &str, ty: ProgramType, needed: bool) -> Check {
     match is_program_supported(ty) {
-        Ok(true) => present(name, needed, format!("a trivial {ty:?} program loads")),
+        Ok(true) => present(
+            name,
+            needed,
+            format!("a trivial {} program loads", prog_type_words(ty)),
+        ),
         Ok(false) => missing(
             name,
             needed,
-            format!("BPF_PROG_LOAD rejects the {ty:?} program type"),
+            format!(
+                "BPF_PROG_LOAD rejects the {} program type",
+                prog_type_words(ty)
+            ),
         ),
         Err(e) => unknown(name, needed, e.to_string()),
     }
@@ -147,12 +154,18 @@ pub(super) fn helper_row(name: &str, ty: ProgramType) -> Check {
         Ok(true) => present(
             name,
             true,
-            format!("the verifier allows bpf_get_netns_cookie in {ty:?} programs"),
+            format!(
+                "the verifier allows bpf_get_netns_cookie in {} programs",
+                prog_type_words(ty)
+            ),
         ),
         Ok(false) => missing(
             name,
             true,
-            format!("the verifier refuses bpf_get_netns_cookie in {ty:?} programs"),
+            format!(
+                "the verifier refuses bpf_get_netns_cookie in {} programs",
+                prog_type_words(ty)
+            ),
         ),
         Err(e) => unknown(name, true, e.to_string()),
     }
@@ -160,12 +173,46 @@ pub(super) fn helper_row(name: &str, ty: ProgramType) -> Check {
 
 pub(super) fn map_row(name: &str, ty: MapType) -> Check {
     match is_map_supported(ty) {
-        Ok(true) => present(name, true, format!("BPF_MAP_CREATE of a {ty:?} map works")),
+        Ok(true) => present(
+            name,
+            true,
+            format!("BPF_MAP_CREATE of a {} map works", map_type_words(ty)),
+        ),
         Ok(false) => missing(
             name,
             true,
-            format!("BPF_MAP_CREATE rejects the {ty:?} map type"),
+            format!("BPF_MAP_CREATE rejects the {} map type", map_type_words(ty)),
         ),
         Err(e) => unknown(name, true, format!("{e}")),
+    }
+}
+
+/// A program type as the kernel names it (`BPF_PROG_TYPE_…`, lower case, without the prefix).
+pub(super) fn prog_type_words(ty: ProgramType) -> &'static str {
+    match ty {
+        ProgramType::CgroupSockAddr => "cgroup_sock_addr",
+        ProgramType::CgroupSock => "cgroup_sock",
+        ProgramType::CgroupSockopt => "cgroup_sockopt",
+        ProgramType::CgroupSkb => "cgroup_skb",
+        ProgramType::SockOps => "sock_ops",
+        ProgramType::SkMsg => "sk_msg",
+        ProgramType::SkSkb => "sk_skb",
+        ProgramType::SkLookup => "sk_lookup",
+        ProgramType::SocketFilter => "socket_filter",
+        ProgramType::SchedClassifier => "sched_cls",
+        _ => "other",
+    }
+}
+
+/// A map type as the kernel names it (`BPF_MAP_TYPE_…`, lower case, without the prefix).
+pub(super) fn map_type_words(ty: MapType) -> &'static str {
+    match ty {
+        MapType::LpmTrie => "lpm_trie",
+        MapType::LruHash => "lru_hash",
+        MapType::RingBuf => "ringbuf",
+        MapType::Hash => "hash",
+        MapType::Array => "array",
+        MapType::SockHash => "sockhash",
+        _ => "other",
     }
 }
