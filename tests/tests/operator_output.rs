@@ -87,6 +87,10 @@ fn pod_by_name_and_outputs() {
     let shown = d.pod_ok(&["show", "--pod", "prod/web-1"]);
     assert!(shown.contains("pod: prod/web-1\n"), "{shown}");
     assert!(shown.contains(&format!("netns: {ns}\n")), "{shown}");
+    assert!(
+        shown.contains("\n  -x/--istio-service-exclude-cidr: 10.96.0.0/12\n"),
+        "{shown}"
+    );
     assert_words("pod show", &shown);
     assert_eq!(shown, d.pod_ok(&["show", "--network-namespace", &ns]));
     let j: serde_json::Value =

@@ -11,6 +11,7 @@ mod explain;
 mod logs;
 mod pod;
 mod pod_ref;
+mod pod_text;
 mod remove;
 mod validate;
 

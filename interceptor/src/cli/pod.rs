@@ -6,8 +6,9 @@ use interceptor_common::config::ConfigError;
 
 use super::args::{ApplyArgs, OutputFormat, SocketArgs};
 use super::pod_ref::PodTarget;
+use super::pod_text::{list_text, pod_text};
 use crate::daemon::client::call;
-use crate::daemon::protocol::{PodStatus, Request, Response, UnreadableRecord};
+use crate::daemon::protocol::{Request, Response};
 use crate::model::{PodIdentity, PodSpec};
 
 #[derive(Subcommand, Debug)]
@@ -165,82 +166,4 @@ pub fn run(cmd: &PodCommand) -> Result<Result<(), ConfigError>> {
         Response::Retry { message } => bail!("{message}"),
         Response::Pong | Response::PodInfo { .. } => Ok(Ok(())),
     }
-}
-
-/// `pod list`: a table of the pods, then the records that cannot be read.
-fn list_text(pods: &[PodStatus], unreadable: &[UnreadableRecord]) -> String {
-    let mut out = format!(
-        "{:<40} {:<9} {:>8} {:<30} why\n",
-        "netns", "backend", "pod_id", "identity"
-    );
-    for p in pods {
-        let id = p
-            .identity
-            .as_ref()
-            .map(|i| format!("{}/{}", i.namespace, i.name))
-            .unwrap_or_else(|| "-".into());
-        let why = match (&p.removal_error, p.removing) {
-            (Some(e), _) => format!("removal failed, retried on the next remove or restart: {e}"),
-            (None, true) => "being removed".to_string(),
-            (None, false) => p.why.clone(),
-        };
-        out.push_str(&format!(
-            "{:<40} {:<9} {:>8} {:<30} {}\n",
-            p.netns.display(),
-            p.backend.words(),
-            p.pod_id,
-            id,
-            why
-        ));
-    }
-    for u in unreadable {
-        let netns = u.netns.as_ref().map_or_else(
-            || "an unknown netns".to_string(),
-            |n| n.display().to_string(),
-        );
-        out.push_str(&format!(
-            "unreadable record {} (pod {netns}): {}; its interception is kept until the pod is \
-             removed or the file deleted\n",
-            u.file.display(),
-            u.error
-        ));
-    }
-    out
-}
-
-/// `pod show -o text`: one `key: value` line each, in words.
-fn pod_text(p: &PodStatus) -> String {
-    let mut out = format!(
-        "netns: {}\nbackend: {} ({})\npod id: {}\n",
-        p.netns.display(),
-        p.backend.words(),
-        p.why,
-        p.pod_id
-    );
-    if let Some(i) = &p.identity {
-        out.push_str(&format!("pod: {}/{}\n", i.namespace, i.name));
-    }
-    if !p.ips.is_empty() {
-        let ips: Vec<String> = p.ips.iter().map(ToString::to_string).collect();
-        out.push_str(&format!("ips: {}\n", ips.join(", ")));
-    }
-    match &p.userns {
-        Some(u) => out.push_str(&format!(
-            "user namespace: own (uid_map {}; gid_map {})\nproxy uid: {}\nproxy gid: {}\n",
-            u.uid_map.render(),
-            u.gid_map.render(),
-            u.proxy_uid,
-            u.proxy_gid
-        )),
-        None => out.push_str("user namespace: the node's\n"),
-    }
-    out.push_str(&format!("registered in: {} µs\n", p.add_micros));
-    match (&p.removal_error, p.removing) {
-        (Some(e), _) => out.push_str(&format!(
-            "removal: failed, retried on the next remove or restart: {e}\n"
-        )),
-        (None, true) => out.push_str("removal: in progress\n"),
-        (None, false) => {}
-    }
-    out
 }
