@@ -71,9 +71,14 @@ fn fifty_pods_through_the_daemon() {
         );
         ok += 1;
     }
-    let list = d.pod_ok(&["list"]);
+    let list: serde_json::Value = serde_json::from_str(&d.pod_ok(&["list", "-o", "json"])).unwrap();
     assert_eq!(
-        list.lines().filter(|l| l.contains("ebpf")).count(),
+        list["pods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["backend"] == "ebpf")
+            .count(),
         50,
         "{list}"
     );
@@ -103,10 +108,8 @@ fn fifty_pods_through_the_daemon() {
         let ns = topo.pod_netns().to_str().unwrap().to_string();
         d.pod_ok(&["remove", "--network-namespace", &ns]);
     }
-    assert!(
-        !d.pod_ok(&["list"]).contains("ebpf"),
-        "pods left after remove"
-    );
+    let list = d.pod_ok(&["list", "-o", "json"]);
+    assert!(!list.contains("\"ebpf\""), "pods left after remove: {list}");
 }
 
 /// A pod whose config eBPF cannot honour gets the fallback inside its netns, and `pod show` says

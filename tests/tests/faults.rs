@@ -445,7 +445,7 @@ fn registration_fault_cli_all_or_nothing() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "auto: {err}");
     assert!(
-        err.contains("Iptables backend") && err.contains("eBPF registration failed"),
+        err.contains("iptables backend") && err.contains("eBPF registration failed"),
         "auto did not fall back: {err}"
     );
     assert_eq!(footprint(&ebpf.pins), base, "auto fallback: eBPF leftovers");

@@ -58,7 +58,8 @@ pub struct SocketArgs {
     pub socket: PathBuf,
 }
 
-/// Output of `pod show`: JSON (the default, for tools) or words for people.
+/// Output of the operator commands (`doctor`, `explain`, `pod list`, `pod show`): words for
+/// people (their default) or JSON for tools.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum OutputFormat {
     Json,

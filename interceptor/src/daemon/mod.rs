@@ -144,7 +144,11 @@ impl Daemon {
     fn readopt(&self) -> Result<()> {
         let (pods, unreadable) = records::scan(&self.args.state_dir);
         for u in &unreadable {
-            tracing::error!(file = %u.file.display(), netns = ?u.netns, error = %u.error,
+            let netns = u
+                .netns
+                .as_ref()
+                .map_or_else(|| "unknown".into(), |n| n.display().to_string());
+            tracing::error!(file = %u.file.display(), netns = %netns, error = %u.error,
                 "unreadable pod record: its pod keeps its interception; remove the pod or the file");
         }
         let mut live = Vec::new();

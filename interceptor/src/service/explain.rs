@@ -60,7 +60,7 @@ pub struct Report {
 pub fn report(cfg: &Config, netns: Option<&Path>, conn: &Conn) -> Result<Report> {
     let tables = pod_tables(cfg, netns)?;
     let mut report = match policy::ebpf_unsupported(cfg) {
-        None => ebpf_report(cfg, &tables, conn)?,
+        None => ebpf_report(cfg, &tables, conn),
         Some(why) => netfilter_report(cfg, &tables, netns, conn, why)?,
     };
     // `--uid`/`--gid` are in-namespace ids, as Istio's rules name them; the eBPF programs
@@ -125,28 +125,33 @@ fn agrees(walk: &netfilter::Walk, v: Verdict) -> bool {
 
 /// The verdict of the decision model the eBPF programs run, with the istio-iptables rule that
 /// decides the same (eBPF configs have no excluded interfaces, so only `lo` matters).
-fn ebpf_report(cfg: &Config, tables: &MemTables, conn: &Conn) -> Result<Report> {
+fn ebpf_report(cfg: &Config, tables: &MemTables, conn: &Conn) -> Report {
     let v = policy::explain(cfg, tables, conn);
     let (verdict, port) = verdict_of(v);
     let dst = decision::kernel_dst(conn.dst, conn.src);
     let over_lo = dst.is_loopback() || tables.is_local(dst);
     let out_if = if over_lo { "lo" } else { "eth0" };
-    let walk = netfilter::walk(cfg, &packet(conn, out_if.into()), &group_gid)?;
     let entry = entry::deciding_entry(cfg, conn, v.reason());
     let mut why = words::why(cfg, conn, v, entry.as_ref());
-    let istio_rule = if agrees(&walk, v) {
-        deciding_rule(&walk)
-    } else {
-        why.push_str(&format!(
-            "; istio-iptables' rules decide this connection differently ({})",
-            match walk.outcome {
-                netfilter::Outcome::Redirect(p) => format!("redirect to port {p}"),
-                netfilter::Outcome::Pass => "pass".into(),
-            }
-        ));
-        None
+    // The verdict is the decision model's; the rules only name their counterpart.
+    let istio_rule = match netfilter::walk(cfg, &packet(conn, out_if.into()), &group_gid) {
+        Ok(walk) if agrees(&walk, v) => deciding_rule(&walk),
+        Ok(walk) => {
+            why.push_str(&format!(
+                "; istio-iptables' rules decide this connection differently ({})",
+                match walk.outcome {
+                    netfilter::Outcome::Redirect(p) => format!("redirect to port {p}"),
+                    netfilter::Outcome::Pass => "pass".into(),
+                }
+            ));
+            None
+        }
+        Err(e) => {
+            why.push_str(&format!("; no istio-iptables rule found: {e:#}"));
+            None
+        }
     };
-    Ok(Report {
+    Report {
         pod: None,
         decided_by: "ebpf",
         ebpf_unsupported: None,
@@ -159,7 +164,7 @@ fn ebpf_report(cfg: &Config, tables: &MemTables, conn: &Conn) -> Result<Report> 
         route: None,
         rules_matched: vec![],
         userns: None,
-    })
+    }
 }
 
 /// The verdict of the netfilter rules the pod falls back to, walked rule by rule. The rule id
