@@ -276,7 +276,8 @@ pub struct ApplyArgs {
     /// iptables/nftables; ignored (with a warning) when `auto` falls back.
     #[arg(long, env = "INTERCEPTOR_ACCELERATE", value_parser = go_bool, default_value = "false", num_args = 0..=1, default_missing_value = "true")]
     pub accelerate: bool,
-    /// The daemon's control socket: when a daemon answers there, `apply` registers through it.
+    /// The daemon's control socket: when a daemon answers there, `apply` registers through it
+    /// (`explain --pod` looks the pod up there).
     #[arg(
         long,
         env = "INTERCEPTOR_SOCKET",
