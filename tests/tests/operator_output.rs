@@ -199,6 +199,30 @@ fn pod_by_name_and_outputs() {
             "pod {cmd}: {err}"
         );
     }
+    let out = bin::run(&["validate", "--socket", &sock, "--pod", "prod/nope"], &[]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("pod prod/nope is not registered"), "{err}");
+    // validate --pod runs in the pod's netns: captured outbound, so it passes or says why not
+    // (exit 0 or 126), never a usage error.
+    let out = bin::run(
+        &[
+            "validate",
+            "--socket",
+            &sock,
+            "--pod",
+            "prod/web-1",
+            "--probe-timeout",
+            "2s",
+        ],
+        &[],
+    );
+    assert!(
+        matches!(out.status.code(), Some(0 | 126)),
+        "{:?}: {}",
+        out.status.code(),
+        text(&out.stderr)
+    );
     let out = d.pod(&["show", "--pod", "web-1"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("want namespace/name"));

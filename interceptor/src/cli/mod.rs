@@ -91,7 +91,7 @@ pub fn run(command: &Command) -> Result<Result<(), ConfigError>> {
         Command::Logs(args) => logs::run(args).map(Ok),
         Command::Doctor(args) => doctor::run(args).map(Ok),
         Command::Explain(args) => explain::run(args),
-        Command::Validate(args) => match args.params() {
+        Command::Validate(args) => match args.resolved()?.and_then(|a| a.params()) {
             Ok(p) => crate::validate::run(&p),
             Err(e) => Ok(Err(e)),
         },

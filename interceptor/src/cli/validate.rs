@@ -37,6 +37,21 @@ pub struct ValidateArgs {
     /// gid the listeners and the inbound probe run as (default: the uid).
     #[arg(long)]
     pub proxy_gid: Option<String>,
+    /// Validate inside this pod, as namespace/name, looked up among the pods registered with
+    /// the daemon (instead of --network-namespace).
+    #[arg(
+        long,
+        value_name = "NAMESPACE/NAME",
+        conflicts_with = "network_namespace"
+    )]
+    pub pod: Option<String>,
+    /// The daemon's control socket, where --pod is looked up.
+    #[arg(
+        long,
+        env = "INTERCEPTOR_SOCKET",
+        default_value = "/run/interceptor/interceptor.sock"
+    )]
+    pub socket: PathBuf,
 }
 
 fn port(flag: &'static str, s: &str) -> Result<u16, ConfigError> {
@@ -54,6 +69,20 @@ fn id(flag: &'static str, s: &str) -> Result<u32, ConfigError> {
 }
 
 impl ValidateArgs {
+    /// `--pod` resolved to its netns through the daemon (an unknown pod is an error naming it).
+    pub fn resolved(&self) -> anyhow::Result<Result<ValidateArgs, ConfigError>> {
+        let Some(pod) = &self.pod else {
+            return Ok(Ok(self.clone()));
+        };
+        Ok(
+            super::pod_ref::registered(&self.socket, pod)?.map(|status| ValidateArgs {
+                network_namespace: Some(status.netns),
+                pod: None,
+                ..self.clone()
+            }),
+        )
+    }
+
     /// Checks the flags; bad input is a `ConfigError` (exit 2), nothing is probed.
     pub fn params(&self) -> Result<Params, ConfigError> {
         let a = self;
