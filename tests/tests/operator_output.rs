@@ -184,7 +184,27 @@ fn pod_by_name_and_outputs() {
         text(&out.stderr)
     );
     let out = explain(&["--pod", "prod/web-1", "--network-namespace", &ns]);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("--network-namespace"));
+    let out = d.pod(&["show", "--pod", "prod/web-1", "--network-namespace", &ns]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("not both"),
+        "{}",
+        text(&out.stderr)
+    );
+    // NETWORK_NAMESPACE in the environment gives way to --pod; alone, it names the pod.
+    let env = [("NETWORK_NAMESPACE", "/nonexistent/netns")];
+    let mut show = vec!["pod", "show", "--socket", &sock, "--pod", "prod/web-1"];
+    let out = bin::run(&show, &env);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), shown);
+    show.truncate(4);
+    let env = [("NETWORK_NAMESPACE", ns.as_str())];
+    assert_eq!(text(&bin::run(&show, &env).stdout), shown);
+    let out = bin::run(&show, &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("--pod"), "{}", text(&out.stderr));
 
     // Unknown pods: an error naming the pod, from every command that takes --pod.
     let out = explain(&["--pod", "prod/nope"]);

@@ -30,11 +30,7 @@ pub struct ExplainArgs {
     pub udp: bool,
     /// A pod registered with the daemon, as namespace/name: explain with its netns and its
     /// registered config (the config flags are then refused).
-    #[arg(
-        long,
-        value_name = "NAMESPACE/NAME",
-        conflicts_with = "network_namespace"
-    )]
+    #[arg(long, value_name = "NAMESPACE/NAME")]
     pub pod: Option<String>,
     /// `text` (words, the default) or `json` (stable fields, for tools). Long form only: `-o`
     /// is Istio's --istio-local-outbound-ports-exclude here.

@@ -12,22 +12,40 @@ use crate::daemon::protocol::{PodStatus, Request, Response};
 
 /// Which pod: its netns path, or its namespace/name as the daemon registered it.
 #[derive(Args, Debug, Clone)]
-#[group(required = true, multiple = false)]
 pub struct PodTarget {
     /// The pod's network namespace (a path such as /var/run/netns/NAME).
     #[arg(long, env = "NETWORK_NAMESPACE")]
     pub network_namespace: Option<PathBuf>,
-    /// The pod as namespace/name, looked up among the pods registered with the daemon.
+    /// The pod as namespace/name, looked up among the pods registered with the daemon
+    /// (instead of --network-namespace; NETWORK_NAMESPACE from the environment gives way).
     #[arg(long, value_name = "NAMESPACE/NAME")]
     pub pod: Option<String>,
+}
+
+/// Whether `--network-namespace` is on this process's command line, not only in the
+/// environment (clap counts NETWORK_NAMESPACE as given, which must not stop `--pod`).
+pub fn netns_flag_given() -> bool {
+    std::env::args_os().any(|a| {
+        let a = a.to_string_lossy();
+        a == "--network-namespace" || a.starts_with("--network-namespace=")
+    })
+}
+
+/// `--pod` together with `--network-namespace` on the command line: one pod named twice.
+pub fn both_given(pod: &str) -> Option<ConfigError> {
+    netns_flag_given()
+        .then(|| ConfigError::new("--pod", pod, "give --pod or --network-namespace, not both"))
 }
 
 impl PodTarget {
     /// The pod's netns path (`--pod` asks the daemon at `socket`).
     pub fn netns(&self, socket: &Path) -> Result<Result<PathBuf, ConfigError>> {
         match (&self.network_namespace, &self.pod) {
-            (Some(ns), _) => Ok(Ok(ns.clone())),
-            (None, Some(pod)) => Ok(registered(socket, pod)?.map(|p| p.netns)),
+            (_, Some(pod)) => match both_given(pod) {
+                Some(e) => Ok(Err(e)),
+                None => Ok(registered(socket, pod)?.map(|p| p.netns)),
+            },
+            (Some(ns), None) => Ok(Ok(ns.clone())),
             (None, None) => Ok(Err(ConfigError::new(
                 "--network-namespace",
                 "",

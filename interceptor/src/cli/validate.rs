@@ -39,11 +39,7 @@ pub struct ValidateArgs {
     pub proxy_gid: Option<String>,
     /// Validate inside this pod, as namespace/name, looked up among the pods registered with
     /// the daemon (instead of --network-namespace).
-    #[arg(
-        long,
-        value_name = "NAMESPACE/NAME",
-        conflicts_with = "network_namespace"
-    )]
+    #[arg(long, value_name = "NAMESPACE/NAME")]
     pub pod: Option<String>,
     /// The daemon's control socket, where --pod is looked up.
     #[arg(
@@ -74,6 +70,9 @@ impl ValidateArgs {
         let Some(pod) = &self.pod else {
             return Ok(Ok(self.clone()));
         };
+        if let Some(e) = super::pod_ref::both_given(pod) {
+            return Ok(Err(e));
+        }
         Ok(
             super::pod_ref::registered(&self.socket, pod)?.map(|status| ValidateArgs {
                 network_namespace: Some(status.netns),
