@@ -213,6 +213,20 @@ fn no_flag_is_a_no_op() {
         );
         usage_error(&o, &[acting, "does nothing for `interceptor explain`"]);
     }
+    // `pod add`: the daemon decides where and how programs load; --host means nothing there.
+    for given in ["--host", "--bpffs=/sys/fs/bpf/x", "--no-counters", "--probe"] {
+        let o = run(
+            &["pod", "add", "--network-namespace", "/proc/self/ns/net", "--dry-run", given],
+            &[],
+        );
+        let flag = given.split('=').next().unwrap();
+        usage_error(&o, &[flag, "does nothing for `interceptor pod add`"]);
+    }
+    // --probe only means something for a dry run.
+    usage_error(
+        &run(&["apply", "--host", "--probe"], &[]),
+        &["--probe", "--dry-run"],
+    );
     // From the environment (set for istio-iptables, say) they are ignored, not refused.
     let o = run(
         &[

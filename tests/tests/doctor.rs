@@ -298,18 +298,47 @@ fn capabilities_dropped_means_bpf_denied() {
     assert_fallback_for_bpf(&out);
 }
 
-/// `apply --backend auto` takes the same probe: without CAP_BPF it falls back, saying why.
+/// Without CAP_BPF/CAP_SYS_ADMIN: a process whose every bpf() call fails.
+const NO_BPF: [&str; 3] = [
+    "--inh-caps=-all",
+    "--ambient-caps=-all",
+    "--bounding-set=-bpf,-sys_admin,-perfmon",
+];
+
+/// A dry run loads nothing into the kernel, so it does not probe: where bpf() is denied it still
+/// prints both outcomes (a probe would have found eBPF unavailable, as the next test shows).
+#[test]
+fn a_dry_run_does_not_probe() {
+    let out = setpriv(
+        &NO_BPF,
+        &["apply", "--dry-run", "-i", "*", "--ipv6", "false", "--dns-servers", ""],
+    );
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("# backend: not probed (a dry run loads nothing into the kernel)"),
+        "{stderr}"
+    );
+    assert!(stdout.contains("# if eBPF: the pod's map entries"), "{stdout}");
+    assert!(
+        stdout.contains("fallback's rules") && stdout.contains("ISTIO_OUTPUT"),
+        "{stdout}"
+    );
+}
+
+/// `apply --backend auto` takes the same probe (a dry run with --probe): without CAP_BPF it
+/// falls back, saying why.
 #[test]
 fn apply_auto_falls_back_without_bpf() {
     let out = setpriv(
-        &[
-            "--inh-caps=-all",
-            "--ambient-caps=-all",
-            "--bounding-set=-bpf,-sys_admin,-perfmon",
-        ],
+        &NO_BPF,
         &[
             "apply",
             "--dry-run",
+            "--probe",
             "-i",
             "*",
             "--ipv6",

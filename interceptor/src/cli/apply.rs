@@ -88,6 +88,14 @@ pub fn run(args: &ApplyArgs) -> Result<Result<(), ConfigError>> {
         }
         crate::backend::exec::scope_xtables_lock_to_pod_netns();
     }
+    if args.dry_run && !args.probe && args.backend == BackendKind::Auto && !args.native_nftables
+    {
+        // A dry run loads nothing into the kernel, so `auto` is not probed here.
+        if let Some(out) = dry_run_unprobed(args, &cfg)? {
+            print!("{out}");
+            return Ok(Ok(()));
+        }
+    }
     let ebpf_missing = || probe::ebpf_missing(&args.ebpf.bpffs, args.ebpf.cgroup.as_deref());
     let mut choice = match install::choose(args.backend, args.native_nftables, ebpf_missing, &cfg) {
         Ok(c) => c,
@@ -149,6 +157,40 @@ pub fn run(args: &ApplyArgs) -> Result<Result<(), ConfigError>> {
         choice.why
     );
     Ok(Ok(()))
+}
+
+/// `apply --dry-run --backend auto` without `--probe`: what `auto` can know without loading
+/// anything. A config eBPF cannot honour, or a node whose programs are already loaded here,
+/// decides it (None: the normal path prints that); otherwise both possible outcomes are
+/// printed, eBPF's map entries and then the fallback's rules.
+fn dry_run_unprobed(args: &ApplyArgs, cfg: &Config) -> Result<Option<String>> {
+    if interceptor_common::policy::ebpf_unsupported(cfg).is_some()
+        || Pins::new(&args.ebpf.bpffs).loaded()
+    {
+        return Ok(None);
+    }
+    let netns = args.network_namespace.as_deref();
+    let fallback = install::netfilter_fallback(String::new()).ok();
+    eprintln!(
+        "# backend: not probed (a dry run loads nothing into the kernel): eBPF if the kernel \
+         accepts the programs at apply time, else {}. `interceptor doctor`, or this dry run \
+         with --probe, says which; both follow",
+        fallback
+            .as_ref()
+            .map_or("no fallback (neither iptables-restore nor nft found)".into(), |c| {
+                c.backend.words().to_string()
+            })
+    );
+    let mut out = String::from("# if eBPF: the pod's map entries\n");
+    out.push_str(&install::render(BackendKind::Ebpf, cfg, netns)?);
+    if let Some(c) = fallback {
+        out.push_str(&format!(
+            "# otherwise: the {} fallback's rules\n",
+            c.backend.words()
+        ));
+        out.push_str(&install::render(c.backend, cfg, netns)?);
+    }
+    Ok(Some(out))
 }
 
 fn via_daemon(args: &ApplyArgs) -> Result<Result<(), ConfigError>> {

@@ -289,6 +289,11 @@ pub struct ApplyArgs {
     pub ebpf_log: bool,
     #[arg(long, help = NO_COUNTERS_HELP)]
     pub no_counters: bool,
+    /// With --dry-run and `auto`: probe the kernel as `doctor` does (each program loaded into
+    /// the verifier and unloaded again; nothing attached or pinned) to show the backend `auto`
+    /// would really pick. Without it a dry run loads nothing into the kernel.
+    #[arg(long, requires = "dry_run")]
+    pub probe: bool,
     #[command(flatten)]
     pub ebpf: EbpfArgs,
 }

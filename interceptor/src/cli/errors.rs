@@ -51,20 +51,24 @@ where
 /// A flag a command hides from its help does nothing there: given on the command line, it is
 /// an error rather than silently ignored (from the environment it is ignored, as istio-iptables'
 /// variables may be set for another command).
-fn refuse_hidden(cmd: &clap::Command, m: &ArgMatches) -> Result<(), Stop> {
-    let (sub, m) = leaf(cmd, m);
+fn refuse_hidden(cmd: &clap::Command, root: &ArgMatches) -> Result<(), Stop> {
+    let (sub, m) = leaf(cmd, root);
     let given = sub.get_arguments().find(|a| {
         a.is_hide_set() && m.value_source(a.get_id().as_str()) == Some(ValueSource::CommandLine)
     });
+    // The command as typed: `interceptor pod add`, not just `add`.
+    let mut path = vec![cmd.get_name().to_string()];
+    let mut cur = root;
+    while let Some((name, sm)) = cur.subcommand() {
+        path.push(name.to_string());
+        cur = sm;
+    }
+    let path = path.join(" ");
     match given {
         None => Ok(()),
         Some(a) => Err(Stop::Usage(format!(
-            "--{} does nothing for `{} {}`: it is not one of that command's flags (see `{} {} --help`)",
+            "--{} does nothing for `{path}`: it is not one of that command's flags (see `{path} --help`)",
             a.get_long().unwrap_or(a.get_id().as_str()),
-            cmd.get_name(),
-            sub.get_name(),
-            cmd.get_name(),
-            sub.get_name()
         ))),
     }
 }
@@ -168,16 +172,25 @@ fn usage_message(cmd: &clap::Command, e: &clap::Error, argv: &[OsString]) -> Str
             format!("{} ({help})", invalid(&value, &source, &why))
         }
         _ => {
-            // Unknown or missing flags and the like: clap's sentence, without its usage block.
+            // Unknown or missing flags and the like: clap's sentence (its continuation lines
+            // name the flags), without its usage block.
             let rendered = e.render().to_string();
-            let mut lines = rendered.lines().map(str::trim).filter(|l| {
-                !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more")
-            });
-            let first = lines.next().unwrap_or("bad command line");
-            let first = first.strip_prefix("error: ").unwrap_or(first);
-            let tips: Vec<&str> = lines.filter(|l| l.starts_with("tip:")).collect();
-            let mut msg = format!("{first} ({help})");
-            for tip in tips {
+            let lines: Vec<&str> = rendered
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more"))
+                .filter(|l| !l.is_empty())
+                .collect();
+            let sentence: Vec<&str> = lines
+                .iter()
+                .filter(|l| !l.starts_with("tip:"))
+                .map(|l| l.strip_prefix("error: ").unwrap_or(l))
+                .collect();
+            let mut msg = match sentence.join(" ") {
+                s if s.is_empty() => format!("bad command line ({help})"),
+                s => format!("{s} ({help})"),
+            };
+            for tip in lines.iter().filter(|l| l.starts_with("tip:")) {
                 msg.push_str("\n  ");
                 msg.push_str(tip);
             }

@@ -61,6 +61,7 @@ const APPLY_ONLY: &[&str] = &[
     "host",
     "ebpf_log",
     "no_counters",
+    "probe",
     "bpffs",
     "cgroup",
 ];

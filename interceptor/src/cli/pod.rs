@@ -14,6 +14,7 @@ use crate::model::{PodIdentity, PodSpec};
 #[derive(Subcommand, Debug)]
 pub enum PodCommand {
     /// Register a pod (the same flags as `apply`; --network-namespace is required).
+    #[command(mut_args(hide_daemon_owned))]
     Add(Box<PodAddArgs>),
     /// Unregister a pod.
     Remove(PodRefArgs),
@@ -21,6 +22,20 @@ pub enum PodCommand {
     List(PodListArgs),
     /// Show one pod: backend, why, config (and its user namespace's id mapping, if any).
     Show(PodShowArgs),
+}
+
+/// `apply`'s flags that the daemon, not `pod add`, decides (where the programs are pinned and
+/// how they are loaded) or that mean nothing for a registration (`--host`, `--probe`): hidden
+/// from `pod add --help` and refused when given (`errors::parse_from`). istio-iptables' own
+/// flags all stay, as the CNI path relays them verbatim.
+const DAEMON_OWNED: &[&str] = &["host", "probe", "no_counters", "ebpf_log", "bpffs", "cgroup"];
+
+fn hide_daemon_owned(a: clap::Arg) -> clap::Arg {
+    if DAEMON_OWNED.contains(&a.get_id().as_str()) {
+        a.hide(true)
+    } else {
+        a
+    }
 }
 
 #[derive(Args, Debug, Clone)]

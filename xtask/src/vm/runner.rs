@@ -123,7 +123,8 @@ impl<W: Write> Runner<W> {
     fn auto(&mut self, mode: Mode) {
         let bin = self.env.interceptor.clone();
         for (i, case) in self.plan.auto.clone().into_iter().enumerate() {
-            let mut args = vec!["apply", "--dry-run", "--backend", "auto"];
+            // --probe: the kernel is asked (a plain dry run loads nothing and does not know).
+            let mut args = vec!["apply", "--dry-run", "--probe", "--backend", "auto"];
             args.extend(case.args.iter().map(String::as_str));
             let mut lines = Vec::new();
             let exit = self.exec(mode, &bin, &args, 300, |l| lines.push(l.to_string()));
