@@ -222,6 +222,12 @@ fn no_flag_is_a_no_op() {
         let flag = given.split('=').next().unwrap();
         usage_error(&o, &[flag, "does nothing for `interceptor pod add`"]);
     }
+    // `remove` and `logs` read the pins; where programs attach is not theirs to say.
+    for cmd in [&["remove", "--network-namespace", "/proc/self/ns/net"][..], &["logs"][..]] {
+        let mut argv = cmd.to_vec();
+        argv.extend(["--cgroup", "/sys/fs/cgroup"]);
+        usage_error(&run(&argv, &[]), &["--cgroup", "does nothing for `interceptor"]);
+    }
     // --probe only means something for a dry run.
     usage_error(
         &run(&["apply", "--host", "--probe"], &[]),

@@ -48,6 +48,8 @@ pub enum Command {
     #[command(args_override_self = true)]
     Apply(Box<ApplyArgs>),
     /// Unregister a pod from the eBPF datapath (its netns is left untouched otherwise).
+    // --cgroup: where programs attach; removing one pod's entries never touches that.
+    #[command(mut_arg("cgroup", |a| a.hide(true)))]
     Remove(RemoveArgs),
     /// Detach and unpin every eBPF program, link and map of ours.
     Cleanup(EbpfArgs),
@@ -57,6 +59,7 @@ pub enum Command {
     #[command(subcommand)]
     Pod(PodCommand),
     /// Print the eBPF programs' decision log (programs loaded with `apply --ebpf-log`).
+    #[command(mut_arg("cgroup", |a| a.hide(true)))]
     Logs(LogsArgs),
     /// Which backend `auto` would use and why: the kernel features each hook needs.
     Doctor(DoctorArgs),
