@@ -214,19 +214,32 @@ fn no_flag_is_a_no_op() {
         usage_error(&o, &[acting, "does nothing for `interceptor explain`"]);
     }
     // `pod add`: the daemon decides where and how programs load; --host means nothing there.
-    for given in ["--host", "--bpffs=/sys/fs/bpf/x", "--no-counters", "--probe"] {
-        let o = run(
-            &["pod", "add", "--network-namespace", "/proc/self/ns/net", "--dry-run", given],
-            &[],
-        );
+    for given in [
+        "--host",
+        "--bpffs=/sys/fs/bpf/x",
+        "--no-counters",
+        "--probe",
+    ] {
+        let mut argv = vec!["pod", "add", "--dry-run", given];
+        if given != "--host" {
+            // (--host and --network-namespace also conflict.)
+            argv.extend(["--network-namespace", "/proc/self/ns/net"]);
+        }
+        let o = run(&argv, &[]);
         let flag = given.split('=').next().unwrap();
         usage_error(&o, &[flag, "does nothing for `interceptor pod add`"]);
     }
     // `remove` and `logs` read the pins; where programs attach is not theirs to say.
-    for cmd in [&["remove", "--network-namespace", "/proc/self/ns/net"][..], &["logs"][..]] {
+    for cmd in [
+        &["remove", "--network-namespace", "/proc/self/ns/net"][..],
+        &["logs"][..],
+    ] {
         let mut argv = cmd.to_vec();
         argv.extend(["--cgroup", "/sys/fs/cgroup"]);
-        usage_error(&run(&argv, &[]), &["--cgroup", "does nothing for `interceptor"]);
+        usage_error(
+            &run(&argv, &[]),
+            &["--cgroup", "does nothing for `interceptor"],
+        );
     }
     // --probe only means something for a dry run.
     usage_error(

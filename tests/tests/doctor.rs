@@ -311,7 +311,16 @@ const NO_BPF: [&str; 3] = [
 fn a_dry_run_does_not_probe() {
     let out = setpriv(
         &NO_BPF,
-        &["apply", "--dry-run", "-i", "*", "--ipv6", "false", "--dns-servers", ""],
+        &[
+            "apply",
+            "--dry-run",
+            "-i",
+            "*",
+            "--ipv6",
+            "false",
+            "--dns-servers",
+            "",
+        ],
     );
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
@@ -322,7 +331,10 @@ fn a_dry_run_does_not_probe() {
         stderr.contains("# backend: not probed (a dry run loads nothing into the kernel)"),
         "{stderr}"
     );
-    assert!(stdout.contains("# if eBPF: the pod's map entries"), "{stdout}");
+    assert!(
+        stdout.contains("# if eBPF: the pod's map entries"),
+        "{stdout}"
+    );
     assert!(
         stdout.contains("fallback's rules") && stdout.contains("ISTIO_OUTPUT"),
         "{stdout}"

@@ -62,6 +62,13 @@ pub fn run(args: &ApplyArgs) -> Result<Result<(), ConfigError>> {
         Ok(c) => c,
         Err(e) => return Ok(Err(e)),
     };
+    if args.probe && !args.dry_run {
+        return Ok(Err(ConfigError::new(
+            "--probe",
+            "true",
+            "only means something with --dry-run (a real apply always asks the kernel)",
+        )));
+    }
     // Acting on the caller's own netns must be asked for: on a node that is the host's.
     let acts = !(args.dry_run || args.run_validation || args.skip_rule_apply);
     if acts && args.network_namespace.is_none() {
@@ -88,8 +95,7 @@ pub fn run(args: &ApplyArgs) -> Result<Result<(), ConfigError>> {
         }
         crate::backend::exec::scope_xtables_lock_to_pod_netns();
     }
-    if args.dry_run && !args.probe && args.backend == BackendKind::Auto && !args.native_nftables
-    {
+    if args.dry_run && !args.probe && args.backend == BackendKind::Auto && !args.native_nftables {
         // A dry run loads nothing into the kernel, so `auto` is not probed here.
         if let Some(out) = dry_run_unprobed(args, &cfg)? {
             print!("{out}");
@@ -175,11 +181,10 @@ fn dry_run_unprobed(args: &ApplyArgs, cfg: &Config) -> Result<Option<String>> {
         "# backend: not probed (a dry run loads nothing into the kernel): eBPF if the kernel \
          accepts the programs at apply time, else {}. `interceptor doctor`, or this dry run \
          with --probe, says which; both follow",
-        fallback
-            .as_ref()
-            .map_or("no fallback (neither iptables-restore nor nft found)".into(), |c| {
-                c.backend.words().to_string()
-            })
+        fallback.as_ref().map_or(
+            "no fallback (neither iptables-restore nor nft found)".into(),
+            |c| { c.backend.words().to_string() }
+        )
     );
     let mut out = String::from("# if eBPF: the pod's map entries\n");
     out.push_str(&install::render(BackendKind::Ebpf, cfg, netns)?);

@@ -292,7 +292,7 @@ pub struct ApplyArgs {
     /// With --dry-run and `auto`: probe the kernel as `doctor` does (each program loaded into
     /// the verifier and unloaded again; nothing attached or pinned) to show the backend `auto`
     /// would really pick. Without it a dry run loads nothing into the kernel.
-    #[arg(long, requires = "dry_run")]
+    #[arg(long)]
     pub probe: bool,
     #[command(flatten)]
     pub ebpf: EbpfArgs,

@@ -114,9 +114,14 @@ fn leaf<'a>(cmd: &clap::Command, m: &'a ArgMatches) -> (clap::Command, &'a ArgMa
     }
 }
 
-/// The subcommand named by the leading words of `argv`, and the words after them.
-fn leaf_of_argv<'a>(cmd: &clap::Command, argv: &'a [OsString]) -> (clap::Command, &'a [OsString]) {
+/// The subcommand named by the leading words of `argv`, its path as typed
+/// (`interceptor pod add`), and the words after them.
+fn leaf_of_argv<'a>(
+    cmd: &clap::Command,
+    argv: &'a [OsString],
+) -> (clap::Command, String, &'a [OsString]) {
     let mut cur = cmd.clone();
+    let mut path = vec![cmd.get_name().to_string()];
     let mut rest = argv.get(1..).unwrap_or_default();
     while let Some(sub) = rest
         .first()
@@ -124,10 +129,11 @@ fn leaf_of_argv<'a>(cmd: &clap::Command, argv: &'a [OsString]) -> (clap::Command
         .and_then(|w| cur.find_subcommand(w))
         .cloned()
     {
+        path.push(sub.get_name().to_string());
         cur = sub;
         rest = &rest[1..];
     }
-    (cur, rest)
+    (cur, path.join(" "), rest)
 }
 
 fn context_str(e: &clap::Error, kind: ContextKind) -> Option<String> {
@@ -140,11 +146,8 @@ fn context_str(e: &clap::Error, kind: ContextKind) -> Option<String> {
 
 /// clap's error in our style.
 fn usage_message(cmd: &clap::Command, e: &clap::Error, argv: &[OsString]) -> String {
-    let (sub, words) = leaf_of_argv(cmd, argv);
-    let help = match sub.get_name() {
-        name if name == cmd.get_name() => format!("see `{name} --help`"),
-        name => format!("see `{} {name} --help`", cmd.get_name()),
-    };
+    let (sub, path, words) = leaf_of_argv(cmd, argv);
+    let help = format!("see `{path} --help`");
     let value = context_str(e, ContextKind::InvalidValue);
     let arg = context_str(e, ContextKind::InvalidArg);
     match (e.kind(), value, arg) {

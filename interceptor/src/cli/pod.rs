@@ -28,7 +28,14 @@ pub enum PodCommand {
 /// how they are loaded) or that mean nothing for a registration (`--host`, `--probe`): hidden
 /// from `pod add --help` and refused when given (`errors::parse_from`). istio-iptables' own
 /// flags all stay, as the CNI path relays them verbatim.
-const DAEMON_OWNED: &[&str] = &["host", "probe", "no_counters", "ebpf_log", "bpffs", "cgroup"];
+const DAEMON_OWNED: &[&str] = &[
+    "host",
+    "probe",
+    "no_counters",
+    "ebpf_log",
+    "bpffs",
+    "cgroup",
+];
 
 fn hide_daemon_owned(a: clap::Arg) -> clap::Arg {
     if DAEMON_OWNED.contains(&a.get_id().as_str()) {
