@@ -47,8 +47,7 @@ pub fn choose(
         return Err(ConfigError::new(
             "--accelerate",
             "true",
-            format!("needs the eBPF backend (sockops + sk_msg), not --backend {backend}")
-                .to_lowercase(),
+            format!("needs the eBPF backend (sockops + sk_msg), not --backend {backend}"),
         ));
     }
     // An optimisation only: a pod that falls back keeps its interception, not the shortcut.
