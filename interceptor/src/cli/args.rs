@@ -44,6 +44,18 @@ impl EbpfArgs {
     }
 }
 
+/// For `Command::mut_args` on a command that takes a shared flag set but not the flags `ids`:
+/// they are hidden from its help, and so refused when given (`errors::parse_from`).
+pub(super) fn hide(ids: &'static [&'static str]) -> impl FnMut(clap::Arg) -> clap::Arg {
+    move |a| {
+        if ids.contains(&a.get_id().as_str()) {
+            a.hide(true)
+        } else {
+            a
+        }
+    }
+}
+
 /// `--no-counters`, on the commands that load the programs.
 pub const NO_COUNTERS_HELP: &str = "Load the programs without per-pod counters (the verifier prunes the counting code); for measuring what counting costs. Applies when the programs are loaded";
 

@@ -45,7 +45,7 @@ pub struct ExplainArgs {
 /// flags so a pod's istio-iptables line can be pasted, but these would do nothing here, so they
 /// are hidden from its help and refused when given (`errors::parse_from`). `--socket` stays: it
 /// is the daemon `--pod` asks.
-const APPLY_ONLY: &[&str] = &[
+pub(super) const APPLY_ONLY: &[&str] = &[
     "dry_run",
     "run_validation",
     "iptables_probe_port",
@@ -65,14 +65,6 @@ const APPLY_ONLY: &[&str] = &[
     "bpffs",
     "cgroup",
 ];
-
-pub(super) fn hide_apply_only(a: clap::Arg) -> clap::Arg {
-    if APPLY_ONLY.contains(&a.get_id().as_str()) {
-        a.hide(true)
-    } else {
-        a
-    }
-}
 
 /// The config flags given on this process's command line (`interceptor explain …`), read
 /// again from argv: only clap's matches know where a value came from.

@@ -49,7 +49,7 @@ pub enum Command {
     Apply(Box<ApplyArgs>),
     /// Unregister a pod from the eBPF datapath (its netns is left untouched otherwise).
     // --cgroup: where programs attach; removing one pod's entries never touches that.
-    #[command(mut_arg("cgroup", |a| a.hide(true)))]
+    #[command(mut_args(args::hide(&["cgroup"])))]
     Remove(RemoveArgs),
     /// Detach and unpin every eBPF program, link and map of ours.
     Cleanup(EbpfArgs),
@@ -59,13 +59,13 @@ pub enum Command {
     #[command(subcommand)]
     Pod(PodCommand),
     /// Print the eBPF programs' decision log (programs loaded with `apply --ebpf-log`).
-    #[command(mut_arg("cgroup", |a| a.hide(true)))]
+    #[command(mut_args(args::hide(&["cgroup"])))]
     Logs(LogsArgs),
     /// Which backend `auto` would use and why: the kernel features each hook needs.
     Doctor(DoctorArgs),
     /// The verdict for one connection of a pod (redirect to which port, or pass) and the rule
     /// that decided it, from the same decision model the eBPF programs follow.
-    #[command(mut_args(explain::hide_apply_only))]
+    #[command(mut_args(args::hide(explain::APPLY_ONLY)))]
     Explain(Box<ExplainArgs>),
     /// Check that interception works in a pod, as Istio's istio-validation does: exit 0 when
     /// it does, 126 when not. Runs as the proxy uid/gid with no capabilities.

@@ -14,7 +14,7 @@ use crate::model::{PodIdentity, PodSpec};
 #[derive(Subcommand, Debug)]
 pub enum PodCommand {
     /// Register a pod (the same flags as `apply`; --network-namespace is required).
-    #[command(mut_args(hide_daemon_owned))]
+    #[command(mut_args(super::args::hide(DAEMON_OWNED)))]
     Add(Box<PodAddArgs>),
     /// Unregister a pod.
     Remove(PodRefArgs),
@@ -36,14 +36,6 @@ const DAEMON_OWNED: &[&str] = &[
     "bpffs",
     "cgroup",
 ];
-
-fn hide_daemon_owned(a: clap::Arg) -> clap::Arg {
-    if DAEMON_OWNED.contains(&a.get_id().as_str()) {
-        a.hide(true)
-    } else {
-        a
-    }
-}
 
 #[derive(Args, Debug, Clone)]
 pub struct PodRefArgs {

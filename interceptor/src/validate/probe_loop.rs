@@ -148,6 +148,37 @@ fn own_listeners(p: &Params) -> Result<Option<Vec<(TcpListener, SocketAddr)>>> {
     Ok(Some(listeners))
 }
 
+/// One poll(2) of `fds` for `events`, waiting at most until `until` (and a second): which fds
+/// are ready, or None when a signal interrupted the wait (the caller just loops).
+fn poll_until(
+    fds: &[std::os::fd::RawFd],
+    events: libc::c_short,
+    until: Instant,
+) -> Result<Option<Vec<bool>>> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        })
+        .collect();
+    let wait = until
+        .saturating_duration_since(Instant::now())
+        .as_millis()
+        .clamp(1, 1000) as libc::c_int;
+    // SAFETY: a valid array of pollfds (possibly empty, then it only waits).
+    let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, wait) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(None);
+        }
+        return Err(e).context("poll");
+    }
+    Ok(Some(pfds.iter().map(|p| p.revents != 0).collect()))
+}
+
 /// A running pod: wait (until `tick_end`) for the probes' connects to finish, and judge each
 /// finished one by where its far end is — on the check's port, or elsewhere.
 fn judge_live(
@@ -159,27 +190,13 @@ fn judge_live(
     app: u32,
 ) -> Result<()> {
     while Instant::now() < tick_end && (inbound.open() || outbound.open()) {
-        let mut pfds: Vec<libc::pollfd> = probes
-            .iter()
-            .map(|pr| libc::pollfd {
-                fd: pr.fd.as_raw_fd(),
-                events: libc::POLLOUT,
-                revents: 0,
-            })
-            .collect();
-        let wait = (tick_end - Instant::now()).as_millis().clamp(1, 1000) as libc::c_int;
-        // SAFETY: a valid array of pollfds (possibly empty, then it only waits).
-        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, wait) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e).context("poll");
-        }
+        let fds: Vec<_> = probes.iter().map(|pr| pr.fd.as_raw_fd()).collect();
+        let Some(ready) = poll_until(&fds, libc::POLLOUT, tick_end)? else {
+            continue;
+        };
         let mut done = vec![];
         for (i, pr) in probes.iter().enumerate() {
-            if pfds[i].revents == 0 {
+            if !ready[i] {
                 continue;
             }
             done.push(i);
@@ -327,26 +344,12 @@ pub(super) fn probe_loop(
             if live || now >= tick_end || !(inbound.open() || outbound.open()) {
                 break;
             }
-            let mut pfds: Vec<libc::pollfd> = listeners
-                .iter()
-                .map(|(l, _)| libc::pollfd {
-                    fd: l.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                })
-                .collect();
-            let wait = (tick_end - now).as_millis().clamp(1, 1000) as libc::c_int;
-            // SAFETY: a valid array of pollfds.
-            let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, wait) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e).context("poll");
-            }
+            let fds: Vec<_> = listeners.iter().map(|(l, _)| l.as_raw_fd()).collect();
+            let Some(ready) = poll_until(&fds, libc::POLLIN, tick_end)? else {
+                continue;
+            };
             for (i, (l, laddr)) in listeners.iter().enumerate() {
-                if pfds[i].revents == 0 {
+                if !ready[i] {
                     continue;
                 }
                 loop {
