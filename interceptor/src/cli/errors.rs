@@ -52,18 +52,10 @@ where
 /// an error rather than silently ignored (from the environment it is ignored, as istio-iptables'
 /// variables may be set for another command).
 fn refuse_hidden(cmd: &clap::Command, root: &ArgMatches) -> Result<(), Stop> {
-    let (sub, m) = leaf(cmd, root);
+    let (sub, path, m) = leaf(cmd, root);
     let given = sub.get_arguments().find(|a| {
         a.is_hide_set() && m.value_source(a.get_id().as_str()) == Some(ValueSource::CommandLine)
     });
-    // The command as typed: `interceptor pod add`, not just `add`.
-    let mut path = vec![cmd.get_name().to_string()];
-    let mut cur = root;
-    while let Some((name, sm)) = cur.subcommand() {
-        path.push(name.to_string());
-        cur = sm;
-    }
-    let path = path.join(" ");
     match given {
         None => Ok(()),
         Some(a) => Err(Stop::Usage(format!(
@@ -77,11 +69,8 @@ impl Parsed {
     /// `e` as the user should read it: the environment variable named when the flag's value
     /// came from one.
     pub fn describe(&self, e: &ConfigError) -> String {
-        let (sub, m) = leaf(&Cli::command(), &self.matches);
-        let from_env = e
-            .flag
-            .strip_prefix("--")
-            .and_then(|long| sub.get_arguments().find(|a| a.get_long() == Some(long)))
+        let (sub, _, m) = leaf(&Cli::command(), &self.matches);
+        let from_env = arg_named(&sub, e.flag)
             .filter(|a| m.value_source(a.get_id().as_str()) == Some(ValueSource::EnvVariable))
             .and_then(|a| a.get_env());
         match from_env {
@@ -103,15 +92,28 @@ fn env_source(var: &str, flag: &str) -> String {
     format!("{var} (environment; flag {flag})")
 }
 
-/// The subcommand `m` ended in, with its matches.
-fn leaf<'a>(cmd: &clap::Command, m: &'a ArgMatches) -> (clap::Command, &'a ArgMatches) {
-    match m.subcommand() {
-        Some((name, sm)) => match cmd.find_subcommand(name) {
-            Some(sub) => leaf(sub, sm),
-            None => (cmd.clone(), m),
-        },
-        None => (cmd.clone(), m),
+/// The subcommand `m` ended in, its path as typed (`interceptor pod add`), and its matches.
+fn leaf<'a>(cmd: &clap::Command, m: &'a ArgMatches) -> (clap::Command, String, &'a ArgMatches) {
+    let (mut cur, mut path, mut m) = (cmd.clone(), cmd.get_name().to_string(), m);
+    while let Some((name, sm)) = m.subcommand() {
+        let Some(sub) = cur.find_subcommand(name).cloned() else {
+            break;
+        };
+        path = format!("{path} {name}");
+        (cur, m) = (sub, sm);
     }
+    (cur, path, m)
+}
+
+/// The argument of `sub` that `flag` names (`--long` or `-s`).
+fn arg_named<'a>(sub: &'a clap::Command, flag: &str) -> Option<&'a clap::Arg> {
+    sub.get_arguments().find(|a| match flag.strip_prefix("--") {
+        Some(long) => a.get_long() == Some(long),
+        None => {
+            flag.len() == 2
+                && flag.strip_prefix('-').and_then(|s| s.chars().next()) == a.get_short()
+        }
+    })
 }
 
 /// The subcommand named by the leading words of `argv`, its path as typed
@@ -205,14 +207,7 @@ fn usage_message(cmd: &clap::Command, e: &clap::Error, argv: &[OsString]) -> Str
 /// The environment variable that gave `flag` its value: the flag is not on the command line and
 /// its variable is set.
 fn env_var_used(sub: &clap::Command, flag: &str, words: &[OsString]) -> Option<String> {
-    let arg = sub.get_arguments().find(|a| {
-        flag.strip_prefix("--")
-            .is_some_and(|long| a.get_long() == Some(long))
-            || flag
-                .strip_prefix('-')
-                .and_then(|s| s.chars().next())
-                .is_some_and(|c| a.get_short() == Some(c) && flag.len() == 2)
-    })?;
+    let arg = arg_named(sub, flag)?;
     let var = arg.get_env()?.to_string_lossy().into_owned();
     let on_line = words.iter().filter_map(|w| w.to_str()).any(|w| {
         arg.get_long()
