@@ -113,6 +113,35 @@ impl Rig {
         }
     }
 
+    /// What the forwarder and the pod's counters saw: said when a check fails, so a reset
+    /// names its cause (no original destination, an upstream failure, or a reset in the copy).
+    fn diagnosis(&self) -> String {
+        use std::sync::atomic::Ordering::Relaxed;
+        let st = &self.fwd.as_ref().unwrap().stats;
+        let mut out = format!(
+            "forwarder: {} forwarded, {} without an original destination, {} upstream connects failed, {} ended by a reset or error",
+            st.forwarded.load(Relaxed),
+            st.missed.load(Relaxed),
+            st.failed.load(Relaxed),
+            st.reset.load(Relaxed)
+        );
+        if let Ok(maps) = self.ebpf.pins.maps() {
+            for pod in 0..4 {
+                let set: Vec<String> = maps
+                    .counters(pod)
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, v)| **v != 0)
+                    .map(|(i, v)| format!("{i}={v}"))
+                    .collect();
+                if !set.is_empty() {
+                    out.push_str(&format!("; pod {pod} counters {}", set.join(" ")));
+                }
+            }
+        }
+        out
+    }
+
     fn mode(&self) -> &'static str {
         if self.accelerate {
             "accelerated"
@@ -120,6 +149,15 @@ impl Rig {
             "plain"
         }
     }
+}
+
+/// The cases that queue tens of MiB in socket buffers take turns: run at once in a 2 GiB
+/// guest they put the guest's TCP memory under pressure, which an accelerated hop turns into
+/// ENOMEM on send (see `a_reader_that_stops_reading`) — a property with its own case, not
+/// something the data checks should trip over by accident.
+fn heavy() -> std::sync::MutexGuard<'static, ()> {
+    static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A reproducible byte stream per seed (xorshift64*), so the reader can check every byte.
@@ -140,7 +178,7 @@ impl Pattern {
 /// Sends `len` pattern bytes through the echo and checks every byte that comes back, in order
 /// (writer and reader run concurrently, so large transfers exercise back-pressure).
 async fn echo_verified(dst: SocketAddr, seed: u64, len: usize) -> Result<()> {
-    let s = TcpStream::connect(dst).await?;
+    let s = TcpStream::connect(dst).await.context("connecting")?;
     let (mut r, mut w) = s.into_split();
     let writer = async move {
         let mut p = Pattern(seed);
@@ -193,12 +231,13 @@ async fn echo_verified(dst: SocketAddr, seed: u64, len: usize) -> Result<()> {
     };
     let (a, b) = tokio::join!(writer, reader);
     a.context("writing")?;
-    b
+    b.context("reading")
 }
 
 #[test]
 fn large_transfer_is_intact_and_skips_loopback() {
     const LEN: usize = 64 << 20;
+    let _heavy = heavy();
     for accelerate in [false, true] {
         let rig = Rig::new("acbulk", accelerate).unwrap();
         let before = rig.lo_tx_bytes();
@@ -237,6 +276,7 @@ fn large_transfer_is_intact_and_skips_loopback() {
 fn many_concurrent_connections_do_not_mix() {
     const N: u64 = 100;
     const LEN: usize = 1 << 20;
+    let _heavy = heavy();
     for accelerate in [false, true] {
         let rig = Rig::new("acconc", accelerate).unwrap();
         let dst = rig.echo();
@@ -249,12 +289,25 @@ fn many_concurrent_connections_do_not_mix() {
                     LEN + seed as usize,
                 )));
             }
-            for t in tasks {
-                timeout(scaled(Duration::from_secs(120)), t).await???;
+            let mut failed = Vec::new();
+            for (seed, t) in (1..=N).zip(tasks) {
+                let done = async {
+                    timeout(scaled(Duration::from_secs(120)), t).await???;
+                    anyhow::Ok(())
+                };
+                if let Err(e) = done.await {
+                    failed.push(format!("stream {seed}: {e:#}"));
+                }
             }
+            ensure!(
+                failed.is_empty(),
+                "{} of {N} streams failed: {}",
+                failed.len(),
+                failed.join("; ")
+            );
             anyhow::Ok(())
         })
-        .unwrap();
+        .unwrap_or_else(|e| panic!("{}: {e:#}; {}", rig.mode(), rig.diagnosis()));
         eprintln!(
             "{}: {N} concurrent connections × ~1 MiB echoed intact",
             rig.mode()
@@ -376,5 +429,54 @@ fn a_side_dying_ends_the_connection() {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
+    }
+}
+
+/// A reader that stops reading: plain TCP holds the writer back (the receive window, then the
+/// proxy's own socket buffers); an accelerated hop does not, because `sk_msg` hands each message
+/// to the peer's receive queue without a window. This pins the limit README and SECURITY.md
+/// state: the writer either queues everything (kernel memory charged to the reader's socket) or,
+/// under TCP memory pressure, gets ENOMEM from `write` and the connection ends.
+#[test]
+fn a_reader_that_stops_reading() {
+    const CAP: usize = 128 << 20;
+    let _heavy = heavy();
+    for accelerate in [false, true] {
+        let rig = Rig::new("acslow", accelerate).unwrap();
+        let dst = rig.echo();
+        // The app writes to the echo and never reads its answers.
+        let (written, error) = run_client(&rig.client(), || async {
+            let mut s = TcpStream::connect(dst).await?;
+            let buf = vec![0x5au8; 1 << 20];
+            let mut total = 0;
+            while total < CAP {
+                match timeout(scaled(Duration::from_secs(2)), s.write_all(&buf)).await {
+                    Ok(Ok(())) => total += buf.len(),
+                    Ok(Err(e)) => return anyhow::Ok((total, Some(e))),
+                    Err(_) => break,
+                }
+            }
+            anyhow::Ok((total, None))
+        })
+        .unwrap();
+        eprintln!(
+            "{}: the app wrote {} MiB without reading{}",
+            rig.mode(),
+            written >> 20,
+            error
+                .as_ref()
+                .map(|e| format!(", then: {e}"))
+                .unwrap_or_default()
+        );
+        if accelerate {
+            match &error {
+                None => assert_eq!(written, CAP, "held back at {written} bytes"),
+                Some(e) => assert_eq!(e.raw_os_error(), Some(libc::ENOMEM), "{e}"),
+            }
+        } else {
+            assert!(error.is_none(), "plain TCP: {error:?}");
+            assert!(written < 64 << 20, "plain TCP did not hold the writer back");
+        }
+        rig.settle();
     }
 }
