@@ -70,7 +70,19 @@ fn inuse(sockstat: &str, tag: &str) -> Option<u64> {
     None
 }
 
-fn listening_proc() -> Result<Vec<Listening>> {
+/// One row of `/proc/<pid>/net/tcp{,6}` (the kernel's `tcp4_seq_show`/`tcp6_seq_show`).
+struct ProcTcp {
+    local: std::net::SocketAddr,
+    remote: std::net::SocketAddr,
+    /// TCP state, as the kernel numbers it (`0A` = listening).
+    state: u8,
+    uid: u32,
+    inode: u32,
+}
+
+/// The TCP sockets of the caller's netns, both families, from `/proc/thread-self/net/tcp{,6}`:
+/// always there, but slower than sock_diag (the kernel walks the node-wide hashes).
+fn proc_tcp() -> Vec<(ProcTcp, bool)> {
     let mut out = Vec::new();
     for (file, v6) in [
         ("/proc/thread-self/net/tcp", false),
@@ -79,27 +91,64 @@ fn listening_proc() -> Result<Vec<Listening>> {
         let Ok(text) = std::fs::read_to_string(file) else {
             continue;
         };
-        for line in text.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            // sl local rem st tx:rx tr:tm retrnsmt uid timeout inode
-            if f.len() < 10 || f[3] != "0A" {
-                continue;
-            }
-            let port = f[1]
-                .rsplit(':')
-                .next()
-                .and_then(|p| u16::from_str_radix(p, 16).ok());
-            if let (Some(port), Ok(uid), Ok(inode)) = (port, f[7].parse(), f[9].parse()) {
-                out.push(Listening {
-                    port,
-                    uid,
-                    inode,
-                    v6,
-                });
-            }
-        }
+        out.extend(
+            text.lines()
+                .skip(1)
+                .filter_map(proc_tcp_row)
+                .map(|r| (r, v6)),
+        );
     }
-    Ok(out)
+    out
+}
+
+/// `sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode`.
+fn proc_tcp_row(line: &str) -> Option<ProcTcp> {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    if f.len() < 10 {
+        return None;
+    }
+    Some(ProcTcp {
+        local: proc_addr(f[1])?,
+        remote: proc_addr(f[2])?,
+        state: u8::from_str_radix(f[3], 16).ok()?,
+        uid: f[7].parse().ok()?,
+        inode: f[9].parse().ok()?,
+    })
+}
+
+/// `0100007F:1F90` (IPv4) or 32 hex digits (IPv6), then the port. The kernel prints each
+/// 32-bit word of the address as the CPU holds it (`%08X` of the network-order word), so the
+/// word's native-endian bytes are the address bytes.
+fn proc_addr(s: &str) -> Option<std::net::SocketAddr> {
+    let (addr, port) = s.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let mut bytes = Vec::with_capacity(16);
+    for i in (0..addr.len()).step_by(8) {
+        let word = u32::from_str_radix(addr.get(i..i + 8)?, 16).ok()?;
+        bytes.extend_from_slice(&word.to_ne_bytes());
+    }
+    let ip = match bytes.len() {
+        4 => std::net::IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?),
+        16 => std::net::IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?),
+        _ => return None,
+    };
+    Some(std::net::SocketAddr::new(ip, port))
+}
+
+/// TCP state "listening" in /proc/net/tcp.
+const PROC_LISTEN: u8 = 0x0a;
+
+fn listening_proc() -> Result<Vec<Listening>> {
+    Ok(proc_tcp()
+        .into_iter()
+        .filter(|(r, _)| r.state == PROC_LISTEN)
+        .map(|(r, v6)| Listening {
+            port: r.local.port(),
+            uid: r.uid,
+            inode: r.inode,
+            v6,
+        })
+        .collect())
 }
 
 fn listening_diag() -> Result<Vec<Listening>> {
@@ -152,14 +201,34 @@ fn listening_sockets(socket: &netlink_sys::Socket, v6: bool) -> Result<Vec<(u16,
 /// a connection made from `peer`, as the kernel sees it whatever rewrote the destination on the
 /// way (NAT or a connect hook). Both families: a dual-stack listener's end is IPv4-mapped.
 pub fn connected_to(port: u16, peer: std::net::SocketAddr) -> Result<bool> {
+    let mapped = match peer.ip() {
+        std::net::IpAddr::V4(a) => std::net::IpAddr::V6(a.to_ipv6_mapped()),
+        ip => ip,
+    };
+    let is_it = |local_port: u16, remote: std::net::SocketAddr| {
+        local_port == port
+            && remote.port() == peer.port()
+            && (remote.ip() == peer.ip() || remote.ip() == mapped)
+    };
+    match connected_diag(&is_it) {
+        Ok(found) => Ok(found),
+        // No inet_diag/tcp_diag in this kernel (a module not loaded: ENOENT), as in
+        // `listening_here`.
+        Err(e) => {
+            tracing::debug!(error = %e, "sock_diag unavailable; reading /proc/net/tcp");
+            Ok(proc_tcp()
+                .iter()
+                .any(|(r, _)| r.state != PROC_LISTEN && is_it(r.local.port(), r.remote)))
+        }
+    }
+}
+
+/// [`connected_to`] from sock_diag: any non-listening TCP socket of either family that `is_it`.
+fn connected_diag(is_it: &dyn Fn(u16, std::net::SocketAddr) -> bool) -> Result<bool> {
     use netlink_packet_sock_diag::{
         constants::{AF_INET, AF_INET6, IPPROTO_TCP},
         inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
         SockDiagMessage,
-    };
-    let mapped = match peer.ip() {
-        std::net::IpAddr::V4(a) => std::net::IpAddr::V6(a.to_ipv6_mapped()),
-        ip => ip,
     };
     let socket = crate::netlink::socket(netlink_sys::protocols::NETLINK_SOCK_DIAG)?;
     for v6 in [false, true] {
@@ -179,9 +248,10 @@ pub fn connected_to(port: u16, peer: std::net::SocketAddr) -> Result<bool> {
             .any(|m| match m {
                 SockDiagMessage::InetResponse(r) => {
                     let id = &r.header.socket_id;
-                    id.source_port == port
-                        && id.destination_port == peer.port()
-                        && (id.destination_address == peer.ip() || id.destination_address == mapped)
+                    is_it(
+                        id.source_port,
+                        std::net::SocketAddr::new(id.destination_address, id.destination_port),
+                    )
                 }
                 _ => false,
             });
@@ -283,5 +353,52 @@ mod tests {
         let v6 = "TCP6: inuse 0\nUDP6: inuse 0\n";
         assert_eq!(inuse(v6, "TCP6:"), Some(0));
         assert_eq!(inuse(v6, "TCP:"), None);
+    }
+
+    #[test]
+    fn proc_addresses_parse_as_the_kernel_prints_them() {
+        let at = |s: &str| proc_addr(s).map(|a| a.to_string());
+        assert_eq!(at("0100007F:1F90").as_deref(), Some("127.0.0.1:8080"));
+        assert_eq!(
+            at("00000000000000000000000001000000:3A99").as_deref(),
+            Some("[::1]:15001")
+        );
+        assert_eq!(
+            at("0000000000000000FFFF00000100007F:0050").as_deref(),
+            Some("[::ffff:127.0.0.1]:80")
+        );
+        assert_eq!(at("0100007F"), None);
+        assert_eq!(at("0100007:1F90"), None);
+        let row = "   0: 0100007F:3A99 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1337        0 4242 1 0000000000000000 100 0 0 10 0";
+        let r = proc_tcp_row(row).unwrap();
+        assert_eq!(
+            (r.local.port(), r.state, r.uid, r.inode),
+            (15001, PROC_LISTEN, 1337, 4242)
+        );
+    }
+
+    /// Both ways of finding a connection's far end agree on a live loopback connection, and
+    /// neither finds it under another port or peer.
+    #[test]
+    fn a_live_connection_is_found_from_sock_diag_and_from_proc() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let peer = c.local_addr().unwrap();
+        let _accepted = l.accept().unwrap();
+        let from_proc = |port: u16, peer: std::net::SocketAddr| {
+            proc_tcp()
+                .iter()
+                .any(|(r, _)| r.state != PROC_LISTEN && r.local.port() == port && r.remote == peer)
+        };
+        assert!(from_proc(port, peer));
+        assert!(!from_proc(port.wrapping_add(1), peer));
+        assert!(connected_to(port, peer).unwrap());
+        let other = std::net::SocketAddr::new(peer.ip(), peer.port().wrapping_add(1));
+        assert!(!connected_to(port, other).unwrap());
+        if let Ok(diag) = connected_diag(&|p, r| p == port && r == peer) {
+            assert!(diag, "sock_diag did not find it");
+        }
+        assert!(listening_proc().unwrap().iter().any(|x| x.port == port));
     }
 }

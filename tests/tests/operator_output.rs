@@ -13,8 +13,9 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// CamelCase words that are the kernel's own names, quoted as such (`/proc/self/status`).
-const KERNEL_NAMES: [&str; 1] = ["CapEff"];
+/// CamelCase words that are names in their own right: the kernel's (`/proc/self/status`) and
+/// other software's (doctor names the LSMs that can deny bpf()).
+const PROPER_NAMES: [&str; 2] = ["CapEff", "AppArmor"];
 
 /// Words that look like Rust Debug output of our domain types: a CamelCase identifier (two
 /// capitalised parts, `ExcludedCidr`, `PodPolicy`), a struct literal (`Name {`), or
@@ -23,7 +24,7 @@ fn debug_names(out: &str) -> Vec<String> {
     let mut found = Vec::new();
     for word in out
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-        .filter(|w| !KERNEL_NAMES.contains(w))
+        .filter(|w| !PROPER_NAMES.contains(w))
     {
         let b = word.as_bytes();
         let camel = b.first().is_some_and(u8::is_ascii_uppercase)
@@ -58,6 +59,7 @@ fn debug_name_check_catches_debug_output() {
         ["ExcludedCidr", "PodPolicy", "PodPolicy {"]
     );
     assert_eq!(debug_names("# backend: Ebpf (x)"), ["Ebpf"]);
+    assert!(debug_names("an LSM (SELinux, AppArmor) denies bpf(); CapEff 0").is_empty());
     assert!(debug_names("verdict: pass\nrule: excluded_cidr\nbackend: eBPF, IPv6 on").is_empty());
 }
 
