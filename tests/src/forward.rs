@@ -168,6 +168,9 @@ pub struct ForwardStats {
     pub failed: AtomicU64,
     /// Connections that ended with a reset or error on either side.
     pub reset: AtomicU64,
+    /// Of those, the ones whose error was ENOMEM (a send into a socket the kernel could not
+    /// charge more memory to: an accelerated hop under TCP memory pressure).
+    pub out_of_memory: AtomicU64,
 }
 
 /// How a [`Forwarder`] finds and reaches the destination.
@@ -263,11 +266,11 @@ async fn forward_one(mut client: TcpStream, cfg: ForwardConfig, stats: &ForwardS
     stats.forwarded.fetch_add(1, Ordering::Relaxed);
     // copy_bidirectional passes each EOF on as a write shutdown (half-close); an error (a
     // reset on one side) ends both, and a zero linger makes the close a reset too.
-    if tokio::io::copy_bidirectional(&mut client, &mut up)
-        .await
-        .is_err()
-    {
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut up).await {
         stats.reset.fetch_add(1, Ordering::Relaxed);
+        if e.raw_os_error() == Some(libc::ENOMEM) {
+            stats.out_of_memory.fetch_add(1, Ordering::Relaxed);
+        }
         let _ = client.set_zero_linger();
         let _ = up.set_zero_linger();
     }
