@@ -75,6 +75,11 @@ impl Proxy {
             let (stop, answered, missed) = (stop.clone(), answered.clone(), missed.clone());
             std::thread::spawn(move || {
                 let mut held: Vec<TcpStream> = Vec::new();
+                // Closed connections are dropped whenever the held ones double (amortised one
+                // peek per accept), so the fds in use follow the connections really open: the
+                // loop closes each of its own, and a guest's RLIMIT_NOFILE (1,024) is less than
+                // held + looped.
+                let mut prune_at = 256;
                 while !stop.load(Ordering::Relaxed) {
                     match listener.accept() {
                         Ok((mut s, _)) => {
@@ -94,12 +99,13 @@ impl Proxy {
                             let _ = s.write_all(reply.as_bytes());
                             held.push(s);
                             // Drop the ones the client has closed (read returns 0).
-                            if held.len().is_multiple_of(4096) {
+                            if held.len() >= prune_at {
                                 held.retain(|s| {
                                     let _ = s.set_nonblocking(true);
                                     let mut b = [0u8; 1];
                                     !matches!(s.peek(&mut b), Ok(0))
                                 });
+                                prune_at = (2 * held.len()).max(256);
                             }
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
