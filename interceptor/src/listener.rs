@@ -27,7 +27,7 @@ pub fn listening_here() -> Result<Vec<Listening>> {
         Ok(l) => Ok(l),
         Err(e) => {
             tracing::debug!(error = %e, "sock_diag unavailable; reading /proc/net/tcp");
-            listening_proc()
+            Ok(listening_proc())
         }
     }
 }
@@ -138,8 +138,8 @@ fn proc_addr(s: &str) -> Option<std::net::SocketAddr> {
 /// TCP state "listening" in /proc/net/tcp.
 const PROC_LISTEN: u8 = 0x0a;
 
-fn listening_proc() -> Result<Vec<Listening>> {
-    Ok(proc_tcp()
+fn listening_proc() -> Vec<Listening> {
+    proc_tcp()
         .into_iter()
         .filter(|(r, _)| r.state == PROC_LISTEN)
         .map(|(r, v6)| Listening {
@@ -148,7 +148,7 @@ fn listening_proc() -> Result<Vec<Listening>> {
             inode: r.inode,
             v6,
         })
-        .collect())
+        .collect()
 }
 
 fn listening_diag() -> Result<Vec<Listening>> {
@@ -169,16 +169,29 @@ fn listening_diag() -> Result<Vec<Listening>> {
 
 /// `(port, uid, inode)` of every listening TCP socket of one family in the caller's netns.
 fn listening_sockets(socket: &netlink_sys::Socket, v6: bool) -> Result<Vec<(u16, u32, u32)>> {
+    use netlink_packet_sock_diag::inet::StateFlags;
+    Ok(tcp_dump(socket, v6, StateFlags::LISTEN)?
+        .into_iter()
+        .map(|r| (r.header.socket_id.source_port, r.header.uid, r.header.inode))
+        .collect())
+}
+
+/// The TCP sockets of one family in the caller's netns that are in one of `states`.
+fn tcp_dump(
+    socket: &netlink_sys::Socket,
+    v6: bool,
+    states: netlink_packet_sock_diag::inet::StateFlags,
+) -> Result<Vec<netlink_packet_sock_diag::inet::InetResponse>> {
     use netlink_packet_sock_diag::{
         constants::{AF_INET, AF_INET6, IPPROTO_TCP},
-        inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
+        inet::{ExtensionFlags, InetRequest, SocketId},
         SockDiagMessage,
     };
     let req = SockDiagMessage::InetRequest(InetRequest {
         family: if v6 { AF_INET6 } else { AF_INET },
         protocol: IPPROTO_TCP,
         extensions: ExtensionFlags::empty(),
-        states: StateFlags::LISTEN,
+        states,
         socket_id: if v6 {
             SocketId::new_v6()
         } else {
@@ -188,9 +201,7 @@ fn listening_sockets(socket: &netlink_sys::Socket, v6: bool) -> Result<Vec<(u16,
     Ok(crate::netlink::dump(socket, req, "sock_diag")?
         .into_iter()
         .filter_map(|m| match m {
-            SockDiagMessage::InetResponse(r) => {
-                Some((r.header.socket_id.source_port, r.header.uid, r.header.inode))
-            }
+            SockDiagMessage::InetResponse(r) => Some(*r),
             _ => None,
         })
         .collect())
@@ -225,36 +236,17 @@ pub fn connected_to(port: u16, peer: std::net::SocketAddr) -> Result<bool> {
 
 /// [`connected_to`] from sock_diag: any non-listening TCP socket of either family that `is_it`.
 fn connected_diag(is_it: &dyn Fn(u16, std::net::SocketAddr) -> bool) -> Result<bool> {
-    use netlink_packet_sock_diag::{
-        constants::{AF_INET, AF_INET6, IPPROTO_TCP},
-        inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
-        SockDiagMessage,
-    };
+    use netlink_packet_sock_diag::inet::StateFlags;
     let socket = crate::netlink::socket(netlink_sys::protocols::NETLINK_SOCK_DIAG)?;
     for v6 in [false, true] {
-        let req = SockDiagMessage::InetRequest(InetRequest {
-            family: if v6 { AF_INET6 } else { AF_INET },
-            protocol: IPPROTO_TCP,
-            extensions: ExtensionFlags::empty(),
-            states: StateFlags::all().difference(StateFlags::LISTEN),
-            socket_id: if v6 {
-                SocketId::new_v6()
-            } else {
-                SocketId::new_v4()
-            },
+        let states = StateFlags::all().difference(StateFlags::LISTEN);
+        let found = tcp_dump(&socket, v6, states)?.iter().any(|r| {
+            let id = &r.header.socket_id;
+            is_it(
+                id.source_port,
+                std::net::SocketAddr::new(id.destination_address, id.destination_port),
+            )
         });
-        let found = crate::netlink::dump(&socket, req, "sock_diag")?
-            .into_iter()
-            .any(|m| match m {
-                SockDiagMessage::InetResponse(r) => {
-                    let id = &r.header.socket_id;
-                    is_it(
-                        id.source_port,
-                        std::net::SocketAddr::new(id.destination_address, id.destination_port),
-                    )
-                }
-                _ => false,
-            });
         if found {
             return Ok(true);
         }
@@ -399,6 +391,6 @@ mod tests {
         if let Ok(diag) = connected_diag(&|p, r| p == port && r == peer) {
             assert!(diag, "sock_diag did not find it");
         }
-        assert!(listening_proc().unwrap().iter().any(|x| x.port == port));
+        assert!(listening_proc().iter().any(|x| x.port == port));
     }
 }
