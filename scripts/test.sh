@@ -5,6 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
+# A fresh clone has no incremental state worth keeping: under CI it would only take disk.
+if [ "${CI:-}" = true ]; then export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"; fi
+echo "[test] disk free for target/: $(df -h --output=avail . | tail -1 | tr -d ' ')"
 echo "[test] cargo fmt --check"
 cargo fmt --all --check
 echo "[test] cargo clippy --all-targets -- -D warnings"
@@ -24,4 +27,5 @@ cargo xtask bench --quick --out target/bench-quick
 echo "[test] cargo xtask vm-test --ci (one Debian kernel in QEMU: core e2e cases, eBPF and fallback)"
 # The full kernel matrix (5.10, 6.1, 6.12, 7.2) is `cargo xtask vm-test`: about an hour here.
 cargo xtask vm-test --ci
+echo "[test] target/ now takes $(du -sh target | cut -f1); disk free: $(df -h --output=avail . | tail -1 | tr -d ' ')"
 echo "[test] all tests passed"
