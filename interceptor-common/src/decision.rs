@@ -346,6 +346,31 @@ pub fn kernel_dst(dst: Addr, src: Option<Addr>) -> Addr {
     }
 }
 
+/// The source a redirected connection is bound to before it goes to the proxy, so the proxy
+/// sees the peer a REDIRECT would have shown it: the address the kernel picks for the original
+/// destination `dst` (as `kernel_dst` gives it). Without it the connection would come from
+/// loopback, the proxy's own address. None: leave the source to the kernel, which is already
+/// right — the app bound one (`bound`; Envoy's 127.0.0.6 is one), or `dst` is loopback.
+/// A destination that is one of the pod's own addresses is its own source (the local route's
+/// preferred source); anything else leaves by the pod's address of its family (`pod`), if the
+/// pod has one.
+#[inline(always)]
+pub fn redirect_source<T: PodTables>(
+    t: &T,
+    pod: &crate::maps::PodSrc,
+    dst: Addr,
+    bound: Option<Addr>,
+) -> Option<Addr> {
+    if bound.is_some() || dst.is_loopback() || dst.is_unspecified() {
+        return None;
+    }
+    if t.is_local(dst) {
+        return Some(dst);
+    }
+    let a = Addr(if dst.is_v4() { pod.v4 } else { pod.v6 });
+    (!a.is_unspecified()).then_some(a)
+}
+
 /// Istio's `ISTIO_OUTPUT` chain for one outbound connect, in rule order. The destination is
 /// first taken as the kernel will route it (`kernel_dst`).
 #[inline(always)]

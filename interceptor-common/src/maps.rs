@@ -14,6 +14,7 @@ pub mod names {
     pub const INBOUND_NETNS: &str = "INBOUND_NETNS";
     pub const INBOUND_PROG: &str = "INBOUND_PROG";
     pub const POD_NETNS: &str = "POD_NETNS";
+    pub const POD_SRC: &str = "POD_SRC";
     pub const TUPLE_COUNT: &str = "TUPLE_COUNT";
     pub const SK_ORIG: &str = "SK_ORIG";
     pub const SK_PROXY: &str = "SK_PROXY";
@@ -98,12 +99,27 @@ pub mod stat {
     /// A redirected connection whose tuple entry could not be stored (a concurrent connect
     /// took the last of the quota): the proxy gets no SO_ORIGINAL_DST and closes it.
     pub const TUPLE_STORE_FAILED: u32 = 63;
+    /// Redirected connections left with the kernel's loopback source: binding them to the
+    /// pod's address failed (the socket had a port bound already, or the address is gone).
+    pub const SRC_NOT_BOUND: u32 = 59;
 
     /// The array index of a pod's counter, if the pod is counted.
     #[inline(always)]
     pub fn index(pod_id: u32, counter: u32) -> Option<u32> {
         (pod_id < MAX_PODS && counter < PER_POD).then_some(pod_id * PER_POD + counter)
     }
+}
+
+/// `POD_SRC[pod_id]`: the pod's own address per family, which a redirected connection is bound
+/// to (`decision::redirect_source`). Zero: none of that family. `netns` guards against an entry
+/// an earlier pod with the same id left behind (the programs use it only for this netns).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodSrc {
+    pub netns: u64,
+    /// IPv4 as `::ffff:a.b.c.d` (the layout of `decision::Addr`).
+    pub v4: [u8; 16],
+    pub v6: [u8; 16],
 }
 
 /// `PortKey::kind` values.
@@ -267,5 +283,6 @@ mod pod_impls {
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::SockOrig {}
     unsafe impl aya::Pod for super::TupleKey {}
+    unsafe impl aya::Pod for super::PodSrc {}
     unsafe impl aya::Pod for crate::decision::PodPolicy {}
 }

@@ -134,6 +134,32 @@ pub fn resolve_groups(
         .collect()
 }
 
+/// The pod's own addresses for `POD_SRC` (see `decision::redirect_source`): per family, the
+/// first of `local` (the kernel's order: the interface's primary address first) that is
+/// neither loopback, link-local, multicast nor unspecified — the pod IP.
+pub fn pod_src(netns: u64, local: &[IpAddr]) -> crate::maps::PodSrc {
+    let usable = |ip: &IpAddr| {
+        !ip.is_loopback()
+            && !ip.is_unspecified()
+            && !ip.is_multicast()
+            && match ip {
+                IpAddr::V4(a) => !a.is_link_local(),
+                IpAddr::V6(a) => !a.is_unicast_link_local() && a.to_ipv4_mapped().is_none(),
+            }
+    };
+    let first = |v4: bool| {
+        local
+            .iter()
+            .find(|ip| ip.is_ipv4() == v4 && usable(ip))
+            .map_or([0; 16], |ip| Addr::from(*ip).0)
+    };
+    crate::maps::PodSrc {
+        netns,
+        v4: first(true),
+        v6: first(false),
+    }
+}
+
 /// In-memory `PodTables` for one pod.
 #[derive(Debug, Clone, Default)]
 pub struct MemTables {
@@ -433,6 +459,59 @@ mod tests {
                 reason: Reason::ProxyUidToLocal
             }
         );
+    }
+}
+
+#[cfg(test)]
+mod source_tests {
+    use super::*;
+    use crate::config::RawConfig;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn the_pod_ip_is_the_first_usable_address_of_each_family() {
+        let local = [
+            ip("fe80::1"),
+            ip("169.254.1.1"),
+            ip("10.0.0.5"),
+            ip("10.0.0.6"),
+            ip("fd00::5"),
+        ];
+        let s = pod_src(7, &local);
+        assert_eq!(s.netns, 7);
+        assert_eq!(IpAddr::from(Addr(s.v4)), ip("10.0.0.5"));
+        assert_eq!(IpAddr::from(Addr(s.v6)), ip("fd00::5"));
+        let none = pod_src(7, &[ip("127.0.0.1"), ip("fe80::1")]);
+        assert!(Addr(none.v4).is_unspecified() && Addr(none.v6).is_unspecified());
+    }
+
+    #[test]
+    fn a_redirect_leaves_from_where_the_kernel_would_send_it() {
+        let cfg = RawConfig::default().parse().unwrap();
+        let local = [ip("10.0.0.5"), ip("10.0.0.6"), ip("fd00::5")];
+        let t = MemTables::new(&cfg, &local, &[]);
+        let pod = pod_src(7, &local);
+        let src = |dst: &str, bound: Option<&str>| {
+            decision::redirect_source(&t, &pod, ip(dst).into(), bound.map(|b| ip(b).into()))
+                .map(IpAddr::from)
+        };
+        // Off the pod: its address of the destination's family (IPv4-mapped is IPv4).
+        assert_eq!(src("10.96.0.10", None), Some(ip("10.0.0.5")));
+        assert_eq!(src("2001:db8::1", None), Some(ip("fd00::5")));
+        assert_eq!(src("::ffff:10.96.0.10", None), Some(ip("10.0.0.5")));
+        // One of its own addresses: that address (the local route's preferred source).
+        assert_eq!(src("10.0.0.6", None), Some(ip("10.0.0.6")));
+        // Loopback, or a source the app bound: the kernel's choice stands.
+        assert_eq!(src("127.0.0.1", None), None);
+        assert_eq!(src("::1", None), None);
+        assert_eq!(src("10.96.0.10", Some("127.0.0.6")), None);
+        // No address of that family: nothing to bind.
+        let v4_only = pod_src(7, &[ip("10.0.0.5")]);
+        let none = decision::redirect_source(&t, &v4_only, ip("2001:db8::1").into(), None);
+        assert_eq!(none, None);
     }
 }
 

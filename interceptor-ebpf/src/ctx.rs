@@ -16,8 +16,8 @@
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile, NonNull};
 
 use aya_ebpf::{
-    bindings::{bpf_sock, bpf_sock_ops},
-    helpers::bpf_get_netns_cookie,
+    bindings::{bpf_sock, bpf_sock_ops, sockaddr},
+    helpers::{bpf_bind, bpf_get_netns_cookie},
     programs::{
         SkLookupContext, SkMsgContext, SockAddrContext, SockContext, SockOpsContext, SockoptContext,
     },
@@ -248,6 +248,114 @@ pub fn set_user_addr(ctx: &SockAddrContext, v6: bool, addr: [u8; 16], port: u16)
         }
         write_volatile(addr_of_mut!((*sa).user_port), u32::from(port.to_be()));
     }
+}
+
+/// sendmsg4/6 only: the source the message will leave from (`msg_src_ip4/6`), unspecified
+/// unless the socket is bound or the app chose one (`IP_PKTINFO`).
+#[inline(always)]
+pub fn msg_src(ctx: &SockAddrContext, v6: bool) -> Addr {
+    let sa = ctx.sock_addr;
+    // SAFETY: see the module documentation; sendmsg hooks may read msg_src_ip4/6.
+    unsafe {
+        if v6 {
+            Addr::v6(v6_bytes([
+                read_volatile(addr_of!((*sa).msg_src_ip6[0])),
+                read_volatile(addr_of!((*sa).msg_src_ip6[1])),
+                read_volatile(addr_of!((*sa).msg_src_ip6[2])),
+                read_volatile(addr_of!((*sa).msg_src_ip6[3])),
+            ]))
+        } else {
+            Addr::v4(u32::from_be(read_volatile(addr_of!((*sa).msg_src_ip4))))
+        }
+    }
+}
+
+/// sendmsg4/6 only: sets the message's source (`msg_src_ip4/6`). `v6` with an IPv4 `addr`
+/// writes nothing: such a message goes through sendmsg4.
+#[inline(always)]
+pub fn set_msg_src(ctx: &SockAddrContext, v6: bool, addr: Addr) {
+    let sa = ctx.sock_addr;
+    // SAFETY: see the module documentation; sendmsg hooks may write msg_src_ip4/6, one field
+    // at a time.
+    unsafe {
+        if v6 {
+            if addr.is_v4() {
+                return;
+            }
+            let ip6 = addr_of_mut!((*sa).msg_src_ip6).cast::<u32>();
+            let b = addr.0;
+            let mut i = 0;
+            while i < 4 {
+                let w = u32::from_ne_bytes([b[i * 4], b[i * 4 + 1], b[i * 4 + 2], b[i * 4 + 3]]);
+                write_volatile(ip6.add(i), w);
+                i += 1;
+            }
+        } else {
+            let w = u32::from_ne_bytes([addr.0[12], addr.0[13], addr.0[14], addr.0[15]]);
+            write_volatile(addr_of_mut!((*sa).msg_src_ip4), w);
+        }
+    }
+}
+
+/// `struct sockaddr_in`.
+#[repr(C)]
+struct SockaddrIn {
+    family: u16,
+    port: u16,
+    addr: [u8; 4],
+    zero: [u8; 8],
+}
+
+/// `struct sockaddr_in6`.
+#[repr(C)]
+struct SockaddrIn6 {
+    family: u16,
+    port: u16,
+    flowinfo: u32,
+    addr: [u8; 16],
+    scope_id: u32,
+}
+
+/// Binds the connecting socket to `addr` with port 0 (`bpf_bind`: the kernel then picks the
+/// port at connect, by the whole 4-tuple, as `IP_BIND_ADDRESS_NO_PORT` does). On AF_INET6
+/// sockets an IPv4 address is bound as `::ffff:a.b.c.d`. False when the kernel refused (the
+/// socket has a port already, or the address is not the pod's).
+#[inline(always)]
+pub fn bind_source(ctx: &SockAddrContext, v6: bool, addr: Addr) -> bool {
+    let r = if v6 {
+        let mut sa = SockaddrIn6 {
+            family: AF_INET6 as u16,
+            port: 0,
+            flowinfo: 0,
+            addr: addr.0,
+            scope_id: 0,
+        };
+        // SAFETY: connect hooks may call bpf_bind with their own context; `sa` is a complete
+        // sockaddr_in6 on this program's stack, its length passed with it.
+        unsafe {
+            bpf_bind(
+                ctx.sock_addr,
+                addr_of_mut!(sa).cast::<sockaddr>(),
+                core::mem::size_of::<SockaddrIn6>() as i32,
+            )
+        }
+    } else {
+        let mut sa = SockaddrIn {
+            family: AF_INET as u16,
+            port: 0,
+            addr: [addr.0[12], addr.0[13], addr.0[14], addr.0[15]],
+            zero: [0; 8],
+        };
+        // SAFETY: as above, a complete sockaddr_in.
+        unsafe {
+            bpf_bind(
+                ctx.sock_addr,
+                addr_of_mut!(sa).cast::<sockaddr>(),
+                core::mem::size_of::<SockaddrIn>() as i32,
+            )
+        }
+    };
+    r == 0
 }
 
 // --- sock_ops and sk_msg -----------------------------------------------------------------------

@@ -6,7 +6,7 @@
 //!
 //! | module | what |
 //! |---|---|
-//! | `sock_addr` | `ic_connect4/6`: Istio's ISTIO_OUTPUT decision; on redirect, the rewrite to the proxy on loopback plus the original destination (TCP, and UDP DNS on connected sockets). `ic_sendmsg4/6`, `ic_recvmsg4/6`: DNS on unconnected UDP sockets, replies restored to come from the original server. `ic_getpeername4/6`: the app sees the original peer, as with NAT. `ic_bind4/6`: only the proxy may bind the proxy's ports. |
+//! | `sock_addr` | `ic_connect4/6`: Istio's ISTIO_OUTPUT decision; on redirect, the rewrite to the proxy on loopback plus the original destination (TCP, and UDP DNS on connected sockets), and the bind to the source a REDIRECT would leave (the pod IP), so the proxy sees that peer. `ic_sendmsg4/6`, `ic_recvmsg4/6`: DNS on unconnected UDP sockets, replies restored to come from the original server. `ic_getpeername4/6`: the app sees the original peer, as with NAT. `ic_bind4/6`: only the proxy may bind the proxy's ports. |
 //! | `sockops` | `ic_sockops`: hands the original destination to the proxy's accepted socket through a tuple entry (a bounded per-pod quota of them); registers the proxy's inbound listener. |
 //! | `sockopt` | `ic_getsockopt`: answers SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST, on the proxy's sockets only. |
 //! | `sk_lookup` | `ic_sk_lookup`: inbound connections to captured ports of any non-loopback local address go to the proxy's listener; reached by tail call from each pod netns's own tiny program. |

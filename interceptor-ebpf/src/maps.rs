@@ -15,8 +15,8 @@ use aya_ebpf::{
 use interceptor_common::{
     decision::PodPolicy,
     maps::{
-        capacity, stat, AddrKey, Cidr4Data, Cidr6Data, GroupKey, PortKey, SockKey, SockOrig,
-        TupleKey,
+        capacity, stat, AddrKey, Cidr4Data, Cidr6Data, GroupKey, PodSrc, PortKey, SockKey,
+        SockOrig, TupleKey,
     },
 };
 
@@ -118,6 +118,10 @@ pub static ORIG_BY_TUPLE: HashMap<TupleKey, SockOrig> =
 /// Per pod (by id): its entries in `ORIG_BY_TUPLE`.
 #[map]
 pub static TUPLE_COUNT: Array<u64> = Array::with_max_entries(MAX_PODS, 0);
+/// `[pod_id]`: the pod's own address per family, the source a redirected connection is bound
+/// to (`decision::redirect_source`), so the proxy sees the pod IP as its peer, as with REDIRECT.
+#[map]
+pub static POD_SRC: Array<PodSrc> = Array::with_max_entries(MAX_PODS, 0);
 /// Per socket: the original destination of the app's redirected socket (TCP, and UDP DNS),
 /// or the answer to SO_ORIGINAL_DST on the proxy's accepted socket. Socket-local storage has
 /// no capacity: freed with its socket.

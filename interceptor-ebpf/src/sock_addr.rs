@@ -5,17 +5,20 @@
 use aya_ebpf::{helpers::bpf_get_current_uid_gid, programs::SockAddrContext};
 use aya_log_ebpf::info;
 use interceptor_common::{
-    decision::{bind_allowed, decide, is_proxy, kernel_dst, Addr, Conn, Proto, Reason, Verdict},
+    decision::{
+        bind_allowed, decide, is_proxy, kernel_dst, redirect_source, Addr, Conn, Proto, Reason,
+        Verdict,
+    },
     maps::{mapped_v4, stat, OrigDst, SOCK_APP},
 };
 
 use crate::{
     counters::{count, tuple_count},
     ctx::{
-        set_user_addr, sock_addr_bound_src, sock_addr_protocol, sock_addr_sk, user_addr, Sk,
-        AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP,
+        bind_source, msg_src, set_msg_src, set_user_addr, sock_addr_bound_src, sock_addr_protocol,
+        sock_addr_sk, user_addr, Sk, AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP,
     },
-    maps::{log_enabled, store_fault, tuple_quota, SK_ORIG, SK_PROXY},
+    maps::{log_enabled, store_fault, tuple_quota, POD_SRC, SK_ORIG, SK_PROXY},
     tables::{pod_of, MapTables},
 };
 
@@ -37,8 +40,19 @@ enum Out {
     Untouched,
     /// A meshed pod's connection left alone.
     Pass,
-    /// Redirected: the original destination and proxy port, and the pod.
-    Redirect(Addr, OrigDst, u32),
+    /// Redirected.
+    Redirect(Redirect),
+}
+
+/// A redirect `outbound` decided.
+struct Redirect {
+    /// The original destination, as the kernel routes it (`kernel_dst`).
+    dst: Addr,
+    orig: OrigDst,
+    pod_id: u32,
+    netns: u64,
+    /// The source the app bound, if any.
+    bound: Option<Addr>,
 }
 
 /// Decides an outbound connect/sendmsg.
@@ -106,16 +120,18 @@ fn outbound(ctx: &SockAddrContext, v6: bool) -> Out {
         }
     };
     let family = if v6 { AF_INET6 } else { AF_INET };
-    Out::Redirect(
+    Out::Redirect(Redirect {
         dst,
-        OrigDst {
+        orig: OrigDst {
             addr: dst.0,
             port: dport,
             redirect_port: port,
             family,
         },
-        policy.pod_id,
-    )
+        pod_id: policy.pod_id,
+        netns,
+        bound: src,
+    })
 }
 
 /// Sends a redirected connect/sendmsg to the proxy on loopback, after storing its original
@@ -123,14 +139,8 @@ fn outbound(ctx: &SockAddrContext, v6: bool) -> Out {
 /// stored: the proxy could not learn the destination, and leaving the call alone would let
 /// it escape. Fail closed, counted.
 #[inline(always)]
-fn redirect(
-    ctx: &SockAddrContext,
-    v6: bool,
-    sk: Option<Sk>,
-    dst: Addr,
-    orig: OrigDst,
-    pod_id: u32,
-) -> bool {
+fn redirect(ctx: &SockAddrContext, v6: bool, sk: Option<Sk>, r: &Redirect) -> bool {
+    let (orig, pod_id) = (r.orig, r.pod_id);
     let st = match sk {
         Some(sk) if !store_fault(orig.port) => SK_ORIG.get_or_create(sk),
         _ => None,
@@ -143,8 +153,21 @@ fn redirect(
     st.orig = orig;
     st.flags = SOCK_APP;
     st.pod_id = pod_id;
-    set_user_addr(ctx, v6, loopback_for(dst), orig.redirect_port);
+    set_user_addr(ctx, v6, loopback_for(r.dst), orig.redirect_port);
     true
+}
+
+/// The source a REDIRECT would have left a redirected connection or message
+/// (`decision::redirect_source`), so the proxy sees the pod IP, not loopback, as its peer.
+/// `bound`: the source already chosen, if any.
+#[inline(always)]
+fn source_like_redirect(r: &Redirect, bound: Option<Addr>) -> Option<Addr> {
+    let pod = POD_SRC.get(r.pod_id)?;
+    // An entry an earlier pod with this id left behind is not this pod's address.
+    if pod.netns != r.netns {
+        return None;
+    }
+    redirect_source(&MapTables { pod_id: r.pod_id }, pod, r.dst, bound)
 }
 
 /// connect4/6: redirects as decided; false (EPERM) as in `redirect`, or, for TCP, when the pod
@@ -152,7 +175,7 @@ fn redirect(
 #[inline(always)]
 pub fn connect(ctx: &SockAddrContext, v6: bool) -> bool {
     let sk = sock_addr_sk(ctx);
-    let (dst, orig, pod_id) = match outbound(ctx, v6) {
+    let r = match outbound(ctx, v6) {
         Out::Untouched => return true,
         Out::Pass => {
             // A socket connected again (after connect(AF_UNSPEC)) somewhere not redirected:
@@ -162,8 +185,9 @@ pub fn connect(ctx: &SockAddrContext, v6: bool) -> bool {
             }
             return true;
         }
-        Out::Redirect(dst, orig, pod_id) => (dst, orig, pod_id),
+        Out::Redirect(r) => r,
     };
+    let pod_id = r.pod_id;
     let udp = sock_addr_protocol(ctx) == IPPROTO_UDP;
     // TCP: checked here so the app gets EPERM; taken (atomically) when sockops stores the
     // tuple, where a connect racing for the last slot fails closed instead.
@@ -171,20 +195,43 @@ pub fn connect(ctx: &SockAddrContext, v6: bool) -> bool {
         count(pod_id, stat::OUT_QUOTA_REFUSED);
         return false;
     }
-    redirect(ctx, v6, sk, dst, orig, pod_id)
+    if !redirect(ctx, v6, sk, &r) {
+        return false;
+    }
+    // A refusal (counted) leaves the kernel's loopback source; the connection still goes to
+    // the proxy.
+    if let Some(src) = source_like_redirect(&r, r.bound) {
+        if !bind_source(ctx, v6, src) {
+            count(pod_id, stat::SRC_NOT_BOUND);
+        }
+    }
+    true
 }
 
 /// sendmsg4/6 on unconnected UDP: only DNS is ever redirected (Istio captures nothing else of
 /// UDP); refused (EPERM) as in `redirect`, never sent around the DNS proxy.
 #[inline(always)]
 pub fn sendmsg(ctx: &SockAddrContext, v6: bool) -> bool {
-    let Out::Redirect(dst, orig, pod_id) = outbound(ctx, v6) else {
+    let Out::Redirect(r) = outbound(ctx, v6) else {
         return true;
     };
-    if orig.port != DNS_PORT {
+    if r.orig.port != DNS_PORT {
         return true;
     }
-    redirect(ctx, v6, sock_addr_sk(ctx), dst, orig, pod_id)
+    if !redirect(ctx, v6, sock_addr_sk(ctx), &r) {
+        return false;
+    }
+    // The message's own source, as with connect (nothing to bind: the socket stays as it is).
+    let chosen = msg_src(ctx, v6);
+    // Assigning None writes only the discriminant: the payload stays defined for the verifier.
+    let mut bound = Some(chosen);
+    if chosen.is_unspecified() {
+        bound = None;
+    }
+    if let Some(src) = source_like_redirect(&r, bound) {
+        set_msg_src(ctx, v6, src);
+    }
+    true
 }
 
 /// The app's original destination stored on its socket, if the socket was redirected.

@@ -214,6 +214,21 @@ pub fn outbound_defaults(flavor: Flavor) -> Result<usize> {
             peer == up,
             "{flavor:?}: app's getpeername {peer}, want {up}"
         );
+        // The sidecar sees the connection come from the app's own source, the pod IP, as a
+        // REDIRECT shows it (not from loopback).
+        pod.sidecar.take_records();
+        let out = t.connect_from_pod(APP_UID, APP_UID, up)?;
+        let from = pod.sidecar.take_records().first().map(|r| r.peer);
+        let pod_ip: IpAddr = match up {
+            SocketAddr::V4(_) => t.pod_v4().into(),
+            SocketAddr::V6(_) => t.pod_v6().into(),
+        };
+        ensure!(
+            from == Some(out.local) && out.local.ip() == pod_ip,
+            "{flavor:?}: the sidecar saw app → {up} come from {from:?} (the app's socket is {}), \
+             want the pod IP {pod_ip}",
+            out.local
+        );
         let (who, _, _) = pod.outbound(1337, up)?;
         ensure!(
             who == format!("upstream:{UPSTREAM_PORT}"),
@@ -225,7 +240,7 @@ pub fn outbound_defaults(flavor: Flavor) -> Result<usize> {
             who == format!("upstream:{EXCLUDED_OUT_PORT}"),
             "{flavor:?}: excluded port {ex} answered by {who}"
         );
-        checked += 3;
+        checked += 4;
     }
     for ex in [
         sa(t.excluded_v4(), UPSTREAM_PORT),

@@ -2,10 +2,10 @@
 //! every A query with `ANSWER` over UDP and TCP, on 127.0.0.1 and [::1], as the proxy uid.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Result;
@@ -45,12 +45,17 @@ pub fn answer(query: &[u8]) -> Option<Vec<u8>> {
 /// The responder; stops when dropped.
 pub struct DnsProxy {
     stop: Arc<AtomicBool>,
+    clients: Clients,
 }
+
+/// Where each query came from, as the proxy saw it.
+type Clients = Arc<Mutex<Vec<IpAddr>>>;
 
 impl DnsProxy {
     /// Starts on `port` in the netns, as `uid`/`gid`.
     pub fn start(netns: &Path, port: u16, uid: u32, gid: u32) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
+        let clients = Clients::default();
         let (tx, rx) = std::sync::mpsc::channel();
         for addr in [
             SocketAddr::from(([127, 0, 0, 1], port)),
@@ -58,6 +63,7 @@ impl DnsProxy {
         ] {
             for tcp in [false, true] {
                 let (netns, stop, tx) = (netns.to_path_buf(), stop.clone(), tx.clone());
+                let clients = clients.clone();
                 std::thread::spawn(move || {
                     let setup = enter_netns(&netns).and_then(|_| set_thread_creds(uid, gid));
                     if let Err(e) = setup {
@@ -65,9 +71,9 @@ impl DnsProxy {
                         return;
                     }
                     if tcp {
-                        serve_tcp(addr, &stop, &tx)
+                        serve_tcp(addr, &stop, &tx, &clients)
                     } else {
-                        serve_udp(addr, &stop, &tx)
+                        serve_udp(addr, &stop, &tx, &clients)
                     }
                 });
             }
@@ -76,8 +82,19 @@ impl DnsProxy {
         for r in rx.iter().take(4) {
             r?;
         }
-        Ok(Self { stop })
+        Ok(Self { stop, clients })
     }
+
+    /// The source address of every query answered since the last call (IPv4-mapped shown as
+    /// IPv4), oldest first.
+    pub fn take_clients(&self) -> Vec<IpAddr> {
+        std::mem::take(&mut *self.clients.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+fn record(clients: &Clients, from: SocketAddr) {
+    let mut c = clients.lock().unwrap_or_else(|e| e.into_inner());
+    c.push(from.ip().to_canonical());
 }
 
 impl Drop for DnsProxy {
@@ -86,7 +103,12 @@ impl Drop for DnsProxy {
     }
 }
 
-fn serve_udp(addr: SocketAddr, stop: &AtomicBool, ready: &std::sync::mpsc::Sender<Result<()>>) {
+fn serve_udp(
+    addr: SocketAddr,
+    stop: &AtomicBool,
+    ready: &std::sync::mpsc::Sender<Result<()>>,
+    clients: &Clients,
+) {
     let sock = match UdpSocket::bind(addr) {
         Ok(s) => s,
         Err(e) => {
@@ -100,13 +122,19 @@ fn serve_udp(addr: SocketAddr, stop: &AtomicBool, ready: &std::sync::mpsc::Sende
     while !stop.load(Ordering::Relaxed) {
         if let Ok((n, from)) = sock.recv_from(&mut buf) {
             if let Some(resp) = answer(&buf[..n]) {
+                record(clients, from);
                 let _ = sock.send_to(&resp, from);
             }
         }
     }
 }
 
-fn serve_tcp(addr: SocketAddr, stop: &AtomicBool, ready: &std::sync::mpsc::Sender<Result<()>>) {
+fn serve_tcp(
+    addr: SocketAddr,
+    stop: &AtomicBool,
+    ready: &std::sync::mpsc::Sender<Result<()>>,
+    clients: &Clients,
+) {
     let l = match TcpListener::bind(addr) {
         Ok(l) => l,
         Err(e) => {
@@ -117,7 +145,7 @@ fn serve_tcp(addr: SocketAddr, stop: &AtomicBool, ready: &std::sync::mpsc::Sende
     let _ = l.set_nonblocking(true);
     let _ = ready.send(Ok(()));
     while !stop.load(Ordering::Relaxed) {
-        let Ok((mut s, _)) = l.accept() else {
+        let Ok((mut s, from)) = l.accept() else {
             std::thread::sleep(Duration::from_millis(20));
             continue;
         };
@@ -130,6 +158,7 @@ fn serve_tcp(addr: SocketAddr, stop: &AtomicBool, ready: &std::sync::mpsc::Sende
         let mut q = vec![0u8; u16::from_be_bytes(len) as usize];
         if s.read_exact(&mut q).is_ok() {
             if let Some(resp) = answer(&q) {
+                record(clients, from);
                 let _ = s.write_all(&(resp.len() as u16).to_be_bytes());
                 let _ = s.write_all(&resp);
             }

@@ -13,7 +13,7 @@
 //! alternating), one through nftables and one through eBPF; a sample of the connection matrix
 //! (credentials × destinations × ports × passthrough source) runs in all three, and each
 //! connection's observed outcome (who answered, the `SO_ORIGINAL_DST` the sidecar read, the
-//! app's `getpeername`) must be identical in the three pods and equal to what the `interceptor
+//! address the sidecar saw it come from, the app's `getpeername`) must be identical in the three pods and equal to what the `interceptor
 //! explain` binary predicts (run for every connection, against the iptables pod's netns).
 //! Addresses are compared symbolically (`UpV4`, `PodV6`, `Mapped(UpV4)`, …) because the pods
 //! have different address bytes.
@@ -238,27 +238,29 @@ impl Dst {
 
 /// A socket address named relative to the pod (`UpV4:8080`, `Mapped(PodV4):9999`, …).
 fn sym(t: &Topology, a: SocketAddr) -> String {
-    fn name(t: &Topology, ip: IpAddr) -> String {
-        let table: [(IpAddr, &str); 6] = [
-            (t.upstream_v4().into(), "UpV4"),
-            (t.upstream_v6().into(), "UpV6"),
-            (t.excluded_v4().into(), "ExV4"),
-            (t.excluded_v6().into(), "ExV6"),
-            (t.pod_v4().into(), "PodV4"),
-            (t.pod_v6().into(), "PodV6"),
-        ];
-        if let Some((_, n)) = table.iter().find(|(a, _)| *a == ip) {
-            return n.to_string();
-        }
-        match ip {
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => format!("Mapped({})", name(t, v4.into())),
-                None => format!("[{v6}]"),
-            },
-            IpAddr::V4(v4) => v4.to_string(),
-        }
+    format!("{}:{}", sym_ip(t, a.ip()), a.port())
+}
+
+/// An address named relative to the pod (`PodV4`, `Mapped(UpV4)`, `127.0.0.1`, `[::1]`).
+fn sym_ip(t: &Topology, ip: IpAddr) -> String {
+    let table: [(IpAddr, &str); 6] = [
+        (t.upstream_v4().into(), "UpV4"),
+        (t.upstream_v6().into(), "UpV6"),
+        (t.excluded_v4().into(), "ExV4"),
+        (t.excluded_v6().into(), "ExV6"),
+        (t.pod_v4().into(), "PodV4"),
+        (t.pod_v6().into(), "PodV6"),
+    ];
+    if let Some((_, n)) = table.iter().find(|(a, _)| *a == ip) {
+        return n.to_string();
     }
-    format!("{}:{}", name(t, a.ip()), a.port())
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => format!("Mapped({})", sym_ip(t, v4.into())),
+            None => format!("[{v6}]"),
+        },
+        IpAddr::V4(v4) => v4.to_string(),
+    }
 }
 
 /// An address inside an include/exclude CIDR list, relative to a pod.
@@ -1021,6 +1023,9 @@ struct Seen {
     reply: String,
     /// `SO_ORIGINAL_DST` the sidecar read (only when the sidecar answered).
     orig: Option<String>,
+    /// The address the sidecar saw the connection come from (only when it answered): with
+    /// REDIRECT the client's own source, the pod IP for a destination off the pod.
+    proxy_peer: Option<String>,
     /// The client's `getpeername()`.
     peer: Option<String>,
 }
@@ -1031,8 +1036,9 @@ impl fmt::Display for Seen {
         if self.reply.starts_with("sidecar:") {
             write!(
                 f,
-                ", original dst {}",
-                self.orig.as_deref().unwrap_or("(none)")
+                ", original dst {}, from {}",
+                self.orig.as_deref().unwrap_or("(none)"),
+                self.proxy_peer.as_deref().unwrap_or("(none)")
             )?;
         }
         if let Some(p) = &self.peer {
@@ -1072,22 +1078,22 @@ fn observe(p: &DiffPod, conn: &Conn) -> Result<Seen> {
             return Ok(Seen {
                 reply,
                 orig: None,
+                proxy_peer: None,
                 peer: None,
             });
         }
     };
-    let orig = if let Some(port) = out.reply.strip_prefix("sidecar:") {
-        let port: u16 = port.parse().unwrap_or(0);
-        recs.iter()
-            .find(|r| r.listener_port == port)
-            .and_then(|r| r.original_dst)
-            .map(|a| sym(t, a))
-    } else {
-        None
+    let rec = match out.reply.strip_prefix("sidecar:") {
+        Some(port) => {
+            let port: u16 = port.parse().unwrap_or(0);
+            recs.iter().find(|r| r.listener_port == port)
+        }
+        None => None,
     };
     Ok(Seen {
         reply: out.reply,
-        orig,
+        orig: rec.and_then(|r| r.original_dst).map(|a| sym(t, a)),
+        proxy_peer: rec.map(|r| sym_ip(t, r.peer.ip().to_canonical())),
         peer: Some(sym(t, out.peer)),
     })
 }
@@ -1103,6 +1109,7 @@ fn expected(t: &Topology, conn: &Conn, redirect: Option<u16>) -> Seen {
             Seen {
                 reply: format!("sidecar:{port}"),
                 orig: Some(sym(t, orig)),
+                proxy_peer: Some(sym_ip(t, kernel_source(t, conn))),
                 peer: Some(sym(t, dst)),
             }
         }
@@ -1113,8 +1120,25 @@ fn expected(t: &Topology, conn: &Conn, redirect: Option<u16>) -> Seen {
                 format!("upstream:{}", conn.port)
             },
             orig: None,
+            proxy_peer: None,
             peer: Some(sym(t, dst)),
         },
+    }
+}
+
+/// The source the kernel gives the client's connection (what a REDIRECT leaves for the proxy
+/// to see): the one it bound, else loopback for loopback, the destination itself for one of the
+/// pod's own addresses (the local route's preferred source), else the pod's address of the
+/// family on the wire (IPv4 for a v4-mapped destination).
+fn kernel_source(t: &Topology, conn: &Conn) -> IpAddr {
+    if let Some(s) = conn.src() {
+        return s.to_canonical();
+    }
+    match conn.dst {
+        Dst::Lo4 | Dst::Lo53 | Dst::MappedLo => Ipv4Addr::LOCALHOST.into(),
+        Dst::Lo6 => Ipv6Addr::LOCALHOST.into(),
+        Dst::PodV4 | Dst::MappedPod | Dst::UpV4 | Dst::ExV4 | Dst::MappedUp => t.pod_v4().into(),
+        Dst::PodV6 | Dst::UpV6 | Dst::ExV6 => t.pod_v6().into(),
     }
 }
 

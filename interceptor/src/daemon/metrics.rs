@@ -222,6 +222,12 @@ fn snapshot(d: &Daemon) -> Snapshot {
             l("outbound", &[]),
             c[stat::TUPLE_STORE_FAILED as usize],
         ));
+        s.counters.push((
+            "interceptor_source_not_bound",
+            "Redirected connections that could not be bound to the pod's address (the proxy sees them from loopback)",
+            l("outbound", &[]),
+            c[stat::SRC_NOT_BOUND as usize],
+        ));
         s.gauges.push((
             "interceptor_tuple_entries",
             "Redirected connections of the pod waiting for the proxy to accept them (against interceptor_tuple_quota)",

@@ -50,6 +50,13 @@ impl PodMaps {
                     .filter(|c| c.as_ref().is_ok_and(|c| *c != 0))
                     .count(),
             ),
+            (
+                names::POD_SRC,
+                self.pod_src
+                    .iter()
+                    .filter(|s| s.as_ref().is_ok_and(|s| s.netns != 0))
+                    .count(),
+            ),
         ];
         out.sort_by_key(|(n, _)| *n);
         out.into_iter().map(|(n, c)| (n, c, cap(n))).collect()

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Result};
 use aya::maps::lpm_trie::Key;
 use interceptor_common::decision::PodPolicy;
-use interceptor_common::maps::{AddrKey, Cidr4Data, Cidr6Data, GroupKey, PortKey};
+use interceptor_common::maps::{AddrKey, Cidr4Data, Cidr6Data, GroupKey, PodSrc, PortKey};
 
 pub(super) const BPF_NOEXIST: u64 = 1;
 
@@ -60,6 +60,8 @@ pub(super) enum Undo {
     Listener(u32),
     /// `POD_NETNS[id]` and its value before.
     PodNetns(u32, u64),
+    /// `POD_SRC[id]` and its value before.
+    PodSrc(u32, PodSrc),
     Pin(PathBuf),
     /// Ports this registration added to the netns's reserved ports.
     Unreserve(PathBuf, Vec<u16>),

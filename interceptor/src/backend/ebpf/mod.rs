@@ -87,6 +87,7 @@ pub const MAPS: &[&str] = &[
     names::INBOUND_NETNS,
     names::INBOUND_PROG,
     names::POD_NETNS,
+    names::POD_SRC,
     names::LISTENERS,
     names::STATS,
     names::ACCEL,

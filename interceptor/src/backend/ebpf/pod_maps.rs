@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, SkStorage, SockHash};
 use interceptor_common::decision::PodPolicy;
 use interceptor_common::maps::{
-    names, AddrKey, Cidr4Data, Cidr6Data, GroupKey, PortKey, SockKey, SockOrig, TupleKey,
+    names, AddrKey, Cidr4Data, Cidr6Data, GroupKey, PodSrc, PortKey, SockKey, SockOrig, TupleKey,
 };
 
 use std::os::fd::AsFd;
@@ -34,6 +34,8 @@ pub struct PodMaps {
     pub(super) accel_on: Array<MapData, u32>,
     /// `POD_NETNS`: pod id → netns cookie, read by the pod's sk_lookup program.
     pub(super) pod_netns: Array<MapData, u64>,
+    /// `POD_SRC`: pod id → its own addresses, the source of its redirected connections.
+    pub(super) pod_src: Array<MapData, PodSrc>,
     /// Per-pod sk_lookup programs loaded ahead of time.
     pub(super) programs: Arc<Pool>,
     /// The pod ids in use.
@@ -81,6 +83,7 @@ impl PodMaps {
             accel: SockHash::try_from(Map::SockHash(open_map(pins, names::ACCEL)?))?,
             accel_on: Array::try_from(Map::Array(open_map(pins, names::ACCEL_ON)?))?,
             pod_netns: Array::try_from(Map::Array(pod_netns))?,
+            pod_src: Array::try_from(Map::Array(open_map(pins, names::POD_SRC)?))?,
             programs,
             ids,
         })

@@ -13,7 +13,9 @@ use aya::maps::PerCpuValues;
 use interceptor_common::config::Config;
 use interceptor_common::decision::PodPolicy;
 use interceptor_common::maps::stat;
-use interceptor_common::maps::{AddrKey, Cidr4Data, Cidr6Data, GroupKey, PortKey, TupleKey};
+use interceptor_common::maps::{
+    AddrKey, Cidr4Data, Cidr6Data, GroupKey, PodSrc, PortKey, TupleKey,
+};
 use interceptor_common::policy;
 use ipnet::IpNet;
 
@@ -187,6 +189,17 @@ impl PodMaps {
                 .context("writing POD_NETNS")?;
             w.undo.push(Undo::PodNetns(pod_id, was));
         }
+        // The source its redirected connections are bound to: before the policy, which makes
+        // the programs act for this pod at all.
+        w.step()?;
+        let src = policy::pod_src(cookie, local);
+        let was = self.pod_src.get(&pod_id, 0).unwrap_or_default();
+        if was != src {
+            self.pod_src
+                .set(pod_id, src, 0)
+                .context("writing POD_SRC")?;
+            w.undo.push(Undo::PodSrc(pod_id, was));
+        }
         let programs = &self.programs;
         if let Some(pin) = self
             .pins
@@ -274,6 +287,7 @@ impl PodMaps {
                 Undo::Listener(k) => self.listeners.remove(&k).map_err(Into::into),
                 Undo::Unreserve(ns, ports) => reserved_ports::release(&ns, ports),
                 Undo::PodNetns(id, was) => self.pod_netns.set(id, was, 0).map_err(Into::into),
+                Undo::PodSrc(id, was) => self.pod_src.set(id, was, 0).map_err(Into::into),
                 Undo::Pin(p) => {
                     std::fs::remove_file(&p).with_context(|| format!("unpinning {}", p.display()))
                 }
@@ -314,6 +328,13 @@ impl PodMaps {
         // Its id is free again (its program went with the link).
         if self.pod_netns.get(&p.pod_id, 0).is_ok_and(|c| c == cookie) {
             self.pod_netns.set(p.pod_id, 0, 0)?;
+        }
+        if self
+            .pod_src
+            .get(&p.pod_id, 0)
+            .is_ok_and(|s| s.netns == cookie)
+        {
+            self.pod_src.set(p.pod_id, PodSrc::default(), 0)?;
         }
         self.policy.remove(&cookie)?;
         self.ids.release(p.pod_id);
