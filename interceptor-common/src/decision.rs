@@ -346,6 +346,18 @@ pub fn kernel_dst(dst: Addr, src: Option<Addr>) -> Addr {
     }
 }
 
+/// `POD_SRC[pod_id]`: the pod's own address per family, which a redirected connection is bound
+/// to (`decision::redirect_source`). Zero: none of that family. `netns` guards against an entry
+/// an earlier pod with the same id left behind (the programs use it only for this netns).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodSrc {
+    pub netns: u64,
+    /// IPv4 as `::ffff:a.b.c.d` (the layout of `decision::Addr`).
+    pub v4: [u8; 16],
+    pub v6: [u8; 16],
+}
+
 /// The source a redirected connection is bound to before it goes to the proxy, so the proxy
 /// sees the peer a REDIRECT would have shown it: the address the kernel picks for the original
 /// destination `dst` (as `kernel_dst` gives it). Without it the connection would come from
@@ -357,7 +369,7 @@ pub fn kernel_dst(dst: Addr, src: Option<Addr>) -> Addr {
 #[inline(always)]
 pub fn redirect_source<T: PodTables>(
     t: &T,
-    pod: &crate::maps::PodSrc,
+    pod: &PodSrc,
     dst: Addr,
     bound: Option<Addr>,
 ) -> Option<Addr> {

@@ -110,18 +110,6 @@ pub mod stat {
     }
 }
 
-/// `POD_SRC[pod_id]`: the pod's own address per family, which a redirected connection is bound
-/// to (`decision::redirect_source`). Zero: none of that family. `netns` guards against an entry
-/// an earlier pod with the same id left behind (the programs use it only for this netns).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PodSrc {
-    pub netns: u64,
-    /// IPv4 as `::ffff:a.b.c.d` (the layout of `decision::Addr`).
-    pub v4: [u8; 16],
-    pub v6: [u8; 16],
-}
-
 /// `PortKey::kind` values.
 pub const PORT_EXCLUDED: u16 = 1;
 pub const PORT_INCLUDED: u16 = 2;
@@ -283,6 +271,6 @@ mod pod_impls {
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::SockOrig {}
     unsafe impl aya::Pod for super::TupleKey {}
-    unsafe impl aya::Pod for super::PodSrc {}
+    unsafe impl aya::Pod for crate::decision::PodSrc {}
     unsafe impl aya::Pod for crate::decision::PodPolicy {}
 }

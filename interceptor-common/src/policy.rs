@@ -137,7 +137,7 @@ pub fn resolve_groups(
 /// The pod's own addresses for `POD_SRC` (see `decision::redirect_source`): per family, the
 /// first of `local` (the kernel's order: the interface's primary address first) that is
 /// neither loopback, link-local, multicast nor unspecified — the pod IP.
-pub fn pod_src(netns: u64, local: &[IpAddr]) -> crate::maps::PodSrc {
+pub fn pod_src(netns: u64, local: &[IpAddr]) -> decision::PodSrc {
     let usable = |ip: &IpAddr| {
         !ip.is_loopback()
             && !ip.is_unspecified()
@@ -153,7 +153,7 @@ pub fn pod_src(netns: u64, local: &[IpAddr]) -> crate::maps::PodSrc {
             .find(|ip| ip.is_ipv4() == v4 && usable(ip))
             .map_or([0; 16], |ip| Addr::from(*ip).0)
     };
-    crate::maps::PodSrc {
+    decision::PodSrc {
         netns,
         v4: first(true),
         v6: first(false),

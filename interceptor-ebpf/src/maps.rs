@@ -13,10 +13,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, ProgramArray, SockHash},
 };
 use interceptor_common::{
-    decision::PodPolicy,
+    decision::{PodPolicy, PodSrc},
     maps::{
-        capacity, stat, AddrKey, Cidr4Data, Cidr6Data, GroupKey, PodSrc, PortKey, SockKey,
-        SockOrig, TupleKey,
+        capacity, stat, AddrKey, Cidr4Data, Cidr6Data, GroupKey, PortKey, SockKey, SockOrig,
+        TupleKey,
     },
 };
 

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use aya::maps::lpm_trie::Key;
-use interceptor_common::decision::PodPolicy;
-use interceptor_common::maps::{AddrKey, Cidr4Data, Cidr6Data, GroupKey, PodSrc, PortKey};
+use interceptor_common::decision::{PodPolicy, PodSrc};
+use interceptor_common::maps::{AddrKey, Cidr4Data, Cidr6Data, GroupKey, PortKey};
 
 pub(super) const BPF_NOEXIST: u64 = 1;
 

@@ -4,9 +4,9 @@
 
 use anyhow::{bail, Result};
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, SkStorage, SockHash};
-use interceptor_common::decision::PodPolicy;
+use interceptor_common::decision::{PodPolicy, PodSrc};
 use interceptor_common::maps::{
-    names, AddrKey, Cidr4Data, Cidr6Data, GroupKey, PodSrc, PortKey, SockKey, SockOrig, TupleKey,
+    names, AddrKey, Cidr4Data, Cidr6Data, GroupKey, PortKey, SockKey, SockOrig, TupleKey,
 };
 
 use std::os::fd::AsFd;

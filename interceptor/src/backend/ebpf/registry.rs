@@ -11,11 +11,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use aya::maps::lpm_trie::Key;
 use aya::maps::PerCpuValues;
 use interceptor_common::config::Config;
-use interceptor_common::decision::PodPolicy;
+use interceptor_common::decision::{PodPolicy, PodSrc};
 use interceptor_common::maps::stat;
-use interceptor_common::maps::{
-    AddrKey, Cidr4Data, Cidr6Data, GroupKey, PodSrc, PortKey, TupleKey,
-};
+use interceptor_common::maps::{AddrKey, Cidr4Data, Cidr6Data, GroupKey, PortKey, TupleKey};
 use interceptor_common::policy;
 use ipnet::IpNet;
 
