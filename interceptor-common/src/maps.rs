@@ -191,6 +191,46 @@ pub const SOCK_ANSWER: u32 = 2;
 /// An app socket whose `ORIG_BY_TUPLE` entry (counted in `TUPLE_COUNT`) may still exist.
 pub const SOCK_TUPLE: u32 = 4;
 
+/// `SK_PROXY` value of a proxy socket of an earlier version: marked, pod unknown. Its pod is
+/// found from the netns cookie, where sock_ops and getsockopt can read it (5.15+).
+pub const PROXY_MARK_LEGACY: u32 = 1;
+
+/// `SK_PROXY` value of a proxy socket of pod `pod_id`: sock_ops and getsockopt find the pod
+/// from it (through `POD_NETNS`) without reading the netns cookie, which they cannot before
+/// 5.15. Never `PROXY_MARK_LEGACY` or 0.
+pub const fn proxy_mark(pod_id: u32) -> u32 {
+    pod_id.wrapping_add(2)
+}
+
+/// The pod of an `SK_PROXY` value, unless it is a legacy mark.
+pub const fn proxy_mark_pod(mark: u32) -> Option<u32> {
+    mark.checked_sub(2)
+}
+
+/// Where SO_NETNS_COOKIE is missing (before 5.14) a process learns its netns cookie from our
+/// bind6 program: an AF_INET6 socket bound (with IPV6_FREEBIND) to this address, port 0, is
+/// bound to `cookie_probe_answer(cookie)` instead, which getsockname shows. `100::/64` is the
+/// discard-only prefix (RFC 6666): nothing routes there and no app binds there.
+pub const COOKIE_PROBE: [u8; 16] = [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+
+/// The address a cookie probe is bound to: `100:0:0:1:` and the cookie, big-endian.
+pub const fn cookie_probe_answer(cookie: u64) -> [u8; 16] {
+    let c = cookie.to_be_bytes();
+    [
+        1, 0, 0, 0, 0, 0, 0, 1, c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7],
+    ]
+}
+
+/// The cookie in a probe's bound address, if bind6 answered.
+pub fn cookie_from_probe(addr: [u8; 16]) -> Option<u64> {
+    let (head, tail) = addr.split_at(8);
+    (head == [1, 0, 0, 0, 0, 0, 0, 1]).then(|| {
+        let mut c = [0u8; 8];
+        c.copy_from_slice(tail);
+        u64::from_be_bytes(c)
+    })
+}
+
 /// A redirected connection as seen from both ends: the app's socket (local → proxy) and the
 /// proxy's accepted socket (proxy ← peer), qualified by netns. The app's address enters as its
 /// last 32 bits (the IPv4 address, or the tail of the IPv6 one): the verifier only lets a
@@ -273,4 +313,29 @@ mod pod_impls {
     unsafe impl aya::Pod for super::TupleKey {}
     unsafe impl aya::Pod for crate::decision::PodSrc {}
     unsafe impl aya::Pod for crate::decision::PodPolicy {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cookie_probe_answer_carries_the_cookie_and_is_not_the_probe() {
+        for c in [1u64, 4097, u64::MAX, 0x0102_0304_0506_0708] {
+            let a = cookie_probe_answer(c);
+            assert_ne!(a, COOKIE_PROBE);
+            assert_eq!(cookie_from_probe(a), Some(c));
+        }
+        assert_eq!(cookie_from_probe(COOKIE_PROBE), None);
+    }
+
+    #[test]
+    fn proxy_marks_name_their_pod_and_never_look_legacy() {
+        for id in [0u32, 1, capacity::MAX_PODS - 1] {
+            let m = proxy_mark(id);
+            assert!(m != 0 && m != PROXY_MARK_LEGACY);
+            assert_eq!(proxy_mark_pod(m), Some(id));
+        }
+        assert_eq!(proxy_mark_pod(PROXY_MARK_LEGACY), None);
+    }
 }

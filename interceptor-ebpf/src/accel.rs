@@ -11,7 +11,7 @@ use interceptor_common::{
 
 use crate::{
     ctx::{msg_ends, msg_sk, netns_cookie, ops_ends, ops_mut},
-    maps::{ACCEL, ACCEL_ON, SK_ACCEL},
+    maps::{netns_helper, ACCEL, ACCEL_ON, SK_ACCEL},
     tables::pod_of,
 };
 
@@ -27,6 +27,10 @@ pub fn established(ctx: &SockOpsContext) {
     match ACCEL_ON.get(0) {
         Some(n) if *n != 0 => {}
         _ => return,
+    }
+    // Registration refuses acceleration where sock_ops cannot read the netns cookie.
+    if !netns_helper() {
+        return;
     }
     let Some((netns, policy)) = pod_of(ctx) else {
         return;
@@ -51,6 +55,9 @@ pub fn established(ctx: &SockOpsContext) {
 /// peer is not (yet) in `ACCEL` sends through TCP, for good.
 #[inline(always)]
 pub fn msg(ctx: &SkMsgContext) -> u32 {
+    if !netns_helper() {
+        return SK_PASS;
+    }
     let Some((local, remote, local_port, remote_port)) = msg_ends(ctx) else {
         return SK_PASS;
     };

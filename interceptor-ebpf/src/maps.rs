@@ -44,6 +44,13 @@ static COUNT_ENABLED: u8 = 1;
 #[unsafe(no_mangle)]
 static FAULT_STORE_PORT: u16 = 0;
 
+/// Set by the loader: 1 where sock_ops, getsockopt and sk_msg programs may call
+/// bpf_get_netns_cookie (5.15+). At 0 the verifier prunes those calls, so the programs load on
+/// older kernels: there a proxy socket finds its pod from its `SK_PROXY` mark, and
+/// acceleration is off. Frozen like LOG_ENABLED.
+#[unsafe(no_mangle)]
+static NETNS_HELPER: u8 = 1;
+
 /// `ORIG_BY_TUPLE` entries one pod may hold (`capacity::TUPLE_QUOTA`; lowered by tests).
 /// Frozen like LOG_ENABLED.
 #[unsafe(no_mangle)]
@@ -62,6 +69,13 @@ pub fn log_enabled() -> bool {
 pub fn count_enabled() -> bool {
     // SAFETY: as in `log_enabled`.
     unsafe { read_volatile(&COUNT_ENABLED) != 0 }
+}
+
+/// Whether this kernel lets every hook read the netns cookie (see NETNS_HELPER).
+#[inline(always)]
+pub fn netns_helper() -> bool {
+    // SAFETY: as in `log_enabled`.
+    unsafe { read_volatile(&NETNS_HELPER) != 0 }
 }
 
 #[inline(always)]

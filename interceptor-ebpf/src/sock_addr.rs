@@ -9,14 +9,15 @@ use interceptor_common::{
         bind_allowed, decide, is_proxy, kernel_dst, redirect_source, Addr, Conn, Proto, Reason,
         Verdict,
     },
-    maps::{mapped_v4, stat, OrigDst, SOCK_APP},
+    maps::{cookie_probe_answer, mapped_v4, proxy_mark, stat, OrigDst, COOKIE_PROBE, SOCK_APP},
 };
 
 use crate::{
     counters::{count, tuple_count},
     ctx::{
-        bind_source, msg_src, set_msg_src, set_user_addr, sock_addr_bound_src, sock_addr_protocol,
-        sock_addr_sk, user_addr, Sk, AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP,
+        bind_source, msg_src, netns_cookie, set_msg_src, set_user_addr, sock_addr_bound_src,
+        sock_addr_protocol, sock_addr_sk, user_addr, Sk, AF_INET, AF_INET6, IPPROTO_TCP,
+        IPPROTO_UDP,
     },
     maps::{log_enabled, store_fault, tuple_quota, POD_SRC, SK_ORIG, SK_PROXY},
     tables::{pod_of, MapTables},
@@ -260,12 +261,19 @@ pub fn restore_peer(ctx: &SockAddrContext, v6: bool) {
 }
 
 /// bind4/6: only the proxy may bind the proxy's ports (an app could otherwise impersonate it).
+/// bind6 also answers the netns cookie probe (`maps::COOKIE_PROBE`).
 #[inline(always)]
 pub fn bind(ctx: &SockAddrContext, v6: bool) -> i32 {
+    let (addr, port) = user_addr(ctx, v6);
+    if v6 && port == 0 && addr.0 == COOKIE_PROBE {
+        // Before 5.14 a process cannot read its netns cookie (SO_NETNS_COOKIE); the loader
+        // asks this way. The socket is bound where getsockname shows the cookie.
+        set_user_addr(ctx, true, cookie_probe_answer(netns_cookie(ctx)), 0);
+        return 1;
+    }
     let Some((_, policy)) = pod_of(ctx) else {
         return 1;
     };
-    let (_, port) = user_addr(ctx, v6);
     let ug = bpf_get_current_uid_gid();
     let tables = MapTables {
         pod_id: policy.pod_id,
@@ -279,7 +287,7 @@ pub fn bind(ctx: &SockAddrContext, v6: bool) -> i32 {
         // Marks the listener sock_ops registers, and (cloned) every socket it accepts, the
         // only ones SO_ORIGINAL_DST is answered on.
         if let Some(m) = sock_addr_sk(ctx).and_then(|sk| SK_PROXY.get_or_create(sk)) {
-            *m = 1;
+            *m = proxy_mark(policy.pod_id);
         }
     }
     i32::from(allowed)

@@ -11,12 +11,9 @@ use interceptor_common::maps::{stat, SockOrig, TupleKey, SOCK_ANSWER, SOCK_APP, 
 use crate::{
     accel,
     counters::{count, tuple_count, tuple_count_add},
-    ctx::{
-        netns_cookie, ops_ends, ops_family, ops_local_end, ops_local_port, ops_mut, ops_sk,
-        AF_INET6,
-    },
+    ctx::{ops_ends, ops_family, ops_local_end, ops_local_port, ops_mut, ops_sk, AF_INET6},
     maps::{tuple_quota, LISTENERS, ORIG_BY_TUPLE, SK_ORIG, SK_PROXY},
-    tables::pod_of,
+    tables::{pod_netns, pod_of_proxy},
 };
 
 const SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
@@ -51,32 +48,31 @@ pub fn dispatch(ctx: &SockOpsContext) {
 /// meshed netns, on a socket the proxy itself bound (see `sock_addr::bind`).
 #[inline(always)]
 fn listen(ctx: &SockOpsContext) {
-    let Some((_, policy)) = pod_of(ctx) else {
+    let Some(mark) = ops_sk(ctx).and_then(|sk| SK_PROXY.get(sk)) else {
+        return;
+    };
+    let Some((_, policy)) = pod_of_proxy(ctx, *mark) else {
         return;
     };
     if ops_local_port(ctx) != u32::from(policy.inbound_capture_port) {
         return;
     }
-    match ops_sk(ctx) {
-        Some(sk) if SK_PROXY.get(sk).is_some() => {}
-        _ => return,
-    }
     let v6 = u32::from(ops_family(ctx) == AF_INET6);
     let _ = LISTENERS.update(policy.pod_id * 2 + v6, ops_mut(ctx), 0);
 }
 
-/// The tuple key of an app→proxy connection from the app's side: its own address (last 32
-/// bits) and port, and the proxy port it was redirected to.
+/// The tuple key of an app→proxy connection from the app's side: its pod's netns, its own
+/// address (last 32 bits) and port, and the proxy port it was redirected to.
 #[inline(always)]
-fn app_tuple(ctx: &SockOpsContext, redirect_port: u16) -> TupleKey {
+fn app_tuple(ctx: &SockOpsContext, st: &SockOrig) -> Option<TupleKey> {
     let (client_addr_tail, client_port) = ops_local_end(ctx);
-    TupleKey {
-        netns: netns_cookie(ctx),
+    Some(TupleKey {
+        netns: pod_netns(st.pod_id)?,
         client_addr_tail,
         client_port,
-        proxy_port: u32::from(redirect_port),
+        proxy_port: u32::from(st.orig.redirect_port),
         _pad: 0,
-    }
+    })
 }
 
 /// Gives a quota slot back (whoever deletes a tuple entry does, exactly once).
@@ -101,6 +97,10 @@ fn app_connect(ctx: &SockOpsContext) {
     // socket (attached beside ours) keeps the callbacks it asked for.
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     let pod_id = st.pod_id;
+    let Some(key) = app_tuple(ctx, st) else {
+        count(pod_id, stat::TUPLE_STORE_FAILED);
+        return;
+    };
     // Taken first, then checked: of connects racing for the last slot, the losers give theirs
     // back (none is ever over the quota).
     tuple_count_add(pod_id, 1);
@@ -109,7 +109,6 @@ fn app_connect(ctx: &SockOpsContext) {
         count(pod_id, stat::TUPLE_STORE_FAILED);
         return;
     }
-    let key = app_tuple(ctx, st.orig.redirect_port);
     let value = SockOrig {
         orig: st.orig,
         flags: SOCK_ANSWER,
@@ -136,7 +135,10 @@ fn app_close(ctx: &SockOpsContext) {
         return;
     }
     st.flags &= !SOCK_TUPLE;
-    let key = app_tuple(ctx, st.orig.redirect_port);
+    let Some(key) = app_tuple(ctx, st) else {
+        // The pod is gone: its removal deleted its entries and zeroed its count.
+        return;
+    };
     if ORIG_BY_TUPLE.remove(&key).is_ok() {
         release_slot(st.pod_id);
     }
@@ -148,15 +150,20 @@ fn app_close(ctx: &SockOpsContext) {
 /// one socket-storage lookup, with no map lookup at all.
 #[inline(always)]
 fn proxy_accepted(ctx: &SockOpsContext) {
-    let sk = match ops_sk(ctx) {
-        Some(sk) if SK_PROXY.get(sk).is_some() => sk,
-        _ => return,
+    let Some(sk) = ops_sk(ctx) else {
+        return;
+    };
+    let Some(mark) = SK_PROXY.get(sk) else {
+        return;
+    };
+    let Some((netns, _)) = pod_of_proxy(ctx, *mark) else {
+        return;
     };
     let Some((_, remote, local_port, remote_port)) = ops_ends(ctx) else {
         return;
     };
     let key = TupleKey {
-        netns: netns_cookie(ctx),
+        netns,
         client_addr_tail: remote[3],
         client_port: remote_port,
         proxy_port: local_port,

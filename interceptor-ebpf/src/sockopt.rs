@@ -9,11 +9,9 @@ use interceptor_common::{
 
 use crate::{
     counters::count,
-    ctx::{
-        netns_cookie, sockopt_answer, sockopt_name, sockopt_retval, sockopt_sk, SOL_IP, SOL_IPV6,
-    },
+    ctx::{sockopt_answer, sockopt_name, sockopt_retval, sockopt_sk, SOL_IP, SOL_IPV6},
     maps::{ORIG_BY_TUPLE, SK_ORIG, SK_PROXY},
-    tables::{policy, MapTables},
+    tables::{pod_of_proxy, MapTables},
 };
 
 /// SO_ORIGINAL_DST at SOL_IP, IP6T_SO_ORIGINAL_DST at SOL_IPV6.
@@ -33,9 +31,10 @@ pub fn getsockopt(ctx: &SockoptContext) {
     };
     // Only the proxy's sockets get an answer: any other socket in the pod (one that took a
     // proxy port, say) learns nothing from us.
-    if SK_PROXY.get(sk).is_none() {
+    let Some(mark) = SK_PROXY.get(sk) else {
         return;
-    }
+    };
+    let mark = *mark;
     // Outbound: moved onto the proxy's accepted socket when it was established.
     if let Some(st) = SK_ORIG.get(sk) {
         if st.flags & SOCK_ANSWER != 0 {
@@ -46,7 +45,9 @@ pub fn getsockopt(ctx: &SockoptContext) {
         }
     }
     let a = sk.accepted();
-    let netns = netns_cookie(ctx);
+    let Some((netns, policy)) = pod_of_proxy(ctx, mark) else {
+        return;
+    };
     // Still in the tuple map if the accepted socket's storage could not be allocated.
     let key = TupleKey {
         netns,
@@ -54,9 +55,6 @@ pub fn getsockopt(ctx: &SockoptContext) {
         client_port: u32::from(a.dport),
         proxy_port: a.lport,
         _pad: 0,
-    };
-    let Some(policy) = policy(netns) else {
-        return;
     };
     // SAFETY: only read during this run; ORIG_BY_TUPLE is not preallocated, so a removed
     // element stays intact until an RCU grace period has passed.

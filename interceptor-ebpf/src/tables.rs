@@ -5,14 +5,17 @@ use aya_ebpf::{maps::lpm_trie::Key, maps::LpmTrie, EbpfContext};
 use interceptor_common::{
     decision::{Addr, PodPolicy, PodTables},
     maps::{
-        AddrKey, Cidr4Data, Cidr6Data, GroupKey, PortKey, ADDR_DNS, ADDR_LOCAL, PORT_EXCLUDED,
-        PORT_GUARDED, PORT_INBOUND, PORT_INCLUDED,
+        proxy_mark_pod, AddrKey, Cidr4Data, Cidr6Data, GroupKey, PortKey, ADDR_DNS, ADDR_LOCAL,
+        PORT_EXCLUDED, PORT_GUARDED, PORT_INBOUND, PORT_INCLUDED,
     },
 };
 
 use crate::{
     ctx::netns_cookie,
-    maps::{ADDRS, CIDR4_EXCL, CIDR4_INCL, CIDR6_EXCL, CIDR6_INCL, GROUPS, POD_POLICY, PORTS},
+    maps::{
+        netns_helper, ADDRS, CIDR4_EXCL, CIDR4_INCL, CIDR6_EXCL, CIDR6_INCL, GROUPS, POD_NETNS,
+        POD_POLICY, PORTS,
+    },
 };
 
 /// The policy of the pod with this netns cookie, if it is meshed.
@@ -28,6 +31,25 @@ pub fn policy(netns: u64) -> Option<&'static PodPolicy> {
 #[inline(always)]
 pub fn pod_of<C: EbpfContext>(ctx: &C) -> Option<(u64, &'static PodPolicy)> {
     let netns = netns_cookie(ctx);
+    policy(netns).map(|p| (netns, p))
+}
+
+/// The netns cookie of the pod registered with id `pod_id`, if one is.
+#[inline(always)]
+pub fn pod_netns(pod_id: u32) -> Option<u64> {
+    POD_NETNS.get(pod_id).copied().filter(|c| *c != 0)
+}
+
+/// The pod a socket of the proxy belongs to, from its `SK_PROXY` mark: sock_ops and
+/// getsockopt cannot read the netns cookie before 5.15. A mark of an earlier version names no
+/// pod; it is resolved from the netns cookie where the hook can read it.
+#[inline(always)]
+pub fn pod_of_proxy<C: EbpfContext>(ctx: &C, mark: u32) -> Option<(u64, &'static PodPolicy)> {
+    let netns = match proxy_mark_pod(mark) {
+        Some(id) => pod_netns(id)?,
+        None if netns_helper() => netns_cookie(ctx),
+        None => return None,
+    };
     policy(netns).map(|p| (netns, p))
 }
 

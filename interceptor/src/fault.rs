@@ -12,6 +12,9 @@
 //!     verifier when unset).
 //!   - `map-layout:<MAP>`: an upgrade sees this binary's `<MAP>` with a value one byte larger
 //!     than the pinned one (as if its layout had changed), so it must refuse.
+//!   - `kernel:5.10`: as on a kernel before 5.14: the programs are loaded without the netns
+//!     cookie helper outside sock_addr (`NETNS_HELPER` 0), and netns cookies are read through
+//!     the bind6 cookie probe, not SO_NETNS_COOKIE.
 //! - `INTERCEPTOR_TEST_MAP_ENTRIES`: `MAP=N,…`, max_entries of maps created at load (the maps are
 //!   pinned, so this only takes effect for a fresh bpffs folder); `TUPLE_QUOTA=N` sets the
 //!   per-pod quota of app→proxy connections waiting for the proxy (frozen at load too).
@@ -52,6 +55,9 @@ mod off {
     }
     pub fn tuple_quota() -> u32 {
         interceptor_common::maps::capacity::TUPLE_QUOTA
+    }
+    pub fn like_5_10() -> bool {
+        false
     }
 }
 
@@ -116,6 +122,11 @@ mod on {
         faults()
             .iter()
             .any(|(what, _)| what.strip_prefix("map-layout:") == Some(map))
+    }
+
+    /// Whether to behave as on a kernel without the netns cookie outside sock_addr (5.10).
+    pub fn like_5_10() -> bool {
+        faults().iter().any(|(what, _)| what == "kernel:5.10")
     }
 
     /// `(map, max_entries)` overrides for maps created at load.

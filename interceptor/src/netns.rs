@@ -68,7 +68,7 @@ pub fn pod_netns(ns: &Netns) -> Result<PodNetns> {
     run_in_file(&ns.file, || {
         // One rtnetlink socket: its cookie is the netns's, and it dumps the addresses.
         let route = crate::netlink::socket(netlink_sys::protocols::NETLINK_ROUTE)?;
-        let cookie = socket_cookie(route.as_fd()).context("getsockopt(SO_NETNS_COOKIE)")?;
+        let cookie = cookie_of(route.as_fd())?;
         let (local, link_local) = split_addrs(addresses_on(&route)?);
         drop(route);
         Ok(PodNetns {
@@ -163,27 +163,124 @@ pub fn cookie_here() -> Result<u64> {
     // Any socket carries its netns's cookie; an unbound Unix one costs no port and no address.
     let sock = std::os::unix::net::UnixDatagram::unbound()
         .context("creating a socket to read the netns cookie")?;
-    socket_cookie(sock.as_fd()).context("getsockopt(SO_NETNS_COOKIE)")
+    cookie_of(sock.as_fd())
 }
 
-/// A netns's identity for the daemon's records: its cookie, or where SO_NETNS_COOKIE is missing
-/// (before 5.14, where the eBPF backend is unavailable anyway) its nsfs inode with the top bit
-/// set, so it can never equal a cookie. Inodes can be reused once a netns is gone; cookies not.
+/// The cookie of the netns `sock` was created in, which is the caller's: SO_NETNS_COOKIE, or
+/// before 5.14 our bind6 program's answer to a cookie probe (`maps::COOKIE_PROBE`), where our
+/// programs are loaded and run for this process. Fails with ENOPROTOOPT in the chain when
+/// neither answers.
+fn cookie_of(sock: BorrowedFd<'_>) -> Result<u64> {
+    let direct = if crate::fault::like_5_10() {
+        Err(std::io::Error::from_raw_os_error(libc::ENOPROTOOPT))
+    } else {
+        socket_cookie(sock)
+    };
+    match direct {
+        Ok(c) => Ok(c),
+        Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => match cookie_by_bind() {
+            Ok(Some(c)) => Ok(c),
+            Ok(None) => Err(anyhow::Error::from(e).context(
+                "getsockopt(SO_NETNS_COOKIE) needs Linux 5.14, and no bind6 program of ours \
+                 answered the cookie probe (none is loaded, or it is attached to a cgroup this \
+                 process is not in)",
+            )),
+            Err(b) => Err(anyhow::Error::from(e).context(format!(
+                "getsockopt(SO_NETNS_COOKIE) needs Linux 5.14, and the cookie probe failed: {b:#}"
+            ))),
+        },
+        Err(e) => Err(e).context("getsockopt(SO_NETNS_COOKIE)"),
+    }
+}
+
+/// Asks our bind6 program for the caller's netns cookie: a UDP socket bound to
+/// `maps::COOKIE_PROBE` port 0 ends up bound to an address that carries the cookie. None if no
+/// program of ours rewrote the bind.
+pub fn cookie_by_bind() -> Result<Option<u64>> {
+    use interceptor_common::maps::{cookie_from_probe, COOKIE_PROBE};
+    use nix::sys::socket::{
+        bind, getsockname, socket, AddressFamily, SockFlag, SockType, SockaddrIn6,
+    };
+    let sock = socket(
+        AddressFamily::Inet6,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .context("socket(AF_INET6) for the cookie probe")?;
+    let on: libc::c_int = 1;
+    // SAFETY: `sock` is a live fd we own; the kernel reads `size_of::<c_int>()` bytes from `on`,
+    // an int on our stack. IPV6_FREEBIND (4.15+): the answer is an address no interface has.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            IPV6_FREEBIND,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error()).context("setsockopt(IPV6_FREEBIND)");
+    }
+    let probe = std::net::SocketAddrV6::new(COOKIE_PROBE.into(), 0, 0, 0);
+    bind(sock.as_raw_fd(), &SockaddrIn6::from(probe)).context("bind for the cookie probe")?;
+    let bound: SockaddrIn6 = getsockname(sock.as_raw_fd()).context("getsockname")?;
+    Ok(cookie_from_probe(bound.ip().octets()))
+}
+
+/// `IPV6_FREEBIND` (not in every libc crate yet).
+const IPV6_FREEBIND: libc::c_int = 78;
+
+/// A netns's identity for the daemon's records: its cookie, or where no cookie can be read
+/// (before 5.14, while no program of ours runs: a node on the fallback) its nsfs inode with the
+/// top bit set, so it can never equal a cookie. Inodes can be reused once a netns is gone;
+/// cookies not.
 pub fn identity(path: &Path) -> Result<u64> {
     match cookie(Some(path)) {
         Ok(c) => Ok(c),
-        Err(e)
-            if e.chain().any(|c| {
-                c.downcast_ref::<std::io::Error>()
-                    .is_some_and(|e| e.raw_os_error() == Some(libc::ENOPROTOOPT))
-            }) =>
-        {
-            let meta =
-                std::fs::metadata(path).with_context(|| format!("stat {}", path.display()))?;
-            Ok(1 << 63 | meta.ino())
-        }
+        Err(e) if no_cookie(&e) => inode_identity(path),
         Err(e) => Err(e),
     }
+}
+
+/// Whether the netns at `path` is the one `recorded` (an `identity`) names. An identity
+/// recorded as an inode is compared as one: on a kernel before 5.14 the cookie only becomes
+/// readable once our programs are loaded.
+pub fn is_recorded(path: &Path, recorded: u64) -> bool {
+    if recorded & INODE_IDENTITY != 0 {
+        inode_identity(path).is_ok_and(|i| i == recorded)
+    } else {
+        cookie(Some(path)).is_ok_and(|c| c == recorded)
+    }
+}
+
+/// Both identities of the netns at `path` a record may hold: its cookie (if readable) and its
+/// inode form.
+pub fn identities(path: &Path) -> Result<Vec<u64>> {
+    let mut ids = vec![inode_identity(path)?];
+    match cookie(Some(path)) {
+        Ok(c) => ids.push(c),
+        Err(e) if no_cookie(&e) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(ids)
+}
+
+/// The top bit of an identity that is an inode, not a cookie.
+const INODE_IDENTITY: u64 = 1 << 63;
+
+fn inode_identity(path: &Path) -> Result<u64> {
+    let meta = std::fs::metadata(path).with_context(|| format!("stat {}", path.display()))?;
+    Ok(INODE_IDENTITY | meta.ino())
+}
+
+/// Whether `e` says the netns cookie cannot be read on this kernel (as opposed to a failure).
+fn no_cookie(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.raw_os_error() == Some(libc::ENOPROTOOPT))
+    })
 }
 
 /// This process's own netns in words, for a loud notice: `net:[inode]`, and whether it is the

@@ -55,6 +55,31 @@ pub const EXCLUDED_OUT_PORT: u16 = 9999;
 pub const INCLUDED_OUT_PORT: u16 = 7777;
 pub const APP_UID: u32 = 1000;
 
+thread_local! {
+    /// Extra environment of every `apply` this thread runs (see `with_apply_env`).
+    static APPLY_ENV: std::cell::RefCell<Vec<(String, String)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with `env` added to every `interceptor apply` it runs on this thread (the test's
+/// own), e.g. a test-only `INTERCEPTOR_FAULT`.
+pub fn with_apply_env<T>(env: &[(&str, &str)], f: impl FnOnce() -> T) -> T {
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            APPLY_ENV.with(|e| e.borrow_mut().clear());
+        }
+    }
+    APPLY_ENV.with(|e| {
+        *e.borrow_mut() = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    });
+    let _reset = Reset;
+    f()
+}
+
 /// Runs `interceptor apply` for the pod with `flavor`; an error carries its stderr.
 pub fn apply(pod: &Pod, flavor: Flavor, extra: &[&str]) -> Result<String> {
     apply_in(pod.topo.pod_netns(), pod.ebpf.dir(), flavor, extra)
@@ -73,7 +98,9 @@ pub fn apply_in(
     let mut args = vec!["apply", "--network-namespace", ns, "--bpffs", bpffs];
     args.extend_from_slice(flavor.args());
     args.extend_from_slice(extra);
-    let out = bin::run(&args, &[]);
+    let env = APPLY_ENV.with(|e| e.borrow().clone());
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let out = bin::run(&args, &env);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     ensure!(
         out.status.success(),

@@ -435,7 +435,7 @@ fn check(env: &CniEnv, conf: &NetConf, k8s: &K8sArgs) -> Result<String, CniError
     };
     let cookie = crate::netns::identity(netns)
         .map_err(|e| CniError::new(code::IO, "cannot read the netns cookie", format!("{e:#}")))?;
-    if cookie != pod.netns_cookie {
+    if cookie != pod.netns_cookie && !crate::netns::is_recorded(netns, pod.netns_cookie) {
         return Err(CniError::new(
             code::NOT_REGISTERED,
             format!(

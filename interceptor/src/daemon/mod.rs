@@ -179,7 +179,7 @@ impl Daemon {
                 continue;
             }
             let alive = crate::netns::is_netns(&pod.netns)
-                && crate::netns::identity(&pod.netns).is_ok_and(|c| c == pod.netns_cookie);
+                && crate::netns::is_recorded(&pod.netns, pod.netns_cookie);
             if alive {
                 live.push(pod.netns_cookie);
                 tracing::info!(netns = %pod.netns.display(), backend = %pod.backend, "re-adopted pod");

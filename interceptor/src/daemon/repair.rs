@@ -161,12 +161,18 @@ impl Repairer {
                         next = Some(next.map_or(left, |n| n.min(left)));
                         continue;
                     }
-                    let Ok(cookie) = crate::netns::identity(&p.path) else {
+                    let Ok(ids) = crate::netns::identities(&p.path) else {
                         continue; // the process exited: found again next pass
                     };
-                    if cookies.contains(&cookie) || self.daemon.repair.was_removed(cookie) {
+                    if ids
+                        .iter()
+                        .any(|c| cookies.contains(c) || self.daemon.repair.was_removed(*c))
+                    {
                         continue; // registered without its uid, or torn down by a DEL
                     }
+                    let Some(&cookie) = ids.last() else {
+                        continue;
+                    };
                     self.act(m, p, cookie);
                 }
             }

@@ -62,12 +62,20 @@ pub fn choose(
             c
         })
     };
+    // Acceleration tells sockets of different pods apart by the netns cookie, which sock_ops
+    // and sk_msg programs can read from 5.15 on.
+    let accel_unsupported = cfg.accelerate && !crate::backend::ebpf::netns_helper();
     match backend {
         BackendKind::Ebpf => match policy::ebpf_unsupported(cfg) {
             Some(why) => Err(ConfigError::new(
                 "--backend",
                 "ebpf",
                 format!("refused: {why}"),
+            )),
+            None if accel_unsupported => Err(ConfigError::new(
+                "--accelerate",
+                "true",
+                format!("not supported on this kernel: {ACCEL_NEEDS}"),
             )),
             None => choice(BackendKind::Ebpf, "requested with --backend ebpf".into()),
         },
@@ -88,11 +96,19 @@ pub fn choose(
             }
             match ebpf_missing() {
                 Some(why) => netfilter(format!("eBPF unavailable ({why})")),
+                None if accel_unsupported => choice(
+                    BackendKind::Ebpf,
+                    format!("{EBPF_READY}; --accelerate ignored: {ACCEL_NEEDS}"),
+                ),
                 None => choice(BackendKind::Ebpf, EBPF_READY.into()),
             }
         }
     }
 }
+
+/// Why `--accelerate` needs a newer kernel.
+const ACCEL_NEEDS: &str =
+    "sock_ops and sk_msg programs cannot read the netns cookie before Linux 5.15";
 
 /// `auto`'s fallback when eBPF cannot serve a pod (`why`): iptables if installed, else nftables.
 pub fn netfilter_fallback(why: String) -> Result<Choice, ConfigError> {

@@ -35,7 +35,7 @@ mod upgrade;
 
 use interceptor_common::maps::names;
 
-pub use pins::{bpffs_mounted, detect_cgroup2_root, Pins};
+pub use pins::{bpffs_mounted, detect_cgroup2_root, netns_helper, Globals, Pins};
 pub use pod_maps::{PodHandle, PodMaps};
 pub use upgrade::{Layout, Loaded, Swap, LAYOUT_VERSION};
 

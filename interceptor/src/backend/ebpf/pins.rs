@@ -298,6 +298,7 @@ pub struct Globals {
     count: u8,
     tuple_quota: u64,
     store_port: u16,
+    netns_helper: u8,
 }
 
 impl Globals {
@@ -308,10 +309,24 @@ impl Globals {
             count: u8::from(count),
             tuple_quota: u64::from(crate::fault::tuple_quota()),
             store_port: crate::fault::store_port(),
+            netns_helper: u8::from(netns_helper()),
         }
     }
 
-    pub(super) fn set<'a>(&'a self, loader: &mut EbpfLoader<'a>) {
+    /// What a capability probe loads the object with: no logging, counting on, this kernel's
+    /// helpers.
+    pub fn probe() -> Self {
+        Globals {
+            log: 0,
+            count: 1,
+            tuple_quota: u64::from(interceptor_common::maps::capacity::TUPLE_QUOTA),
+            store_port: 0,
+            netns_helper: u8::from(netns_helper()),
+        }
+    }
+
+    pub fn set<'a>(&'a self, loader: &mut EbpfLoader<'a>) {
+        loader.override_global("NETNS_HELPER", &self.netns_helper, true);
         loader.override_global("TUPLE_QUOTA", &self.tuple_quota, true);
         loader.override_global("FAULT_STORE_PORT", &self.store_port, true);
         loader.override_global("LOG_ENABLED", &self.log, true);
@@ -336,8 +351,30 @@ impl Globals {
         eat(&self.tuple_quota.to_le_bytes());
         eat(b"FAULT_STORE_PORT");
         eat(&self.store_port.to_le_bytes());
+        eat(b"NETNS_HELPER");
+        eat(&[self.netns_helper]);
         format!("{h:016x}")
     }
+}
+
+/// Whether sock_ops, getsockopt and sk_msg programs may call bpf_get_netns_cookie here (5.15+;
+/// the programs' `NETNS_HELPER`). Probed once: a test load of a tiny program per type.
+pub fn netns_helper() -> bool {
+    use aya::programs::ProgramType;
+    use aya::sys::{is_helper_supported, BpfHelper};
+    if crate::fault::like_5_10() {
+        return false;
+    }
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        [
+            ProgramType::SockOps,
+            ProgramType::CgroupSockopt,
+            ProgramType::SkMsg,
+        ]
+        .into_iter()
+        .all(|ty| is_helper_supported(ty, BpfHelper::BPF_FUNC_get_netns_cookie).unwrap_or(false))
+    })
 }
 
 pub(super) fn open_map(pins: &Pins, name: &str) -> Result<MapData> {

@@ -210,7 +210,7 @@ impl PodMaps {
         // millisecond. An entry of a connection still open since (a handshake that finished
         // after the removal) is that socket's own and counted where its close gives it back;
         // zeroing the count under it made that give-back wrap the count of the id's next pod.
-        self.mark_proxy_listeners(facts, cfg)?;
+        self.mark_proxy_listeners(facts, cfg, pod_id)?;
         if !tables.inbound_ports.is_empty() || !cfg.inbound_ports_include.is_empty() {
             let t = std::time::Instant::now();
             self.adopt_listener(w, facts, cfg, pod_id, old.is_none())?;
@@ -472,13 +472,18 @@ impl PodMaps {
     /// through `bind4/6`) as the proxy's in `SK_PROXY`, so SO_ORIGINAL_DST is answered on what
     /// they accept (the kernel clones the mark). Found by owner uid on the proxy's ports, duplicated
     /// with pidfd_getfd.
-    fn mark_proxy_listeners(&mut self, facts: &netns::PodNetns, cfg: &Config) -> Result<()> {
+    fn mark_proxy_listeners(
+        &mut self,
+        facts: &netns::PodNetns,
+        cfg: &Config,
+        pod_id: u32,
+    ) -> Result<()> {
         for port in [cfg.proxy_port, cfg.inbound_capture_port] {
             for (fd, _) in
                 crate::listener::find_proxy_listeners(&facts.listening, port, &cfg.proxy_uid)?
             {
                 self.sk_proxy
-                    .insert(&fd, 1, 0)
+                    .insert(&fd, interceptor_common::maps::proxy_mark(pod_id), 0)
                     .with_context(|| format!("marking the proxy's listener on port {port}"))?;
             }
         }

@@ -135,9 +135,13 @@ pub(super) fn so_netns_cookie_row() -> Check {
         Err(e) => e,
     };
     match err.raw_os_error() {
-        Some(libc::ENOPROTOOPT) => {
-            missing(name, true, "getsockopt: ENOPROTOOPT (needs ≥ 5.14)".into())
-        }
+        Some(libc::ENOPROTOOPT) => missing(
+            name,
+            false,
+            "getsockopt: ENOPROTOOPT (needs ≥ 5.14): not needed, the loader asks its own bind6 \
+             program for a pod's netns cookie instead"
+                .into(),
+        ),
         _ => unknown(name, true, format!("getsockopt: {err}")),
     }
 }

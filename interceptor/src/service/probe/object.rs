@@ -10,7 +10,7 @@ use aya::sys::{is_helper_supported, is_map_supported, is_program_supported, BpfH
 use aya::EbpfLoader;
 
 use super::{missing, present, rows, unknown, Check};
-use crate::backend::ebpf::{sk_lookup, sys, MAPS, OBJECT, SK_LOOKUP_PROGRAM};
+use crate::backend::ebpf::{sk_lookup, sys, Globals, MAPS, OBJECT, SK_LOOKUP_PROGRAM};
 
 /// What loading our object taught us.
 pub(super) struct ObjectProbe {
@@ -25,8 +25,12 @@ pub(super) struct ObjectProbe {
 /// shrunk to one entry (the verifier does not look at sizes, and it keeps the probe cheap); if
 /// a shrunk map is refused (a ring buffer, say), loads it at full size instead.
 pub(super) fn load_object() -> Result<ObjectProbe, String> {
+    let globals = Globals::probe();
     let load = |shrink: bool| {
         let mut loader = EbpfLoader::new();
+        // This kernel's globals, as the loader sets them: NETNS_HELPER at 0 prunes the helper
+        // calls a kernel before 5.15 refuses in sock_ops and getsockopt.
+        globals.set(&mut loader);
         if shrink {
             for m in MAPS {
                 loader.map_max_entries(m, 1);
@@ -149,11 +153,13 @@ pub(super) fn program_type_row(name: &str, ty: ProgramType, needed: bool) -> Che
     }
 }
 
-pub(super) fn helper_row(name: &str, ty: ProgramType) -> Check {
+/// Whether `ty` programs may call bpf_get_netns_cookie. `needed`: eBPF cannot work without it;
+/// otherwise `without` says what differs when it is missing.
+pub(super) fn helper_row(name: &str, ty: ProgramType, needed: bool, without: &str) -> Check {
     match is_helper_supported(ty, BpfHelper::BPF_FUNC_get_netns_cookie) {
         Ok(true) => present(
             name,
-            true,
+            needed,
             format!(
                 "the verifier allows bpf_get_netns_cookie in {} programs",
                 prog_type_words(ty)
@@ -161,15 +167,19 @@ pub(super) fn helper_row(name: &str, ty: ProgramType) -> Check {
         ),
         Ok(false) => missing(
             name,
-            true,
+            needed,
             format!(
-                "the verifier refuses bpf_get_netns_cookie in {} programs",
+                "the verifier refuses bpf_get_netns_cookie in {} programs{without}",
                 prog_type_words(ty)
             ),
         ),
-        Err(e) => unknown(name, true, e.to_string()),
+        Err(e) => unknown(name, needed, e.to_string()),
     }
 }
+
+/// What the eBPF path does where sock_ops and getsockopt cannot read the netns cookie (< 5.15).
+pub(super) const WITHOUT_OPS_COOKIE: &str = " (needs ≥ 5.15): not needed, the proxy's sockets \
+     carry their pod from bind; only --accelerate is refused";
 
 pub(super) fn map_row(name: &str, ty: MapType) -> Check {
     match is_map_supported(ty) {

@@ -9,7 +9,7 @@ use aya::programs::ProgramType;
 use aya::util::KernelVersion;
 
 use super::host::{bpffs_row, cgroup_row, kernel_row, so_netns_cookie_row};
-use super::object::{helper_row, load_object, map_row, program_type_row};
+use super::object::{helper_row, load_object, map_row, program_type_row, WITHOUT_OPS_COOKIE};
 use super::privileges::{bpf_row, capabilities_row, ProcEnv};
 use super::{missing, present, rows, Check, Depth, Report, Status};
 use crate::backend::ebpf::{
@@ -46,6 +46,31 @@ fn loader_needs(prog: &str) -> bool {
         || prog == GETSOCKOPT_PROGRAM
         || prog == SK_LOOKUP_PROGRAM
         || prog == SK_MSG_PROGRAM
+}
+
+/// The netns-cookie helper per program type: needed in sock_addr programs (they key pods by
+/// it); sock_ops and getsockopt do without (see `WITHOUT_OPS_COOKIE`).
+fn helper_rows() -> [Check; 3] {
+    [
+        helper_row(
+            rows::NETNS_COOKIE_SOCK_ADDR,
+            ProgramType::CgroupSockAddr,
+            true,
+            "",
+        ),
+        helper_row(
+            rows::NETNS_COOKIE_SOCK_OPS,
+            ProgramType::SockOps,
+            false,
+            WITHOUT_OPS_COOKIE,
+        ),
+        helper_row(
+            rows::NETNS_COOKIE_SOCKOPT,
+            ProgramType::CgroupSockopt,
+            false,
+            WITHOUT_OPS_COOKIE,
+        ),
+    ]
 }
 
 /// Probes what the kernel offers for an installation pinned under `bpffs` and attached at
@@ -118,18 +143,7 @@ pub fn probe(bpffs: &Path, cgroup: Option<&Path>, depth: Depth) -> Report {
         checks.push(present(rows::CGROUP_LINK, true, why));
         let why = format!("pods' programs tail-call the {SK_LOOKUP_PROGRAM} pinned there");
         checks.push(present(rows::SK_LOOKUP_POD, true, why));
-        checks.push(helper_row(
-            rows::NETNS_COOKIE_SOCK_ADDR,
-            ProgramType::CgroupSockAddr,
-        ));
-        checks.push(helper_row(
-            rows::NETNS_COOKIE_SOCK_OPS,
-            ProgramType::SockOps,
-        ));
-        checks.push(helper_row(
-            rows::NETNS_COOKIE_SOCKOPT,
-            ProgramType::CgroupSockopt,
-        ));
+        checks.extend(helper_rows());
     } else if bpf_usable {
         match load_object() {
             Ok(obj) => {
@@ -194,18 +208,7 @@ pub fn probe(bpffs: &Path, cgroup: Option<&Path>, depth: Depth) -> Report {
                 checks.push(not_probed(rows::SK_LOOKUP_POD, true, (5, 9), &why));
             }
         }
-        checks.push(helper_row(
-            rows::NETNS_COOKIE_SOCK_ADDR,
-            ProgramType::CgroupSockAddr,
-        ));
-        checks.push(helper_row(
-            rows::NETNS_COOKIE_SOCK_OPS,
-            ProgramType::SockOps,
-        ));
-        checks.push(helper_row(
-            rows::NETNS_COOKIE_SOCKOPT,
-            ProgramType::CgroupSockopt,
-        ));
+        checks.extend(helper_rows());
     } else {
         let why = "bpf() is not usable";
         for (prog, row, since) in HOOKS {
@@ -214,8 +217,8 @@ pub fn probe(bpffs: &Path, cgroup: Option<&Path>, depth: Depth) -> Report {
         checks.push(not_probed(rows::CGROUP_LINK, true, (5, 7), why));
         checks.push(not_probed(rows::SK_LOOKUP_POD, true, (5, 9), why));
         checks.push(not_probed(rows::NETNS_COOKIE_SOCK_ADDR, true, (5, 7), why));
-        checks.push(not_probed(rows::NETNS_COOKIE_SOCK_OPS, true, (5, 15), why));
-        checks.push(not_probed(rows::NETNS_COOKIE_SOCKOPT, true, (5, 15), why));
+        checks.push(not_probed(rows::NETNS_COOKIE_SOCK_OPS, false, (5, 15), why));
+        checks.push(not_probed(rows::NETNS_COOKIE_SOCKOPT, false, (5, 15), why));
     }
     checks.push(so_netns_cookie_row());
     if bpf_usable {
