@@ -117,18 +117,19 @@ pub(super) fn cgroup_row(cgroup: Option<&Path>) -> Check {
 }
 
 /// getsockopt(SOL_SOCKET, SO_NETNS_COOKIE) on a real socket (AF_UNIX: exists in any netns, even
-/// one whose loopback is down), as the loader does to key pods.
+/// one whose loopback is down), as the loader does to key pods. Not needed: without it the
+/// loader asks its bind6 program (`netns::cookie_by_bind`).
 pub(super) fn so_netns_cookie_row() -> Check {
     let name = rows::SO_NETNS_COOKIE;
     let sock = match UnixDatagram::unbound() {
         Ok(s) => s,
-        Err(e) => return unknown(name, true, format!("socket(AF_UNIX): {e}")),
+        Err(e) => return unknown(name, false, format!("socket(AF_UNIX): {e}")),
     };
     let err = match crate::netns::socket_cookie(sock.as_fd()) {
         Ok(cookie) => {
             return present(
                 name,
-                true,
+                false,
                 format!("getsockopt returns this netns's cookie ({cookie})"),
             )
         }
@@ -142,6 +143,6 @@ pub(super) fn so_netns_cookie_row() -> Check {
              program for a pod's netns cookie instead"
                 .into(),
         ),
-        _ => unknown(name, true, format!("getsockopt: {err}")),
+        _ => unknown(name, false, format!("getsockopt: {err}")),
     }
 }
