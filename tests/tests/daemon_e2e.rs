@@ -578,6 +578,58 @@ fn metrics_match_the_traffic() {
     assert!(get("interceptor_map_capacity", &["map=\"POD_POLICY\""]) >= 1024.0);
 }
 
+/// `--program-stats`: the metrics show each program's runs and run time, counted by the kernel
+/// while the daemon holds statistics on; without the flag (and with the node's
+/// kernel.bpf_stats_enabled off) the series are absent.
+#[test]
+fn program_stats_are_in_the_metrics_when_asked_for() {
+    let node_wide = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
+        .is_ok_and(|v| v.trim() == "1");
+    {
+        let d = DaemonProc::start("dnost").unwrap();
+        let text = d.scrape().unwrap();
+        assert_eq!(
+            text.contains("interceptor_program_runs"),
+            node_wide && interceptor_tests::ebpf_expected(),
+            "{text}"
+        );
+    }
+    let d = DaemonProc::start_with("dstat", &["--program-stats"]).unwrap();
+    if !interceptor_tests::ebpf_expected() {
+        return;
+    }
+    let pod = Pod::new("dstat").unwrap();
+    let ns = pod.topo.pod_netns().to_str().unwrap().to_string();
+    d.pod_ok(&[
+        "add",
+        "--network-namespace",
+        &ns,
+        "-i",
+        "*",
+        "--ipv6",
+        "false",
+    ]);
+    let up = SocketAddr::new(pod.topo.upstream_v4().into(), UPSTREAM_PORT);
+    for _ in 0..5 {
+        assert_eq!(pod.outbound(1000, up).unwrap().0, "sidecar:15001");
+    }
+    let text = d.scrape().unwrap();
+    let get = |m: &str, p: &str| {
+        let l = format!("program=\"{p}\"");
+        DaemonProc::sample(&text, m, &[&l]).unwrap_or_else(|| panic!("{m} {p} missing:\n{text}"))
+    };
+    for p in ["ic_connect4", "ic_sockops", "ic_getsockopt"] {
+        assert!(
+            get("interceptor_program_runs_total", p) >= 5.0,
+            "{p}:\n{text}"
+        );
+        assert!(
+            get("interceptor_program_run_nanoseconds_total", p) > 0.0,
+            "{p}:\n{text}"
+        );
+    }
+}
+
 /// Until `s` is closed by the server (EOF or reset), reading for at most `limit`: how long it
 /// took from `since`, or None if it stayed open. With `drip`, writes one more header byte
 /// every 100 ms meanwhile (a slow-loris client that never finishes its request).

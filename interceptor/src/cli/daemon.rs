@@ -42,6 +42,12 @@ pub struct DaemonArgs {
     pub ebpf_log: bool,
     #[arg(long, help = super::args::NO_COUNTERS_HELP)]
     pub no_counters: bool,
+    /// Keep the kernel's run-time statistics of BPF programs on while the daemon runs, so the
+    /// metrics show each program's runs and run time (interceptor_program_*). They cost two
+    /// clock reads per program run, so they are off by default; with the kernel.bpf_stats_enabled
+    /// sysctl on they are shown without this flag.
+    #[arg(long, env = "INTERCEPTOR_PROGRAM_STATS")]
+    pub program_stats: bool,
     #[command(flatten)]
     pub ebpf: EbpfArgs,
     #[command(flatten)]
@@ -106,6 +112,7 @@ impl DaemonArgs {
             state_dir: self.state_dir.clone(),
             metrics_addr: self.metrics_addr.clone(),
             ebpf_log: self.ebpf_log,
+            program_stats: self.program_stats,
             ebpf: self.ebpf.loading(self.no_counters),
             k8s: self.k8s.access(),
             repair: repair::Settings {

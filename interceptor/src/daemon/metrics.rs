@@ -119,6 +119,7 @@ fn snapshot(d: &Daemon) -> Snapshot {
             1,
         ));
     }
+    program_stats(d, &mut s);
     let pod_label = |p: &super::PodStatus| {
         p.identity.as_ref().map_or_else(
             || p.netns.display().to_string(),
@@ -283,6 +284,31 @@ fn snapshot(d: &Daemon) -> Snapshot {
         ));
     }
     s
+}
+
+/// Each program's runs and run time, while the kernel counts them (`--program-stats`, or the
+/// kernel.bpf_stats_enabled sysctl): what interception costs this node, per program.
+fn program_stats(d: &Daemon, s: &mut Snapshot) {
+    use crate::backend::ebpf::stats;
+    let Some(pins) = &d.pins else { return };
+    if d.stats.is_none() && !stats::stats_enabled() {
+        return;
+    }
+    for (name, (runs, ns)) in stats::snapshot(pins) {
+        let labels = vec![("program".to_string(), name)];
+        s.counters.push((
+            "interceptor_program_runs",
+            "Runs of each of our BPF programs while run-time statistics are on (--program-stats)",
+            labels.clone(),
+            runs,
+        ));
+        s.counters.push((
+            "interceptor_program_run_nanoseconds",
+            "Time spent in each of our BPF programs while run-time statistics are on (--program-stats)",
+            labels,
+            ns,
+        ));
+    }
 }
 
 /// The exposition text of one scrape.

@@ -44,6 +44,8 @@ pub struct Settings {
     pub metrics_addr: String,
     /// Load the programs with decision logging on.
     pub ebpf_log: bool,
+    /// Keep the programs' run-time statistics on while running (metrics show them).
+    pub program_stats: bool,
     pub ebpf: EbpfSettings,
     pub k8s: crate::k8s::ApiAccess,
     /// What to do with pods of this node that escaped setup (needs `k8s.node_name`).
@@ -67,6 +69,8 @@ pub struct Daemon {
     prefill: Option<prefill::Prefill>,
     /// Repair's counts, and what the control socket tells it (ADDs in flight, DELs done).
     repair: repair_policy::Shared,
+    /// Held while the daemon runs with `program_stats`.
+    stats: Option<crate::backend::ebpf::stats::StatsOn>,
 }
 
 /// What an add did.
@@ -110,6 +114,10 @@ impl Daemon {
             }
         };
         let maps = pins.as_ref().map(Pins::maps).transpose()?;
+        let stats = match (&pins, args.program_stats) {
+            (Some(_), true) => Some(crate::backend::ebpf::stats::stats_on()?),
+            _ => None,
+        };
         let prefill = match &maps {
             Some(m) => Some(prefill::Prefill::start(m.program_pool())?),
             None => None,
@@ -131,6 +139,7 @@ impl Daemon {
             maps: Mutex::new(maps),
             prefill,
             repair: repair_policy::Shared::default(),
+            stats,
         });
         d.readopt()?;
         Ok(d)

@@ -7,6 +7,7 @@
 //! Paths: explicit addressing (the app dials the proxy: the zero-cost limit), no proxy, eBPF,
 //! eBPF + sk_msg acceleration, iptables-nft, iptables-legacy, nftables.
 
+mod cost;
 mod measure;
 mod plot;
 mod report;
@@ -65,6 +66,8 @@ enum Part {
     Scaling,
     /// Pod setup: through the daemon vs iptables-restore in a netns.
     Setup,
+    /// Interception's own cost: pure interception and the programs' run time per connection.
+    Cost,
 }
 
 struct Settings {
@@ -73,6 +76,8 @@ struct Settings {
     rule_points: Vec<usize>,
     pod_points: Vec<usize>,
     setup_n: usize,
+    /// Sequential connections per cost measurement.
+    cost_connections: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -377,6 +382,7 @@ pub fn run(args: Args) -> Result<()> {
             rule_points: vec![1, 10],
             pod_points: vec![1, 5],
             setup_n: 3,
+            cost_connections: 300,
         }
     } else {
         Settings {
@@ -385,6 +391,7 @@ pub fn run(args: Args) -> Result<()> {
             rule_points: vec![1, 10, 100, 1000],
             pod_points: vec![1, 50, 250],
             setup_n: 50,
+            cost_connections: 20_000,
         }
     };
     if !args.quick && std::env::var_os("INTERCEPTOR_BIN").is_none() {
@@ -424,6 +431,10 @@ pub fn run(args: Args) -> Result<()> {
         eprintln!("bench: pod setup cost");
         setup_cost(&mut r, &s)?;
     }
+    if part(Part::Cost) {
+        eprintln!("bench: interception's own cost");
+        cost::pure(&mut r, &s)?;
+    }
 
     r.extra
         .insert("wall seconds".into(), json!(started.elapsed().as_secs()));
@@ -448,6 +459,7 @@ fn paths(r: &mut Results, s: &Settings) -> Result<()> {
                     .with_context(|| format!("{} round {round}", rig.kind.name()))?;
             }
         }
+        cost::sidecar_costs(r, &rigs, s.cost_connections)?;
         for (rig, c0) in rigs.iter().zip(ct0) {
             r.extra.insert(
                 format!("conntrack entries created: {}", rig.kind.name()),

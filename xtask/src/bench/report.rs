@@ -90,6 +90,11 @@ const SECTIONS: &[&str] = &[
     "scaling excluded ports",
     "scaling pods",
     "setup",
+    super::cost::PURE,
+    super::cost::PROGRAMS,
+    super::cost::PROGRAMS_UNMESHED,
+    "programs, eBPF with the sidecar",
+    "programs, eBPF+sk_msg with the sidecar",
 ];
 
 const METRICS: &[&str] = &[
@@ -104,6 +109,9 @@ const METRICS: &[&str] = &[
     "bulk",
     "hop RR p50 c=1",
     "hop bulk",
+    "runs per connection",
+    "ns per run",
+    "ns per connection",
 ];
 
 /// Ratio of a path's median to explicit addressing's, in the same section.
@@ -355,6 +363,26 @@ fn targets(r: &Results) -> String {
             &|v| !target || v.abs() <= 0.03,
         );
     }
+    use super::cost::{PROGRAMS, PROGRAMS_UNMESHED, PURE, TOTAL};
+    row(
+        "pure interception: eBPF connect rate ≥ 0.99× explicit (paired)",
+        paired_ratio(r, PURE, "connections/s", "eBPF"),
+        &x,
+        &|v| v >= 0.99,
+    );
+    let ns = |v: f64| format!("{v:.0} ns");
+    row(
+        "all programs ≤ 1 µs per redirected connection (pure interception)",
+        r.median(PROGRAMS, "ns per connection", TOTAL),
+        &ns,
+        &|v| v <= 1000.0,
+    );
+    row(
+        "all programs ≤ 100 ns per connection of an un-meshed pod",
+        r.median(PROGRAMS_UNMESHED, "ns per connection", TOTAL),
+        &ns,
+        &|v| v <= 100.0,
+    );
     let setup = r
         .median("setup", "pod setup", "iptables-restore in netns")
         .zip(r.median("setup", "pod setup", "daemon, eBPF"))

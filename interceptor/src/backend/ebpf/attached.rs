@@ -11,7 +11,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use aya::programs::links::{FdLink, PinnedLink};
 
-use super::{sys, Pins, GETSOCKOPT_PROGRAM, LINKED_PROGRAMS};
+use super::{sys, Pins, GETSOCKOPT_PROGRAM, LINKED_PROGRAMS, SK_LOOKUP_PROGRAM, SK_MSG_PROGRAM};
 
 /// The cgroup hooks a socket goes through, as `bpftool cgroup` names them: the ones we attach
 /// to and the others a load balancer, policy or observability agent uses.
@@ -109,5 +109,28 @@ fn our_program_ids(pins: &Pins) -> HashSet<u32> {
     if let Ok(info) = aya::programs::ProgramInfo::from_pin(getsockopt) {
         ids.insert(info.id());
     }
+    ids
+}
+
+/// Kernel ids of every program loaded under `pins`: the cgroup programs (`our_program_ids`),
+/// the ones pinned as programs (sk_lookup, sk_msg), and each pod's sk_lookup program behind
+/// its link. For accounting (`bpftool prog show id N`, the bench's per-program cost).
+pub fn all_program_ids(pins: &Pins) -> HashSet<u32> {
+    let mut ids = our_program_ids(pins);
+    for prog in [SK_LOOKUP_PROGRAM, SK_MSG_PROGRAM] {
+        if let Ok(info) = aya::programs::ProgramInfo::from_pin(pins.dir.join("progs").join(prog)) {
+            ids.insert(info.id());
+        }
+    }
+    let pods = std::fs::read_dir(pins.dir.join("links"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("sk_lookup-"));
+    ids.extend(
+        pods.filter_map(|e| PinnedLink::from_pin(e.path()).ok())
+            .filter_map(|l| FdLink::from(l).info().ok())
+            .map(|info| info.program_id()),
+    );
     ids
 }

@@ -30,6 +30,7 @@ mod pod_maps;
 mod registry;
 pub mod reserved_ports;
 pub mod sk_lookup;
+pub mod stats;
 pub mod sys;
 mod upgrade;
 
