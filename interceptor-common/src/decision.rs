@@ -367,33 +367,61 @@ pub struct PodSrc {
 /// preferred source); anything else leaves by the pod's address of its family (`pod`), if the
 /// pod has one.
 #[inline(always)]
-pub fn redirect_source<T: PodTables>(
-    t: &T,
-    pod: &PodSrc,
-    dst: Addr,
-    bound: Option<Addr>,
-) -> Option<Addr> {
+pub fn redirect_source(pod: &PodSrc, route: Route, bound: Option<Addr>) -> Option<Addr> {
+    let dst = route.dst;
     if bound.is_some() || dst.is_loopback() || dst.is_unspecified() {
         return None;
     }
-    if t.is_local(dst) {
+    if route.own {
         return Some(dst);
     }
     let a = Addr(if dst.is_v4() { pod.v4 } else { pod.v6 });
     (!a.is_unspecified()).then_some(a)
 }
 
+/// Where the kernel sends a connection, as far as the decision goes: its destination as the
+/// kernel takes it (`kernel_dst`), and whether that is one of the pod's own addresses (the
+/// route to it is `lo`). Looked up once: `decide` and `redirect_source` both need it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub dst: Addr,
+    /// One of the pod's own addresses (never loopback: that is known without a lookup).
+    pub own: bool,
+}
+
+impl Route {
+    #[inline(always)]
+    pub fn of<T: PodTables>(t: &T, c: &Conn) -> Route {
+        let dst = kernel_dst(c.dst, c.src);
+        Route {
+            dst,
+            own: !dst.is_loopback() && t.is_local(dst),
+        }
+    }
+
+    /// "-o lo": the route to a loopback or own address is the loopback device.
+    #[inline(always)]
+    pub fn over_lo(self) -> bool {
+        self.dst.is_loopback() || self.own
+    }
+}
+
 /// Istio's `ISTIO_OUTPUT` chain for one outbound connect, in rule order. The destination is
 /// first taken as the kernel will route it (`kernel_dst`).
 #[inline(always)]
 pub fn decide<T: PodTables>(p: &PodPolicy, t: &T, c: &Conn) -> Verdict {
-    let dst = kernel_dst(c.dst, c.src);
+    decide_routed(p, t, c, Route::of(t, c))
+}
+
+/// `decide` with the route already looked up (`Route::of(t, c)`).
+#[inline(always)]
+pub fn decide_routed<T: PodTables>(p: &PodPolicy, t: &T, c: &Conn, route: Route) -> Verdict {
+    let dst = route.dst;
     if !dst.is_v4() && !p.has(flags::IPV6) {
         return Verdict::Pass(Reason::Ipv6Disabled);
     }
     let tcp = c.proto == Proto::Tcp;
-    // "-o lo": the route to a loopback or own address is the loopback device.
-    let over_lo = dst.is_loopback() || t.is_local(dst);
+    let over_lo = route.over_lo();
     let in_lo_cidr = match dst.v4_host() {
         Some(a) => in_v4_cidr(a, p.loopback_v4_addr, p.loopback_v4_prefix),
         None => dst.0 == V6_LOOPBACK,

@@ -494,8 +494,19 @@ mod source_tests {
         let local = [ip("10.0.0.5"), ip("10.0.0.6"), ip("fd00::5")];
         let t = MemTables::new(&cfg, &local, &[]);
         let pod = pod_src(7, &local);
+        let route = |dst: &str| {
+            let c = decision::Conn {
+                proto: decision::Proto::Tcp,
+                dst: ip(dst).into(),
+                dport: 80,
+                src: None,
+                uid: 1000,
+                gid: 1000,
+            };
+            decision::Route::of(&t, &c)
+        };
         let src = |dst: &str, bound: Option<&str>| {
-            decision::redirect_source(&t, &pod, ip(dst).into(), bound.map(|b| ip(b).into()))
+            decision::redirect_source(&pod, route(dst), bound.map(|b| ip(b).into()))
                 .map(IpAddr::from)
         };
         // Off the pod: its address of the destination's family (IPv4-mapped is IPv4).
@@ -510,7 +521,7 @@ mod source_tests {
         assert_eq!(src("10.96.0.10", Some("127.0.0.6")), None);
         // No address of that family: nothing to bind.
         let v4_only = pod_src(7, &[ip("10.0.0.5")]);
-        let none = decision::redirect_source(&t, &v4_only, ip("2001:db8::1").into(), None);
+        let none = decision::redirect_source(&v4_only, route("2001:db8::1"), None);
         assert_eq!(none, None);
     }
 }

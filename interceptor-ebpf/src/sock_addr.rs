@@ -6,8 +6,8 @@ use aya_ebpf::{helpers::bpf_get_current_uid_gid, programs::SockAddrContext};
 use aya_log_ebpf::info;
 use interceptor_common::{
     decision::{
-        bind_allowed, decide, is_proxy, kernel_dst, redirect_source, Addr, Conn, Proto, Reason,
-        Verdict,
+        bind_allowed, decide_routed, is_proxy, kernel_dst, redirect_source, Addr, Conn, Proto,
+        Reason, Route, Verdict,
     },
     maps::{cookie_probe_answer, mapped_v4, proxy_mark, stat, OrigDst, COOKIE_PROBE, SOCK_APP},
 };
@@ -47,8 +47,9 @@ enum Out {
 
 /// A redirect `outbound` decided.
 struct Redirect {
-    /// The original destination, as the kernel routes it (`kernel_dst`).
-    dst: Addr,
+    /// The original destination, as the kernel routes it (`kernel_dst`), and whether it is
+    /// one of the pod's own addresses.
+    route: Route,
     orig: OrigDst,
     pod_id: u32,
     netns: u64,
@@ -81,13 +82,11 @@ fn outbound(ctx: &SockAddrContext, v6: bool) -> Out {
         uid: ug as u32,
         gid: (ug >> 32) as u32,
     };
-    let verdict = decide(
-        policy,
-        &MapTables {
-            pod_id: policy.pod_id,
-        },
-        &conn,
-    );
+    let tables = MapTables {
+        pod_id: policy.pod_id,
+    };
+    let route = Route::of(&tables, &conn);
+    let verdict = decide_routed(policy, &tables, &conn, route);
     if log_enabled() {
         let (port, reason) = match verdict {
             Verdict::Redirect { port, reason } => (port, reason as u32),
@@ -122,7 +121,7 @@ fn outbound(ctx: &SockAddrContext, v6: bool) -> Out {
     };
     let family = if v6 { AF_INET6 } else { AF_INET };
     Out::Redirect(Redirect {
-        dst,
+        route,
         orig: OrigDst {
             addr: dst.0,
             port: dport,
@@ -154,7 +153,7 @@ fn redirect(ctx: &SockAddrContext, v6: bool, sk: Option<Sk>, r: &Redirect) -> bo
     st.orig = orig;
     st.flags = SOCK_APP;
     st.pod_id = pod_id;
-    set_user_addr(ctx, v6, loopback_for(r.dst), orig.redirect_port);
+    set_user_addr(ctx, v6, loopback_for(r.route.dst), orig.redirect_port);
     true
 }
 
@@ -168,7 +167,7 @@ fn source_like_redirect(r: &Redirect, bound: Option<Addr>) -> Option<Addr> {
     if pod.netns != r.netns {
         return None;
     }
-    redirect_source(&MapTables { pod_id: r.pod_id }, pod, r.dst, bound)
+    redirect_source(pod, r.route, bound)
 }
 
 /// connect4/6: redirects as decided; false (EPERM) as in `redirect`, or, for TCP, when the pod
