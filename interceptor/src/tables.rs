@@ -21,9 +21,19 @@ pub fn owner_gids(cfg: &Config) -> Result<Vec<u32>> {
 /// The in-memory tables of a pod: its config plus its netns's own addresses (link-local ones
 /// included: the route to them is `lo`, as for the eBPF datapath's `ADDRS`).
 pub fn pod_tables(cfg: &Config, netns: Option<&Path>) -> Result<MemTables> {
+    pod_tables_and_src(cfg, netns).map(|(t, _)| t)
+}
+
+/// `pod_tables`, and the pod's own address per family a redirected connection is bound to (what
+/// the loader writes to `POD_SRC`), from one visit of the netns.
+pub fn pod_tables_and_src(
+    cfg: &Config,
+    netns: Option<&Path>,
+) -> Result<(MemTables, interceptor_common::decision::PodSrc)> {
     let (mut local, link) = crate::netns::run_in(netns, crate::netns::own_addrs_here)?;
+    let src = interceptor_common::policy::pod_src(0, &local);
     local.extend(link);
-    Ok(MemTables::new(cfg, &local, &owner_gids(cfg)?))
+    Ok((MemTables::new(cfg, &local, &owner_gids(cfg)?), src))
 }
 
 /// A group name's gid from the group database.

@@ -112,6 +112,54 @@ fn explain_names_verdict_and_rule() {
 
 /// `0.0.0.0` / `::` and the pod's own link-local address, decided as the eBPF datapath decides
 /// them (escape suite, semantics): the kernel's substitute destination over `lo`.
+/// A redirect names the source the connection is bound to on its way to the proxy: the pod's
+/// address of the destination's family, the destination itself when it is the pod's own, and
+/// the app's own choice or the kernel's where no bind happens.
+#[test]
+fn explain_names_the_source_the_proxy_sees() {
+    let topo = Topology::new("exsrc").unwrap();
+    let ns = topo.pod_netns().to_str().unwrap().to_string();
+    let (v4, v6) = (topo.pod_v4().to_string(), topo.pod_v6().to_string());
+    let v6_dst = "[2001:db8::9]:80".to_string();
+    let own = format!("{v4}:8080");
+    let cases: &[(&[&str], String)] = &[
+        (
+            &["--uid", "1000", "--dst", "10.200.0.9:80"],
+            format!("source: bound to {v4}, the peer the proxy sees"),
+        ),
+        (
+            &["--uid", "1000", "--dst", &v6_dst],
+            format!("source: bound to {v6}, the peer the proxy sees"),
+        ),
+        (
+            // The proxy calling its own pod IP goes to the inbound port, from that address.
+            &["--uid", "1337", "--dst", &own],
+            format!("source: bound to {v4}, the peer the proxy sees"),
+        ),
+        (
+            &[
+                "--uid",
+                "1000",
+                "--src",
+                "127.0.0.6",
+                "--dst",
+                "10.200.0.9:80",
+            ],
+            "source: the one the app bound stays".into(),
+        ),
+    ];
+    for (args, want) in cases {
+        let text = explain(&ns, args);
+        assert!(
+            text.lines().any(|l| l == want),
+            "{args:?}: want {want:?} in\n{text}"
+        );
+    }
+    // A pass binds nothing and says nothing about it.
+    let text = explain(&ns, &["--uid", "1337", "--dst", "10.200.0.9:80"]);
+    assert!(!text.contains("source:"), "{text}");
+}
+
 #[test]
 fn explain_unspecified_and_own_link_local() {
     let topo = Topology::new("explu").unwrap();

@@ -13,11 +13,11 @@ use std::path::Path;
 
 use anyhow::{anyhow, Context, Result};
 use interceptor_common::config::Config;
-use interceptor_common::decision::{self, Conn, PodTables, Reason, Verdict};
+use interceptor_common::decision::{self, Conn, PodSrc, Reason, Verdict};
 use interceptor_common::entry::{self, Entry};
 use interceptor_common::policy::{self, MemTables};
 
-use crate::tables::{group_gid, pod_tables};
+use crate::tables::group_gid;
 
 /// The rule id of a connection returned by an excluded interface (`-c`), a rule the eBPF
 /// decision model has no counterpart for (the eBPF path refuses such configs).
@@ -54,13 +54,16 @@ pub struct Report {
     pub rules_matched: Vec<String>,
     /// The pod's user-namespace mapping of the proxy ids, if it has its own.
     pub userns: Option<String>,
+    /// eBPF redirects: the source address the connection is bound to on its way to the proxy,
+    /// the peer the proxy sees (as a REDIRECT leaves it), or why the kernel's choice stands.
+    pub source: Option<String>,
 }
 
 /// Explains one connection of the pod at `netns` (None: this process's own) with config `cfg`.
 pub fn report(cfg: &Config, netns: Option<&Path>, conn: &Conn) -> Result<Report> {
-    let tables = pod_tables(cfg, netns)?;
+    let (tables, pod_src) = crate::tables::pod_tables_and_src(cfg, netns)?;
     let mut report = match policy::ebpf_unsupported(cfg) {
-        None => ebpf_report(cfg, &tables, conn),
+        None => ebpf_report(cfg, &tables, &pod_src, conn),
         Some(why) => netfilter_report(cfg, &tables, netns, conn, why)?,
     };
     // `--uid`/`--gid` are in-namespace ids, as Istio's rules name them; the eBPF programs
@@ -125,12 +128,21 @@ fn agrees(walk: &netfilter::Walk, v: Verdict) -> bool {
 
 /// The verdict of the decision model the eBPF programs run, with the istio-iptables rule that
 /// decides the same (eBPF configs have no excluded interfaces, so only `lo` matters).
-fn ebpf_report(cfg: &Config, tables: &MemTables, conn: &Conn) -> Report {
+fn ebpf_report(cfg: &Config, tables: &MemTables, pod_src: &PodSrc, conn: &Conn) -> Report {
     let v = policy::explain(cfg, tables, conn);
     let (verdict, port) = verdict_of(v);
-    let dst = decision::kernel_dst(conn.dst, conn.src);
-    let over_lo = dst.is_loopback() || tables.is_local(dst);
-    let out_if = if over_lo { "lo" } else { "eth0" };
+    let route = decision::Route::of(tables, conn);
+    let out_if = if route.over_lo() { "lo" } else { "eth0" };
+    let source = matches!(v, Verdict::Redirect { .. }).then(|| {
+        match decision::redirect_source(pod_src, route, conn.src) {
+            Some(a) => format!("bound to {}, the peer the proxy sees", IpAddr::from(a)),
+            None if conn.src.is_some() => "the one the app bound stays".into(),
+            None if route.dst.is_loopback() => {
+                "the kernel's (loopback, as for a REDIRECT of a loopback destination)".into()
+            }
+            None => "the kernel's: the pod has no address of that family".into(),
+        }
+    });
     let entry = entry::deciding_entry(cfg, conn, v.reason());
     let mut why = words::why(cfg, conn, v, entry.as_ref());
     // The verdict is the decision model's; the rules only name their counterpart.
@@ -164,6 +176,7 @@ fn ebpf_report(cfg: &Config, tables: &MemTables, conn: &Conn) -> Report {
         route: None,
         rules_matched: vec![],
         userns: None,
+        source,
     }
 }
 
@@ -244,6 +257,7 @@ fn netfilter_report(
         route: Some(out_if),
         rules_matched: walk.matched,
         userns: None,
+        source: None,
     })
 }
 
@@ -280,6 +294,9 @@ pub fn text(r: &Report) -> String {
         for m in &r.rules_matched {
             out.push_str(&format!("matched: {m}\n"));
         }
+    }
+    if let Some(src) = &r.source {
+        out.push_str(&format!("source: {src}\n"));
     }
     if let Some(u) = &r.userns {
         out.push_str(&format!("userns: {u}\n"));
