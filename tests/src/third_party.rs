@@ -140,14 +140,31 @@ fn load_balancer(map: i32, vip: SocketAddrV4, backend: SocketAddrV4) -> Vec<Insn
     p
 }
 
-/// sock_ops: in the netns `cookie` only, counts each op and on an active connect adds
+/// Which sockets the tuner acts on.
+#[derive(Debug, Clone, Copy)]
+pub enum Scope {
+    /// Those of the netns with this cookie (sock_ops reads it from 5.15 on).
+    Netns(u64),
+    /// Those whose local address is this one: before 5.15, the pod's address stands in for its
+    /// netns (its app's connections leave from it).
+    LocalV4(std::net::Ipv4Addr),
+}
+
+/// sock_ops: for the sockets of `scope` only, counts each op and on an active connect adds
 /// `RTT_CB_FLAG` to the socket's callback flags.
-fn tuner(map: i32, cookie: u64) -> Vec<Insn> {
-    let mut p = vec![
-        i(MOV64_X, 6, 1, 0, 0),
-        i(CALL, 0, 0, 0, FN_GET_NETNS_COOKIE),
-    ];
-    p.extend(Insn::ld_imm64(1, 0, cookie));
+fn tuner(map: i32, scope: Scope) -> Vec<Insn> {
+    let mut p = vec![i(MOV64_X, 6, 1, 0, 0)];
+    match scope {
+        Scope::Netns(cookie) => {
+            p.push(i(CALL, 0, 0, 0, FN_GET_NETNS_COOKIE));
+            p.extend(Insn::ld_imm64(1, 0, cookie));
+        }
+        Scope::LocalV4(a) => {
+            // local_ip4 (offset 28), network byte order as the kernel keeps it.
+            p.push(i(LDX_W, 0, 6, 28, 0));
+            p.push(i(MOV32_K, 1, 0, 0, u32::from_ne_bytes(a.octets()) as i32));
+        }
+    }
     let not_ours = p.len();
     p.extend([
         i(JNE_X, 0, 1, 0, 0), // patched: to `out`
@@ -204,9 +221,9 @@ pub struct ThirdParty {
 }
 
 impl ThirdParty {
-    /// Loads a load balancer sending `vip` to `backend` and a tuner for the netns `cookie`;
+    /// Loads a load balancer sending `vip` to `backend` and a tuner for the sockets of `scope`;
     /// `tag` (a few letters) makes the program names unique: `tp_lb_<tag>`, `tp_ops_<tag>`.
-    pub fn load(vip: SocketAddrV4, backend: SocketAddrV4, cookie: u64, tag: &str) -> Result<Self> {
+    pub fn load(vip: SocketAddrV4, backend: SocketAddrV4, scope: Scope, tag: &str) -> Result<Self> {
         let counters = Counters::new()?;
         let map = counters.fd.as_raw_fd();
         let lb = load(
@@ -218,7 +235,7 @@ impl ThirdParty {
         let tuner = load(
             BPF_PROG_TYPE_SOCK_OPS,
             BPF_CGROUP_SOCK_OPS,
-            &tuner(map, cookie),
+            &tuner(map, scope),
             &format!("tp_ops_{tag}"),
         )?;
         Ok(Self {
@@ -299,14 +316,18 @@ mod tests {
         let exit = lb.len() - 2;
         assert_eq!(2 + 1 + lb[2].off as usize, exit);
         assert_eq!(4 + 1 + lb[4].off as usize, exit);
-        let t = tuner(3, 42);
-        let exit = t.len() - 2;
-        for (k, insn) in t.iter().enumerate() {
-            if matches!(insn.code, JNE_X | JGT_K | JNE_K) {
-                let to = k + 1 + insn.off as usize;
-                assert!(to <= exit, "jump at {k} to {to}");
+        for t in [
+            tuner(3, Scope::Netns(42)),
+            tuner(3, Scope::LocalV4("10.200.1.1".parse().unwrap())),
+        ] {
+            let exit = t.len() - 2;
+            for (k, insn) in t.iter().enumerate() {
+                if matches!(insn.code, JNE_X | JGT_K | JNE_K) {
+                    let to = k + 1 + insn.off as usize;
+                    assert!(to <= exit, "jump at {k} to {to}");
+                }
             }
+            assert_eq!(t[exit], i(MOV64_K, 0, 0, 0, 1));
         }
-        assert_eq!(t[exit], i(MOV64_K, 0, 0, 0, 1));
     }
 }

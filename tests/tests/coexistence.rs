@@ -23,7 +23,7 @@ use interceptor_tests::bin;
 use interceptor_tests::cases::{apply, Flavor, Pod, APP_UID, UPSTREAM_PORT};
 use interceptor_tests::ebpf::EbpfInstall;
 use interceptor_tests::third_party::{
-    ExclusiveGetsockopt, ThirdParty, OP_RTT, OP_STATE, SLOT_REWRITES,
+    ExclusiveGetsockopt, Scope, ThirdParty, OP_RTT, OP_STATE, SLOT_REWRITES,
 };
 use interceptor_tests::topology::TestCgroup;
 
@@ -61,25 +61,22 @@ fn listed<'a>(doc: &'a serde_json::Value, hook: &str, id: u32) -> &'a serde_json
         .unwrap_or_else(|| panic!("program {id} not listed at {hook}: {doc:#}"))
 }
 
-/// The pod's netns cookie, for the third party's program. Before 5.14 (no SO_NETNS_COOKIE)
-/// only our bind6 program can tell it, and ours must not be loaded yet in the order where the
-/// third party comes first: a separate installation of ours is loaded just to ask, and removed.
-fn pod_cookie(pod: &Pod, tag: &str) -> u64 {
-    let ns = pod.topo.pod_netns();
-    interceptor::netns::cookie(Some(ns)).unwrap_or_else(|_| {
-        let asker = interceptor_tests::ebpf::EbpfInstall::new(&format!("{tag}ck"));
-        asker.load().unwrap();
-        interceptor::netns::cookie(Some(ns)).unwrap()
-    })
+/// The sockets the third party's tuner acts on: the pod's netns, by cookie; where sock_ops
+/// cannot read the cookie (before 5.15), the pod's address, which its app's connections leave from.
+fn tuner_scope(pod: &Pod) -> Scope {
+    if interceptor::backend::ebpf::netns_helper() {
+        Scope::Netns(interceptor::netns::cookie(Some(pod.topo.pod_netns())).unwrap())
+    } else {
+        Scope::LocalV4(pod.topo.pod_v4())
+    }
 }
 
 fn coexist(first: First, tag: &str, vip_host: u8) {
     let pod = Pod::new(tag).unwrap();
     let vip = SocketAddrV4::new(Ipv4Addr::new(198, 18, pod.topo.index(), vip_host), VIP_PORT);
     let backend = SocketAddrV4::new(pod.topo.upstream_v4(), UPSTREAM_PORT);
-    let cookie = pod_cookie(&pod, tag);
     // Declared after the pod: dropped (detached) first, also when an assertion fails.
-    let mut theirs = ThirdParty::load(vip, backend, cookie, tag).unwrap();
+    let mut theirs = ThirdParty::load(vip, backend, tuner_scope(&pod), tag).unwrap();
     let (lb_id, tuner_id) = theirs.ids().unwrap();
     let install = || apply(&pod, Flavor::Ebpf, &["-u", "1337", "-i", "*"]).unwrap();
     match first {
