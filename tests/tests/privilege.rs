@@ -258,8 +258,14 @@ fn non_root_cannot_touch_pins_or_maps() {
     }
     // BPF_OBJ_GET itself may still be refused where the kernel gates every bpf() command
     // behind unprivileged_bpf_disabled (before 6.5); the file open shows the path check opened.
+    // A map pin the kernel cannot print (no BTF for it, as on 5.10) refuses open() with EIO,
+    // which it says only after the permission checks passed (EACCES otherwise).
+    let opened = match &control.1 {
+        Ok(()) => true,
+        Err(e) => e.raw_os_error() == Some(libc::EIO),
+    };
     assert!(
-        control.0.is_ok() || control.1.is_ok(),
+        control.0.is_ok() || opened,
         "control: nobody still denied with the pin loosened: {control:?}"
     );
     println!("control with the pin loosened: BPF_OBJ_GET {:?}", control.0);
