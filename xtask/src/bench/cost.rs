@@ -46,6 +46,7 @@ struct PureRig {
 impl PureRig {
     fn new(name: &'static str, tag: &str, flavor: Option<Flavor>) -> Result<Self> {
         let topo = Topology::new(tag)?;
+        super::allow_many_connections(&topo)?;
         let ebpf = EbpfInstall::new(tag);
         let pod = topo.pod_netns();
         let echo = vec![

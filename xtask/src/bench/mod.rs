@@ -148,25 +148,7 @@ struct Rig {
 impl Rig {
     fn new(kind: Kind, cpu: Option<usize>, extra: &[String]) -> Result<Self> {
         let topo = Topology::new(kind.tag())?;
-        // Thousands of connections a second leave the proxy's upstream sockets (pod IP →
-        // upstream, closed first by the proxy) in TIME_WAIT: without reuse the ephemeral ports
-        // run out within a minute and connect() crawls (seen as 200 conn/s rounds).
-        for ns in [topo.pod_ns_name(), topo.upstream_ns_name()] {
-            let st = std::process::Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    ns,
-                    "sysctl",
-                    "-qw",
-                    "net.ipv4.tcp_tw_reuse=1",
-                ])
-                .args(["net.ipv4.ip_local_port_range=1024 65000"])
-                .status()?;
-            if !st.success() {
-                bail!("sysctl in {ns} failed");
-            }
-        }
+        allow_many_connections(&topo)?;
         let ebpf = EbpfInstall::new(kind.tag());
         let pod = topo.pod_netns();
         let up = SocketAddr::new(topo.upstream_v4().into(), ECHO);
@@ -302,6 +284,26 @@ impl Rig {
         let (a, b) = m.connection_entries();
         Some((a + b + m.accel_entries()) as u64)
     }
+}
+
+/// Thousands of connections a second leave sockets (the proxy's upstream ones, pod IP →
+/// upstream, closed first by the proxy; the client's own in a sequential loop) in TIME_WAIT:
+/// without reuse the ephemeral ports run out within a minute and connect() crawls (seen as 200
+/// conn/s rounds) or fails.
+fn allow_many_connections(topo: &Topology) -> Result<()> {
+    for ns in [topo.pod_ns_name(), topo.upstream_ns_name()] {
+        let st = std::process::Command::new("ip")
+            .args(["netns", "exec", ns, "sysctl", "-qw"])
+            .args([
+                "net.ipv4.tcp_tw_reuse=1",
+                "net.ipv4.ip_local_port_range=1024 65000",
+            ])
+            .status()?;
+        if !st.success() {
+            bail!("sysctl in {ns} failed");
+        }
+    }
+    Ok(())
 }
 
 /// Connect rate of every path, back to back: once in order and once in reverse, with the
