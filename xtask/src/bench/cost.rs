@@ -25,15 +25,8 @@ use interceptor_tests::ebpf::EbpfInstall;
 use interceptor_tests::forward::{run_client, LoopSpec, Upstream, UpstreamConfig};
 use interceptor_tests::topology::Topology;
 
-use super::report::Results;
+use super::report::{Results, PROGRAMS, PROGRAMS_UNMESHED, PURE, TOTAL};
 use super::{Settings, APP_UID, ECHO, OUT, SINK};
-
-/// The sections this part writes.
-pub(super) const PURE: &str = "pure interception";
-pub(super) const PROGRAMS: &str = "programs, pure interception";
-pub(super) const PROGRAMS_UNMESHED: &str = "programs, un-meshed pod";
-/// The row with every program together.
-pub(super) const TOTAL: &str = "all programs";
 
 /// A pod whose proxy is a plain echo on 15001. Field order is drop order.
 struct PureRig {

@@ -81,6 +81,13 @@ fn machine() -> serde_json::Value {
     })
 }
 
+/// The sections of the cost part (`cost.rs`).
+pub(super) const PURE: &str = "pure interception";
+pub(super) const PROGRAMS: &str = "programs, pure interception";
+pub(super) const PROGRAMS_UNMESHED: &str = "programs, un-meshed pod";
+/// The row of a program section with every program together.
+pub(super) const TOTAL: &str = "all programs";
+
 const SECTIONS: &[&str] = &[
     "outbound",
     "outbound unpinned",
@@ -90,9 +97,9 @@ const SECTIONS: &[&str] = &[
     "scaling excluded ports",
     "scaling pods",
     "setup",
-    super::cost::PURE,
-    super::cost::PROGRAMS,
-    super::cost::PROGRAMS_UNMESHED,
+    PURE,
+    PROGRAMS,
+    PROGRAMS_UNMESHED,
     "programs, eBPF with the sidecar",
     "programs, eBPF+sk_msg with the sidecar",
 ];
@@ -363,7 +370,6 @@ fn targets(r: &Results) -> String {
             &|v| !target || v.abs() <= 0.03,
         );
     }
-    use super::cost::{PROGRAMS, PROGRAMS_UNMESHED, PURE, TOTAL};
     row(
         "pure interception: eBPF connect rate ≥ 0.99× explicit (paired)",
         paired_ratio(r, PURE, "connections/s", "eBPF"),
