@@ -135,9 +135,6 @@ impl Report {
         if bpf_denied {
             // Every kernel row depends on bpf(): it alone is the reason, with the non-bpf rows.
             parts.extend(env.iter().map(|c| describe(c)));
-            if let Some(c) = bad.iter().find(|c| c.name == rows::SO_NETNS_COOKIE) {
-                parts.push(describe(c));
-            }
         } else {
             parts.extend(bad.iter().map(|c| describe(c)));
         }
