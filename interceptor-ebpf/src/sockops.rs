@@ -13,7 +13,7 @@ use crate::{
     counters::{count, tuple_count, tuple_count_add},
     ctx::{ops_ends, ops_family, ops_local_end, ops_local_port, ops_mut, ops_sk, AF_INET6},
     maps::{tuple_quota, LISTENERS, ORIG_BY_TUPLE, SK_ORIG, SK_PROXY},
-    tables::{pod_netns, pod_of_proxy},
+    tables::{pod_netns, pod_of_proxy, proxy_netns},
 };
 
 const SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
@@ -156,7 +156,8 @@ fn proxy_accepted(ctx: &SockOpsContext) {
     let Some(mark) = SK_PROXY.get(sk) else {
         return;
     };
-    let Some((netns, _)) = pod_of_proxy(ctx, *mark) else {
+    // Only the netns is needed for the key (no policy lookup on this path).
+    let Some(netns) = proxy_netns(ctx, *mark) else {
         return;
     };
     let Some((_, remote, local_port, remote_port)) = ops_ends(ctx) else {

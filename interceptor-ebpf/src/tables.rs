@@ -40,16 +40,22 @@ pub fn pod_netns(pod_id: u32) -> Option<u64> {
     POD_NETNS.get(pod_id).copied().filter(|c| *c != 0)
 }
 
-/// The pod a socket of the proxy belongs to, from its `SK_PROXY` mark: sock_ops and
-/// getsockopt cannot read the netns cookie before 5.15. A mark of an earlier version names no
-/// pod; it is resolved from the netns cookie where the hook can read it.
+/// The netns cookie of the pod a socket of the proxy belongs to, from its `SK_PROXY` mark:
+/// sock_ops and getsockopt cannot read the netns cookie before 5.15. A mark of an earlier
+/// version names no pod; it is resolved from the netns cookie where the hook can read it.
+#[inline(always)]
+pub fn proxy_netns<C: EbpfContext>(ctx: &C, mark: u32) -> Option<u64> {
+    match proxy_mark_pod(mark) {
+        Some(id) => pod_netns(id),
+        None if netns_helper() => Some(netns_cookie(ctx)),
+        None => None,
+    }
+}
+
+/// `proxy_netns`, and that pod's policy if it is meshed.
 #[inline(always)]
 pub fn pod_of_proxy<C: EbpfContext>(ctx: &C, mark: u32) -> Option<(u64, &'static PodPolicy)> {
-    let netns = match proxy_mark_pod(mark) {
-        Some(id) => pod_netns(id)?,
-        None if netns_helper() => netns_cookie(ctx),
-        None => return None,
-    };
+    let netns = proxy_netns(ctx, mark)?;
     policy(netns).map(|p| (netns, p))
 }
 

@@ -355,3 +355,81 @@ fn io_uring_connect_is_captured() {
         }
     }
 }
+
+/// The netns cookie probe (a socket bound to `100::` port 0, which our bind6 program binds to an
+/// address carrying the cookie instead) gives an app an unusual source address: connecting out
+/// from it must still end at the proxy, or fail, never at the upstream.
+#[test]
+fn a_socket_bound_by_the_cookie_probe_is_captured() {
+    for flavor in BACKENDS {
+        let pod = Pod::new("probe").unwrap();
+        apply(&pod, flavor, &["-i", "*", "--ipv6", "true"]).unwrap();
+        let up = SocketAddr::new(pod.topo.upstream_v6().into(), UPSTREAM_PORT);
+        let (reply, bound) = run_in_netns(pod.topo.pod_netns(), || {
+            set_thread_creds(1000, 1000).unwrap();
+            let fd = tcp_socket(false);
+            let on: libc::c_int = 1;
+            let wait = libc::timeval {
+                tv_sec: 2,
+                tv_usec: 0,
+            };
+            // SAFETY: setsockopt with an int and a timeval of their own sizes, on our fd.
+            unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::IPPROTO_IPV6,
+                    78, // IPV6_FREEBIND
+                    (&on as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                );
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_SNDTIMEO,
+                    (&wait as *const libc::timeval).cast(),
+                    std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+                );
+            }
+            let probe = SocketAddr::V6(SocketAddrV6::new(
+                interceptor_common::maps::COOKIE_PROBE.into(),
+                0,
+                0,
+                0,
+            ));
+            let (ss, len) = sockaddr(probe);
+            // SAFETY: a sockaddr of `len` bytes.
+            let r = unsafe {
+                libc::bind(
+                    fd.as_raw_fd(),
+                    (&ss as *const libc::sockaddr_storage).cast(),
+                    len,
+                )
+            };
+            assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
+            let bound =
+                nix::sys::socket::getsockname::<nix::sys::socket::SockaddrIn6>(fd.as_raw_fd())
+                    .map(|a| a.ip());
+            let (ss, len) = sockaddr(up);
+            // SAFETY: as above. A refusal or a timeout shows in the reply below.
+            unsafe {
+                libc::connect(
+                    fd.as_raw_fd(),
+                    (&ss as *const libc::sockaddr_storage).cast(),
+                    len,
+                )
+            };
+            (reply_and_peer(fd).0, bound)
+        })
+        .unwrap();
+        println!("{flavor:?}: bound to {bound:?}, app → {up}: {reply}");
+        assert_ne!(
+            reply,
+            format!("upstream:{UPSTREAM_PORT}"),
+            "{flavor:?}: a socket bound by the cookie probe reached the upstream past the proxy"
+        );
+        assert!(
+            reply == "sidecar:15001" || reply.starts_with("error"),
+            "{flavor:?}: {reply}"
+        );
+    }
+}

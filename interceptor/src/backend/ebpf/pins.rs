@@ -313,18 +313,6 @@ impl Globals {
         }
     }
 
-    /// What a capability probe loads the object with: no logging, counting on, this kernel's
-    /// helpers.
-    pub fn probe() -> Self {
-        Globals {
-            log: 0,
-            count: 1,
-            tuple_quota: u64::from(interceptor_common::maps::capacity::TUPLE_QUOTA),
-            store_port: 0,
-            netns_helper: u8::from(netns_helper()),
-        }
-    }
-
     pub fn set<'a>(&'a self, loader: &mut EbpfLoader<'a>) {
         loader.override_global("NETNS_HELPER", &self.netns_helper, true);
         loader.override_global("TUPLE_QUOTA", &self.tuple_quota, true);

@@ -31,12 +31,14 @@ pub fn snapshot(pins: &Pins) -> Snapshot {
 }
 
 /// Run-time statistics on for as long as this lives.
-pub struct StatsOn(#[allow(dead_code)] OwnedFd);
+pub struct StatsOn {
+    _fd: OwnedFd,
+}
 
 /// Turns run-time statistics on (Linux 5.8+) until the returned guard is dropped.
 pub fn stats_on() -> Result<StatsOn> {
     aya::sys::enable_stats(aya::sys::Stats::RunTime)
-        .map(StatsOn)
+        .map(|fd| StatsOn { _fd: fd })
         .context("BPF_ENABLE_STATS (run-time statistics of BPF programs, Linux 5.8+)")
 }
 

@@ -25,7 +25,8 @@ pub(super) struct ObjectProbe {
 /// shrunk to one entry (the verifier does not look at sizes, and it keeps the probe cheap); if
 /// a shrunk map is refused (a ring buffer, say), loads it at full size instead.
 pub(super) fn load_object() -> Result<ObjectProbe, String> {
-    let globals = Globals::probe();
+    // As the loader would (no logging, counting on), with this kernel's NETNS_HELPER.
+    let globals = Globals::new(false, true);
     let load = |shrink: bool| {
         let mut loader = EbpfLoader::new();
         // This kernel's globals, as the loader sets them: NETNS_HELPER at 0 prunes the helper
